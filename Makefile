@@ -1,0 +1,50 @@
+# Set-up and everyday commands. `make demo` and `make test` create .venv on first use
+# (Python 3.10: TFX 1.15 needs <3.11) and install the package with the pinned stack; later runs
+# reuse it (the stamp file .venv/.installed is newer than setup.py and constraints.txt).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?=
+DEMO_FLAGS ?=
+
+# Python 3.10: `python3.10` on PATH if it runs (a pyenv shim only runs with 3.10 selected, as
+# .python-version does here), else pyenv's own 3.10 interpreter.
+PYTHON310 := $(shell \
+  if python3.10 -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1; then command -v python3.10; \
+  elif command -v pyenv >/dev/null 2>&1 && [ -x "$$(pyenv root)/versions/3.10.13/bin/python3" ]; then echo "$$(pyenv root)/versions/3.10.13/bin/python3"; \
+  elif command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.10.*/bin/python3 >/dev/null 2>&1; then ls -d "$$(pyenv root)"/versions/3.10.*/bin/python3 | tail -n 1; \
+  fi)
+
+.PHONY: demo test test-fast install bench clean help
+
+help:
+	@echo "make demo       run the local TFX pipeline on built-in synthetic data"
+	@echo "make test       run the whole test suite"
+	@echo "make test-fast  run the tests not marked slow"
+	@echo "make bench      run the benchmark scripts in bench/"
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	@if [ -z "$(PYTHON310)" ]; then echo "error: Python 3.10 not found: install it (e.g. 'pyenv install 3.10.13' or 'apt-get install python3.10 python3.10-venv')" >&2; exit 1; fi
+	@[ -x $(PY) ] || { echo "creating $(VENV) with $(PYTHON310)"; "$(PYTHON310)" -m venv $(VENV); }
+	@echo "installing cascade-ranking and its pinned stack into $(VENV) (log: $(VENV)/install.log)"
+	@$(PY) -m pip install -c constraints.txt -e '.[test]' > $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cascade run $(DEMO_FLAGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+bench: $(STAMP)
+	$(PY) bench/generator_throughput.py
+
+clean:
+	rm -rf cascade_output .pytest_cache

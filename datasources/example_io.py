@@ -1,0 +1,149 @@
+"""Writing candidate rows as an Examples-artifact directory, atomically.
+
+Layout (the TFX Examples artifact layout, so ImportExampleGen and our components read it):
+    OUT/Split-<split>/data_tfrecord-00000-of-00001.gz   gzipped TFRecords of tf.train.Example
+    OUT/report.json                                      counts per split, rejected records
+    OUT/rejected.jsonl                                   one line per diverted bad input record
+
+Everything is written under a temporary sibling directory first and renamed into place at the
+end, so a failed run leaves nothing half-written at OUT.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+Value = Union[int, float, str, bytes, Sequence[int], Sequence[float], Sequence[str], Sequence[bytes]]
+RECORD_FILE = "data_tfrecord-00000-of-00001.gz"
+
+
+class InputError(ValueError):
+    """Bad arguments or input data; the message names the problem in one line."""
+
+
+def _feature(value: Value) -> tf.train.Feature:
+    """One tf.train.Feature from a python scalar, a list, or a numpy array (typed by its values)."""
+    if isinstance(value, np.ndarray):
+        values = value.reshape(-1).tolist()
+    elif isinstance(value, (list, tuple)):
+        values = [v.item() if isinstance(v, np.generic) else v for v in value]
+    else:
+        values = [value.item() if isinstance(value, np.generic) else value]
+    if not values:
+        raise InputError("empty feature value list")
+    first = values[0]
+    if isinstance(first, (bool, int)):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+    if isinstance(first, float):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    return tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else bytes(v) for v in values])
+    )
+
+
+def make_example(row: Mapping[str, Value]) -> tf.train.Example:
+    """Builds a tf.train.Example from a dict of python/numpy scalars or lists."""
+    return tf.train.Example(features=tf.train.Features(feature={k: _feature(v) for k, v in row.items()}))
+
+
+def check_new_output_dir(out_dir: str, overwrite: bool = False) -> None:
+    """Refuses to clobber an existing non-empty directory unless overwrite is set."""
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise InputError(f"output directory {out_dir} exists and is not empty (pass --overwrite)")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary directory that replaces `out_dir` only if the block succeeds."""
+    check_new_output_dir(out_dir, overwrite)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class SplitWriter:
+    """Writes serialized examples into `Split-<name>/` files of an Examples directory, in order.
+
+    Single-process and in-order, so the bytes depend only on the input sequence.
+    """
+
+    def __init__(self, root: str, split_names: Iterable[str]):
+        self._writers = {}
+        self.counts: Dict[str, int] = {}
+        for name in split_names:
+            split_dir = os.path.join(root, f"Split-{name}")
+            os.makedirs(split_dir, exist_ok=True)
+            self._writers[name] = tf.io.TFRecordWriter(
+                os.path.join(split_dir, RECORD_FILE), options=tf.io.TFRecordOptions(compression_type="GZIP")
+            )
+            self.counts[name] = 0
+
+    def write(self, split: str, serialized: bytes) -> None:
+        self._writers[split].write(serialized)
+        self.counts[split] += 1
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RejectLog:
+    """Diverts bad input records to `rejected.jsonl` with a reason, and counts them per reason."""
+
+    def __init__(self, root: str):
+        self._file = open(os.path.join(root, "rejected.jsonl"), "w")
+        self.counts: Dict[str, int] = {}
+
+    def reject(self, reason: str, record: Mapping) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self._file.write(json.dumps({"reason": reason, "record": dict(record)}, default=str) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_report(root: str, report: Mapping) -> None:
+    with open(os.path.join(root, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+
+
+def read_examples(split_dir_or_glob: str) -> Iterator[tf.train.Example]:
+    """Reads every tf.train.Example of a split directory (or a file glob), for tests and tools."""
+    pattern = split_dir_or_glob
+    if tf.io.gfile.isdir(pattern):
+        pattern = os.path.join(pattern, "*.gz")
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        for raw in tf.data.TFRecordDataset(path, compression_type="GZIP").as_numpy_iterator():
+            yield tf.train.Example.FromString(raw)

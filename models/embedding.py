@@ -1,0 +1,68 @@
+"""FeatureEmbedding: the schema-driven input layer of every stage model.
+
+For each sparse feature f in `schema.features.SPARSE_FEATURES`:
+    e_f = E_f[id mod num_buckets_f]                      (univalent id)
+    e_f = (1/|T|) Σ_{t∈T} E_f[t mod num_buckets_f]         (multivalent list T, average pooling)
+For each dense feature: NaN → 0 (counted in `nan_count` during training), then (x − μ)/σ with μ, σ adapted on
+training data (`tf.keras.layers.Normalization`).
+Returns a dict feature name → [B, d] tensor, so towers can pick their own features (the Q·U
+factorisation reads the quality features in Q and the UI features in U).
+"""
+from typing import Dict, Iterable, Optional, Sequence
+
+import tensorflow as tf
+
+from schema import features as F
+
+
+class FeatureEmbedding(tf.keras.layers.Layer):
+    def __init__(
+        self,
+        embedding_dim: int = 16,
+        sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES,
+        dense_features: Sequence[F.DenseFeature] = F.DENSE_FEATURES,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.embedding_dim = embedding_dim
+        self.sparse_features = tuple(sparse_features)
+        self.dense_features = tuple(dense_features)
+        self.tables = {
+            f.name: tf.keras.layers.Embedding(f.num_buckets, embedding_dim, name=f"{f.name}_embedding")
+            for f in self.sparse_features
+        }
+        self.normalizers = {f.name: tf.keras.layers.Normalization(axis=-1, name=f"{f.name}_norm") for f in self.dense_features}
+        self.nan_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="dense_nan_count")
+
+    def adapt(self, batches: tf.data.Dataset, steps: int = 50) -> None:
+        """Fits the dense normalisers on training batches of parsed features."""
+        for f in self.dense_features:
+            values = batches.take(steps).map(lambda b, n=f.name: tf.where(tf.math.is_nan(b[n]), 0.0, b[n]))
+            self.normalizers[f.name].adapt(values)
+
+    def embed_sparse(self, name: str, ids) -> tf.Tensor:
+        spec = next(f for f in self.sparse_features if f.name == name)
+        if isinstance(ids, tf.RaggedTensor):
+            folded = tf.ragged.map_flat_values(tf.math.floormod, ids, spec.num_buckets)
+            vectors = tf.ragged.map_flat_values(self.tables[name], folded)
+            counts = tf.maximum(tf.cast(vectors.row_lengths(), tf.float32), 1.0)[:, None]
+            return tf.reduce_sum(vectors, axis=1) / counts
+        ids = tf.reshape(ids, [-1])
+        return self.tables[name](tf.math.floormod(ids, spec.num_buckets))
+
+    def normalize_dense(self, name: str, values: tf.Tensor, training=None) -> tf.Tensor:
+        nans = tf.math.is_nan(values)
+        if training:  # counted while training only: the serving graph stays stateless
+            self.nan_count.assign_add(tf.reduce_sum(tf.cast(nans, tf.int64)))
+        return self.normalizers[name](tf.where(nans, tf.zeros_like(values), values))
+
+    def call(self, features: Dict[str, tf.Tensor], names: Optional[Iterable[str]] = None, training=None) -> Dict[str, tf.Tensor]:
+        wanted = set(names) if names is not None else None
+        out = {}
+        for f in self.sparse_features:
+            if wanted is None or f.name in wanted:
+                out[f.name] = self.embed_sparse(f.name, features[f.name])
+        for f in self.dense_features:
+            if wanted is None or f.name in wanted:
+                out[f.name] = self.normalize_dense(f.name, tf.cast(features[f.name], tf.float32), training)
+        return out

@@ -1,0 +1,14 @@
+"""Local runner: the pipeline on LocalDagRunner, Beam components on DirectRunner (thin on purpose)."""
+import time
+
+from tfx import v1 as tfx
+
+from pipelines.config import PipelineConfig
+from pipelines.pipeline import create_pipeline
+
+
+def run(config: PipelineConfig) -> float:
+    """Runs the pipeline to completion and returns its wall time in seconds."""
+    start = time.time()
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
+    return time.time() - start

@@ -1,0 +1,150 @@
+"""The synthetic cascade-log generator: determinism, layout, position bias, bad input."""
+import collections
+import filecmp
+import os
+
+import numpy as np
+import pytest
+
+from datasources import example_io, synthetic
+from schema import features as F
+
+
+def _rows(examples):
+    out = []
+    for ex in examples:
+        f = ex.features.feature
+        out.append(
+            {
+                "request_id": f["request_id"].int64_list.value[0],
+                "stage": f["stage"].bytes_list.value[0].decode(),
+                "ui_position": f["ui_position"].int64_list.value[0],
+                "click": f["click"].int64_list.value[0],
+                "true_ctr": f["true_ctr"].float_list.value[0],
+                "item_id": f["item_id"].int64_list.value[0],
+                "user_id": f["user_id"].int64_list.value[0],
+                "query_tokens": list(f["query_tokens"].int64_list.value),
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows_1000():
+    return _rows(synthetic.generate_examples(synthetic.SyntheticConfig(num_requests=1000, seed=3)))
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_same_seed_same_bytes_and_different_seed_different_bytes(tmp_path):
+    config = synthetic.SyntheticConfig(num_requests=60, seed=11)
+    synthetic.write_dataset(config, str(tmp_path / "a"))
+    synthetic.write_dataset(config, str(tmp_path / "b"))
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=60, seed=12), str(tmp_path / "c"))
+    files = _files(tmp_path / "a")
+    assert files == _files(tmp_path / "b")
+    assert "Split-train/" + example_io.RECORD_FILE in files
+    for name in files:
+        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
+    data = "Split-train/" + example_io.RECORD_FILE
+    assert not filecmp.cmp(tmp_path / "a" / data, tmp_path / "c" / data, shallow=False)
+
+
+def test_ten_candidates_per_tier_per_request(rows_1000):
+    per_request = collections.defaultdict(collections.Counter)
+    for r in rows_1000:
+        per_request[r["request_id"]][r["stage"]] += 1
+    assert len(per_request) == 1000
+    for counts in per_request.values():
+        assert counts == {tier: 10 for tier in F.STAGE_TIERS}
+
+
+def test_only_ground_truth_is_shown_and_clicked(rows_1000):
+    for r in rows_1000:
+        shown = r["stage"] == F.GROUND_TRUTH_TIER
+        assert (r["ui_position"] > 0) == shown
+        if not shown:
+            assert r["click"] == 0 and r["true_ctr"] == 0.0
+    positions = collections.defaultdict(set)
+    for r in rows_1000:
+        if r["ui_position"]:
+            positions[r["request_id"]].add(r["ui_position"])
+    assert all(p == set(range(1, 11)) for p in positions.values())
+
+
+def test_click_rate_falls_with_position(rows_1000):
+    shown = [r for r in rows_1000 if r["ui_position"] > 0]
+    pos = np.array([r["ui_position"] for r in shown])
+    clicks = np.array([r["click"] for r in shown])
+    rate = np.array([clicks[pos == p].mean() for p in range(1, 11)])
+    top, middle, bottom = rate[:3].mean(), rate[3:6].mean(), rate[6:].mean()
+    assert top > middle > bottom
+    assert rate[0] > 2 * rate[-1]
+    assert np.polyfit(np.arange(1, 11), rate, 1)[0] < 0
+
+
+def test_clicks_follow_true_ctr(rows_1000):
+    shown = [r for r in rows_1000 if r["ui_position"] > 0]
+    ctr = np.array([r["true_ctr"] for r in shown])
+    clicks = np.array([r["click"] for r in shown])
+    # 10k Bernoulli draws: the click rate is within 4 standard errors of the mean true CTR.
+    se = np.sqrt(np.mean(ctr * (1 - ctr)) / ctr.size)
+    assert abs(clicks.mean() - ctr.mean()) < 4 * se
+    # Higher true CTR means more clicks: top decile clicks far more than the bottom decile.
+    order = np.argsort(ctr)
+    decile = ctr.size // 10
+    assert clicks[order[-decile:]].mean() > 3 * clicks[order[:decile]].mean()
+
+
+def test_cardinalities_exercise_embeddings(rows_1000):
+    items = {r["item_id"] for r in rows_1000}
+    users = {r["user_id"] for r in rows_1000}
+    assert len(items) > 5_000  # 50k candidates drawn from a 10k-item corpus
+    assert len(users) > 300
+    n_tokens = np.array([len(r["query_tokens"]) for r in rows_1000])
+    assert n_tokens.min() >= 1 and n_tokens.max() > 1 and n_tokens.max() <= 8
+
+
+def test_shards_generate_the_same_requests_as_one_pass():
+    config = synthetic.SyntheticConfig(num_requests=20, seed=5)
+    whole = [e.SerializeToString(deterministic=True) for e in synthetic.generate_examples(config)]
+    parts = [e.SerializeToString(deterministic=True) for e in synthetic.generate_examples(config, 10, 20)]
+    parts = [e.SerializeToString(deterministic=True) for e in synthetic.generate_examples(config, 0, 10)] + parts
+    assert whole == parts
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"num_requests": 0}, "num_requests"), ({"num_requests": -5}, "num_requests"), ({"seed": -1}, "seed")],
+)
+def test_invalid_config_is_rejected(kwargs, message, tmp_path):
+    with pytest.raises(example_io.InputError, match=message):
+        synthetic.write_dataset(synthetic.SyntheticConfig(**kwargs), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = synthetic.generate_request
+
+    def failing(world, r):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("disk full")
+        return real(world, r)
+
+    monkeypatch.setattr(synthetic, "generate_request", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=20), str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_not_clobbered(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(example_io.InputError, match="exists"):
+        synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=2), str(out))
+    assert (out / "keep.txt").read_text() == "mine"
