@@ -12,7 +12,6 @@ import json
 from typing import Dict, Iterator, Sequence, Tuple
 
 import apache_beam as beam
-import tensorflow as tf
 from tfx.components.example_gen import base_example_gen_executor
 from tfx.components.example_gen.component import QueryBasedExampleGen
 from tfx.dsl.components.base import executor_spec
@@ -45,25 +44,27 @@ class _GenerateShard(beam.DoFn):
         self._split = split
         self._split_buckets = split_buckets
         self._world = None
+        self._encoder = None
         self._requests = beam.metrics.Metrics.counter("synthetic_example_gen", f"requests_{split}")
         self._rows = beam.metrics.Metrics.counter("synthetic_example_gen", f"rows_{split}")
 
     def setup(self):
         self._world = synthetic.World(self._config)
+        self._encoder = synthetic.RequestEncoder()
 
-    def process(self, shard: Tuple[int, int]) -> Iterator[tf.train.Example]:
+    def process(self, shard: Tuple[int, int]) -> Iterator[bytes]:
         for r in range(*shard):
             if synthetic.request_split(r, self._split_buckets) != self._split:
                 continue
             self._requests.inc()
-            for row in synthetic.generate_request(self._world, r):
-                self._rows.inc()
-                yield synthetic.make_example(row)
+            rows = self._encoder.encode(synthetic.generate_request(self._world, r))
+            self._rows.inc(len(rows))
+            yield from rows
 
 
 @beam.ptransform_fn
 @beam.typehints.with_input_types(beam.Pipeline)
-@beam.typehints.with_output_types(tf.train.Example)
+@beam.typehints.with_output_types(bytes)
 def _SyntheticToExample(pipeline: beam.Pipeline, exec_properties: Dict, split_pattern: str) -> beam.PCollection:
     del exec_properties
     config, split, split_buckets = decode_query(split_pattern)

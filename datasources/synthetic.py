@@ -31,12 +31,14 @@ depend on how requests are sharded across workers, and the same seed gives the s
 """
 import dataclasses
 import hashlib
-from typing import Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
+import pyarrow as pa
 import tensorflow as tf
+from tfx_bsl.coders import example_coder
 
-from datasources.example_io import InputError, SplitWriter, atomic_output_dir, make_example, write_report
+from datasources.example_io import InputError, SplitWriter, atomic_output_dir, write_report
 from schema import features as F
 
 START_TIME = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -148,8 +150,12 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return idx[np.argsort(-scores[idx], kind="stable")]
 
 
-def generate_request(world: World, request_index: int) -> List[dict]:
-    """The 50 candidate rows of one request, as feature dicts, in a shuffled order."""
+def generate_request(world: World, request_index: int) -> Dict[str, Any]:
+    """The 50 candidate rows of one request, in a shuffled order, as columns.
+
+    Returns feature name → numpy array with one entry per row ([50] or [50, k]), or a list of
+    per-row id arrays for the multivalent features.
+    """
     c = world.config
     rng = np.random.default_rng([c.seed, request_index])
     per_tier = F.CANDIDATES_PER_TIER
@@ -175,48 +181,86 @@ def generate_request(world: World, request_index: int) -> List[dict]:
         alive = kept  # best first by this stage's score
     tiers["rerank_pos"] = alive
 
-    rows = []
-    for tier in F.STAGE_TIERS:
-        members = tiers[tier]
-        shown = tier == F.GROUND_TRUTH_TIER
-        positions = np.arange(1, members.size + 1) if shown else np.zeros(members.size, dtype=np.int64)
-        formats = rng.integers(0, len(c.format_effect), size=members.size) if shown else np.zeros(members.size, dtype=np.int64)
-        ctr = world.true_ctr(relevance[members], positions, formats) if shown else np.zeros(members.size)
-        clicks = (rng.random(members.size) < ctr).astype(np.int64)
-        for j, m in enumerate(members):
-            item = int(pool[m])
-            rows.append(
-                {
-                    "request_id": request_index,
-                    "request_time": request_time,
-                    "user_id": user,
-                    "user_dense": world.user_dense[user],
-                    "query_tokens": query_tokens,
-                    "hour": int(hour),
-                    "device": device,
-                    "item_id": item,
-                    "item_category": int(world.item_category[item]),
-                    "item_tags": world.item_tags[item],
-                    "item_dense": world.item_dense[item],
-                    "ui_position": int(positions[j]),
-                    "ui_format": int(formats[j]),
-                    "click": int(clicks[j]),
-                    "stage": tier,
-                    "true_ctr": float(ctr[j]),
-                }
-            )
-    order = rng.permutation(len(rows))
-    return [rows[k] for k in order]
+    # Shown items (the ground truth) get positions in re-rank order and random formats.
+    shown = tiers[F.GROUND_TRUTH_TIER]
+    shown_positions = np.arange(1, shown.size + 1)
+    shown_formats = rng.integers(0, len(c.format_effect), size=shown.size)
+    shown_ctr = world.true_ctr(relevance[shown], shown_positions, shown_formats)
+    shown_clicks = (rng.random(shown.size) < shown_ctr).astype(np.int64)
+
+    members = np.concatenate([tiers[t] for t in F.STAGE_TIERS])
+    n = members.size
+    zeros = np.zeros(n - shown.size, dtype=np.int64)
+    order = rng.permutation(n)
+    items = pool[members][order]
+    return {
+        "request_id": np.full(n, request_index, dtype=np.int64),
+        "request_time": np.full(n, request_time, dtype=np.int64),
+        "user_id": np.full(n, user, dtype=np.int64),
+        "user_dense": np.repeat(world.user_dense[user][None, :], n, axis=0),
+        "query_tokens": [query_tokens] * n,
+        "hour": np.full(n, hour, dtype=np.int64),
+        "device": np.full(n, device, dtype=np.int64),
+        "item_id": items.astype(np.int64),
+        "item_category": world.item_category[items].astype(np.int64),
+        "item_tags": [world.item_tags[i] for i in items],
+        "item_dense": world.item_dense[items],
+        "ui_position": np.concatenate([shown_positions, zeros])[order],
+        "ui_format": np.concatenate([shown_formats, zeros])[order],
+        "click": np.concatenate([shown_clicks, zeros])[order],
+        "stage": np.repeat(np.array([t.encode() for t in F.STAGE_TIERS], dtype=object), [tiers[t].size for t in F.STAGE_TIERS])[order],
+        "true_ctr": np.concatenate([shown_ctr, zeros]).astype(np.float32)[order],
+    }
 
 
-def generate_examples(config: SyntheticConfig, start: int = 0, stop: int = None) -> Iterator[tf.train.Example]:
-    """tf.train.Examples of requests [start, stop) in request order, 50 per request."""
+def _list_column(values) -> pa.ListArray:
+    """A pyarrow list column: one list per row (what tfx_bsl's example encoder takes)."""
+    if isinstance(values, list):  # ragged: one id array per row
+        offsets = np.zeros(len(values) + 1, dtype=np.int32)
+        np.cumsum([v.size for v in values], out=offsets[1:])
+        flat = np.concatenate(values).astype(np.int64)
+    else:
+        width = 1 if values.ndim == 1 else values.shape[1]
+        offsets = np.arange(0, values.shape[0] * width + 1, width, dtype=np.int32)
+        flat = values.reshape(-1)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+class RequestEncoder:
+    """Serializes generated requests to tf.Example bytes with tfx_bsl's C++ Arrow→Example encoder.
+
+    tfx_bsl's `RecordBatchToExamplesEncoder` is much faster than building tf.train.Example protos
+    in Python (bench/generator_throughput.py), but the order in which it writes a proto map's
+    entries varies from run to run; each example is therefore re-serialized with
+    `deterministic=True` (map keys sorted), so the same seed gives the same bytes.
+    """
+
+    def __init__(self):
+        self._encoder = example_coder.RecordBatchToExamplesEncoder()
+
+    def encode(self, columns: Dict[str, Any]) -> List[bytes]:
+        names = sorted(columns)
+        batch = pa.RecordBatch.from_arrays([_list_column(columns[n]) for n in names], names)
+        return [
+            tf.train.Example.FromString(raw).SerializeToString(deterministic=True)
+            for raw in self._encoder.encode(batch)
+        ]
+
+
+def generate_serialized(config: SyntheticConfig, start: int = 0, stop: int = None) -> Iterator[bytes]:
+    """Serialized tf.Examples of requests [start, stop) in request order, 50 per request."""
     config.validate()
     stop = config.num_requests if stop is None else stop
     world = World(config)
+    encoder = RequestEncoder()
     for r in range(start, stop):
-        for row in generate_request(world, r):
-            yield make_example(row)
+        yield from encoder.encode(generate_request(world, r))
+
+
+def generate_examples(config: SyntheticConfig, start: int = 0, stop: int = None) -> Iterator[tf.train.Example]:
+    """The same rows as `generate_serialized`, parsed into tf.train.Example protos."""
+    for raw in generate_serialized(config, start, stop):
+        yield tf.train.Example.FromString(raw)
 
 
 def request_split(request_id: int, split_buckets: Tuple[Tuple[str, int], ...]) -> str:
@@ -243,13 +287,14 @@ def write_dataset(
     config.validate()
     with atomic_output_dir(out_dir, overwrite) as tmp:
         world = World(config)
+        encoder = RequestEncoder()
         requests = {name: 0 for name, _ in split_buckets}
         with SplitWriter(tmp, [name for name, _ in split_buckets]) as writer:
             for r in range(config.num_requests):
                 split = request_split(r, split_buckets)
                 requests[split] += 1
-                for row in generate_request(world, r):
-                    writer.write(split, make_example(row).SerializeToString(deterministic=True))
+                for raw in encoder.encode(generate_request(world, r)):
+                    writer.write(split, raw)
         report = {"source": "synthetic", "config": dataclasses.asdict(config), "rows": writer.counts, "requests": requests}
         write_report(tmp, report)
     return report

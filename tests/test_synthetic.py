@@ -129,7 +129,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = synthetic.generate_request
 
-    def failing(world, r):
+    def failing(world, r):  # fails after 5 requests, mid-write
         calls["n"] += 1
         if calls["n"] > 5:
             raise RuntimeError("disk full")

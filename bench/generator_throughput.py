@@ -1,0 +1,67 @@
+"""Throughput of the synthetic cascade-log generator (rows/s), on this machine.
+
+Prints, for one config, measured in the same run:
+  simulate          rows/s of the simulation alone (columns, no encoding)
+  encode (tfx_bsl)  rows/s of the Arrow → tf.Example encoder the generator uses
+  encode (python)   rows/s of building tf.train.Example protos in Python (the reference)
+  write             rows/s of `cascade generate` end to end (simulate + encode + gzip TFRecord)
+and the ratios encode(tfx_bsl) / encode(python) and write / encode(python).
+
+    python bench/generator_throughput.py [--requests 2000] [--repeats 3]
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+from datasources import synthetic
+from datasources.example_io import make_example
+
+
+def _rows(columns):
+    """Per-row dicts of one request's columns (for the Python-proto reference encoder)."""
+    n = len(columns["request_id"])
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = synthetic.SyntheticConfig(num_requests=args.requests)
+    rows = args.requests * 50
+    world = synthetic.World(config)
+    encoder = synthetic.RequestEncoder()
+    sims, fast, slow, writes = [], [], [], []
+    for _ in range(args.repeats):
+        generated = []
+        sims.append(_timed(lambda: generated.extend(synthetic.generate_request(world, i) for i in range(args.requests))))
+        fast.append(_timed(lambda: [encoder.encode(c) for c in generated]))
+        rows_per_request = [_rows(c) for c in generated]
+        slow.append(_timed(lambda: [make_example(r).SerializeToString(deterministic=True) for rs in rows_per_request for r in rs]))
+        with tempfile.TemporaryDirectory() as tmp:
+            writes.append(_timed(lambda: synthetic.write_dataset(config, os.path.join(tmp, "out"))))
+
+    def rate(times):
+        values = [rows / t for t in times]
+        return statistics.mean(values), statistics.pstdev(values)
+
+    print(f"synthetic generator, {args.requests} requests = {rows} rows, {args.repeats} repeats, {os.cpu_count()} cores")
+    for name, times in (("simulate", sims), ("encode (tfx_bsl)", fast), ("encode (python, reference)", slow),
+                        ("write (cascade generate)", writes)):
+        mean, std = rate(times)
+        print(f"  {name:28s} {mean:10,.0f} ± {std:,.0f} rows/s")
+    print(f"  encode tfx_bsl / python      {rate(fast)[0] / rate(slow)[0]:.1f}x")
+    print(f"  write / encode python        {rate(writes)[0] / rate(slow)[0]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
