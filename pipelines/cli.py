@@ -8,8 +8,10 @@ Bad arguments exit with code 2 and one line that names the problem.
 """
 import argparse
 import dataclasses
+import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 EXIT_BAD_INPUT = 2
@@ -135,7 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keeps TensorFlow's C++ start-up chatter and Google client deprecation notices off the console."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     from datasources.example_io import InputError
