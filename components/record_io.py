@@ -1,0 +1,131 @@
+"""Reading and writing Examples splits in Beam executors, with a dead-letter path for bad records.
+
+Shared by the custom components: every executor reads raw records of the splits it needs
+(`read_split`), parses them with `ParseOrDivert` (records that fail to parse or miss a required
+feature go to a dead-letter output instead of crashing the job, and are counted), writes splits
+in the Examples layout (`write_split`), and refuses to finish when the bad fraction passes the
+configured threshold (`check_bad_fraction`).
+"""
+import json
+import os
+from typing import Dict, Iterable, List, Sequence
+
+import apache_beam as beam
+import tensorflow as tf
+from tfx import types
+from tfx.dsl.io import fileio
+from tfx.types import artifact_utils
+from tfx.types.artifact import Artifact
+from tfx.utils import io_utils
+
+from schema import features as F
+
+EXAMPLES_FILE_PREFIX = "data_tfrecord"
+DEAD_LETTER_TAG = "dead_letter"
+METRICS_FILE = "metrics.json"
+DEFAULT_MAX_BAD_FRACTION = 0.01
+
+
+class DeadLetters(Artifact):
+    """Records a component could not use: the raw bytes and the reason, one JSON line each."""
+
+    TYPE_NAME = "CascadeDeadLetters"
+
+
+class BadInputError(ValueError):
+    """The input does not meet the component's contract (one-line message)."""
+
+
+def required_split_uris(examples: Sequence[types.Artifact], splits: Iterable[str]) -> Dict[str, str]:
+    """Split name → URI, failing with a clear message when a required split is missing."""
+    artifact = artifact_utils.get_single_instance(list(examples))
+    available = artifact_utils.decode_split_names(artifact.split_names)
+    uris = {}
+    for split in splits:
+        if split not in available:
+            raise BadInputError(
+                f"Examples artifact {artifact.uri} has splits {available}; the required split {split!r} is missing"
+            )
+        uris[split] = artifact_utils.get_split_uri([artifact], split)
+    return uris
+
+
+def read_split(pipeline: beam.Pipeline, uri: str, label: str) -> beam.PCollection:
+    """Raw records (bytes) of every file of one split directory."""
+    return pipeline | f"Read[{label}]" >> beam.io.ReadFromTFRecord(
+        io_utils.all_files_pattern(uri), coder=beam.coders.BytesCoder()
+    )
+
+
+class ParseOrDivert(beam.DoFn):
+    """bytes → tf.train.Example; unparseable records or ones missing `required` features are
+    diverted to the dead-letter output with the reason. Counts both."""
+
+    def __init__(self, namespace: str, required: Sequence[str] = (F.REQUEST_ID_KEY,)):
+        self._required = tuple(required)
+        self._good = beam.metrics.Metrics.counter(namespace, "records_parsed")
+        self._bad = beam.metrics.Metrics.counter(namespace, "records_bad")
+
+    def process(self, raw: bytes):
+        try:
+            example = tf.train.Example.FromString(raw)
+        except Exception as e:  # protobuf raises DecodeError and friends
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (raw, f"unparseable tf.Example: {type(e).__name__}"))
+            return
+        missing = [name for name in self._required if name not in example.features.feature]
+        if missing:
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (raw, f"missing required feature(s): {', '.join(missing)}"))
+            return
+        self._good.inc()
+        yield example
+
+
+def _dead_letter_json(item) -> str:
+    raw, reason = item
+    return json.dumps({"reason": reason, "record_hex": raw.hex()})
+
+
+def write_dead_letters(pcoll: beam.PCollection, uri: str, label: str) -> None:
+    _ = (
+        pcoll
+        | f"DeadLetterJson[{label}]" >> beam.Map(_dead_letter_json)
+        | f"WriteDeadLetters[{label}]" >> beam.io.WriteToText(os.path.join(uri, f"dead_letters-{label}"), file_name_suffix=".jsonl")
+    )
+
+
+def write_split(pcoll: beam.PCollection, uri: str, label: str) -> None:
+    """Writes serialized examples (bytes) as gzipped TFRecords in the Examples layout."""
+    _ = pcoll | f"Write[{label}]" >> beam.io.WriteToTFRecord(
+        os.path.join(uri, EXAMPLES_FILE_PREFIX), file_name_suffix=".gz", coder=beam.coders.BytesCoder()
+    )
+
+
+def query_counters(result: beam.runners.runner.PipelineResult, namespace: str) -> Dict[str, int]:
+    """Committed values of every Beam counter of a namespace (summed over steps)."""
+    counters: Dict[str, int] = {}
+    for counter in result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))["counters"]:
+        name = counter.key.metric.name
+        counters[name] = counters.get(name, 0) + int(counter.committed or counter.attempted or 0)
+    return counters
+
+
+def check_bad_fraction(counters: Dict[str, int], max_bad_fraction: float, what: str) -> None:
+    bad = counters.get("records_bad", 0)
+    total = bad + counters.get("records_parsed", 0)
+    if total and bad / total > max_bad_fraction:
+        raise BadInputError(
+            f"{what}: {bad} of {total} records are bad ({bad / total:.2%} > {max_bad_fraction:.2%}); "
+            "see the dead-letter output"
+        )
+
+
+def write_metrics(uri: str, counters: Dict[str, int]) -> None:
+    fileio.makedirs(uri)
+    with fileio.open(os.path.join(uri, METRICS_FILE), "w") as f:
+        f.write(json.dumps(counters, indent=2, sort_keys=True))
+
+
+def split_names(uris: Dict[str, str]) -> List[str]:
+    return sorted(uris)

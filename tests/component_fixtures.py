@@ -1,0 +1,44 @@
+"""Helpers for component tests: Examples artifacts on disk and a small exported ranking model."""
+import os
+
+import tensorflow as tf
+from tfx.types import artifact_utils, standard_artifacts
+
+from datasources import example_io, synthetic
+from models import export, inputs
+from models.baseline_ranker import BaselineRanker
+from models.config import TrainerConfig
+
+
+def examples_artifact(uri: str, splits=("train", "eval")) -> standard_artifacts.Examples:
+    artifact = standard_artifacts.Examples()
+    artifact.uri = uri
+    artifact.split_names = artifact_utils.encode_split_names(list(splits))
+    return artifact
+
+
+def synthetic_examples(root: str, num_requests: int, seed: int = 0, extra_records=None) -> standard_artifacts.Examples:
+    """Generates candidate rows into `root` (Split-train/, Split-eval/); `extra_records` maps a
+    split to raw records appended to it (e.g. corrupted bytes)."""
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=num_requests, seed=seed), root)
+    for split, records in (extra_records or {}).items():
+        path = os.path.join(root, f"Split-{split}", "extra.gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as w:
+            for raw in records:
+                w.write(raw)
+    return examples_artifact(root)
+
+
+def exported_model(examples_root: str, model_root: str) -> standard_artifacts.Model:
+    """Trains the baseline ranker for a few steps and exports it as a Model artifact."""
+    config = TrainerConfig(batch_size=128, embedding_dim=4, hidden_units=(16,))
+    train = inputs.parsed_batches([os.path.join(examples_root, "Split-train", "data_*")], 128, exposed_only=True)
+    model = BaselineRanker(config)
+    model.embedding.adapt(train)
+    model.compile(optimizer="adam", loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(train.map(inputs.to_model_io).take(5), verbose=0)
+    artifact = standard_artifacts.Model()
+    artifact.uri = model_root
+    warmup = list(example_io.read_examples(os.path.join(examples_root, "Split-eval", "data_*")))[:2]
+    export.export_saved_model(model, os.path.join(model_root, "Format-Serving"), [e.SerializeToString() for e in warmup])
+    return artifact
