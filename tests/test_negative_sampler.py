@@ -1,0 +1,209 @@
+"""NegativeSampler: sampling decisions, and the executor on DirectRunner read back from its output."""
+import collections
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tfx.dsl.components.base import base_beam_executor
+
+from components import negative_sampler, record_io, sampling
+from components.sampling import SamplerConfig
+from datasources import example_io
+from schema import request_list as RL
+from tests.component_fixtures import examples_artifact, synthetic_examples
+
+GARBAGE = b"\x12\x34 definitely not a tf.Example"
+
+
+def _run(tmp_path, examples, config: SamplerConfig, beam_args=None, input_splits=("train", "eval")):
+    out = examples_artifact(str(tmp_path / "lists"), splits=())
+    dead = record_io.DeadLetters()
+    dead.uri = str(tmp_path / "dead")
+    context = base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=beam_args or [], tmp_dir=str(tmp_path / "tmp"))
+    negative_sampler.Executor(context).Do(
+        {"examples": [examples]}, {"request_lists": [out], "dead_letters": [dead]},
+        {"config": json.dumps(dataclasses.asdict(config)), "input_splits": json.dumps(list(input_splits))},
+    )
+    return out, dead
+
+
+def _lists(out, split):
+    raw = [e.SerializeToString() for e in example_io.read_examples(os.path.join(out.uri, f"Split-{split}"))]
+    if not raw:
+        return {}
+    parsed = tf.io.parse_example(raw, RL.parse_spec())
+    return {k: (v.numpy() if not isinstance(v, tf.RaggedTensor) else v.to_list()) for k, v in parsed.items()}
+
+
+def _rows(examples, split):
+    scalars = negative_sampler._scalar_features()
+    return [negative_sampler.example_to_row(e, scalars)
+            for e in example_io.read_examples(os.path.join(examples.uri, f"Split-{split}", "data_*"))]
+
+
+# ---- sampling decisions ------------------------------------------------------------------------
+
+def test_teacher_log_loss_matches_cross_entropy():
+    for z in (-3.0, 0.0, 2.5):
+        p = 1 / (1 + math.exp(-z))
+        assert sampling.teacher_log_loss(z, 1) == pytest.approx(-math.log(p))
+        assert sampling.teacher_log_loss(z, 0) == pytest.approx(-math.log(1 - p))
+
+
+def test_only_shown_nonclicks_are_sampled_and_weights_are_inverse_rates():
+    config = SamplerConfig(nonclick_keep_rate=0.25, unseen_position_from=6, unseen_position_keep_rate=0.5)
+    base = {"request_id": 1, "item_id": 2, "click": 0, "ui_position": 3}
+    assert sampling.sampling_decision(dict(base, ui_position=0), config) == (True, 1.0, [])
+    assert sampling.sampling_decision(dict(base, click=1), config) == (True, 1.0, [])
+    decisions = [sampling.sampling_decision(dict(base, item_id=i, ui_position=8), config) for i in range(4000)]
+    kept = [w for keep, w, _ in decisions if keep]
+    assert set(kept) == {8.0}  # 1 / (0.25 · 0.5)
+    assert len(kept) / 4000 == pytest.approx(0.125, abs=0.02)
+    # Deterministic: the same row gives the same decision.
+    assert decisions == [sampling.sampling_decision(dict(base, item_id=i, ui_position=8), config) for i in range(4000)]
+
+
+def test_corpus_draws_by_frequency_without_excluded_items():
+    corpus = sampling.ItemCorpus.from_items([(i, c, {}) for i, c in [(5, 1), (7, 3), (9, 6)]])
+    assert corpus.probability(9) == pytest.approx(0.6) and corpus.probability(8) == 0.0
+    draws = collections.Counter(corpus.draw(r, 1, set(), seed=0)[0] for r in range(3000))
+    assert draws[9] / 3000 == pytest.approx(0.6, abs=0.03)
+    assert all(corpus.draw(r, 2, {9}, seed=0) == [7, 5] or corpus.draw(r, 2, {9}, seed=0) == [5, 7] for r in range(20))
+
+
+# ---- executor ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampler")
+    examples = synthetic_examples(str(root / "examples"), num_requests=40, extra_records={"eval": [GARBAGE]})
+    return examples
+
+
+def test_lists_keep_tiers_add_random_negatives_and_counters_match(small, tmp_path):
+    config = SamplerConfig(nonclick_keep_rate=0.5, random_negatives=10, seed=3)
+    out, dead = _run(tmp_path, small, config)
+    metrics = json.load(open(os.path.join(out.uri, record_io.METRICS_FILE)))
+    all_rows = _rows(small, "train") + _rows(small, "eval")
+    counts = collections.Counter(r["item_id"] for r in all_rows)
+    total = sum(counts.values())
+    n_lists = 0
+    kept_candidates = random_added = 0
+    for split in ("train", "eval"):
+        lists = _lists(out, split)
+        source = {}
+        for r in _rows(small, split):
+            source.setdefault(r["request_id"], []).append(r)
+        assert sorted(lists["request_id"][:, 0]) == sorted(source)  # "keep": requests stay in their split
+        for i, request_id in enumerate(lists["request_id"][:, 0]):
+            n_lists += 1
+            mask = lists["mask"][i].astype(bool)
+            stage = lists["stage"][i][mask]
+            tiers = collections.Counter(RL.TIERS[s] for s in stage)
+            for tier in ("rerank_neg", "rank_neg", "coarse_neg", "prerank_neg"):
+                assert tiers[tier] == 10  # unshown tiers are never sampled
+            assert tiers["random_neg"] == 10
+            logged_items = {r["item_id"] for r in source[request_id]}
+            items = lists["item_id"][i][mask]
+            randoms = items[stage == RL.TIER_INDEX["random_neg"]]
+            assert not set(randoms) & logged_items
+            np.testing.assert_allclose(lists["sampling_probability"][i][mask], [counts[x] / total for x in items], rtol=1e-6)
+            # Shown non-clicks: kept ones weigh 1/0.5, clicks weigh 1.
+            shown = lists["ui_position"][i][mask] > 0
+            clicks = lists["click"][i][mask] == 1
+            weights = lists["sample_weight"][i][mask]
+            assert np.all(weights[shown & ~clicks] == 2.0) and np.all(weights[clicks] == 1.0)
+            expected_kept = sum(1 for r in source[request_id] if not (r["ui_position"] > 0 and r["click"] == 0)
+                                or sampling.uniform_hash(3, "class", request_id, r["item_id"]) < 0.5)
+            assert mask.sum() == expected_kept + 10
+            kept_candidates += expected_kept
+            random_added += 10
+    assert metrics["lists_train"] + metrics["lists_eval"] == n_lists == 40
+    assert metrics["candidates_kept"] == kept_candidates
+    assert metrics["random_negatives_added"] == random_added
+    assert metrics["candidates_dropped"] == metrics["dropped_class"] == 40 * 50 - kept_candidates
+    assert metrics["records_parsed"] == 40 * 50 and metrics["records_bad"] == 1
+    assert out.get_string_custom_property("layout") == "request_list"
+    dead_lines = [json.loads(l) for f in tf.io.gfile.glob(os.path.join(dead.uri, "*.jsonl")) for l in open(f)]
+    assert [bytes.fromhex(d["record_hex"]) for d in dead_lines] == [GARBAGE]
+
+
+def test_teacher_loss_sampling_drops_easy_nonclicks(tmp_path):
+    root = tmp_path / "examples"
+    examples = synthetic_examples(str(root), num_requests=30, seed=5)
+    # Give every candidate a teacher logit: easy non-clicks (low loss) are those with very low logits.
+    for split in ("train", "eval"):
+        path = os.path.join(root, f"Split-{split}", example_io.RECORD_FILE)
+        rows = list(example_io.read_examples(path))
+        with tf.io.TFRecordWriter(path, options="GZIP") as w:
+            for e in rows:
+                item = e.features.feature["item_id"].int64_list.value[0]
+                e.features.feature["teacher_logit"].float_list.value.append(-6.0 if item % 2 else 0.0)
+                w.write(e.SerializeToString())
+    config = SamplerConfig(low_loss_keep_rate=0.2, low_loss_threshold=0.05, random_negatives=0)
+    out, _ = _run(tmp_path, examples, config)
+    kept_easy = kept_hard = easy = hard = 0
+    for split in ("train", "eval"):
+        for r in _rows(examples, split):
+            if r["ui_position"] > 0 and r["click"] == 0:
+                if r["item_id"] % 2:
+                    easy += 1
+                else:
+                    hard += 1
+        lists = _lists(out, split)
+        mask = lists["mask"].astype(bool)
+        shown_nonclick = mask & (lists["ui_position"] > 0) & (lists["click"] == 0)
+        odd = lists["item_id"] % 2 == 1
+        kept_easy += int((shown_nonclick & odd).sum())
+        kept_hard += int((shown_nonclick & ~odd).sum())
+        assert np.all(lists["sample_weight"][shown_nonclick & odd] == pytest.approx(5.0))
+        assert np.all(lists["sample_weight"][shown_nonclick & ~odd] == 1.0)
+    assert kept_hard == hard
+    assert 0.08 < kept_easy / easy < 0.35
+
+
+def test_time_split_puts_the_latest_requests_in_eval(small, tmp_path):
+    out, _ = _run(tmp_path, small, SamplerConfig(split="time", eval_fraction=0.25, random_negatives=0))
+    train, evals = _lists(out, "train"), _lists(out, "eval")
+    assert train["request_time"].max() < evals["request_time"].min()
+    assert len(evals["request_id"]) == pytest.approx(10, abs=2)
+
+
+def test_missing_split_and_too_many_bad_records_are_clear_errors(small, tmp_path):
+    with pytest.raises(record_io.BadInputError, match="required split 'test' is missing"):
+        _run(tmp_path / "a", small, SamplerConfig(), input_splits=("train", "test"))
+    with pytest.raises(record_io.BadInputError, match="1 of 2001 records are bad"):
+        _run(tmp_path / "b", small, SamplerConfig(max_bad_fraction=0.0001))
+
+
+@pytest.mark.slow
+def test_weighted_mean_label_is_unbiased(tmp_path):
+    examples = synthetic_examples(str(tmp_path / "examples"), num_requests=2000, seed=8)
+    out, _ = _run(tmp_path, examples, SamplerConfig(nonclick_keep_rate=0.5, random_negatives=0))
+    rows = _rows(examples, "train") + _rows(examples, "eval")
+    original = np.mean([r["click"] for r in rows if r["ui_position"] > 0])
+    num = den = 0.0
+    for split in ("train", "eval"):
+        lists = _lists(out, split)
+        shown = lists["mask"].astype(bool) & (lists["ui_position"] > 0)
+        num += float((lists["sample_weight"][shown] * lists["click"][shown]).sum())
+        den += float(lists["sample_weight"][shown].sum())
+    assert abs(num / den - original) / original < 0.02
+
+
+@pytest.mark.slow
+def test_output_is_identical_with_one_and_two_workers(small, tmp_path):
+    config = SamplerConfig(nonclick_keep_rate=0.5, seed=1)
+    outputs = []
+    for workers in (1, 2):
+        out, _ = _run(tmp_path / f"w{workers}", small, config,
+                      beam_args=["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"])
+        outputs.append({split: sorted(e.SerializeToString(deterministic=True)
+                                      for e in example_io.read_examples(os.path.join(out.uri, f"Split-{split}")))
+                        for split in ("train", "eval")})
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]["train"]) + len(outputs[0]["eval"]) == 40
