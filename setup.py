@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "tensorflow-ranking==0.5.5",
     "tensorflow-recommenders==0.7.3",
     "apache-beam[gcp]==2.56.0",
+    "matplotlib==3.8.4",  # evaluation plots (calibration, recall@k) written as PNG
 ]
 
 setuptools.setup(
