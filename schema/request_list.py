@@ -71,7 +71,9 @@ def build_request_list(rows: Sequence[Mapping[str, object]], list_size: int = LI
 
     def scalar(row, name, default=None):
         value = row.get(name, default)
-        return np.asarray(value).reshape(-1)[0].item() if value is not None else default
+        if value is None or isinstance(value, (int, float, str, bytes)):
+            return value  # the common case, kept off numpy's slower path
+        return np.asarray(value).reshape(-1)[0].item()
 
     out: Dict[str, List] = {name: [scalar(first, name)] for name in REQUEST_INT_FEATURES}
     out["user_dense"] = [float(v) for v in np.asarray(first["user_dense"], dtype=np.float32).reshape(-1)]
