@@ -3,6 +3,7 @@
     cascade generate --out DIR --requests N --seed S      synthetic candidate rows
     cascade convert {movielens,obd} --src DIR --out DIR   real data into the same schema
     cascade run [--source synthetic|examples] ...         the local TFX pipeline
+    cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
 
 Bad arguments exit with code 2 and one line that names the problem.
 """
@@ -102,6 +103,18 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_compile_kubeflow(args) -> int:
+    from pipelines import kubeflow_v2_runner
+    from pipelines.config import PipelineConfig
+
+    config = PipelineConfig(output_dir=args.pipeline_root, schema_file=args.schema_file)
+    config.validate()
+    path = kubeflow_v2_runner.compile_pipeline(config, args.out, image=args.image, project=args.project,
+                                               region=args.region, temp_location=args.temp_location)
+    print(f"wrote Kubeflow V2 pipeline spec to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cascade", description="Cascade ranking models for TFX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -134,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--beam-mode", choices=("in_process", "in_memory", "multi_processing"), default="in_process")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
     run.set_defaults(func=_cmd_run)
+    kfp = sub.add_parser("compile-kubeflow", help="compile the pipeline to a Kubeflow V2 (KFP) JSON spec")
+    kfp.add_argument("--out", required=True, help="output JSON path")
+    kfp.add_argument("--image", default="gcr.io/my-project/cascade-ranking:latest",
+                     help="container image with this package installed")
+    kfp.add_argument("--pipeline-root", default="gs://my-bucket/cascade-ranking", help="pipeline root (gs://...)")
+    kfp.add_argument("--schema-file", default="/pipeline/schema/schema.pbtxt", help="schema.pbtxt path inside the image")
+    kfp.add_argument("--project", default="my-project", help="GCP project for Dataflow")
+    kfp.add_argument("--region", default="us-central1", help="Dataflow region")
+    kfp.add_argument("--temp-location", help="Dataflow temp location (default: <pipeline root>/beam-tmp)")
+    kfp.set_defaults(func=_cmd_compile_kubeflow)
     return parser
 
 

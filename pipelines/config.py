@@ -1,7 +1,7 @@
 """PipelineConfig: the one configuration object of a pipeline run, every switch named with a default."""
 import dataclasses
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from datasources.synthetic import SyntheticConfig
 from models.config import TrainerConfig
@@ -27,6 +27,11 @@ class PipelineConfig:
     beam_mode: str = "in_process"
     beam_workers: int = 0  # 0 = one per core
     enable_cache: bool = True
+    # Where ImportSchemaGen finds schema.pbtxt (default: this package's schema/); a Kubeflow run
+    # names the path inside the container image or a gs:// copy.
+    schema_file: Optional[str] = None
+    # Beam args used as they are instead of the beam_mode ones (e.g. DataflowRunner flags).
+    beam_args_override: Tuple[str, ...] = ()
 
     @property
     def pipeline_root(self) -> str:
@@ -46,7 +51,7 @@ class PipelineConfig:
         if self.source == "examples":
             if not self.examples_dir:
                 raise ValueError("source 'examples' needs examples_dir")
-            for split in ("train", "eval"):
+            for split in ("train", "eval") if "://" not in self.examples_dir else ():
                 path = os.path.join(self.examples_dir, f"Split-{split}")
                 if not os.path.isdir(path):
                     raise FileNotFoundError(f"data path {path} does not exist")
@@ -56,6 +61,8 @@ class PipelineConfig:
             raise ValueError(f"unknown beam_mode {self.beam_mode!r}; choose one of {', '.join(BEAM_MODES)}")
 
     def beam_pipeline_args(self) -> List[str]:
+        if self.beam_args_override:
+            return list(self.beam_args_override)
         if self.beam_mode == "in_process":
             return []
         if self.beam_mode == "in_memory":

@@ -17,11 +17,16 @@ from schema import features as F
 TRAINER_RUN_FN = "models.trainer_module.run_fn"
 
 
+def _absolute(path: str) -> str:
+    """Local paths become absolute; URIs such as gs://… are left as they are."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def example_source(config: PipelineConfig):
     if config.source == "synthetic":
         return SyntheticExampleGen(config=config.synthetic)
     return tfx.components.ImportExampleGen(
-        input_base=os.path.abspath(config.examples_dir),
+        input_base=_absolute(config.examples_dir),
         input_config=example_gen_pb2.Input(
             splits=[
                 example_gen_pb2.Input.Split(name="train", pattern="Split-train/*"),
@@ -31,11 +36,12 @@ def example_source(config: PipelineConfig):
     )
 
 
-def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
+def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> tfx.dsl.Pipeline:
+    """The pipeline; the orchestrator's runner supplies the MLMD connection (none on Kubeflow)."""
     config.validate()
     example_gen = example_source(config)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=os.path.abspath(F.SCHEMA_PATH))
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=_absolute(config.schema_file or F.SCHEMA_PATH))
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
@@ -51,17 +57,15 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         model=trainer.outputs["model"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
-                base_directory=os.path.join(os.path.abspath(config.serving_dir), "ranking")
+                base_directory=os.path.join(_absolute(config.serving_dir), "ranking")
             )
         ),
     ).with_id("Pusher.ranking")
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
-        pipeline_root=os.path.abspath(config.pipeline_root),
+        pipeline_root=_absolute(config.pipeline_root),
         components=[example_gen, statistics_gen, schema_gen, example_validator, anomaly_gate, trainer, pusher],
         enable_cache=config.enable_cache,
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
-            os.path.abspath(config.metadata_path)
-        ),
+        metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=config.beam_pipeline_args(),
     )
