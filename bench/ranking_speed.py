@@ -1,0 +1,211 @@
+"""Speed of the Factory Floor ranker against a plain TFRS DCN ranking model, measured side by side.
+
+Prints three ratios, each against a reference measured in the same run on this machine:
+  1. training examples/s of the full ranker (RankerConfig defaults: Q·U, DCNv2, rank loss,
+     bias constraints, ...) / those of a plain TFRS DCN ranking model of the same width
+     (same FeatureEmbedding, the same cross layers as `tfrs.layers.dcn.Cross`, the same DNN,
+     `tfrs.tasks.Ranking`), same batches, same optimizer.               goal >= 0.9
+  2. time of `serving_default` on the 100 × 50 (ad, UI) pair examples / time of `score_ui_grid`
+     on 100 ad + 50 UI examples (Q once per ad), reloaded SavedModel.    goal >= 30×
+     (also printed at 500 × 50, to show how the ratio grows with the grid)
+  3. SavedModel p50 latency of `serving_default` for 1 request × 500 candidates, ranker / plain
+     TFRS DCN SavedModel.                                                goal <= 1.25×
+Timings interleave the two models (ABBA...) and report medians (for 1., the median of the per-round
+ratios), so that both share the noise of a CPU shared with other work.
+
+    python bench/ranking_speed.py [--data DIR] [--requests 2000] [--steps 20] [--rounds 20] [--calls 100] [--ablations]
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from datasources import synthetic
+from models import export, inputs, ranker, ranker_export
+from models.embedding import FeatureEmbedding
+from models.ranker_config import RankerConfig
+from schema import features as F
+
+
+class PlainDCN(tfrs.Model):
+    """Reference: embeddings of every input -> tfrs Cross × L -> DNN -> logit, tfrs Ranking task."""
+
+    def __init__(self, config: RankerConfig):
+        super().__init__()
+        self.embedding = FeatureEmbedding(config.embedding_dim)
+        self.crosses = [tfrs.layers.dcn.Cross(projection_dim=config.cross_projection_dim)
+                        for _ in range(config.cross_layers)]
+        self.hidden = [tf.keras.layers.Dense(u, activation="relu") for u in config.hidden_units]
+        self.logit = tf.keras.layers.Dense(1)
+        self.task = tfrs.tasks.Ranking(loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
+
+    def call(self, features, training=None):
+        embedded = self.embedding(features, training=training)
+        x0 = tf.concat([embedded[n] for n in F.MODEL_INPUTS], axis=-1)
+        x = x0
+        for cross in self.crosses:
+            x = cross(x0, x)
+        for layer in self.hidden:
+            x = layer(x)
+        return self.logit(x)
+
+    def compute_loss(self, features, training=False):
+        logit = self(features, training=training)
+        return self.task(labels=tf.cast(features[F.LABEL_KEY], tf.float32), predictions=logit,
+                         sample_weight=features[F.SAMPLE_WEIGHT_KEY])
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def train_throughput(config, batches, steps, rounds):
+    """Median examples/s over `rounds` interleaved timings of `steps` train steps per model."""
+    models = {"ranker": ranker.FactoryFloorRanker(config), "plain_dcn": PlainDCN(config)}
+    fns = {}
+    ds = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=spec_of(batches[0]))
+    for name, model in models.items():
+        model.embedding.adapt(ds, 10)
+        if name == "ranker":
+            model.compile()
+        else:
+            model.compile(optimizer=ranker.make_optimizer(config))
+        fns[name] = model.make_train_function()
+    ds = ds.repeat().prefetch(8)
+    rows = sum(int(b[F.LABEL_KEY].shape[0]) for b in batches) / len(batches)
+    iterators = {name: iter(ds) for name in models}
+    for name in models:  # trace and warm up
+        for _ in range(10):
+            fns[name](iterators[name])
+    rates = {name: [] for name in models}
+    for r in range(rounds):
+        for name in (models if r % 2 == 0 else list(models)[::-1]):  # ABBA order
+            seconds = timed(lambda: [fns[name](iterators[name]) for _ in range(steps)])
+            rates[name].append(steps * rows / seconds)
+    ratio = statistics.median([a / b for a, b in zip(rates["ranker"], rates["plain_dcn"])])
+    return {name: statistics.median(v) for name, v in rates.items()}, rows, ratio
+
+
+def spec_of(batch):
+    return {k: tf.RaggedTensorSpec([None, None], v.dtype, ragged_rank=1, row_splits_dtype=v.row_splits.dtype)
+            if isinstance(v, tf.RaggedTensor) else tf.TensorSpec([None] + list(v.shape[1:]), v.dtype)
+            for k, v in batch.items()}
+
+
+def p50_ms(fn, calls):
+    times = []
+    for _ in range(calls):
+        times.append(timed(fn) * 1000)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="Examples dir with Split-train/Split-eval (default: generate synthetic)")
+    parser.add_argument("--requests", type=int, default=2_000, help="requests to generate (without --data)")
+    parser.add_argument("--steps", type=int, default=20, help="train steps per timing round")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (ratio: median of per-round ratios)")
+    parser.add_argument("--calls", type=int, default=100, help="serving calls per timing")
+    parser.add_argument("--ablations", action="store_true", help="also time the ranker without rank loss / bias")
+    parser.add_argument("--requests-per-batch", type=int, nargs="+", default=[RankerConfig().requests_per_batch, 50])
+    args = parser.parse_args(argv)
+
+    tmp = tempfile.mkdtemp(prefix="ranking-speed-")
+    data_dir = args.data
+    if data_dir is None:
+        data_dir = os.path.join(tmp, "synthetic")
+        synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=args.requests), data_dir)
+    config = RankerConfig()
+    print(f"dataset: synthetic ({data_dir}); ranker config: {config.to_json()}")
+    print(f"machine: {os.cpu_count()} CPU cores visible; TF {tf.__version__}, TFRS {tfrs.__version__}")
+
+    # 1. Training throughput.
+    train_dir = os.path.join(data_dir, "Split-train")
+    variants = {"full": config}
+    if args.ablations:
+        variants.update(no_rank=config.replace(rank_loss="none"), no_bias=config.replace(bias_constraints=False),
+                        no_rank_no_bias=config.replace(rank_loss="none", bias_constraints=False))
+    for rpb in args.requests_per_batch:
+        batches = list(ranker.request_batches([train_dir], rpb, exposed_only=True).take(50))
+        for name, variant in variants.items():
+            rates, rows, ratio = train_throughput(variant, batches, args.steps, args.rounds)
+            goal = f" (goal >= 0.9: {'meets' if ratio >= 0.9 else 'misses'})" if name == "full" else ""
+            print(f"[1] train examples/s, batches of {rpb} requests (~{rows:.0f} shown rows), ranker {name}: "
+                  f"{rates['ranker']:.0f}, plain TFRS DCN {rates['plain_dcn']:.0f}, ratio {ratio:.2f}{goal}", flush=True)
+
+    # Trained models to serve (a short fit: speed does not depend on the weights).
+    train = ranker.request_batches([train_dir], config.requests_per_batch, shuffle_seed=0).take(50)
+    model = ranker.build_and_train(config, train, epochs=1)
+    dcn = PlainDCN(config)
+    dcn.embedding.adapt(train, 10)
+    dcn.compile(optimizer=ranker.make_optimizer(config))
+    dcn.fit(train, epochs=1, verbose=0)
+    eval_rows = [e for e in tf.data.TFRecordDataset(inputs.list_files([os.path.join(data_dir, "Split-eval")]),
+                                                    compression_type="GZIP").take(500).as_numpy_iterator()]
+    ranker_dir, dcn_dir = os.path.join(tmp, "ranker", "1"), os.path.join(tmp, "dcn", "1")
+    ranker_export.export_ranker(model, ranker_dir, eval_rows[:8])
+    export.export_saved_model(dcn, dcn_dir, eval_rows[:8])
+    served, served_dcn = tf.saved_model.load(ranker_dir), tf.saved_model.load(dcn_dir)
+
+    # 2. Grid scoring vs naive pairs, 100 ads × 50 UI treatments (and 500 × 50 for the scaling).
+    treatments = [(1 + i % F.MAX_UI_POSITION, (i // F.MAX_UI_POSITION) % F.NUM_UI_FORMATS) for i in range(50)]
+
+    def with_ui(example, position, fmt):
+        e = tf.train.Example()
+        e.CopyFrom(example)
+        e.features.feature["ui_position"].int64_list.value[:] = [position]
+        e.features.feature["ui_format"].int64_list.value[:] = [fmt]
+        return e.SerializeToString()
+
+    ui_only = []
+    for p, f in treatments:
+        e = tf.train.Example()
+        e.features.feature["ui_position"].int64_list.value.append(p)
+        e.features.feature["ui_format"].int64_list.value.append(f)
+        ui_only.append(e.SerializeToString())
+    ui_examples = tf.constant(ui_only)
+    grid_fn = served.signatures["score_ui_grid"]
+    naive_fn = served.signatures["serving_default"]
+    for num_ads in (100, 500):
+        ads = [tf.train.Example.FromString(e) for e in eval_rows[:num_ads]]
+        pairs = tf.constant([with_ui(a, p, f) for a in ads for p, f in treatments])
+        ad_examples = tf.constant([a.SerializeToString() for a in ads])
+        grid_out = grid_fn(ad_examples=ad_examples, ui_examples=ui_examples)["ctr"].numpy()
+        naive_out = naive_fn(examples=pairs)["ctr"].numpy().reshape(grid_out.shape)
+        grid_times, naive_times = [], []
+        for _ in range(max(args.calls // 5, 10)):
+            grid_times.append(timed(lambda: grid_fn(ad_examples=ad_examples, ui_examples=ui_examples)))
+            naive_times.append(timed(lambda: naive_fn(examples=pairs)))
+        speedup = statistics.median(naive_times) / statistics.median(grid_times)
+        goal = f" (goal >= 30×: {'meets' if speedup >= 30 else 'misses'})" if num_ads == 100 else " (scaling, no goal)"
+        print(f"[2] {num_ads} ads × 50 UIs: naive serving_default on {num_ads * 50} pairs "
+              f"{statistics.median(naive_times) * 1000:.1f} ms, score_ui_grid {statistics.median(grid_times) * 1000:.2f} ms, "
+              f"speed-up {speedup:.1f}×{goal}; max |grid − naive| {np.abs(grid_out - naive_out).max():.2e}", flush=True)
+
+    # 3. p50 latency, 1 request × 500 candidates.
+    request = tf.constant(eval_rows[:500])
+    ranker_fn, dcn_fn = served.signatures["serving_default"], served_dcn.signatures["serving_default"]
+    for _ in range(10):
+        ranker_fn(examples=request), dcn_fn(examples=request)
+    lat = {"ranker": [], "dcn": []}
+    for _ in range(args.calls):
+        lat["ranker"].append(timed(lambda: ranker_fn(examples=request)) * 1000)
+        lat["dcn"].append(timed(lambda: dcn_fn(examples=request)) * 1000)
+    p50 = {k: statistics.median(v) for k, v in lat.items()}
+    ratio = p50["ranker"] / p50["dcn"]
+    print(f"[3] SavedModel p50 latency, 1 × 500 candidates: ranker {p50['ranker']:.2f} ms, plain TFRS DCN "
+          f"{p50['dcn']:.2f} ms, ratio {ratio:.2f} (goal <= 1.25: {'meets' if ratio <= 1.25 else 'misses'})")
+    tf.io.gfile.rmtree(tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

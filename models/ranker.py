@@ -1,0 +1,527 @@
+"""The Factory Floor ranking model: Q·U-factorised DCNv2 CTR model with the paper's training losses.
+
+Anil et al., "On the Factory Floor: ML Engineering for Industrial-Scale Ads Recommendation
+Models" (2022); the exact definitions are in DESIGN §5. Architecture:
+
+    e = FeatureEmbedding(x)                                       (NaN dense -> nan_replacement)
+    Q:  x0 = concat(e_f, f ∈ quality features)
+        x_L = CrossStack(x0)       x_{l+1} = α(step)·(x0 ⊙ (U_l V_l x_l + b_l)) + x_l      (§4.3)
+        h = DNN(x_L)               Dense or LowRankDense (§3.1) layers, ReLU/SmeLU (§5)
+        q = W_q h                  q ∈ R^d
+    U:  u = W_u MLP(concat(e_ui_position, e_ui_format))          u ∈ R^d
+    ctr = τ(q·u) = σ(a·(q·u) + b),  a, b learned scalars                                (§6)
+
+With `qu_dim = 0` there is no factorisation: one tower reads every input (the UI features
+included) and a Dense(1) on h gives the logit. With `rank_loss = "multi_task"` a separate
+Dense(1) rank head reads [h, u] (the shared body); the CTR logit keeps the logistic loss.
+
+Training (`train_step`), at step t = optimizer.iterations, with per-row weights w:
+
+    α_t   = rank_alpha · ramp(t; rank_start_step, rank_ramp_steps)        (curriculum, §4.1.3)
+    w_d,t = distill_weight · ramp(t; distill_start_step, distill_ramp_steps)
+    m_t   = ramp(t; bias_start_step, bias_ramp_steps)
+    L_data(batch) = (1 − α_t)·L_logistic(y, logit) + α_t·L_rank(y, rank_logit)
+                    + w_d,t · L_distill(σ(teacher_logit), logit)
+    L = L_data(x) + λ·L_data(x̃) + T_bias
+
+  * L_logistic = Σ w_i BCE(y_i, σ(s_i)) / N  (`losses.weighted_logistic_loss`);
+  * L_rank = RankNet per request (`losses.ranknet_loss_from_rows`, grouping rows by request_id);
+    in "multi_objective" form rank_logit is the CTR logit, in "multi_task" form its own head;
+  * L_distill: rows with a NaN teacher_logit (absent) are left out (`losses.distillation_loss`);
+  * x̃ is the LSPR perturbed copy (dense + ω·N(0,1), embedding dropout p; `lspr.perturb_batch`,
+    seed [lspr_seed, t]), λ = lspr_weight, 0 when LSPR is off;
+  * T_bias = m_t/N · Σ_k (λ_k r_k − α/2 λ_k² c_k) over slices (predicted-CTR buckets and the values
+    of `bias_slice_feature`), `bias_constraints.BiasConstraints`. The duals λ_k take one ascent
+    step after each primal step (on the pre-update predictions). They live on a `tf.Module` held
+    outside the Keras model's tracked state: they are not model variables, not in the SavedModel,
+    and never read at inference.
+
+Each term is reported in the training logs (`logistic`, `rank`, `distillation`, `bias`, `lspr`,
+`loss`) with the ramped weights (`rank_weight`, `distill_weight`, `bias_weight`, `cross_alpha`).
+
+Batches. `train_step` takes either a dict of parsed features (what `models.inputs.parsed_batches`
+and `request_batches` below yield: the model inputs plus `click`, and optionally `request_id`,
+`sample_weight`, `teacher_logit`), or a tuple `(features, label)` / `(features, label, weight)` with
+the label and weight as tensors (request_id and teacher_logit may then ride in `features`).
+`request_id` is required when the rank loss is on. A missing `sample_weight` is 1, a missing
+`teacher_logit` is NaN (no distillation term).
+
+The rank loss only has pairs inside a batch: a request's rows must arrive together. Never shuffle
+rows: shuffle requests (or files). `request_batches` reads request-contiguous files (the synthetic
+generator and the converters write a request's rows contiguously), groups the rows of each
+request, shuffles whole requests and batches `requests_per_batch` of them. Reading the same files
+with `parsed_batches(..., shuffle_seed=None)` and a batch size that is a multiple of the rows per
+request (50 candidates on the RecFlow layout) also keeps requests whole. `request_batches` also
+attaches the request-list layout of each batch (`add_list_layout`, computed in the input pipeline),
+which the rank loss then uses instead of regrouping the rows in the train step (same value).
+
+Optimisation: `compile()` builds the config's optimizer (Adagrad by default, as in the paper);
+with `ema_momentum > 0` Keras keeps an exponential moving average of the weights and `fit` ends by
+writing it into the model (the served weights). `build_and_train` does adapt + compile + fit.
+"""
+import dataclasses
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from models import activations, bias_constraints, curriculum, inputs, losses, lspr
+from models.bottleneck import LowRankDense
+from models.cross import CrossStack
+from models.embedding import FeatureEmbedding
+from models.ranker_config import RankerConfig
+from schema import features as F
+
+LOSS_TERMS = ("loss", "logistic", "rank", "distillation", "bias", "lspr")
+WEIGHT_TERMS = ("rank_weight", "distill_weight", "bias_weight", "cross_alpha")
+# Optional batch entries added by `request_batches`: the request-list layout of the batch's rows
+# (`losses.rows_to_lists` of the row indices), computed in the input pipeline, off the train step.
+LIST_INDEX_KEY = "_request_list_index"
+LIST_MASK_KEY = "_request_list_mask"
+UI_SLICE_CARDINALITY = {"ui_position": F.MAX_UI_POSITION + 1, "ui_format": F.NUM_UI_FORMATS}
+
+QUALITY_SPARSE = tuple(f.name for f in F.SPARSE_FEATURES if f.tower == "quality")
+DENSE_NAMES = tuple(f.name for f in F.DENSE_FEATURES)
+QUALITY_FEATURES = QUALITY_SPARSE + DENSE_NAMES  # what Q reads (Q·U models)
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    logit: tf.Tensor  # [B] CTR logit
+    rank_logit: tf.Tensor  # [B] score the rank loss sees (= logit unless multi_task)
+    q: Optional[tf.Tensor]  # [B, d] (None without Q·U)
+    u: Optional[tf.Tensor]  # [B, d]
+
+
+class _Untracked:
+    """Holds an object out of reach of Keras/tf.Module tracking (so it is never saved)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _flat(x, dtype=tf.float32) -> tf.Tensor:
+    return tf.reshape(tf.cast(x, dtype), [-1])
+
+
+class FactoryFloorRanker(tf.keras.Model):
+    """Ranking model of DESIGN §5 (see the module docstring for the formulas).
+
+    `call(features)` returns the CTR logit [B, 1] (what `models.export.serving_function` serves);
+    `quality`, `ui` and `score_grid` are the Q·U serving paths.
+    """
+
+    def __init__(self, config: RankerConfig = RankerConfig(), **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        self.embedding = FeatureEmbedding(c.embedding_dim, name="embedding")
+        self.factorized = c.qu_dim > 0
+        self.quality_names = QUALITY_FEATURES if self.factorized else tuple(F.MODEL_INPUTS)
+        self.ui_names = tuple(F.UI_FEATURES)
+        self.cross = CrossStack(c.cross_layers, c.cross_projection_dim or None, c.cross_ramp_steps,
+                                name="cross") if c.cross_layers else None
+        self.activation_fn = activations.get_activation(c.activation)
+        self.hidden = []
+        for i, units in enumerate(c.hidden_units):
+            if c.bottleneck_rank and c.bottleneck_rank < units:
+                self.hidden.append(LowRankDense(units, c.bottleneck_rank, activation=c.activation, name=f"hidden_{i}"))
+            else:
+                self.hidden.append(tf.keras.layers.Dense(units, name=f"hidden_{i}"))
+        if self.factorized:
+            self.q_projection = tf.keras.layers.Dense(c.qu_dim, name="q")
+            self.ui_hidden = [tf.keras.layers.Dense(units, name=f"ui_hidden_{i}") for i, units in enumerate(c.ui_hidden_units)]
+            self.u_projection = tf.keras.layers.Dense(c.qu_dim, name="u")
+            self.transfer_scale = self.add_weight(name="transfer_scale", shape=(), initializer="ones")
+            self.transfer_bias = self.add_weight(name="transfer_bias", shape=(), initializer="zeros")
+        else:
+            self.logit_head = tf.keras.layers.Dense(1, name="logit")
+        self.multi_task = c.rank_loss == "multi_task"
+        if self.multi_task:
+            self.rank_head = tf.keras.layers.Dense(1, name="rank_logit")
+        self.curriculum = curriculum.Curriculum(
+            rank=curriculum.Ramp(c.rank_alpha if c.rank_loss != "none" else 0.0, c.rank_start_step, c.rank_ramp_steps),
+            distillation=curriculum.Ramp(c.distill_weight, c.distill_start_step, c.distill_ramp_steps),
+            bias_constraint=curriculum.Ramp(1.0 if c.bias_constraints else 0.0, c.bias_start_step, c.bias_ramp_steps),
+        )
+        self._bias = _Untracked(self._make_bias_constraints(c) if c.bias_constraints else None)
+        self._loss_tracker = tf.keras.metrics.MeanTensor(name="loss_terms")  # running means of LOSS_TERMS
+        self._eval_auc = tf.keras.metrics.AUC(from_logits=True, name="auc")
+
+    @staticmethod
+    def _make_bias_constraints(c: RankerConfig) -> bias_constraints.BiasConstraints:
+        return bias_constraints.BiasConstraints(
+            ctr_boundaries=c.bias_ctr_boundaries,
+            num_categories=UI_SLICE_CARDINALITY.get(c.bias_slice_feature, 0),
+            alpha=c.bias_alpha,
+            dual_learning_rate=c.bias_dual_lr,
+            name="ranker_bias_constraints",
+        )
+
+    # ---- Keras plumbing ------------------------------------------------------------------------
+    def get_config(self):
+        return {"config": self.config.to_json()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(RankerConfig.from_json(config["config"]))
+
+    def compile(self, optimizer=None, **kwargs):
+        """Compiles with the config's optimizer unless one is given; losses are built in."""
+        if optimizer is None:
+            optimizer = make_optimizer(self.config)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    @property
+    def metrics(self):
+        return [self._loss_tracker, self._eval_auc]
+
+    @property
+    def bias_constraints(self) -> Optional[bias_constraints.BiasConstraints]:
+        """The duals' module (outside the model's variables), or None when the switch is off."""
+        return self._bias.value
+
+    def adapt(self, batches: tf.data.Dataset, steps: int = 50) -> None:
+        """Fits the dense-feature normalisers on parsed training batches."""
+        self.embedding.adapt(batches, steps)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _clean_dense(self, features: Dict[str, tf.Tensor], training=None) -> Dict[str, tf.Tensor]:
+        """Replaces NaN dense inputs by `nan_replacement` (counted in embedding.nan_count in training).
+
+        With nan_replacement == 0 FeatureEmbedding does it (and counts) itself.
+        """
+        if self.config.nan_replacement == 0.0:
+            return features
+        out = dict(features)
+        for name in DENSE_NAMES:
+            if name in out:
+                x = tf.cast(out[name], tf.float32)
+                nans = tf.math.is_nan(x)
+                if training:
+                    self.embedding.nan_count.assign_add(tf.reduce_sum(tf.cast(nans, tf.int64)))
+                out[name] = tf.where(nans, tf.fill(tf.shape(x), tf.constant(self.config.nan_replacement, tf.float32)), x)
+        return out
+
+    def embed(self, features: Dict[str, tf.Tensor], names: Iterable[str], training=None) -> Dict[str, tf.Tensor]:
+        """name -> [B, dim]: embeddings of sparse features, normalised values of dense ones."""
+        return self.embedding(self._clean_dense(features, training), names=tuple(names), training=training)
+
+    def cross_step(self, step=None) -> tf.Tensor:
+        """α of the cross stack at `step` (its own counter when None)."""
+        if self.cross is None:
+            return tf.constant(1.0)
+        return self.cross.alpha_at(self.cross.step if step is None else step)
+
+    def quality_from_embedded(self, embedded: Dict[str, tf.Tensor], training=None, step=None):
+        """(h, q): the DNN body output and the Q vector (q is None without Q·U)."""
+        x = tf.concat([embedded[name] for name in self.quality_names], axis=-1)
+        if self.cross is not None:
+            x = self.cross(x, training=training, step=step)
+        for layer in self.hidden:
+            x = layer(x)
+            if not isinstance(layer, LowRankDense):
+                x = self.activation_fn(x)
+        q = self.q_projection(x) if self.factorized else None
+        return x, q
+
+    def ui_from_embedded(self, embedded: Dict[str, tf.Tensor]) -> tf.Tensor:
+        x = tf.concat([embedded[name] for name in self.ui_names], axis=-1)
+        for layer in self.ui_hidden:
+            x = self.activation_fn(layer(x))
+        return self.u_projection(x)
+
+    def transfer(self, s: tf.Tensor) -> tf.Tensor:
+        """τ before the sigmoid: logit = a·s + b."""
+        return self.transfer_scale * s + self.transfer_bias
+
+    def forward_embedded(self, embedded: Dict[str, tf.Tensor], training=None, step=None) -> ForwardOutput:
+        h, q = self.quality_from_embedded(embedded, training=training, step=step)
+        if self.factorized:
+            u = self.ui_from_embedded(embedded)
+            logit = self.transfer(tf.reduce_sum(q * u, axis=-1))
+            body = tf.concat([h, u], axis=-1)
+        else:
+            u = None
+            logit = tf.reshape(self.logit_head(h), [-1])
+            body = h
+        rank_logit = tf.reshape(self.rank_head(body), [-1]) if self.multi_task else logit
+        return ForwardOutput(logit=logit, rank_logit=rank_logit, q=q, u=u)
+
+    @property
+    def feature_names(self):
+        """Every feature the model reads."""
+        return tuple(dict.fromkeys(self.quality_names + (self.ui_names if self.factorized else ())))
+
+    def forward(self, features: Dict[str, tf.Tensor], training=None, step=None, perturb_seed=None) -> ForwardOutput:
+        """Full forward pass; with `perturb_seed` the LSPR-perturbed copy (stateless, reproducible)."""
+        embedded = self.embed(features, self.feature_names, training=training)
+        if perturb_seed is not None:
+            embedded = self.perturb(embedded, perturb_seed)
+        return self.forward_embedded(embedded, training=training, step=step)
+
+    def perturb(self, embedded: Dict[str, tf.Tensor], seed) -> Dict[str, tf.Tensor]:
+        """LSPR copy: dense + ω·N(0, 1) on normalised values, dropout p on sparse embeddings."""
+        dense = {k: v for k, v in embedded.items() if k in DENSE_NAMES}
+        sparse = {k: v for k, v in embedded.items() if k not in DENSE_NAMES}
+        noisy, dropped = lspr.perturb_batch(dense, sparse, self.config.lspr_noise_scale,
+                                            self.config.lspr_dropout_rate, seed)
+        return {**noisy, **dropped}
+
+    def lspr_seed(self, step) -> tf.Tensor:
+        """The perturbation seed at `step`: [lspr_seed, step]."""
+        return tf.stack([tf.constant(self.config.lspr_seed, tf.int64), tf.cast(step, tf.int64)])
+
+    def call(self, features: Dict[str, tf.Tensor], training=None) -> tf.Tensor:
+        """CTR logit [B, 1]."""
+        return self.forward(features, training=training).logit[:, tf.newaxis]
+
+    def predict_ctr(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+        return tf.sigmoid(self.forward(features, training=False).logit)
+
+    # ---- Q·U serving paths ---------------------------------------------------------------------
+    def _require_factorized(self):
+        if not self.factorized:
+            raise ValueError("quality/ui/score_grid need the Q·U factorisation (qu_dim > 0)")
+
+    def quality(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """q [B, d] from the quality features only (UI features are not read)."""
+        self._require_factorized()
+        _, q = self.quality_from_embedded(self.embed(features, self.quality_names, training=False), training=False)
+        return q
+
+    def ui(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """u [M, d] from the UI features only."""
+        self._require_factorized()
+        return self.ui_from_embedded(self.embed(features, self.ui_names, training=False))
+
+    def grid_logits(self, quality_features, ui_features) -> tf.Tensor:
+        """[A, M] logits of A ads × M UI treatments: Q runs once per ad, U once per treatment."""
+        q = self.quality(quality_features)
+        u = self.ui(ui_features)
+        return self.transfer(tf.matmul(q, u, transpose_b=True))
+
+    def score_grid(self, quality_features, ui_features) -> tf.Tensor:
+        """[A, M] CTRs τ(q_a·u_m)."""
+        return tf.sigmoid(self.grid_logits(quality_features, ui_features))
+
+    # ---- training ------------------------------------------------------------------------------
+    @staticmethod
+    def unpack(data) -> Dict[str, tf.Tensor]:
+        """A batch as one dict: accepts a features dict or (features, label[, weight])."""
+        if isinstance(data, dict):
+            return dict(data)
+        data = tuple(data)
+        batch = dict(data[0])
+        if len(data) > 1 and data[1] is not None:
+            batch[F.LABEL_KEY] = data[1]
+        if len(data) > 2 and data[2] is not None:
+            batch[F.SAMPLE_WEIGHT_KEY] = data[2]
+        return batch
+
+    def loss_weights(self, step) -> Dict[str, tf.Tensor]:
+        """The ramped weights at `step`: rank_weight (α_t), distill_weight, bias_weight, cross_alpha."""
+        w = self.curriculum.weights(step)
+        return {"rank_weight": w["rank"], "distill_weight": w["distillation"],
+                "bias_weight": w["bias_constraint"], "cross_alpha": self.cross_step(step)}
+
+    def _data_loss(self, out: ForwardOutput, labels, weights, request_ids, teacher, alpha, w_distill):
+        logistic = losses.weighted_logistic_loss(labels, out.logit, sample_weight=weights)
+        if self.config.rank_loss != "none":
+            rank = self._rank_loss(labels, out.rank_logit, weights, request_ids)
+        else:
+            rank = tf.constant(0.0)
+        if self.config.distill_weight > 0:
+            distill = losses.distillation_loss(teacher, out.logit, sample_weight=weights)
+        else:
+            distill = tf.constant(0.0)
+        total = (1.0 - alpha) * logistic + alpha * rank + w_distill * distill
+        return total, logistic, rank, distill
+
+    @staticmethod
+    def _rank_loss(labels, scores, weights, grouping):
+        """RankNet per request: `ranknet_loss_from_rows`, or `ranknet_loss` on a precomputed layout.
+
+        `grouping` is the [N] request ids, or (list_index [R, L], mask [R, L]) from
+        `losses.rows_to_lists` computed in the input pipeline (`request_batches`); both give
+        the same value.
+        """
+        if isinstance(grouping, tuple):
+            index, mask = grouping
+            gather = lambda x: tf.gather(x, index)  # noqa: E731
+            return losses.ranknet_loss(gather(labels), gather(scores), mask, sample_weight=gather(weights))
+        return losses.ranknet_loss_from_rows(labels, scores, grouping, sample_weight=weights)
+
+    def _batch_tensors(self, batch: Dict[str, tf.Tensor]):
+        labels = _flat(batch[F.LABEL_KEY])
+        n = tf.shape(labels)
+        weights = _flat(batch[F.SAMPLE_WEIGHT_KEY]) if F.SAMPLE_WEIGHT_KEY in batch else tf.ones(n)
+        teacher = (_flat(batch[F.TEACHER_LOGIT_KEY]) if F.TEACHER_LOGIT_KEY in batch
+                   else tf.fill(n, float("nan")))
+        if LIST_INDEX_KEY in batch and LIST_MASK_KEY in batch:
+            request_ids = (batch[LIST_INDEX_KEY], batch[LIST_MASK_KEY])
+        elif F.REQUEST_ID_KEY in batch:
+            request_ids = tf.reshape(batch[F.REQUEST_ID_KEY], [-1])
+        elif self.config.rank_loss != "none":
+            raise ValueError(f"the rank loss needs `{F.REQUEST_ID_KEY}` in the batch (rows are grouped by request)")
+        else:
+            request_ids = None
+        return labels, weights, teacher, request_ids
+
+    def bias_slice_ids(self, batch: Dict[str, tf.Tensor], predictions: tf.Tensor) -> tf.Tensor:
+        feature = self.config.bias_slice_feature
+        categories = batch[feature] if feature else None
+        return self.bias_constraints.slice_ids(tf.stop_gradient(predictions), categories)
+
+    def loss_terms(self, data, step=None, training: bool = True) -> Dict[str, tf.Tensor]:
+        """Every loss term and the total for one batch at `step` (no variable is updated).
+
+        Returns a dict with LOSS_TERMS (`lspr` is λ·L_data(x̃), `bias` is the ramped T_bias),
+        WEIGHT_TERMS, and `_logit` / `_slice_ids` / `_labels` for the dual update.
+        """
+        batch = self.unpack(data)
+        if step is None:
+            step = self.optimizer.iterations
+        labels, weights, teacher, request_ids = self._batch_tensors(batch)
+        w = self.loss_weights(step)
+        out = self.forward(batch, training=training, step=step)
+        data_loss, logistic, rank, distill = self._data_loss(
+            out, labels, weights, request_ids, teacher, w["rank_weight"], w["distill_weight"])
+        total = data_loss
+        terms = {"logistic": logistic, "rank": rank, "distillation": distill}
+        if self.bias_constraints is not None:
+            slice_ids = self.bias_slice_ids(batch, tf.sigmoid(out.logit))
+            bias_term = self.bias_constraints.lagrangian(labels, tf.sigmoid(out.logit), slice_ids, w["bias_weight"])
+            terms["_slice_ids"] = slice_ids
+        else:
+            bias_term = tf.constant(0.0)
+        total = total + bias_term
+        if self.config.lspr and training:
+            perturbed = self.forward(batch, training=training, step=step, perturb_seed=self.lspr_seed(step))
+            perturbed_loss = self._data_loss(perturbed, labels, weights, request_ids, teacher,
+                                             w["rank_weight"], w["distill_weight"])[0]
+            lspr_term = self.config.lspr_weight * perturbed_loss
+        else:
+            lspr_term = tf.constant(0.0)
+        total = total + lspr_term
+        terms.update(bias=bias_term, lspr=lspr_term, loss=total, _logit=out.logit, _labels=labels)
+        terms.update(w)
+        return terms
+
+    def _logs(self, terms) -> Dict[str, tf.Tensor]:
+        self._loss_tracker.update_state(tf.stack([tf.cast(terms[name], tf.float32) for name in LOSS_TERMS]))
+        logs = dict(zip(LOSS_TERMS, tf.unstack(self._loss_tracker.result(), num=len(LOSS_TERMS))))
+        logs.update({name: terms[name] for name in WEIGHT_TERMS})
+        return logs
+
+    def train_step(self, data):
+        step = self.optimizer.iterations
+        with tf.GradientTape() as tape:
+            terms = self.loss_terms(data, step=step, training=True)
+        variables = self.trainable_variables
+        gradients = tape.gradient(terms["loss"], variables)
+        self.optimizer.apply_gradients(
+            [(g, v) for g, v in zip(gradients, variables) if g is not None])
+        if self.bias_constraints is not None:  # ascent on the duals, with the pre-update predictions
+            self.bias_constraints.update_duals(
+                terms["_labels"], tf.sigmoid(terms["_logit"]), terms["_slice_ids"], terms["bias_weight"])
+        if self.cross is not None:  # the served α is the one reached by training
+            self.cross.step.assign(tf.cast(self.optimizer.iterations, tf.int64))
+        return self._logs(terms)
+
+    def test_step(self, data):
+        terms = self.loss_terms(data, step=self.optimizer.iterations, training=False)
+        self._eval_auc.update_state(terms["_labels"], terms["_logit"])
+        logs = self._logs(terms)
+        logs["auc"] = self._eval_auc.result()
+        return logs
+
+
+def make_optimizer(config: RankerConfig) -> tf.keras.optimizers.Optimizer:
+    name = config.optimizer.lower()
+    ema = dict(use_ema=True, ema_momentum=config.ema_momentum) if config.ema_momentum > 0 else {}
+    if name == "adagrad":
+        return tf.keras.optimizers.Adagrad(config.learning_rate, **ema)
+    if name == "adam":
+        return tf.keras.optimizers.Adam(config.learning_rate, **ema)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+# ---- input pipeline that keeps requests whole -------------------------------------------------
+def _request_groups(files: Sequence[str], read_batch: int = 8192):
+    """Yields the serialized rows of each request (runs of equal request_id), file by file."""
+    id_spec = {F.REQUEST_ID_KEY: tf.io.FixedLenFeature([1], tf.int64)}
+    for path in files:
+        ds = tf.data.TFRecordDataset(path, compression_type="GZIP").batch(read_batch)
+        ds = ds.map(lambda s: (s, tf.io.parse_example(s, id_spec)[F.REQUEST_ID_KEY][:, 0]))
+        pending_rows, pending_id = [], None
+        for rows, ids in ds.as_numpy_iterator():
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [ids.size]])
+            for a, b in zip(starts[:-1], starts[1:]):
+                if pending_rows and ids[a] != pending_id:
+                    yield np.concatenate(pending_rows)
+                    pending_rows = []
+                pending_rows.append(rows[a:b])
+                pending_id = ids[a]
+        if pending_rows:
+            yield np.concatenate(pending_rows)
+
+
+def request_batches(
+    file_patterns: Iterable[str],
+    requests_per_batch: int = 50,
+    shuffle_seed: Optional[int] = None,
+    num_epochs: Optional[int] = 1,
+    exposed_only: bool = True,
+    parse_spec: Optional[Dict] = None,
+    shuffle_buffer: int = 10_000,
+    with_list_layout: bool = True,
+) -> tf.data.Dataset:
+    """Parsed batches of whole requests, for the per-request rank loss.
+
+    Rows must be request-contiguous in the files (as the generator and converters write them). Each
+    run of equal `request_id` is one request; requests (never rows) are shuffled with
+    `shuffle_seed`, and `requests_per_batch` of them make a batch (with `exposed_only`, ~10 shown
+    rows per request on the synthetic data, so 50 requests ≈ 500 rows). With `with_list_layout`
+    each batch also carries the request-list layout of its rows (`add_list_layout`), so the train
+    step does not regroup them.
+    """
+    files = tuple(inputs.list_files(file_patterns))
+    spec = parse_spec or F.training_parse_spec()
+    ds = tf.data.Dataset.from_generator(lambda: _request_groups(files),
+                                        output_signature=tf.TensorSpec([None], tf.string))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.repeat(num_epochs)
+    ds = ds.ragged_batch(requests_per_batch).map(lambda r: tf.io.parse_example(r.flat_values, spec),
+                                                 num_parallel_calls=tf.data.AUTOTUNE)
+    if exposed_only:
+        ds = ds.map(lambda f: inputs._boolean_mask(f, f["ui_position"][:, 0] > F.NOT_SHOWN_POSITION))
+    if with_list_layout:
+        ds = ds.map(add_list_layout, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def add_list_layout(features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """Adds LIST_INDEX_KEY [R, L] (row of each slot) and LIST_MASK_KEY [R, L] (real slots) to a batch."""
+    request_ids = tf.reshape(features[F.REQUEST_ID_KEY], [-1])
+    (index,), mask = losses.rows_to_lists(request_ids, [tf.range(tf.size(request_ids, out_type=tf.int64))])
+    return {**features, LIST_INDEX_KEY: index, LIST_MASK_KEY: mask}
+
+
+def build_and_train(
+    config: RankerConfig,
+    train: tf.data.Dataset,
+    epochs: int = 1,
+    adapt_steps: int = 50,
+    verbose: int = 0,
+    callbacks=None,
+) -> FactoryFloorRanker:
+    """Builds, adapts, compiles and fits a ranker on parsed batches (dicts) of training rows."""
+    model = FactoryFloorRanker(config)
+    model.adapt(train, adapt_steps)
+    model.compile()
+    model.fit(train, epochs=epochs, verbose=verbose, callbacks=callbacks)
+    return model
