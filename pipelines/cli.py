@@ -74,22 +74,22 @@ def _cmd_convert(args) -> int:
 
 def _cmd_run(args) -> int:
     from datasources.synthetic import SyntheticConfig
-    from models.config import TrainerConfig
+    from models.ranker_config import RankerConfig
     from pipelines import local_runner, report
     from pipelines.config import PipelineConfig
 
     synthetic_config = SyntheticConfig(seed=args.seed)
     if args.requests is not None:
         synthetic_config = dataclasses.replace(synthetic_config, num_requests=args.requests)
-    trainer_config = TrainerConfig()
+    ranker_config = RankerConfig()
     if args.epochs is not None:
-        trainer_config = dataclasses.replace(trainer_config, epochs=args.epochs)
+        ranker_config = ranker_config.replace(epochs=args.epochs)
     config = PipelineConfig(
         output_dir=args.output_dir,
         source=args.source,
         examples_dir=args.examples_dir,
         synthetic=synthetic_config,
-        trainer=trainer_config,
+        ranker=ranker_config,
         beam_mode=args.beam_mode,
         enable_cache=not args.no_cache,
     )
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--examples-dir", help="Examples directory for --source examples")
     run.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="synthetic data seed")
-    run.add_argument("--epochs", type=_positive_int, help="training epochs (default: TrainerConfig.epochs)")
+    run.add_argument("--epochs", type=_positive_int, help="ranker training epochs (default: RankerConfig.epochs)")
     run.add_argument("--output-dir", default="cascade_output", help="pipeline root, MLMD store and serving dir")
     run.add_argument("--beam-mode", choices=("in_process", "in_memory", "multi_processing"), default="in_process")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")

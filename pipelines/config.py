@@ -4,7 +4,7 @@ import os
 from typing import List, Optional, Tuple
 
 from datasources.synthetic import SyntheticConfig
-from models.config import TrainerConfig
+from models.ranker_config import RankerConfig
 
 SOURCES = ("synthetic", "examples")
 BEAM_MODES = ("in_process", "in_memory", "multi_processing")
@@ -21,7 +21,7 @@ class PipelineConfig:
     source: str = "synthetic"
     examples_dir: Optional[str] = None
     synthetic: SyntheticConfig = SyntheticConfig()
-    trainer: TrainerConfig = TrainerConfig()
+    ranker: RankerConfig = RankerConfig()  # the ranking stage (Factory Floor ranker)
     # Beam: "in_process" passes no Beam args (fastest for small data); "multi_processing" runs
     # DirectRunner with one worker per core.
     beam_mode: str = "in_process"

@@ -14,7 +14,7 @@ from components.synthetic_example_gen import SyntheticExampleGen
 from pipelines.config import PipelineConfig
 from schema import features as F
 
-TRAINER_RUN_FN = "models.trainer_module.run_fn"
+RANKING_RUN_FN = "models.trainers.ranking.run_fn"
 
 
 def _absolute(path: str) -> str:
@@ -47,10 +47,10 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     )
     anomaly_gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"])
     trainer = tfx.components.Trainer(
-        run_fn=TRAINER_RUN_FN,
+        run_fn=RANKING_RUN_FN,
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
-        custom_config={"trainer": config.trainer.to_json()},
+        custom_config={"ranker": config.ranker.to_json()},
     ).with_id("Trainer.ranking")
     trainer.add_upstream_node(anomaly_gate)
     pusher = tfx.components.Pusher(

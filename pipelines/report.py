@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import ml_metadata as mlmd
 from tfx.orchestration import metadata
 
-from models.trainer_module import EVAL_METRICS_FILE
+from models.trainers.common import EVAL_METRICS_FILE
 from pipelines.config import PipelineConfig
 
 

@@ -11,7 +11,7 @@ from tfx.orchestration import metadata
 
 from datasources import example_io, synthetic
 from models import export
-from models.config import TrainerConfig
+from models.ranker_config import RankerConfig
 from pipelines import local_runner, report
 from pipelines.config import PipelineConfig
 
@@ -33,7 +33,7 @@ def finished_run(tmp_path_factory):
     config = PipelineConfig(
         output_dir=str(out),
         synthetic=synthetic.SyntheticConfig(num_requests=80, seed=2),
-        trainer=TrainerConfig(batch_size=128),
+        ranker=RankerConfig(epochs=1),
     )
     local_runner.run(config)
     return config
@@ -63,13 +63,13 @@ def test_pushed_model_scores_serialized_examples(finished_run):
         serve(examples=tf.constant([broken.SerializeToString()]))
 
 
-def test_warmup_requests_parse(finished_run):
+def test_warmup_requests_parse_and_cover_every_signature(finished_run):
     pushed = report.collect(finished_run, "ranking")["pushed_model"]
     records = list(tf.data.TFRecordDataset(os.path.join(pushed, export.WARMUP_FILE)).as_numpy_iterator())
-    assert len(records) == 1
-    log = prediction_log_pb2.PredictionLog.FromString(records[0])
-    assert log.predict_log.request.model_spec.signature_name == "serving_default"
-    assert log.predict_log.request.inputs[export.SERVING_INPUT_KEY].tensor_shape.dim[0].size == 8
+    logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
+    signatures = {log.predict_log.request.model_spec.signature_name for log in logs}
+    assert signatures == {"serving_default", "quality", "ui", "score_ui_grid"}
+    assert set(tf.saved_model.load(pushed).signatures) == signatures
 
 
 def test_eval_metrics_sit_next_to_the_oracle(finished_run):

@@ -1,0 +1,40 @@
+"""Trainer module of the baseline DNN (`models.baseline_ranker`): the plain CTR model the
+ablations start from, trained row-wise on shown candidates with the logistic loss.
+
+custom_config: {"trainer": TrainerConfig JSON}.
+"""
+import tensorflow as tf
+from absl import logging
+
+from models import export, inputs
+from models.baseline_ranker import BaselineRanker
+from models.config import TrainerConfig
+from models.trainers import common
+
+
+def _optimizer(config: TrainerConfig) -> tf.keras.optimizers.Optimizer:
+    name = config.optimizer.lower()
+    if name == "adam":
+        return tf.keras.optimizers.Adam(config.learning_rate)
+    if name == "adagrad":
+        return tf.keras.optimizers.Adagrad(config.learning_rate)
+    raise ValueError(f"unknown optimizer {config.optimizer!r} (adam, adagrad)")
+
+
+def run_fn(fn_args) -> None:
+    """Called by the TFX Trainer (GenericExecutor)."""
+    config = TrainerConfig.from_dict(common.config_json(fn_args, "trainer"))
+    logging.info("Training the baseline DNN with %s", config)
+    tf.keras.utils.set_random_seed(config.shuffle_seed)
+    train = inputs.parsed_batches(fn_args.train_files, config.batch_size, shuffle_seed=config.shuffle_seed,
+                                  num_epochs=1, exposed_only=config.exposed_only)
+    model = BaselineRanker(config)
+    model.embedding.adapt(train)
+    model.compile(optimizer=_optimizer(config), loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                  weighted_metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
+    model.fit(train.map(inputs.to_model_io), epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir),
+              verbose=2)
+    result = common.evaluate_ctr_model(model, fn_args.eval_files)
+    logging.info("Eval metrics: %s", result)
+    common.write_eval_metrics(fn_args.model_run_dir, result)
+    export.export_saved_model(model, fn_args.serving_model_dir, common.warmup_examples(fn_args.eval_files))

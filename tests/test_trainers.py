@@ -1,0 +1,79 @@
+"""Trainer modules (run_fn) on small generated data: outputs, teacher defaults, resume after a kill."""
+import json
+import os
+
+import pytest
+import tensorflow as tf
+from tfx.components.trainer.fn_args_utils import FnArgs
+
+from datasources import synthetic
+from models.config import TrainerConfig
+from models.ranker_config import RankerConfig
+from models.trainers import baseline, common, ranking, teacher
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer_data")
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=60, seed=4), str(root / "examples"))
+    return root / "examples"
+
+
+def _fn_args(data, out, custom_config):
+    return FnArgs(train_files=[str(data / "Split-train" / "*")], eval_files=[str(data / "Split-eval" / "*")],
+                  serving_model_dir=str(out / "serving"), model_run_dir=str(out / "run"), custom_config=custom_config)
+
+
+def _metrics(out):
+    return json.load(open(out / "run" / common.EVAL_METRICS_FILE))
+
+
+def test_baseline_module_trains_evaluates_and_exports(data, tmp_path):
+    baseline.run_fn(_fn_args(data, tmp_path, {"trainer": TrainerConfig(batch_size=64).to_json()}))
+    m = _metrics(tmp_path)
+    assert m["examples"] > 0 and 0 < m["oracle_auc"] <= 1 and 0 <= m["auc"] <= 1
+    serve = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"]
+    assert set(serve.structured_outputs) == {"ctr", "logit"}
+    assert tf.io.gfile.glob(str(tmp_path / "run" / "logs" / "train" / "events.*"))  # TensorBoard logs
+
+
+def test_teacher_module_is_wider_and_deeper_than_the_ranker(data, tmp_path):
+    teacher.run_fn(_fn_args(data, tmp_path / "teacher", {"ranker": json.dumps({"epochs": 1})}))
+    ranking.run_fn(_fn_args(data, tmp_path / "ranker", {"ranker": json.dumps({"epochs": 1})}))
+    sizes = {}
+    for name in ("teacher", "ranker"):
+        loaded = tf.saved_model.load(str(tmp_path / name / "serving"))
+        sizes[name] = sum(int(tf.size(v)) for v in loaded.variables)
+        q = loaded.signatures["quality"].structured_outputs
+        assert q  # the Q·U signatures are exported for both
+    assert sizes["teacher"] > 1.5 * sizes["ranker"]
+    assert RankerConfig.teacher().hidden_units > RankerConfig().hidden_units
+
+
+class _KillAfterFirstEpoch(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt("killed")
+
+
+class _RecordEpochs(tf.keras.callbacks.Callback):
+    seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _RecordEpochs.seen.append(epoch)
+
+
+def test_training_resumes_after_a_kill(data, tmp_path, monkeypatch):
+    real = common.callbacks
+    args = _fn_args(data, tmp_path, {"ranker": json.dumps({"epochs": 3})})
+    monkeypatch.setattr(common, "callbacks", lambda d: real(d) + [_KillAfterFirstEpoch()])
+    with pytest.raises(KeyboardInterrupt):
+        ranking.run_fn(args)
+    assert os.listdir(tmp_path / "run" / "backup")  # the epoch-0 checkpoint
+    monkeypatch.setattr(common, "callbacks", lambda d: real(d) + [_RecordEpochs()])
+    _RecordEpochs.seen = []
+    ranking.run_fn(args)
+    assert _RecordEpochs.seen == [1, 2]  # epoch 0 was not trained again
+    assert os.path.exists(tmp_path / "serving" / "saved_model.pb")
