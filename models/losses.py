@@ -227,3 +227,5 @@ def distillation_loss(teacher_logit,
     weight = tf.where(present, weight, tf.zeros_like(weight))
     n_present = tf.reduce_sum(tf.cast(present, tf.float32))
     return tf.math.divide_no_nan(tf.reduce_sum(weight * per_row), n_present)
+
+from models.lcron import lcron_losses  # noqa: F401

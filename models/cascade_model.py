@@ -1,0 +1,191 @@
+"""A cascade of stage models trained over request lists: jointly with LCRON, or stage by stage.
+
+Stages (earliest first), each a Keras layer mapping a batch of request lists to [B, L] logits:
+    retrieval (optional)  `models.retrieval.TwoTowerScorer`      s = u·v
+    pre-ranking           `models.preranking.LightPreranker`     two towers + small MLP
+    ranking               `models.preranking.StrongRanker`       DCNv2 cross stack + MLP
+The label is the ground truth of the RecFlow layout: y = 1 for the `rerank_pos` tier (the shown
+items on synthetic data; the ratings >= 4 on MovieLens), 0 for every other real candidate. Padded
+slots never count. (`label="click"` uses clicks instead.)
+
+Methods (`method=`), all on the same stages and data, so they differ only in the loss:
+* "lcron": Wang et al., ICML 2025 (`models.lcron`):
+      L = Σ_i L_single^i / (2 w_i²) + L_e2e + log ∏ w_i
+  trains every stage jointly through the end-to-end term.
+* "bce": the baseline, each stage on its own with binary cross-entropy on y,
+      L = Σ_i BCE(y, σ(s_i))   (mean over real candidates)
+  The stages share no weights, so the sum trains each one on its own loss (Adam is per variable).
+* "icc": ICC-style joint baseline (Gallagher et al., "Joint Optimization of Cascade Ranking
+  Models", WSDM 2019, simplified): the per-stage BCE terms plus a BCE on the product of the stage
+  probabilities, L = Σ_i BCE(y, σ(s_i)) + BCE(y, ∏_i σ(s_i)).
+
+`predict_stage_scores` gives every stage's scores on lists for the cascade metrics of
+`models.metrics` (e2e_recall, stage_recall, ndcg_at_k).
+"""
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from models import lcron
+from models import list_inputs as LI
+from models.losses import weighted_logistic_loss
+from models.metrics import e2e_recall, ndcg_at_k, stage_recall
+from models.preranking import LightPreranker, StrongRanker
+from models.retrieval import TwoTowerScorer, adapt_towers
+from schema import features as F
+from schema import request_list as RL
+
+METHODS = ("lcron", "bce", "icc")
+
+
+def cascade_labels(lists: Mapping, label: str = "gt"):
+    """y [B, L] float: GT (tier rerank_pos) or click, 0 on padded slots."""
+    real = tf.convert_to_tensor(lists["mask"]) > 0
+    if label == "gt":
+        y = tf.equal(tf.convert_to_tensor(lists["stage"]), RL.TIER_INDEX[F.GROUND_TRUTH_TIER])
+    elif label == "click":
+        y = tf.convert_to_tensor(lists["click"]) > 0
+    else:
+        raise ValueError(f"label must be 'gt' or 'click', got {label!r}")
+    return tf.cast(real & y, tf.float32)
+
+
+def default_stages(with_retrieval: bool = True, embedding_dim: int = 16) -> Dict[str, tf.keras.layers.Layer]:
+    """The stage models of the benchmark, weakest first."""
+    stages = {}
+    if with_retrieval:
+        stages["retrieval"] = TwoTowerScorer(embedding_dim, hidden_units=(64,), output_dim=32, name="retrieval")
+    stages["prerank"] = LightPreranker(embedding_dim, tower_units=(64,), output_dim=32, head_units=(32,), name="prerank")
+    stages["rank"] = StrongRanker(embedding_dim, num_cross_layers=2, projection_dim=16, hidden_units=(128, 64),
+                                  name="rank")
+    return stages
+
+
+class CascadeModel(tf.keras.Model):
+    """Stage models plus the training objective of `method` (module docstring)."""
+
+    def __init__(self, stages: Mapping[str, tf.keras.layers.Layer], method: str = "lcron",
+                 quota: lcron.Quota = lcron.DEFAULT_QUOTA, tau: float = lcron.DEFAULT_TAU, label: str = "gt",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not stages:
+            raise ValueError("a cascade needs at least one stage")
+        if label not in ("gt", "click"):
+            raise ValueError(f"label must be 'gt' or 'click', got {label!r}")
+        lcron.check_tau(tau)
+        self.stage_names = tuple(stages)
+        self.stage_models = [stages[n] for n in self.stage_names]
+        self.method = method
+        self.quota = quota
+        self.tau = float(tau)
+        self.label = label
+        lcron.stage_quotas(quota, len(self.stage_names))  # validates now rather than at the first step
+        self.weighting = lcron.UncertaintyWeighting(len(self.stage_names), name="uncertainty") if method == "lcron" else None
+
+    def adapt(self, lists: Mapping[str, np.ndarray]) -> None:
+        """Fits every stage's dense-feature normalisers on the real rows of training lists."""
+        for stage in self.stage_models:
+            if hasattr(stage, "towers"):
+                adapt_towers(stage.towers(), lists)
+            else:
+                adapt_towers([stage], lists)
+
+    def call(self, lists, training=None) -> tf.Tensor:
+        """[B, S, L]: the scores of every stage."""
+        return tf.stack([stage(lists, training=training) for stage in self.stage_models], axis=1)
+
+    def compute_losses(self, lists, training=None) -> Dict[str, tf.Tensor]:
+        scores = [stage(lists, training=training) for stage in self.stage_models]
+        y = cascade_labels(lists, self.label)
+        mask = tf.convert_to_tensor(lists["mask"])
+        out: Dict[str, tf.Tensor] = {}
+        if self.method == "lcron":
+            total, e2e, singles = lcron.lcron_total_loss(scores, y, mask, self.weighting, self.quota, self.tau)
+            out["e2e"] = e2e
+            for name, single, w in zip(self.stage_names, singles, tf.unstack(self.weighting.w)):
+                out[f"single_{name}"] = single
+                out[f"w_{name}"] = w
+        else:
+            singles = [weighted_logistic_loss(y, s, mask=mask) for s in scores]
+            total = tf.add_n(singles)
+            for name, single in zip(self.stage_names, singles):
+                out[f"bce_{name}"] = single
+            if self.method == "icc":
+                log_p = tf.add_n([tf.math.log_sigmoid(s) for s in scores])  # log ∏ σ(s_i)
+                p = tf.exp(log_p)
+                joint = -y * log_p - (1.0 - y) * tf.math.log(tf.maximum(1.0 - p, 0.0) + 1e-8)
+                valid = tf.cast(mask > 0, tf.float32)
+                joint = tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid > 0, joint, 0.0)), tf.reduce_sum(valid))
+                out["joint"] = joint
+                total = total + joint
+        out["loss"] = total
+        return out
+
+    def train_step(self, lists):
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(lists, training=True)
+        variables = self.trainable_variables
+        grads = tape.gradient(losses["loss"], variables)
+        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        return losses
+
+    def test_step(self, lists):
+        return self.compute_losses(lists, training=False)
+
+    def predict_stage_scores(self, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> List[np.ndarray]:
+        """Every stage's [R, L] scores on in-memory request lists."""
+        stacked = self.predict(LI.dataset_from_lists(lists, batch_size), verbose=0)
+        return [stacked[:, i] for i in range(stacked.shape[1])]
+
+
+def evaluate_cascade(stage_scores: Sequence[np.ndarray], lists: Mapping[str, np.ndarray],
+                     quotas: Sequence[int], stage_names: Sequence[str], label: str = "gt",
+                     ndcg_k: int = 10) -> Dict[str, float]:
+    """e2e recall, per-stage Recall@|GT|@q_i (each stage alone on the whole list) and the last
+    stage's NDCG@k, all against `label` and with padding masked."""
+    mask = np.asarray(lists["mask"])
+    gt = cascade_labels(lists, label).numpy()
+    out = {"e2e_recall": e2e_recall(stage_scores, gt, quotas, mask)}
+    for name, scores, q in zip(stage_names, stage_scores, quotas):
+        out[f"recall_{name}@{q}"] = stage_recall(scores, gt, m=q, mask=mask)
+    out[f"ndcg@{ndcg_k}_{stage_names[-1]}"] = ndcg_at_k(stage_scores[-1], gt, ndcg_k, mask)
+    return out
+
+
+def train_cascade(train_lists: Mapping[str, np.ndarray], method: str, seed: int = 0, epochs: int = 5,
+                  batch_size: int = 64, learning_rate: float = 2e-3, quota: lcron.Quota = lcron.DEFAULT_QUOTA,
+                  tau: float = lcron.DEFAULT_TAU, with_retrieval: bool = True, embedding_dim: int = 16,
+                  label: str = "gt", stages: Optional[Mapping[str, tf.keras.layers.Layer]] = None,
+                  valid_lists: Optional[Mapping[str, np.ndarray]] = None,
+                  valid_quotas: Optional[Sequence[int]] = None) -> CascadeModel:
+    """Builds the default stages (seeded), fits them with `method` and returns the model.
+
+    With `valid_lists` (and the cascade's `valid_quotas`), the e2e recall on them is measured
+    after every epoch and the weights of the best epoch are kept (early stopping by model
+    selection, the same rule for every method); `model.history_` records the curve.
+    """
+    tf.keras.utils.set_random_seed(seed)
+    stages = stages or default_stages(with_retrieval, embedding_dim)
+    model = CascadeModel(stages, method=method, quota=quota, tau=tau, label=label)
+    model.adapt(train_lists)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    model.history_ = []
+    if valid_lists is None:
+        model.fit(LI.dataset_from_lists(train_lists, batch_size, shuffle_seed=seed, num_epochs=epochs), verbose=0)
+        return model
+    if valid_quotas is None or len(valid_quotas) != len(model.stage_names):
+        raise ValueError(f"valid_quotas must give one quota per stage {model.stage_names}")
+    data = LI.dataset_from_lists(train_lists, batch_size, shuffle_seed=seed)
+    valid_gt = cascade_labels(valid_lists, label).numpy()
+    best, best_weights = -1.0, None
+    for _ in range(epochs):
+        model.fit(data, verbose=0)
+        recall = e2e_recall(model.predict_stage_scores(valid_lists), valid_gt, valid_quotas, valid_lists["mask"])
+        model.history_.append(recall)
+        if recall > best:
+            best, best_weights = recall, model.get_weights()
+    model.set_weights(best_weights)
+    return model

@@ -1,0 +1,219 @@
+"""tf.data of request lists (DESIGN §4, the `schema.request_list` contract).
+
+Two sources:
+* an Examples directory of candidate rows (one tf.Example per request × item: what the
+  generator and the converters write). `request_lists_from_candidates` groups the rows by
+  `request_id` in memory with numpy (a sort, then a scatter into [R, L] arrays). It fits data of
+  the size of the synthetic default and MovieLens (a few hundred thousand rows); at scale the
+  NegativeSampler component writes request lists with Beam instead.
+* TFRecords of request-list Examples (`write_request_lists`, or the NegativeSampler's output):
+  `request_list_dataset` parses them with `schema.request_list.parse_spec`.
+
+In memory, request lists are a dict of numpy arrays in the parse layout of
+`schema.request_list.parse_spec(L)` (request features [R, 1] / [R, 4], candidate features [R, L],
+item_tags [R, L·8], item_dense [R, L·4]). One difference: `query_tokens` is a dense [R, 8] array,
+0-padded, where parsing gives a ragged tensor; `request_features` accepts both.
+
+`request_features` / `candidate_features` turn a batch of lists into the inputs of the stage
+towers: request-level features once per request ([B, ...]), candidate features flattened to
+[B·L, ...] (the layout `models.embedding.FeatureEmbedding` reads).
+"""
+import os
+from typing import Dict, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from datasources.example_io import make_example
+from schema import features as F
+from schema import request_list as RL
+
+QUERY_FEATURES = ("user_id", "query_tokens", "hour", "device", "user_dense")
+ITEM_FEATURES = ("item_id", "item_category", "item_tags", "item_dense")
+MAX_QUERY_TOKENS = 8
+
+
+def _files(file_patterns) -> Sequence[str]:
+    if isinstance(file_patterns, str):
+        file_patterns = [file_patterns]
+    files = []
+    for pattern in file_patterns:
+        if tf.io.gfile.isdir(pattern):
+            pattern = pattern.rstrip("/") + "/*"
+        files.extend(sorted(tf.io.gfile.glob(pattern)))
+    if not files:
+        raise FileNotFoundError(f"no data files match {list(file_patterns)}")
+    return files
+
+
+def _dense(values, width: int) -> np.ndarray:
+    if isinstance(values, tf.RaggedTensor):
+        return values.to_tensor(default_value=0, shape=[None, width]).numpy()
+    return np.asarray(values).reshape(len(values), -1)
+
+
+def read_candidate_rows(file_patterns, batch_size: int = 8192) -> Dict[str, np.ndarray]:
+    """Every candidate row of gzipped TFRecord files as numpy columns ([N] or [N, width]).
+
+    Parsed with the schema's training parse spec (optional features take their defaults);
+    `query_tokens` and `item_tags` become 0-padded [N, 8] arrays, `stage` the tier index.
+    """
+    spec = F.training_parse_spec()
+    ds = tf.data.TFRecordDataset(_files(file_patterns), compression_type="GZIP")
+    ds = ds.batch(batch_size).map(lambda x: tf.io.parse_example(x, spec))
+    parts: Dict[str, list] = {}
+    for batch in ds:
+        for name, value in batch.items():
+            if name in ("query_tokens", "item_tags"):
+                value = _dense(value, MAX_QUERY_TOKENS if name == "query_tokens" else RL.MAX_ITEM_TAGS)
+            else:
+                value = value.numpy()
+            parts.setdefault(name, []).append(value)
+    if not parts:
+        raise ValueError(f"no candidate rows in {file_patterns}")
+    columns = {k: np.concatenate(v) for k, v in parts.items()}
+    for name in list(columns):
+        if columns[name].ndim == 2 and columns[name].shape[1] == 1:
+            columns[name] = columns[name][:, 0]
+    columns["stage"] = np.array([RL.TIER_INDEX[s.decode()] for s in columns["stage"]], dtype=np.int64)
+    return columns
+
+
+def group_rows(columns: Mapping[str, np.ndarray], list_size: Optional[int] = None,
+               shuffle_seed: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Candidate-row columns → request lists (numpy, the parse layout of `RL.parse_spec`).
+
+    Requests are sorted by request_id. Within a request the rows keep their order, or are put in
+    a seeded random order with `shuffle_seed` (so list position carries no information about the
+    tier: the MovieLens converter writes shown items first). Padded slots follow the request-list
+    contract (mask 0, stage −1, `RL.FLOAT_PADDING`, zeros elsewhere).
+
+    Raises ValueError if a request has more rows than `list_size` (default: the longest request).
+    """
+    request_id = np.asarray(columns["request_id"]).reshape(-1)
+    n = request_id.size
+    key = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).random(n)
+    order = np.lexsort((key, request_id))
+    ids, start, counts = np.unique(request_id[order], return_index=True, return_counts=True)
+    size = int(counts.max()) if list_size is None else int(list_size)
+    if counts.max() > size:
+        raise ValueError(f"request {ids[np.argmax(counts)]} has {counts.max()} candidates > list size {size}")
+    rows = np.repeat(np.arange(ids.size), counts)
+    slots = np.arange(n) - np.repeat(start, counts)
+    first = order[start]
+    out: Dict[str, np.ndarray] = {}
+    for name in RL.REQUEST_INT_FEATURES:
+        out[name] = np.asarray(columns[name]).reshape(n, -1)[first, :1].astype(np.int64)
+    out["user_dense"] = np.asarray(columns["user_dense"], dtype=np.float32).reshape(n, 4)[first]
+    out["query_tokens"] = np.asarray(columns["query_tokens"]).reshape(n, -1)[first].astype(np.int64)
+
+    def scatter(values, pad, dtype, width=None):
+        shape = (ids.size, size) if width is None else (ids.size, size, width)
+        arr = np.full(shape, pad, dtype=dtype)
+        arr[rows, slots] = np.asarray(values)[order] if width is None else np.asarray(values).reshape(n, width)[order]
+        return arr if width is None else arr.reshape(ids.size, size * width)
+
+    for name in RL.CANDIDATE_INT_FEATURES:
+        if name == "mask":
+            out[name] = scatter(np.ones(n, dtype=np.int64), 0, np.int64)
+        elif name == "stage":
+            out[name] = scatter(columns["stage"], RL.PAD_STAGE, np.int64)
+        else:
+            out[name] = scatter(np.asarray(columns[name]).reshape(n), 0, np.int64)
+    for name in RL.CANDIDATE_FLOAT_FEATURES:
+        values = columns.get(name, np.full(n, F.OPTIONAL_DEFAULTS[name], dtype=np.float32))
+        out[name] = scatter(np.asarray(values).reshape(n), RL.FLOAT_PADDING[name], np.float32)
+    out["item_tags"] = scatter(columns["item_tags"], 0, np.int64, RL.MAX_ITEM_TAGS)
+    out["item_dense"] = scatter(columns["item_dense"], 0.0, np.float32, RL.ITEM_DENSE_SIZE)
+    return out
+
+
+def request_lists_from_candidates(file_patterns, list_size: Optional[int] = None,
+                                  shuffle_seed: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """An Examples split of candidate rows (a directory or glob) → request lists (numpy)."""
+    return group_rows(read_candidate_rows(file_patterns), list_size, shuffle_seed)
+
+
+def num_lists(lists: Mapping[str, np.ndarray]) -> int:
+    return int(np.asarray(lists["mask"]).shape[0])
+
+
+def list_size_of(lists: Mapping) -> int:
+    return int(lists["mask"].shape[1])
+
+
+def take_lists(lists: Mapping[str, np.ndarray], index) -> Dict[str, np.ndarray]:
+    return {k: np.asarray(v)[index] for k, v in lists.items()}
+
+
+def to_example(lists: Mapping[str, np.ndarray], r: int) -> tf.train.Example:
+    """Request list r as a request-list tf.Example (query_tokens without its 0-padding)."""
+    row = {k: np.asarray(v)[r] for k, v in lists.items()}
+    tokens = np.asarray(row["query_tokens"]).reshape(-1)
+    row["query_tokens"] = tokens[tokens != 0] if np.any(tokens != 0) else tokens[:1]
+    return make_example(row)
+
+
+def write_request_lists(lists: Mapping[str, np.ndarray], path: str) -> str:
+    """Writes the lists as a gzipped TFRecord file of request-list Examples."""
+    parent = os.path.dirname(path)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    with tf.io.TFRecordWriter(path, options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
+        for r in range(num_lists(lists)):
+            writer.write(to_example(lists, r).SerializeToString(deterministic=True))
+    return path
+
+
+def request_list_dataset(file_patterns, batch_size: int, list_size: int = RL.LIST_SIZE,
+                         shuffle_seed: Optional[int] = None, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+    """Batches of parsed request lists from gzipped TFRecords of request-list Examples."""
+    spec = RL.parse_spec(list_size)
+    ds = tf.data.TFRecordDataset(_files(file_patterns), compression_type="GZIP")
+    if shuffle_seed is not None:
+        ds = ds.shuffle(10_000, seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.repeat(num_epochs).batch(batch_size)
+    return ds.map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def dataset_from_lists(lists: Mapping[str, np.ndarray], batch_size: int, shuffle_seed: Optional[int] = None,
+                       num_epochs: Optional[int] = 1, drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batches of in-memory request lists (same layout as parsed ones, query_tokens dense)."""
+    ds = tf.data.Dataset.from_tensor_slices({k: np.asarray(v) for k, v in lists.items()})
+    if shuffle_seed is not None:
+        ds = ds.shuffle(num_lists(lists), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _ragged_tokens(tokens) -> tf.RaggedTensor:
+    if isinstance(tokens, tf.RaggedTensor):
+        return tokens
+    return tf.RaggedTensor.from_tensor(tf.convert_to_tensor(tokens), padding=tf.constant(0, tf.int64))
+
+
+def request_features(lists: Mapping[str, tf.Tensor], names: Iterable[str] = QUERY_FEATURES) -> Dict[str, tf.Tensor]:
+    """Request-level features of a batch of lists, one row per request ([B, ...])."""
+    out = {}
+    for name in names:
+        out[name] = _ragged_tokens(lists[name]) if name == "query_tokens" else lists[name]
+    return out
+
+
+def candidate_features(lists: Mapping[str, tf.Tensor], names: Iterable[str] = ITEM_FEATURES) -> Dict[str, tf.Tensor]:
+    """Candidate features of a batch of lists flattened to [B·L, ...] (item_tags ragged, 0s dropped)."""
+    out = {}
+    for name in names:
+        value = lists[name]
+        if name == "item_tags":
+            tags = tf.reshape(value, [-1, RL.MAX_ITEM_TAGS])
+            out[name] = tf.RaggedTensor.from_tensor(tags, padding=tf.constant(0, tags.dtype))
+        elif name == "item_dense":
+            out[name] = tf.reshape(value, [-1, RL.ITEM_DENSE_SIZE])
+        else:
+            out[name] = tf.reshape(value, [-1, 1])
+    return out
+
+
+def repeat_per_candidate(per_request: tf.Tensor, list_size) -> tf.Tensor:
+    """[B, d] → [B·L, d]: a request-level tensor repeated for each of its L slots."""
+    return tf.repeat(per_request, list_size, axis=0)

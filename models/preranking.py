@@ -1,0 +1,246 @@
+"""HAP pre-ranking: heterogeneous negative groups, a light model for all candidates, a strong one
+for the hard groups and the top of the light model's list (Toutiao, 2026; DESIGN §5 "HAP").
+
+Negative sources, hardest first, read from a request list (`schema.request_list`):
+    g0 exposed_nonclick   shown (ui_position > 0) and not clicked
+    g1 rank_neg           not shown, dropped by the ranking stages (tiers rerank_neg, rank_neg)
+    g2 prerank_neg        dropped by the pre-ranking stages (tiers coarse_neg, prerank_neg)
+    g3 random_neg         random negatives (tier random_neg)
+The positives are the clicked candidates (shown and click = 1).
+
+Group-wise loss: each group is contrasted with the positive in its own term, so hard and easy
+negatives stop competing in one softmax. For a positive p of a request and a group g with
+negatives N_g (both non-empty in that request), with scores s:
+    softmax   ℓ(p, g) = −log( e^{s_p} / (e^{s_p} + Σ_{n∈N_g} e^{s_n}) ) = softplus(LSE_{n∈N_g} s_n − s_p)
+    pairwise  ℓ(p, g) = (1/|N_g|) Σ_{n∈N_g} log(1 + e^{−(s_p − s_n)})
+    L = Σ_g w_g · mean_{(request, p): N_g non-empty} ℓ(p, g)
+The light model trains on all groups, the strong model on the hard ones (g0, g1) only.
+
+Models:
+    light    u = Q(request), v = V(item)  (two towers, `models.retrieval.Tower`),
+             s = MLP([u, v, u ⊙ v])       (a small head)
+    strong   x0 = [embeddings of the request and item features], DCNv2 low-rank cross stack
+             (`models.cross.CrossStack`), then an MLP: s = MLP(Cross(x0))
+Routing: the light model scores every candidate; the strong model rescores the light top M, and
+the final order is those M by the strong score, then the rest by the light score.
+
+FLOPs per candidate (`LightPreranker.flops`, `StrongRanker.flops`) are counted analytically from
+the layer shapes, in tf.profiler's convention (a matmul 2·m·k·n, a bias add or an element-wise op
+one per element, ReLU 0), from the concatenated embeddings up (lookups and pooling not counted).
+The light model's query tower runs once per request and is reported apart; its item tower is
+counted per candidate although a server may cache item vectors.
+
+The group construction, the group-wise losses, routing and FLOP counts are written here (no
+library has them); the layers are Keras / TFRS (`tfrs.layers.dcn.Cross` inside `CrossStack`).
+"""
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from models import list_inputs as LI
+from models.cross import CrossStack
+from models.embedding import FeatureEmbedding
+from models.retrieval import Tower, build_mlp, dense_flops
+from schema import features as F
+from schema import request_list as RL
+
+GROUPS = ("exposed_nonclick", "rank_neg", "prerank_neg", "random_neg")
+HARD_GROUPS = ("exposed_nonclick", "rank_neg")
+_GROUP_TIERS = {
+    "rank_neg": ("rerank_neg", "rank_neg"),
+    "prerank_neg": ("coarse_neg", "prerank_neg"),
+    "random_neg": (RL.RANDOM_NEG_TIER,),
+}
+
+
+def hap_groups(lists: Mapping[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(positives [B, L] bool, groups [B, L, 4] bool) of a batch of request lists."""
+    real = tf.convert_to_tensor(lists["mask"]) > 0
+    exposed = tf.convert_to_tensor(lists["ui_position"]) > F.NOT_SHOWN_POSITION
+    click = tf.convert_to_tensor(lists["click"]) > 0
+    stage = tf.convert_to_tensor(lists["stage"])
+    positives = real & exposed & click
+    groups = [real & exposed & ~click]
+    for name in GROUPS[1:]:
+        in_tiers = tf.reduce_any(tf.stack([tf.equal(stage, RL.TIER_INDEX[t]) for t in _GROUP_TIERS[name]]), axis=0)
+        groups.append(real & ~exposed & in_tiers)
+    return positives, tf.stack(groups, axis=-1)
+
+
+def group_wise_loss(scores, positives, groups, kind: str = "softmax",
+                    group_weights: Optional[Sequence[float]] = None) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(L, per-group terms [G]) of the HAP group-wise loss (module docstring).
+
+    Args:
+        scores: [B, L] logits. positives: [B, L] bool. groups: [B, L, G] bool.
+        kind: "softmax" or "pairwise".
+        group_weights: w_g (default 1 for every group); 0 leaves a group out.
+    """
+    s = tf.cast(tf.convert_to_tensor(scores), tf.float32)
+    pos = tf.cast(tf.convert_to_tensor(positives), tf.bool)
+    grp = tf.cast(tf.convert_to_tensor(groups), tf.bool)
+    if s.shape.rank != 2 or not s.shape.is_compatible_with(pos.shape) or not s.shape.is_compatible_with(grp.shape[:2]):
+        raise ValueError(f"scores {s.shape}, positives {pos.shape} and groups {grp.shape} do not match")
+    num_groups = grp.shape[-1]
+    weights = tf.constant([1.0] * num_groups if group_weights is None else list(group_weights), tf.float32)
+    if weights.shape[0] != num_groups:
+        raise ValueError(f"{weights.shape[0]} group weights for {num_groups} groups")
+    grp_f = tf.cast(grp, tf.float32)
+    count = tf.reduce_sum(grp_f, axis=1)  # [B, G]
+    nonempty = count > 0
+    if kind == "softmax":
+        masked = tf.where(grp, s[:, :, None], tf.fill(tf.shape(grp), -np.inf))
+        lse = tf.reduce_logsumexp(masked, axis=1)  # [B, G]
+        lse = tf.where(nonempty, lse, tf.zeros_like(lse))
+        per = tf.nn.softplus(lse[:, None, :] - s[:, :, None])  # [B, P, G]
+    elif kind == "pairwise":
+        pair = tf.nn.softplus(s[:, None, :] - s[:, :, None])  # [B, P, N]: log(1 + e^{s_n − s_p})
+        per = tf.math.divide_no_nan(tf.einsum("bpn,bng->bpg", pair, grp_f), count[:, None, :])
+    else:
+        raise ValueError(f"kind must be 'softmax' or 'pairwise', got {kind!r}")
+    valid = tf.cast(pos[:, :, None] & nonempty[:, None, :], tf.float32)  # [B, P, G]
+    per = tf.where(valid > 0, per, tf.zeros_like(per))
+    terms = tf.math.divide_no_nan(tf.reduce_sum(per, axis=[0, 1]), tf.reduce_sum(valid, axis=[0, 1]))
+    return tf.reduce_sum(weights * terms), terms
+
+
+def hard_group_weights() -> Tuple[float, ...]:
+    return tuple(1.0 if g in HARD_GROUPS else 0.0 for g in GROUPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+# ---------------------------------------------------------------------------------------------
+class LightPreranker(tf.keras.layers.Layer):
+    """Two towers plus a small MLP head on [u, v, u ⊙ v]; scores [B, L]."""
+
+    def __init__(self, embedding_dim: int = 16, tower_units: Sequence[int] = (64,), output_dim: int = 32,
+                 head_units: Sequence[int] = (32,), **kwargs):
+        super().__init__(**kwargs)
+        self.output_dim = output_dim
+        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, tower_units, output_dim, name="query_tower")
+        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, tower_units, output_dim, name="item_tower")
+        self.head_units = tuple(head_units) + (1,)
+        self.head = build_mlp(self.head_units, name="head")
+
+    def score_candidates(self, u: tf.Tensor, item_input: tf.Tensor, training=None) -> tf.Tensor:
+        """Per-candidate part: u [N, d] (the request's vector), item_input [N, D_item] → [N]."""
+        v = self.item_tower.mlp(item_input, training=training)
+        return tf.squeeze(self.head(tf.concat([u, v, u * v], axis=-1), training=training), -1)
+
+    def call(self, lists: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        size = tf.shape(lists["mask"])[1]
+        u = self.query_tower(LI.request_features(lists), training=training)
+        item_input = self.item_tower.embed(LI.candidate_features(lists), training=training)
+        scores = self.score_candidates(LI.repeat_per_candidate(u, size), item_input, training)
+        return tf.reshape(scores, [-1, size])
+
+    def towers(self):
+        return [self.query_tower, self.item_tower]
+
+    def flops(self) -> Dict[str, int]:
+        """{'per_candidate': item tower + u ⊙ v + head, 'per_request': query tower}."""
+        d = self.output_dim
+        return {
+            "per_candidate": self.item_tower.flops() + d + dense_flops((3 * d,) + self.head_units),
+            "per_request": self.query_tower.flops(),
+        }
+
+
+class StrongRanker(tf.keras.layers.Layer):
+    """DCNv2: embeddings of the request and item features → CrossStack → MLP; scores [B, L]."""
+
+    def __init__(self, embedding_dim: int = 16, num_cross_layers: int = 2, projection_dim: int = 16,
+                 hidden_units: Sequence[int] = (128, 64), **kwargs):
+        super().__init__(**kwargs)
+        names = LI.QUERY_FEATURES + LI.ITEM_FEATURES
+        sparse = [f for f in F.SPARSE_FEATURES if f.name in names]
+        dense = [f for f in F.DENSE_FEATURES if f.name in names]
+        self.query_names = LI.QUERY_FEATURES
+        self.embedding = FeatureEmbedding(embedding_dim, sparse, dense, name="embedding")
+        self.input_dim = embedding_dim * len(sparse) + sum(f.size for f in dense)
+        self.num_cross_layers = num_cross_layers
+        self.projection_dim = projection_dim
+        self.cross = CrossStack(num_cross_layers, projection_dim=projection_dim, ramp_steps=0, name="cross")
+        self.units = tuple(hidden_units) + (1,)
+        self.mlp = build_mlp(self.units, name="mlp")
+
+    def score_candidates(self, x0: tf.Tensor, training=None) -> tf.Tensor:
+        """Per-candidate part: x0 [N, D] → [N]."""
+        return tf.squeeze(self.mlp(self.cross(x0, training=training), training=training), -1)
+
+    def call(self, lists: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        size = tf.shape(lists["mask"])[1]
+        request = self.embedding(LI.request_features(lists), names=self.query_names, training=training)
+        item = self.embedding(LI.candidate_features(lists), names=LI.ITEM_FEATURES, training=training)
+        parts = {**{k: LI.repeat_per_candidate(v, size) for k, v in request.items()}, **item}
+        x0 = tf.concat([parts[n] for n in sorted(parts)], axis=-1)
+        return tf.reshape(self.score_candidates(x0, training), [-1, size])
+
+    def flops(self) -> Dict[str, int]:
+        """{'per_candidate': cross layers + MLP}. A low-rank cross layer on width D, rank k:
+        V (2·D·k), U (2·k·D) + bias (D), x0 ⊙ (D), + x (D) [tfrs Cross], and the ReZero wrapper's
+        − x, α ·, + x (3·D) [models.cross] = 4·D·k + 6·D."""
+        d, k = self.input_dim, self.projection_dim
+        cross = self.num_cross_layers * (4 * d * k + 6 * d)
+        return {"per_candidate": cross + dense_flops((d,) + self.units), "per_request": 0}
+
+
+def route(light_scores, strong_scores, top_m: int, mask=None) -> tf.Tensor:
+    """Final scores [B, L]: the light model's top M (of the real candidates) ordered by the strong
+    score and placed above the rest, which keep the light order. Padded slots keep their light
+    score (mask them downstream). Ties at the M-th light score are all kept."""
+    light = tf.cast(tf.convert_to_tensor(light_scores), tf.float32)
+    strong = tf.cast(tf.convert_to_tensor(strong_scores), tf.float32)
+    if top_m < 1:
+        raise ValueError(f"top_m must be >= 1, got {top_m}")
+    real = tf.ones_like(light, tf.bool) if mask is None else tf.convert_to_tensor(mask) > 0
+    ranked = tf.where(real, light, tf.fill(tf.shape(light), -np.inf))
+    m = tf.minimum(top_m, tf.shape(light)[1])
+    threshold = tf.math.top_k(ranked, k=m).values[:, -1:]
+    top = real & (ranked >= threshold)
+    high = tf.reduce_max(tf.where(real, light, tf.fill(tf.shape(light), -np.inf)), axis=1, keepdims=True)
+    low = tf.reduce_min(tf.where(top, strong, tf.fill(tf.shape(strong), np.inf)), axis=1, keepdims=True)
+    return tf.where(top, strong - low + high + 1.0, light)
+
+
+class HAPPreranker(tf.keras.Model):
+    """Light + strong model trained with the group-wise losses; `call` returns the routed scores.
+
+    Losses per batch: L_light = group_wise_loss(light, all groups), L_strong = the same on the
+    strong scores with the hard groups only; the two models share no weights, so the sum trains
+    each on its own loss.
+    """
+
+    def __init__(self, light: Optional[LightPreranker] = None, strong: Optional[StrongRanker] = None,
+                 top_m: int = 20, kind: str = "softmax", **kwargs):
+        super().__init__(**kwargs)
+        self.light = light or LightPreranker()
+        self.strong = strong or StrongRanker()
+        self.top_m = int(top_m)
+        self.kind = kind
+
+    def call(self, lists, training=None):
+        light = self.light(lists, training=training)
+        strong = self.strong(lists, training=training)
+        return route(light, strong, self.top_m, lists["mask"])
+
+    def compute_losses(self, lists, training=None) -> Dict[str, tf.Tensor]:
+        positives, groups = hap_groups(lists)
+        light_loss, light_terms = group_wise_loss(self.light(lists, training=training), positives, groups, self.kind)
+        strong_loss, _ = group_wise_loss(self.strong(lists, training=training), positives, groups, self.kind,
+                                         hard_group_weights())
+        out = {"loss": light_loss + strong_loss, "light_loss": light_loss, "strong_loss": strong_loss}
+        out.update({f"light_{g}": light_terms[i] for i, g in enumerate(GROUPS)})
+        return out
+
+    def train_step(self, lists):
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(lists, training=True)
+        grads = tape.gradient(losses["loss"], self.trainable_variables)
+        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, self.trainable_variables) if g is not None])
+        return losses
+
+    def test_step(self, lists):
+        return self.compute_losses(lists, training=False)

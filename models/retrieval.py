@@ -1,0 +1,356 @@
+"""Retrieval: a two-tower model trained with TFRS's Retrieval task, exported as query tower + index.
+
+Two towers (Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
+Recommendations", RecSys 2019, §3–§4; TFRS `tfrs.tasks.Retrieval`):
+
+    u = Q(request features),  v_j = V(item features of j),  s(u, j) = u·v_j
+    in-batch softmax with log-q correction, for the B (request, positive item) pairs of a batch
+    and M extra sampled negatives:
+        L = Σ_b −log( exp(s(u_b, j_b) − log q_{j_b}) / Σ_{j ∈ C} exp(s(u_b, j) − log q_j) )
+    C = the B positives of the batch (the in-batch negatives) ∪ the M sampled negatives,
+    q_j = the recorded sampling probability of candidate j (TFRS clips it to [1e-6, 1]).
+
+`tfrs.tasks.Retrieval` computes L (its `candidate_sampling_probability` argument is the log-q
+correction; extra candidate rows beyond the B positives are negatives for every query;
+`remove_accidental_hits` masks a sampled or in-batch negative with the positive's id). What is
+written here: the towers, the pair and negative streams, and the export.
+
+Sampling probabilities (the `sampling_probability` feature, DESIGN §4):
+* an in-batch candidate is present because it is some request's positive; its probability of
+  being in a batch of B pairs is q_j = B·f_j, f_j its frequency among the training positives
+  (`retrieval_pairs` records it; Yi et al. §4 estimate f_j by streaming, here it is counted);
+* a sampled negative records the probability with which it was drawn: q_j = M/N for M
+  uniform draws from a corpus of N items (`UniformNegatives`), or the `sampling_probability`
+  a NegativeSampler wrote on a `random_neg` candidate (`random_negatives_from_lists`).
+
+Serving (DESIGN §7, §10): the query tower and a `tfrs.layers.factorized_top_k.BruteForce` index
+over the item corpus are saved, not a `tfrs.Model` with FactorizedTopK metrics. The index is
+called once before saving. Signatures:
+    serving_default(examples: serialized request-context tf.Examples) → {item_ids [N, K], scores [N, K]}
+    query_embedding(examples) → {embedding [N, d]}
+    item_embeddings() → {item_ids [I], embeddings [I, d]}   (the index's own candidate table)
+"""
+import dataclasses
+import os
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from models import export as export_lib
+from models import list_inputs as LI
+from models.embedding import FeatureEmbedding
+from schema import features as F
+from schema import request_list as RL
+
+
+def build_mlp(units: Sequence[int], name: str, final_activation=None) -> tf.keras.Sequential:
+    layers = [tf.keras.layers.Dense(u, activation="relu", name=f"{name}_{i}") for i, u in enumerate(units[:-1])]
+    layers.append(tf.keras.layers.Dense(units[-1], activation=final_activation, name=f"{name}_{len(units) - 1}"))
+    return tf.keras.Sequential(layers, name=name)
+
+
+def dense_flops(dims: Sequence[int]) -> int:
+    """FLOPs of an MLP with layer widths dims[0] → dims[1] → …, per input row, in tf.profiler's
+    convention: a matmul is 2·in·out, a bias add out, activations (ReLU) 0."""
+    return int(sum(2 * a * b + b for a, b in zip(dims[:-1], dims[1:])))
+
+
+class Tower(tf.keras.layers.Layer):
+    """Embeddings of the tower's features (`FeatureEmbedding`), concatenated, then an MLP.
+
+        x = [e_f for f in features] (concatenated),  out = MLP(x)       (ReLU hidden layers)
+    """
+
+    def __init__(self, feature_names: Sequence[str], embedding_dim: int = 16,
+                 hidden_units: Sequence[int] = (64,), output_dim: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.feature_names = tuple(feature_names)
+        sparse = [f for f in F.SPARSE_FEATURES if f.name in self.feature_names]
+        dense = [f for f in F.DENSE_FEATURES if f.name in self.feature_names]
+        self.embedding = FeatureEmbedding(embedding_dim, sparse, dense, name="embedding")
+        self.input_dim = embedding_dim * len(sparse) + sum(f.size for f in dense)
+        self.units = tuple(hidden_units) + (output_dim,)
+        self.mlp = build_mlp(self.units, name="mlp")
+
+    def embed(self, features: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        embedded = self.embedding(features, training=training)
+        return tf.concat([embedded[n] for n in sorted(embedded)], axis=-1)
+
+    def call(self, features: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        return self.mlp(self.embed(features, training), training=training)
+
+    def flops(self) -> int:
+        """Per row, from the concatenated embeddings up (lookups and pooling not counted)."""
+        return dense_flops((self.input_dim,) + self.units)
+
+
+def adapt_towers(towers: Sequence[Tower], lists: Mapping[str, np.ndarray]) -> None:
+    """Fits the dense normalisers of the towers on the real rows of request lists."""
+    mask = np.asarray(lists["mask"]) > 0
+    values = {
+        "user_dense": np.asarray(lists["user_dense"], np.float32),
+        "item_dense": np.asarray(lists["item_dense"], np.float32).reshape(mask.shape + (RL.ITEM_DENSE_SIZE,))[mask],
+    }
+    for tower in towers:
+        for f in tower.embedding.dense_features:
+            tower.embedding.normalizers[f.name].adapt(values[f.name], batch_size=4096)
+
+
+class TwoTowerScorer(tf.keras.layers.Layer):
+    """A cascade stage scoring each candidate of a request list by u·v ([B, L] logits)."""
+
+    def __init__(self, embedding_dim: int = 16, hidden_units: Sequence[int] = (64,), output_dim: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, hidden_units, output_dim, name="query_tower")
+        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, hidden_units, output_dim, name="item_tower")
+
+    def call(self, lists: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        size = tf.shape(lists["mask"])[1]
+        u = self.query_tower(LI.request_features(lists), training=training)  # [B, d]
+        v = self.item_tower(LI.candidate_features(lists), training=training)  # [B·L, d]
+        v = tf.reshape(v, [-1, size, v.shape[-1]])
+        return tf.einsum("bd,bld->bl", u, v)
+
+    def towers(self):
+        return [self.query_tower, self.item_tower]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data: (request, positive item) pairs, and sampled negatives.
+# ---------------------------------------------------------------------------------------------
+def positive_mask(lists: Mapping[str, np.ndarray], positive: str = "gt") -> np.ndarray:
+    """[R, L] bool: GT candidates (stage rerank_pos) or clicked ones ('click'), real only."""
+    real = np.asarray(lists["mask"]) > 0
+    if positive == "gt":
+        return real & (np.asarray(lists["stage"]) == RL.TIER_INDEX[F.GROUND_TRUTH_TIER])
+    if positive == "click":
+        return real & (np.asarray(lists["click"]) > 0)
+    raise ValueError(f"positive must be 'gt' or 'click', got {positive!r}")
+
+
+def _item_columns(lists: Mapping[str, np.ndarray], rows: np.ndarray, slots: np.ndarray) -> Dict[str, np.ndarray]:
+    size = LI.list_size_of(lists)
+    tags = np.asarray(lists["item_tags"]).reshape(-1, size, RL.MAX_ITEM_TAGS)
+    dense = np.asarray(lists["item_dense"]).reshape(-1, size, RL.ITEM_DENSE_SIZE)
+    return {
+        "item_id": np.asarray(lists["item_id"])[rows, slots][:, None],
+        "item_category": np.asarray(lists["item_category"])[rows, slots][:, None],
+        "item_tags": tags[rows, slots],
+        "item_dense": dense[rows, slots].astype(np.float32),
+    }
+
+
+def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: str = "gt") -> Dict[str, object]:
+    """One (request, positive item) pair per positive candidate of the lists.
+
+    Returns {"query": request features [P, ...], "item": item features [P, ...],
+    "sampling_probability": [P]} with q_j = batch_size·f_j (f_j = frequency of item j among the
+    positives, capped at 1): the probability that j is an in-batch candidate.
+    """
+    rows, slots = np.nonzero(positive_mask(lists, positive))
+    if rows.size == 0:
+        raise ValueError("the request lists have no positive candidate")
+    item = _item_columns(lists, rows, slots)
+    ids = item["item_id"][:, 0]
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    probability = np.minimum(batch_size * counts[inverse] / ids.size, 1.0).astype(np.float32)
+    query = {name: np.asarray(lists[name])[rows] for name in LI.QUERY_FEATURES}
+    return {"query": query, "item": item, "sampling_probability": probability}
+
+
+@dataclasses.dataclass
+class ItemCorpus:
+    """Item features of every distinct item (one row per item_id, sorted by id)."""
+
+    item_id: np.ndarray  # [N, 1] int64
+    item_category: np.ndarray  # [N, 1]
+    item_tags: np.ndarray  # [N, 8], 0-padded
+    item_dense: np.ndarray  # [N, 4]
+
+    @property
+    def size(self) -> int:
+        return int(self.item_id.shape[0])
+
+    def features(self) -> Dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def item_corpus_from_lists(*list_sets: Mapping[str, np.ndarray]) -> ItemCorpus:
+    """The distinct items of request lists (the first occurrence of each item_id)."""
+    columns = []
+    for lists in list_sets:
+        rows, slots = np.nonzero(np.asarray(lists["mask"]) > 0)
+        columns.append(_item_columns(lists, rows, slots))
+    merged = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
+    _, first = np.unique(merged["item_id"][:, 0], return_index=True)
+    return ItemCorpus(**{k: v[first] for k, v in merged.items()})
+
+
+class UniformNegatives:
+    """M items drawn uniformly (with replacement) from the corpus per batch; q = M / N recorded."""
+
+    def __init__(self, corpus: ItemCorpus, num_negatives: int, seed: int = 0):
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.corpus = corpus
+        self.num_negatives = int(num_negatives)
+        self.seed = seed
+        self._table = {k: tf.constant(v) for k, v in corpus.features().items()}
+
+    def probability(self) -> float:
+        return min(1.0, self.num_negatives / self.corpus.size)
+
+    def __call__(self, batch: Dict, index: tf.Tensor) -> Dict:
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(index, tf.int64)])
+        picks = tf.random.stateless_uniform([self.num_negatives], seed, 0, self.corpus.size, dtype=tf.int64)
+        batch = dict(batch)
+        batch["negative"] = {k: tf.gather(v, picks) for k, v in self._table.items()}
+        batch["negative_sampling_probability"] = tf.fill([self.num_negatives], self.probability())
+        return batch
+
+
+def random_negatives_from_lists(lists: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The `random_neg` candidates of the lists with their recorded sampling_probability."""
+    real = np.asarray(lists["mask"]) > 0
+    rows, slots = np.nonzero(real & (np.asarray(lists["stage"]) == RL.TIER_INDEX[RL.RANDOM_NEG_TIER]))
+    out = _item_columns(lists, rows, slots)
+    out["sampling_probability"] = np.asarray(lists["sampling_probability"])[rows, slots].astype(np.float32)
+    return out
+
+
+def retrieval_dataset(pairs: Mapping, batch_size: int, negatives: Optional[UniformNegatives] = None,
+                      shuffle_seed: Optional[int] = None, num_epochs: int = 1) -> tf.data.Dataset:
+    """Batches of pairs (query tokens ragged), each with the sampled negatives of that batch."""
+    ds = tf.data.Dataset.from_tensor_slices(dict(pairs))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(pairs["sampling_probability"]), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+    if negatives is not None:
+        ds = ds.enumerate().map(lambda i, b: negatives(b, i))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+# ---------------------------------------------------------------------------------------------
+class RetrievalModel(tfrs.Model):
+    """Two towers + `tfrs.tasks.Retrieval` (in-batch softmax, sampled negatives, log-q)."""
+
+    def __init__(self, embedding_dim: int = 16, hidden_units: Sequence[int] = (64,), output_dim: int = 32,
+                 temperature: Optional[float] = None, remove_accidental_hits: bool = True):
+        super().__init__()
+        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, hidden_units, output_dim, name="query_tower")
+        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, hidden_units, output_dim, name="item_tower")
+        self.task = tfrs.tasks.Retrieval(temperature=temperature, remove_accidental_hits=remove_accidental_hits)
+
+    def call(self, features, training=None):
+        return self.query_tower(features, training=training)
+
+    def candidates(self, features: Mapping, training=None):
+        """(candidate embeddings, sampling probabilities, ids): positives, then sampled negatives."""
+        embeddings = [self.item_tower(LI.candidate_features(features["item"]), training=training)]
+        probabilities = [tf.reshape(tf.cast(features["sampling_probability"], tf.float32), [-1])]
+        ids = [tf.reshape(features["item"]["item_id"], [-1])]
+        if "negative" in features:
+            embeddings.append(self.item_tower(LI.candidate_features(features["negative"]), training=training))
+            probabilities.append(tf.reshape(tf.cast(features["negative_sampling_probability"], tf.float32), [-1]))
+            ids.append(tf.reshape(features["negative"]["item_id"], [-1]))
+        return tf.concat(embeddings, 0), tf.concat(probabilities, 0), tf.concat(ids, 0)
+
+    def compute_loss(self, features, training=False) -> tf.Tensor:
+        query = self.query_tower(LI.request_features(features["query"]), training=training)
+        candidates, probability, ids = self.candidates(features, training)
+        return self.task(query, candidates, candidate_sampling_probability=probability, candidate_ids=ids,
+                         compute_metrics=False, compute_batch_metrics=False)
+
+
+def train_retrieval(train_lists: Mapping[str, np.ndarray], epochs: int = 3, batch_size: int = 256,
+                    num_negatives: int = 256, corpus: Optional[ItemCorpus] = None, seed: int = 0,
+                    learning_rate: float = 0.05, **model_kwargs) -> RetrievalModel:
+    """Fits a RetrievalModel on the GT pairs of request lists (Adagrad, as the TFRS tutorials)."""
+    tf.keras.utils.set_random_seed(seed)
+    corpus = corpus or item_corpus_from_lists(train_lists)
+    pairs = retrieval_pairs(train_lists, batch_size)
+    model = RetrievalModel(**model_kwargs)
+    adapt_towers([model.query_tower, model.item_tower], train_lists)
+    negatives = UniformNegatives(corpus, num_negatives, seed) if num_negatives else None
+    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate))
+    model.fit(retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=seed, num_epochs=epochs), verbose=0)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------------
+def request_context_spec() -> Dict:
+    """Parse spec of the request features (what a retrieval request carries), from the schema."""
+    spec = F.serving_parse_spec()
+    return {name: spec[name] for name in LI.QUERY_FEATURES}
+
+
+class RetrievalServing(tf.Module):
+    """What is saved: the query tower and a BruteForce index over the item embeddings."""
+
+    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.BruteForce):
+        super().__init__()
+        self.query_tower = query_tower
+        self.index = index
+        self._spec = request_context_spec()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    def serve(self, examples):
+        scores, ids = self.index(tf.io.parse_example(examples, self._spec))
+        return {"scores": scores, "item_ids": ids}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    def query_embedding(self, examples):
+        return {"embedding": self.query_tower(tf.io.parse_example(examples, self._spec), training=False)}
+
+    @tf.function(input_signature=[])
+    def item_embeddings(self):
+        # BruteForce keeps its candidate table in these two variables (tfrs 0.7.3).
+        return {"item_ids": tf.identity(self.index._identifiers), "embeddings": tf.identity(self.index._candidates)}
+
+
+def item_embeddings(item_tower: Tower, corpus: ItemCorpus, batch_size: int = 4096) -> np.ndarray:
+    feats = corpus.features()
+    out = []
+    for start in range(0, corpus.size, batch_size):
+        part = {k: v[start:start + batch_size] for k, v in feats.items()}
+        out.append(item_tower(LI.candidate_features(part), training=False).numpy())
+    return np.concatenate(out)
+
+
+def export_retrieval(query_tower: Tower, item_tower: Tower, corpus: ItemCorpus, export_dir: str,
+                     warmup_examples: Sequence[bytes], k: int = 100) -> str:
+    """Saves query tower + BruteForce top-k index over the corpus (atomically, with a warmup file).
+
+    `warmup_examples`: serialized tf.Examples holding request features; the index is called on
+    them once before saving (DESIGN §10) and they become the TF Serving warmup requests.
+    """
+    if not warmup_examples:
+        raise ValueError("export_retrieval needs at least one warmup example")
+    k = min(int(k), corpus.size)
+    index = tfrs.layers.factorized_top_k.BruteForce(query_tower, k=k)
+    index.index(tf.constant(item_embeddings(item_tower, corpus)),
+                identifiers=tf.constant(corpus.item_id[:, 0].astype(np.int64)))
+    module = RetrievalServing(query_tower, index)
+    module.serve(tf.constant(list(warmup_examples)))  # builds the index's graph before saving
+    signatures = {
+        "serving_default": module.serve,
+        "query_embedding": module.query_embedding,
+        "item_embeddings": module.item_embeddings,
+    }
+    parent = os.path.dirname(export_dir.rstrip("/")) or "."
+    tf.io.gfile.makedirs(parent)
+    tmp = export_dir.rstrip("/") + ".tmp"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    export_lib.write_warmup_requests(tmp, list(warmup_examples))
+    if tf.io.gfile.exists(export_dir):
+        tf.io.gfile.rmtree(export_dir)
+    tf.io.gfile.rename(tmp, export_dir)
+    return export_dir
