@@ -155,9 +155,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             | "WriteScored" >> beam.io.WriteToTFRecord(os.path.join(evaluation_artifact.uri, SCORED_ROWS_PREFIX),
                                                        file_name_suffix=".gz", coder=beam.coders.BytesCoder())
         )
-        result = pipeline.run()
-        result.wait_until_finish()
-        counters = record_io.query_counters(result, NAMESPACE)
+        counters = record_io.run_and_count(pipeline, NAMESPACE)
         record_io.check_bad_fraction(counters, config.max_bad_fraction, "CascadeEvaluator")
 
         rows = read_scored_rows(evaluation_artifact.uri, list(model_paths))

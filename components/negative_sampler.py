@@ -211,13 +211,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         record_io.write_dead_letters(lists[record_io.DEAD_LETTER_TAG], dead.uri, "requests")
         for split in output_splits:
             record_io.write_split(lists[split], artifact_utils.get_split_uri([output], split), split)
-        result = pipeline.run()
-        result.wait_until_finish()
-
-        counters = record_io.query_counters(result, NAMESPACE)
-        record_io.write_metrics(output.uri, counters)
-        for name, value in counters.items():
-            output.set_int_custom_property(name, value)
+        counters = record_io.run_and_count(pipeline, NAMESPACE)
+        record_io.record_counters(output, counters)
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
         output.set_int_custom_property("list_size", config.list_size)
         record_io.check_bad_fraction(counters, config.max_bad_fraction, "NegativeSampler")

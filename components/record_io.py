@@ -111,6 +111,20 @@ def query_counters(result: beam.runners.runner.PipelineResult, namespace: str) -
     return counters
 
 
+def run_and_count(pipeline: beam.Pipeline, namespace: str) -> Dict[str, int]:
+    """Runs the pipeline to completion and returns its counters of `namespace`."""
+    result = pipeline.run()
+    result.wait_until_finish()
+    return query_counters(result, namespace)
+
+
+def record_counters(artifact: types.Artifact, counters: Dict[str, int]) -> None:
+    """Saves the counters as `metrics.json` in the artifact and as its int custom properties."""
+    write_metrics(artifact.uri, counters)
+    for name, value in counters.items():
+        artifact.set_int_custom_property(name, value)
+
+
 def check_bad_fraction(counters: Dict[str, int], max_bad_fraction: float, what: str) -> None:
     bad = counters.get("records_bad", 0)
     total = bad + counters.get("records_parsed", 0)

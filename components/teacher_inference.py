@@ -109,13 +109,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 | f"Count[{split}]" >> beam.ParDo(_CountWritten())
             )
             record_io.write_split(written, artifact_utils.get_split_uri([output], split), split)
-        result = pipeline.run()
-        result.wait_until_finish()
-
-        counters = record_io.query_counters(result, NAMESPACE)
-        record_io.write_metrics(output.uri, counters)
-        for name, value in counters.items():
-            output.set_int_custom_property(name, value)
+        counters = record_io.run_and_count(pipeline, NAMESPACE)
+        record_io.record_counters(output, counters)
         record_io.check_bad_fraction(counters, float(exec_properties["max_bad_fraction"]), "TeacherInference")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from datasources.example_io import make_example
+from models import inputs
 from schema import features as F
 from schema import request_list as RL
 
@@ -34,16 +35,7 @@ MAX_QUERY_TOKENS = 8
 
 
 def _files(file_patterns) -> Sequence[str]:
-    if isinstance(file_patterns, str):
-        file_patterns = [file_patterns]
-    files = []
-    for pattern in file_patterns:
-        if tf.io.gfile.isdir(pattern):
-            pattern = pattern.rstrip("/") + "/*"
-        files.extend(sorted(tf.io.gfile.glob(pattern)))
-    if not files:
-        raise FileNotFoundError(f"no data files match {list(file_patterns)}")
-    return files
+    return inputs.list_files([file_patterns] if isinstance(file_patterns, str) else file_patterns)
 
 
 def _dense(values, width: int) -> np.ndarray:
