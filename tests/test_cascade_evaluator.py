@@ -104,3 +104,13 @@ def test_blessing_flips_with_the_threshold(setup, tmp_path):
         assert blessing.get_int_custom_property("blessed") == blessed
         assert blessing.get_int_custom_property("current_model_id") == 11
         assert os.path.exists(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"))
+
+
+def test_tfma_eval_config_slices_by_ui_treatment_and_tier():
+    config = cascade_evaluator.tfma_eval_config(auc_threshold=0.7)
+    slices = [list(s.feature_keys) for s in config.slicing_specs]
+    assert slices == [[], ["ui_position"], ["ui_format"], ["stage"]]
+    assert config.model_specs[0].label_key == "click" and config.model_specs[0].prediction_key == "ctr"
+    metrics = {m.class_name: m for m in config.metrics_specs[0].metrics}
+    assert {"AUC", "Calibration", "ExampleCount", "BinaryCrossentropy"} <= set(metrics)
+    assert metrics["AUC"].threshold.value_threshold.lower_bound.value == 0.7
