@@ -5,6 +5,7 @@ Every module trains with TensorBoard logs in the ModelRun (`<model_run>/logs`) a
 kill through `tf.keras.callbacks.BackupAndRestore` (`<model_run>/backup`, removed when training
 finishes).
 """
+import dataclasses
 import json
 import os
 from typing import Dict, List, Sequence
@@ -22,6 +23,18 @@ def config_json(fn_args, key: str) -> Dict:
     """The JSON object under `key` in the Trainer's custom_config ({} when absent)."""
     custom = fn_args.custom_config or {}
     return json.loads(custom[key]) if key in custom else {}
+
+
+def config_from(fn_args, key: str, cls):
+    """The dataclass `cls` with the defaults overridden by the JSON under custom_config[key];
+    an unknown key is an error (a typo should not silently train the default)."""
+    given = config_json(fn_args, key)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"unknown {key!r} config keys {unknown}; known: {sorted(names)}")
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return cls(**given)
 
 
 def callbacks(model_run_dir: str) -> List[tf.keras.callbacks.Callback]:

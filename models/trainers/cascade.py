@@ -1,0 +1,95 @@
+"""Trainer module of the joint cascade (`models.cascade_model`): retrieval → pre-ranking → ranking
+stages trained together with LCRON (or the "bce" / "icc" baselines).
+
+Input: the NegativeSampler's request-list Examples, trained on as tf.data
+(`models.list_inputs.request_list_dataset`); the train lists are also read once into numpy to
+fit the dense normalisers, and the eval lists for the metrics.
+
+custom_config: {"cascade": JSON object}, keys and defaults in `CascadeTrainerConfig`:
+    method "lcron" ("bce", "icc"), list_size 60, epochs 3, batch_size 64 (request lists),
+    learning_rate 2e-3 (Adam), quota 10 (LCRON's training quota, an int or one per stage),
+    tau 50.0, with_retrieval true (stages retrieval, prerank, rank; false: prerank, rank),
+    embedding_dim 16, label "gt" ("click"), eval_quotas [40, 30, 20] (the cascade quotas of the
+    e2e recall, DESIGN §8; the last len(stages) are used), seed 0.
+
+Training: Keras `fit` of `CascadeModel` (its train_step) with TensorBoard + BackupAndRestore.
+(No per-epoch best-weights selection as `train_cascade(valid_lists=…)` does: the eval split is
+for reporting.)
+eval_metrics.json (`evaluate_cascade` on the eval lists): e2e_recall, recall_<stage>@<q> per
+stage, ndcg@10_<last stage>, plus method and the quotas.
+Export (SavedModel + warmup file): serving_default on serialized candidate-row tf.Examples
+(input `examples`) → {score/<stage> [N] for every stage, score [N] = the last stage's}. The
+cascade's cut (each stage keeps its top q_i of a request) is done by the caller.
+"""
+import dataclasses
+import json
+from typing import Tuple, Union
+
+import tensorflow as tf
+from absl import logging
+
+from models import export as export_lib
+from models import lcron
+from models import list_inputs as LI
+from models.cascade_model import CascadeModel, default_stages, evaluate_cascade
+from models.trainers import common
+from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_atomically
+from schema import request_list as RL
+
+CONFIG_KEY = "cascade"
+
+
+@dataclasses.dataclass
+class CascadeTrainerConfig:
+    method: str = "lcron"
+    list_size: int = RL.LIST_SIZE
+    epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    quota: Union[int, Tuple[int, ...]] = lcron.DEFAULT_QUOTA
+    tau: float = lcron.DEFAULT_TAU
+    with_retrieval: bool = True
+    embedding_dim: int = 16
+    label: str = "gt"
+    eval_quotas: Tuple[int, ...] = (40, 30, 20)
+    seed: int = 0
+
+
+class CascadeServing(tf.Module):
+    def __init__(self, model: CascadeModel):
+        super().__init__()
+        self.stage_names = model.stage_names
+        self.stages = list(model.stage_models)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    def serve(self, examples):
+        lists = candidate_lists(examples)
+        out = {}
+        for name, stage in zip(self.stage_names, self.stages):
+            out[f"score/{name}"] = tf.reshape(stage(lists, training=False), [-1])
+        out["score"] = out[f"score/{self.stage_names[-1]}"]
+        return out
+
+
+def run_fn(fn_args) -> None:
+    """Called by the TFX Trainer (GenericExecutor)."""
+    config = common.config_from(fn_args, CONFIG_KEY, CascadeTrainerConfig)
+    logging.info("Training the cascade with %s", config)
+    tf.keras.utils.set_random_seed(config.seed)
+    stages = default_stages(config.with_retrieval, config.embedding_dim)
+    if len(config.eval_quotas) < len(stages):
+        raise ValueError(f"eval_quotas {config.eval_quotas} give fewer quotas than the {len(stages)} stages")
+    quotas = tuple(config.eval_quotas)[-len(stages):]
+    model = CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label)
+    model.adapt(load_lists(fn_args.train_files, config.list_size))
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    evals = load_lists(fn_args.eval_files, config.list_size)
+    result = evaluate_cascade(model.predict_stage_scores(evals), evals, quotas, model.stage_names, config.label)
+    result.update(method=config.method, requests=int(evals["mask"].shape[0]),
+                  quotas={n: int(q) for n, q in zip(model.stage_names, quotas)})
+    logging.info("Eval metrics: %s", json.dumps(result))
+    common.write_eval_metrics(fn_args.model_run_dir, result)
+    module = CascadeServing(model)
+    save_atomically(module, fn_args.serving_model_dir, {"serving_default": module.serve}, candidate_examples(evals))

@@ -1,0 +1,125 @@
+"""Trainer module of the pre-ranking stage: HAP (`models.preranking`, light + strong model).
+
+Input: the NegativeSampler's request-list Examples. Training reads them as tf.data
+(`models.list_inputs.request_list_dataset`, whole lists per batch, so every group-wise loss term
+has its request's positive); the train lists are also read once into numpy to fit the dense
+normalisers, and the eval lists for the metrics.
+
+custom_config: {"preranking": JSON object}, keys and defaults in `PrerankingTrainerConfig`:
+    list_size 60, epochs 3, batch_size 32 (request lists per batch), learning_rate 2e-3 (Adam),
+    kind "softmax" ("pairwise"), top_m 30 (the light top M that the strong model rescores),
+    embedding_dim 16, light_tower_units [64], light_output_dim 32, light_head_units [32],
+    strong_cross_layers 2, strong_projection_dim 16, strong_hidden_units [128, 64],
+    eval_quota 20 (the q of the recall figures; e2e_recall is informative only for q < top_m),
+    seed 0.
+
+Training: Keras `fit` of `HAPPreranker` (its train_step) with TensorBoard + BackupAndRestore.
+eval_metrics.json, on the eval lists with GT = the `rerank_pos` tier:
+    recall_light@|GT|, recall_light@<q>, recall_strong@<q>, recall_routed@<q>  (Recall@|GT|@m)
+    e2e_recall   light keeps its top M, the strong model keeps q of them (quotas (top_m, q))
+Export (SavedModel + warmup file), all on serialized candidate-row tf.Examples (input `examples`):
+    serving_default  → {score [N]}: the light model's score of each candidate
+    rescore          → {score [N]}: the strong model's score. Routing is per request: the caller
+                       sends the light top M of a request to `rescore` and orders those M by it
+                       above the rest (`models.preranking.route`); the SavedModel does not route.
+"""
+import dataclasses
+import json
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from models import export as export_lib
+from models import list_inputs as LI
+from models.cascade_model import cascade_labels
+from models.metrics import e2e_recall, stage_recall
+from models.preranking import HAPPreranker, LightPreranker, StrongRanker, route
+from models.retrieval import adapt_towers
+from models.trainers import common
+from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_atomically
+from schema import request_list as RL
+
+CONFIG_KEY = "preranking"
+
+
+@dataclasses.dataclass
+class PrerankingTrainerConfig:
+    list_size: int = RL.LIST_SIZE
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    kind: str = "softmax"
+    top_m: int = 30
+    embedding_dim: int = 16
+    light_tower_units: Tuple[int, ...] = (64,)
+    light_output_dim: int = 32
+    light_head_units: Tuple[int, ...] = (32,)
+    strong_cross_layers: int = 2
+    strong_projection_dim: int = 16
+    strong_hidden_units: Tuple[int, ...] = (128, 64)
+    eval_quota: int = 20
+    seed: int = 0
+
+
+def build_model(config: PrerankingTrainerConfig) -> HAPPreranker:
+    light = LightPreranker(config.embedding_dim, config.light_tower_units, config.light_output_dim,
+                           config.light_head_units, name="light")
+    strong = StrongRanker(config.embedding_dim, config.strong_cross_layers, config.strong_projection_dim,
+                          config.strong_hidden_units, name="strong")
+    return HAPPreranker(light, strong, top_m=config.top_m, kind=config.kind)
+
+
+class PrerankingServing(tf.Module):
+    def __init__(self, light: LightPreranker, strong: StrongRanker):
+        super().__init__()
+        self.light = light
+        self.strong = strong
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    def serve(self, examples):
+        return {"score": tf.reshape(self.light(candidate_lists(examples), training=False), [-1])}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    def rescore(self, examples):
+        return {"score": tf.reshape(self.strong(candidate_lists(examples), training=False), [-1])}
+
+
+def scores_on(layer, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
+    out = [layer(batch, training=False).numpy() for batch in LI.dataset_from_lists(lists, batch_size)]
+    return np.concatenate(out)
+
+
+def evaluate(model: HAPPreranker, lists: Mapping[str, np.ndarray], quota: int) -> Dict[str, float]:
+    light, strong = scores_on(model.light, lists), scores_on(model.strong, lists)
+    mask = np.asarray(lists["mask"])
+    routed = route(light, strong, model.top_m, mask).numpy()
+    gt = cascade_labels(lists).numpy()
+    return {
+        "requests": int(mask.shape[0]),
+        "recall_light@|GT|": stage_recall(light, gt, m=None, mask=mask),
+        f"recall_light@{quota}": stage_recall(light, gt, m=quota, mask=mask),
+        f"recall_strong@{quota}": stage_recall(strong, gt, m=quota, mask=mask),
+        f"recall_routed@{quota}": stage_recall(routed, gt, m=quota, mask=mask),
+        "e2e_recall": e2e_recall([light, strong], gt, (model.top_m, quota), mask),
+    }
+
+
+def run_fn(fn_args) -> None:
+    """Called by the TFX Trainer (GenericExecutor)."""
+    config = common.config_from(fn_args, CONFIG_KEY, PrerankingTrainerConfig)
+    logging.info("Training HAP with %s", config)
+    tf.keras.utils.set_random_seed(config.seed)
+    model = build_model(config)
+    adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, config.list_size))
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    evals = load_lists(fn_args.eval_files, config.list_size)
+    result = evaluate(model, evals, config.eval_quota)
+    logging.info("Eval metrics: %s", json.dumps(result))
+    common.write_eval_metrics(fn_args.model_run_dir, result)
+    module = PrerankingServing(model.light, model.strong)
+    save_atomically(module, fn_args.serving_model_dir,
+                    {"serving_default": module.serve, "rescore": module.rescore}, candidate_examples(evals))

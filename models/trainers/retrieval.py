@@ -1,0 +1,149 @@
+"""Trainer module of the retrieval stage: the two-tower model (`models.retrieval`).
+
+Input: the NegativeSampler's request-list Examples (`fn_args.train_files` / `eval_files`, gzipped
+TFRecords in the `schema.request_list` layout). The (request, GT item) pairs and the item corpus
+need the lists in memory, so the train and eval splits are read with
+`models.list_inputs.request_list_dataset` into numpy (`load_lists`); this fits the synthetic and
+MovieLens sizes, not a production log.
+
+custom_config: {"retrieval": JSON object}, keys and defaults in `RetrievalTrainerConfig`:
+    list_size 60 (the NegativeSampler's list size), epochs 3, batch_size 256 (capped at the number
+    of training pairs), num_negatives 256 (uniform corpus negatives per batch, 0 = in-batch only),
+    learning_rate 0.05 (Adagrad), embedding_dim 16, hidden_units [64], output_dim 32,
+    top_k 100 (index size of serving_default, capped at the corpus), eval_quota 40 (the stage's
+    quota q in the per-list recall), seed 0.
+
+Training: `RetrievalModel.fit` (Keras) with TensorBoard + BackupAndRestore (`common.callbacks`).
+eval_metrics.json: on the eval lists, with GT = the `rerank_pos` tier,
+    recall_retrieval@|GT|   Recall@|GT|@|GT| of u·v within each list
+    recall_retrieval@<q>    Recall@|GT|@q within each list (the stage's cascade quota)
+    index_recall@<K>        share of the eval GT (request, item) pairs whose item is in the
+                            exported index's top K for that request (corpus-wide retrieval)
+Export (`export_retrieval`'s layout, plus one signature), with the warmup file:
+    serving_default(examples)  request (or candidate-row) tf.Examples → {item_ids [N, K], scores [N, K]}
+    query_embedding(examples)  → {embedding [N, d]}
+    item_embeddings()          → {item_ids [I], embeddings [I, d]}
+    score(examples)            serialized candidate-row tf.Examples → {score [N]} = u·v, the
+                               retrieval stage's score of one candidate (as `TwoTowerScorer`)
+The item corpus of the index is every item seen in the train and eval lists.
+
+The helpers `load_lists`, `candidate_examples` and `candidate_lists` are shared by the
+pre-ranking and cascade Trainer modules.
+"""
+import dataclasses
+import json
+from typing import Dict, Mapping, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+from absl import logging
+
+from models import export as export_lib
+from models import list_inputs as LI
+from models import retrieval as R
+from models.cascade_model import cascade_labels
+from models.metrics import stage_recall
+from models.trainers import common
+from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_atomically
+from schema import request_list as RL
+
+CONFIG_KEY = "retrieval"
+
+
+@dataclasses.dataclass
+class RetrievalTrainerConfig:
+    list_size: int = RL.LIST_SIZE
+    epochs: int = 3
+    batch_size: int = 256
+    num_negatives: int = 256
+    learning_rate: float = 0.05
+    embedding_dim: int = 16
+    hidden_units: Tuple[int, ...] = (64,)
+    output_dim: int = 32
+    top_k: int = 100
+    eval_quota: int = 40
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------------
+class ScoringRetrievalServing(R.RetrievalServing):
+    """`RetrievalServing` plus `score`: u·v of serialized candidate-row tf.Examples."""
+
+    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index):
+        super().__init__(query_tower, index)
+        self.item_tower = item_tower
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    def score(self, examples):
+        lists = candidate_lists(examples)
+        u = self.query_tower(LI.request_features(lists), training=False)
+        v = self.item_tower(LI.candidate_features(lists), training=False)
+        return {"score": tf.reduce_sum(u * v, axis=-1)}
+
+
+def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmup: Sequence[bytes], k: int) -> str:
+    """`models.retrieval.export_retrieval` with the extra `score` signature (same layout)."""
+    k = min(int(k), corpus.size)
+    index = tfrs.layers.factorized_top_k.BruteForce(model.query_tower, k=k)
+    index.index(tf.constant(R.item_embeddings(model.item_tower, corpus)),
+                identifiers=tf.constant(corpus.item_id[:, 0].astype(np.int64)))
+    module = ScoringRetrievalServing(model.query_tower, model.item_tower, index)
+    module.serve(tf.constant(list(warmup)))  # builds the index's graph before saving
+    signatures = {"serving_default": module.serve, "query_embedding": module.query_embedding,
+                  "item_embeddings": module.item_embeddings, "score": module.score}
+    return save_atomically(module, export_dir, signatures, warmup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and run_fn.
+# ---------------------------------------------------------------------------------------------
+def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, np.ndarray], k: int,
+             quota: int) -> Dict[str, float]:
+    scorer_u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in LI.QUERY_FEATURES}),
+                                 training=False).numpy()  # [R, d]
+    size = LI.list_size_of(lists)
+    v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in LI.ITEM_FEATURES}),
+                         training=False).numpy().reshape(len(scorer_u), size, -1)
+    scores = np.einsum("bd,bld->bl", scorer_u, v)
+    gt = cascade_labels(lists).numpy()
+    mask = np.asarray(lists["mask"])
+    k = min(int(k), corpus.size)
+    corpus_scores = scorer_u @ R.item_embeddings(model.item_tower, corpus).T  # [R, I]
+    top = corpus.item_id[:, 0][np.argsort(-corpus_scores, axis=1)[:, :k]]
+    rows, slots = np.nonzero(gt > 0)
+    hits = [lists["item_id"][r, j] in top[r] for r, j in zip(rows, slots)]
+    return {
+        "requests": int(mask.shape[0]),
+        "corpus_size": corpus.size,
+        "recall_retrieval@|GT|": stage_recall(scores, gt, m=None, mask=mask),
+        f"recall_retrieval@{quota}": stage_recall(scores, gt, m=quota, mask=mask),
+        f"index_recall@{k}": float(np.mean(hits)) if hits else 0.0,
+    }
+
+
+def run_fn(fn_args) -> None:
+    """Called by the TFX Trainer (GenericExecutor)."""
+    config = common.config_from(fn_args, CONFIG_KEY, RetrievalTrainerConfig)
+    logging.info("Training the retrieval model with %s", config)
+    tf.keras.utils.set_random_seed(config.seed)
+    train = load_lists(fn_args.train_files, config.list_size)
+    evals = load_lists(fn_args.eval_files, config.list_size)
+    corpus = R.item_corpus_from_lists(train, evals)
+    train_corpus = R.item_corpus_from_lists(train)
+    pairs = R.retrieval_pairs(train, config.batch_size)
+    batch_size = min(config.batch_size, len(pairs["sampling_probability"]))
+    if batch_size != config.batch_size:
+        pairs = R.retrieval_pairs(train, batch_size)
+    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim)
+    R.adapt_towers([model.query_tower, model.item_tower], train)
+    negatives = R.UniformNegatives(train_corpus, config.num_negatives, config.seed) if config.num_negatives else None
+    model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
+    data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
+    model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
+    logging.info("Eval metrics: %s", json.dumps(result))
+    common.write_eval_metrics(fn_args.model_run_dir, result)
+    export(model, corpus, fn_args.serving_model_dir, candidate_examples(evals), config.top_k)

@@ -1,0 +1,123 @@
+"""Stage Trainer modules (retrieval, HAP pre-ranking, joint cascade) on tiny request-list data:
+run_fn with FnArgs, eval_metrics.json, the exported signatures and the warmup file."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+from tfx.components.trainer.fn_args_utils import FnArgs
+
+from datasources import synthetic
+from models import export as export_lib
+from models import list_inputs as LI
+from models.trainers import cascade, common, preranking, retrieval
+
+pytestmark = pytest.mark.slow
+LIST_SIZE = 60  # the NegativeSampler's default list size
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Request-list Examples in the NegativeSampler's layout (Split-train/, Split-eval/ gz files)."""
+    root = tmp_path_factory.mktemp("stage_trainer_data")
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=40, seed=3), str(root / "examples"))
+    for split in ("train", "eval"):
+        lists = LI.request_lists_from_candidates(str(root / "examples" / f"Split-{split}"), LIST_SIZE, shuffle_seed=0)
+        LI.write_request_lists(lists, str(root / "lists" / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"))
+    return root / "lists"
+
+
+@pytest.fixture(scope="module")
+def eval_examples(data):
+    lists = retrieval.load_lists([str(data / "Split-eval" / "*")], LIST_SIZE)
+    return retrieval.candidate_examples(lists, count=12)
+
+
+def _fn_args(data, out, custom_config):
+    return FnArgs(train_files=[str(data / "Split-train" / "*")], eval_files=[str(data / "Split-eval" / "*")],
+                  serving_model_dir=str(out / "serving"), model_run_dir=str(out / "run"),
+                  custom_config=custom_config)
+
+
+def _check_run(out):
+    """eval_metrics.json recall figures in [0, 1], TensorBoard logs, a parseable warmup file."""
+    metrics = json.load(open(out / "run" / common.EVAL_METRICS_FILE))
+    recalls = {k: v for k, v in metrics.items() if "recall" in k}
+    assert recalls and all(0.0 <= v <= 1.0 for v in recalls.values()), metrics
+    assert tf.io.gfile.glob(str(out / "run" / "logs" / "train" / "events.*"))
+    backup = out / "run" / "backup"  # BackupAndRestore removes its checkpoint after success
+    assert not os.path.exists(backup) or not os.listdir(backup)
+    records = list(tf.data.TFRecordDataset(str(out / "serving" / export_lib.WARMUP_FILE)).as_numpy_iterator())
+    assert records
+    for raw in records:
+        log = prediction_log_pb2.PredictionLog.FromString(raw)
+        assert log.predict_log.request.model_spec.signature_name == "serving_default"
+        assert log.predict_log.request.inputs[export_lib.SERVING_INPUT_KEY].string_val
+    return metrics
+
+
+def _finite(x, n):
+    x = x.numpy()
+    assert x.shape == (n,) and np.all(np.isfinite(x))
+    return x
+
+
+def test_retrieval_module(data, eval_examples, tmp_path):
+    config = {"epochs": 1, "batch_size": 16, "num_negatives": 16, "top_k": 10, "list_size": LIST_SIZE}
+    retrieval.run_fn(_fn_args(data, tmp_path, {"retrieval": json.dumps(config)}))
+    metrics = _check_run(tmp_path)
+    assert {"recall_retrieval@|GT|", "recall_retrieval@40", "index_recall@10"} <= set(metrics)
+    loaded = tf.saved_model.load(str(tmp_path / "serving"))
+    assert set(loaded.signatures) == {"serving_default", "query_embedding", "item_embeddings", "score"}
+    examples = tf.constant(eval_examples)
+    top = loaded.signatures["serving_default"](examples=examples)
+    assert top["item_ids"].shape == (len(eval_examples), 10) and np.all(np.isfinite(top["scores"].numpy()))
+    # The exported top-K is the brute-force top-K over the exported item embeddings.
+    table = loaded.signatures["item_embeddings"]()
+    ids, items = table["item_ids"].numpy(), table["embeddings"].numpy()
+    u = loaded.signatures["query_embedding"](examples=examples)["embedding"].numpy()
+    brute = u[0] @ items.T
+    order = np.argsort(-brute)[:10]
+    np.testing.assert_allclose(top["scores"].numpy()[0], brute[order], rtol=1e-4, atol=1e-4)
+    assert set(top["item_ids"].numpy()[0].tolist()) == set(ids[order].tolist())
+    # `score` is u·v of each candidate.
+    score = _finite(loaded.signatures["score"](examples=examples)["score"], len(eval_examples))
+    row = {int(i): k for k, i in enumerate(ids)}
+    for n, raw in enumerate(eval_examples):
+        item = tf.train.Example.FromString(raw).features.feature["item_id"].int64_list.value[0]
+        np.testing.assert_allclose(score[n], u[n] @ items[row[item]], rtol=1e-4, atol=1e-4)
+
+
+def test_preranking_module(data, eval_examples, tmp_path):
+    config = {"epochs": 1, "batch_size": 8, "top_m": 25, "list_size": LIST_SIZE}
+    preranking.run_fn(_fn_args(data, tmp_path, {"preranking": json.dumps(config)}))
+    metrics = _check_run(tmp_path)
+    assert {"e2e_recall", "recall_light@20", "recall_routed@20"} <= set(metrics)
+    loaded = tf.saved_model.load(str(tmp_path / "serving"))
+    assert set(loaded.signatures) == {"serving_default", "rescore"}
+    examples = tf.constant(eval_examples)
+    light = _finite(loaded.signatures["serving_default"](examples=examples)["score"], len(eval_examples))
+    strong = _finite(loaded.signatures["rescore"](examples=examples)["score"], len(eval_examples))
+    assert not np.allclose(light, strong)
+
+
+@pytest.mark.parametrize("method", ["lcron", "bce", "icc"])
+def test_cascade_module(data, eval_examples, tmp_path, method):
+    config = {"method": method, "epochs": 1, "batch_size": 8, "list_size": LIST_SIZE}
+    cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps(config)}))
+    metrics = _check_run(tmp_path)
+    assert metrics["method"] == method
+    assert {"e2e_recall", "recall_retrieval@40", "recall_prerank@30", "recall_rank@20"} <= set(metrics)
+    serve = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"]
+    out = serve(examples=tf.constant(eval_examples))
+    assert set(out) == {"score", "score/retrieval", "score/prerank", "score/rank"}
+    for value in out.values():
+        _finite(value, len(eval_examples))
+    np.testing.assert_array_equal(out["score"].numpy(), out["score/rank"].numpy())
+
+
+def test_unknown_config_key_is_an_error(data, tmp_path):
+    with pytest.raises(ValueError, match="unknown 'cascade' config keys"):
+        cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps({"epoch": 1})}))
