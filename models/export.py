@@ -9,9 +9,7 @@ TF Serving warms a model up from `assets.extra/tf_serving_warmup_requests`, a TF
 `PredictionLog`s; `write_warmup_requests` writes one from real examples.
 """
 import os
-import shutil
-import tempfile
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
@@ -48,21 +46,29 @@ def write_warmup_requests(export_dir: str, serialized_examples: Sequence[bytes],
     return path
 
 
+def save_atomically(module, export_dir: str, signatures: Dict, write_assets: Callable[[str], object],
+                    options: Optional[tf.saved_model.SaveOptions] = None) -> str:
+    """Saves a SavedModel into `<export_dir>.tmp`, lets `write_assets(tmp)` add its files (the
+    warmup requests), then renames it over `export_dir`: a failed export leaves nothing half-written."""
+    tf.io.gfile.makedirs(os.path.dirname(export_dir.rstrip("/")) or ".")
+    tmp = export_dir.rstrip("/") + ".tmp"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.saved_model.save(module, tmp, signatures=signatures, options=options)
+    write_assets(tmp)
+    if tf.io.gfile.exists(export_dir):
+        tf.io.gfile.rmtree(export_dir)
+    tf.io.gfile.rename(tmp, export_dir)
+    return export_dir
+
+
 def export_saved_model(
     model: tf.keras.Model,
     export_dir: str,
     warmup_examples: Sequence[bytes],
     extra_signatures: Optional[Dict] = None,
 ) -> str:
-    """Saves `model` with its signatures and warmup file, via a temporary directory + rename."""
+    """Saves `model` with `serving_default` (and any extra signatures) and its warmup file."""
     signatures = {"serving_default": serving_function(model)}
     signatures.update(extra_signatures or {})
-    parent = os.path.dirname(export_dir.rstrip("/")) or "."
-    tf.io.gfile.makedirs(parent)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if "://" not in export_dir else export_dir + ".tmp"
-    tf.saved_model.save(model, tmp, signatures=signatures)
-    write_warmup_requests(tmp, warmup_examples)
-    if tf.io.gfile.exists(export_dir):
-        tf.io.gfile.rmtree(export_dir)
-    tf.io.gfile.rename(tmp, export_dir)
-    return export_dir
+    return save_atomically(model, export_dir, signatures, lambda tmp: write_warmup_requests(tmp, warmup_examples))

@@ -17,7 +17,6 @@ tf_serving_warmup_requests` holds one PredictionLog per signature, built from re
 The export goes to a temporary directory that is renamed into place (as `models.export` does).
 """
 import os
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
@@ -136,12 +135,6 @@ def export_ranker(model: FactoryFloorRanker, export_dir: str, warmup_examples: S
                   model_name: str = "model", options: Optional[tf.saved_model.SaveOptions] = None) -> str:
     """Saves the ranker with its signatures and warmup file (temporary directory, then rename)."""
     signatures = ranker_signatures(model)
-    parent = os.path.dirname(export_dir.rstrip("/")) or "."
-    tf.io.gfile.makedirs(parent)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if "://" not in export_dir else export_dir + ".tmp"
-    tf.saved_model.save(model, tmp, signatures=signatures, options=options)
-    write_warmup_requests(tmp, warmup_examples, list(signatures), model_name)
-    if tf.io.gfile.exists(export_dir):
-        tf.io.gfile.rmtree(export_dir)
-    tf.io.gfile.rename(tmp, export_dir)
-    return export_dir
+    return export.save_atomically(model, export_dir, signatures,
+                                  lambda tmp: write_warmup_requests(tmp, warmup_examples, list(signatures), model_name),
+                                  options)

@@ -31,7 +31,6 @@ called once before saving. Signatures:
     item_embeddings() → {item_ids [I], embeddings [I, d]}   (the index's own candidate table)
 """
 import dataclasses
-import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -343,14 +342,5 @@ def export_retrieval(query_tower: Tower, item_tower: Tower, corpus: ItemCorpus, 
         "query_embedding": module.query_embedding,
         "item_embeddings": module.item_embeddings,
     }
-    parent = os.path.dirname(export_dir.rstrip("/")) or "."
-    tf.io.gfile.makedirs(parent)
-    tmp = export_dir.rstrip("/") + ".tmp"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    tf.saved_model.save(module, tmp, signatures=signatures)
-    export_lib.write_warmup_requests(tmp, list(warmup_examples))
-    if tf.io.gfile.exists(export_dir):
-        tf.io.gfile.rmtree(export_dir)
-    tf.io.gfile.rename(tmp, export_dir)
-    return export_dir
+    return export_lib.save_atomically(module, export_dir, signatures,
+                                      lambda tmp: export_lib.write_warmup_requests(tmp, list(warmup_examples)))

@@ -33,7 +33,7 @@ from models import lcron
 from models import list_inputs as LI
 from models.cascade_model import CascadeModel, default_stages, evaluate_cascade
 from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_atomically
+from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
 from schema import request_list as RL
 
 CONFIG_KEY = "cascade"
@@ -92,4 +92,4 @@ def run_fn(fn_args) -> None:
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     module = CascadeServing(model)
-    save_atomically(module, fn_args.serving_model_dir, {"serving_default": module.serve}, candidate_examples(evals))
+    save_with_warmup(module, fn_args.serving_model_dir, {"serving_default": module.serve}, candidate_examples(evals))

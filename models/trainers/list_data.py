@@ -2,7 +2,6 @@
 pre-ranking, joint cascade): request-list TFRecords into numpy, serialized candidate rows for
 warmup files, candidate rows as one-candidate lists for the stage layers, and an atomic save.
 """
-import os
 from typing import Dict, Mapping, Sequence
 
 import numpy as np
@@ -76,15 +75,7 @@ def candidate_lists(examples: tf.Tensor) -> Dict[str, tf.Tensor]:
     return lists
 
 
-def save_atomically(module, export_dir: str, signatures: Dict, warmup: Sequence[bytes]) -> str:
-    """tf.saved_model.save + warmup file into `<export_dir>.tmp`, then renamed over export_dir."""
-    tf.io.gfile.makedirs(os.path.dirname(export_dir.rstrip("/")) or ".")
-    tmp = export_dir.rstrip("/") + ".tmp"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    tf.saved_model.save(module, tmp, signatures=signatures)
-    export_lib.write_warmup_requests(tmp, list(warmup))
-    if tf.io.gfile.exists(export_dir):
-        tf.io.gfile.rmtree(export_dir)
-    tf.io.gfile.rename(tmp, export_dir)
-    return export_dir
+def save_with_warmup(module, export_dir: str, signatures: Dict, warmup: Sequence[bytes]) -> str:
+    """`models.export.save_atomically` with `serving_default` warmup requests from `warmup`."""
+    return export_lib.save_atomically(module, export_dir, signatures,
+                                      lambda tmp: export_lib.write_warmup_requests(tmp, list(warmup)))

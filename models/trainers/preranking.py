@@ -38,7 +38,7 @@ from models.metrics import e2e_recall, stage_recall
 from models.preranking import HAPPreranker, LightPreranker, StrongRanker, route
 from models.retrieval import adapt_towers
 from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_atomically
+from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
 from schema import request_list as RL
 
 CONFIG_KEY = "preranking"
@@ -121,5 +121,5 @@ def run_fn(fn_args) -> None:
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     module = PrerankingServing(model.light, model.strong)
-    save_atomically(module, fn_args.serving_model_dir,
+    save_with_warmup(module, fn_args.serving_model_dir,
                     {"serving_default": module.serve, "rescore": module.rescore}, candidate_examples(evals))

@@ -45,7 +45,7 @@ from models import retrieval as R
 from models.cascade_model import cascade_labels
 from models.metrics import stage_recall
 from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_atomically
+from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
 from schema import request_list as RL
 
 CONFIG_KEY = "retrieval"
@@ -94,7 +94,7 @@ def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmu
     module.serve(tf.constant(list(warmup)))  # builds the index's graph before saving
     signatures = {"serving_default": module.serve, "query_embedding": module.query_embedding,
                   "item_embeddings": module.item_embeddings, "score": module.score}
-    return save_atomically(module, export_dir, signatures, warmup)
+    return save_with_warmup(module, export_dir, signatures, warmup)
 
 
 # ---------------------------------------------------------------------------------------------
