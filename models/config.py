@@ -1,10 +1,23 @@
 """Configuration of the stage models: one dataclass per concern, every switch named, with defaults.
 
-`TrainerConfig` travels to the TFX Trainer as JSON in `custom_config` (see `to_json`/`from_json`).
+`TrainerConfig` (the baseline DNN) travels to the TFX Trainer as JSON in `custom_config` (see
+`to_json`/`from_json`); `config_from_dict` builds any config dataclass from such JSON.
 """
 import dataclasses
 import json
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Tuple, Type, TypeVar
+
+C = TypeVar("C")
+
+
+def config_from_dict(cls: Type[C], values: Dict[str, Any]) -> C:
+    """The dataclass `cls` with its defaults overridden by `values` (JSON lists become tuples).
+    An unknown key is an error: a typo must not silently train the defaults."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +40,7 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainerConfig fields: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return config_from_dict(cls, values)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainerConfig":

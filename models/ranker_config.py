@@ -19,6 +19,8 @@ import dataclasses
 import json
 from typing import Any, Dict, Tuple
 
+from models.config import config_from_dict
+
 RANK_LOSSES = ("none", "multi_objective", "multi_task")
 OPTIMIZERS = ("adagrad", "adam")
 BIAS_SLICE_FEATURES = ("", "ui_position", "ui_format")
@@ -135,11 +137,7 @@ class RankerConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "RankerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RankerConfig fields: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return config_from_dict(cls, values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -5,7 +5,6 @@ Every module trains with TensorBoard logs in the ModelRun (`<model_run>/logs`) a
 kill through `tf.keras.callbacks.BackupAndRestore` (`<model_run>/backup`, removed when training
 finishes).
 """
-import dataclasses
 import json
 import os
 from typing import Dict, List, Sequence
@@ -14,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import inputs, metrics
+from models.config import config_from_dict
 from schema import features as F
 
 EVAL_METRICS_FILE = "eval_metrics.json"
@@ -28,13 +28,7 @@ def config_json(fn_args, key: str) -> Dict:
 def config_from(fn_args, key: str, cls):
     """The dataclass `cls` with the defaults overridden by the JSON under custom_config[key];
     an unknown key is an error (a typo should not silently train the default)."""
-    given = config_json(fn_args, key)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - names)
-    if unknown:
-        raise ValueError(f"unknown {key!r} config keys {unknown}; known: {sorted(names)}")
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return cls(**given)
+    return config_from_dict(cls, config_json(fn_args, key))
 
 
 def callbacks(model_run_dir: str) -> List[tf.keras.callbacks.Callback]:
