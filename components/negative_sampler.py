@@ -99,9 +99,8 @@ def _to_corpus(items: List[Tuple[int, Tuple[int, Tuple]]]) -> ItemCorpus:
 class _BuildRequestLists(beam.DoFn):
     """One request's rows → a serialized request list, tagged with its output split."""
 
-    def __init__(self, config: SamplerConfig, split_names: Tuple[str, ...]):
+    def __init__(self, config: SamplerConfig):
         self._config = config
-        self._split_names = split_names
         self._counters: Dict[str, beam.metrics.metricbase.Counter] = {}
 
     def _inc(self, name: str, n: int = 1):
@@ -203,7 +202,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             | "ByRequest" >> beam.Map(lambda t: (int(t[0]["request_id"]), t))
             | "GroupRequests" >> beam.GroupByKey()
             | "BuildLists" >> beam.ParDo(
-                _BuildRequestLists(config, output_splits),
+                _BuildRequestLists(config),
                 corpus=beam.pvalue.AsSingleton(corpus),
                 time_cutoff=beam.pvalue.AsSingleton(request_times),
             ).with_outputs(record_io.DEAD_LETTER_TAG, *output_splits)

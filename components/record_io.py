@@ -8,7 +8,7 @@ configured threshold (`check_bad_fraction`).
 """
 import json
 import os
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
@@ -139,7 +139,3 @@ def write_metrics(uri: str, counters: Dict[str, int]) -> None:
     fileio.makedirs(uri)
     with fileio.open(os.path.join(uri, METRICS_FILE), "w") as f:
         f.write(json.dumps(counters, indent=2, sort_keys=True))
-
-
-def split_names(uris: Dict[str, str]) -> List[str]:
-    return sorted(uris)

@@ -28,8 +28,6 @@ import numpy as np
 
 from schema import request_list as RL
 
-_PURPOSES = ("class", "low_loss", "position", "split")
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:

@@ -22,9 +22,8 @@ def config_from_dict(cls: Type[C], values: Dict[str, Any]) -> C:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-    """How a stage model is built and trained."""
+    """How the baseline DNN is built and trained."""
 
-    stage: str = "ranking"
     embedding_dim: int = 16
     hidden_units: Tuple[int, ...] = (256, 128)
     activation: str = "relu"

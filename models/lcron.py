@@ -41,20 +41,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_ranking.python import losses_impl
 
+from models.masking import bool_mask
+
 DEFAULT_TAU = 50.0  # the reference code's temperature on logits (DESIGN §5)
 DEFAULT_QUOTA = 10  # the reference code's quota on every stage
 DEFAULT_EPSILON = 1e-8
 
 Quota = Union[int, Sequence[int]]
-
-
-def _as_bool_mask(mask, like: tf.Tensor) -> tf.Tensor:
-    if mask is None:
-        return tf.ones_like(like, dtype=tf.bool)
-    mask = tf.convert_to_tensor(mask)
-    if mask.dtype != tf.bool:
-        mask = tf.not_equal(mask, tf.zeros_like(mask))
-    return mask
 
 
 def check_tau(tau) -> None:
@@ -113,7 +106,7 @@ def neural_sort(scores, mask=None, tau: float = DEFAULT_TAU) -> tf.Tensor:
     """
     check_tau(tau)
     scores = tf.cast(tf.convert_to_tensor(scores), tf.float32)
-    valid = _as_bool_mask(mask, scores)
+    valid = bool_mask(mask, scores)
     return losses_impl.neural_sort(scores / tf.cast(tau, tf.float32), mask=valid)
 
 
@@ -130,7 +123,7 @@ def selection_probabilities(
     not doubly stochastic. Padded candidates get P = D = 0.
     """
     scores = tf.cast(tf.convert_to_tensor(scores), tf.float32)
-    valid = _as_bool_mask(mask, scores)
+    valid = bool_mask(mask, scores)
     perm = neural_sort(scores, valid, tau)
     top = tf.reduce_sum(perm[:, :quota, :], axis=1)
     rest = tf.reduce_sum(perm[:, quota:, :], axis=1)
@@ -188,7 +181,7 @@ def lcron_losses(
     if mask is not None:
         mask = tf.convert_to_tensor(mask)
         _check_same_shape("mask", mask, labels)
-    valid = _as_bool_mask(mask, labels)
+    valid = bool_mask(mask, labels)
     quotas = stage_quotas(quota, len(scores))
     if labels.shape[1] is not None and max(quotas) > labels.shape[1]:
         raise ValueError(f"quota {max(quotas)} > list size {labels.shape[1]}")

@@ -39,18 +39,25 @@ from typing import Optional, Sequence, Tuple
 import tensorflow as tf
 import tensorflow_ranking as tfr
 
+from models.masking import bool_mask
+
 
 def _f32(x) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(x), tf.float32)
 
 
 def _valid_mask(labels: tf.Tensor, mask) -> tf.Tensor:
-    if mask is None:
-        return tf.ones_like(labels, dtype=tf.bool)
-    mask = tf.convert_to_tensor(mask)
-    if mask.dtype != tf.bool:
-        mask = tf.not_equal(mask, tf.zeros_like(mask))
-    return mask
+    return bool_mask(mask, labels)
+
+
+def _masked_weighted_mean(per_item: tf.Tensor, valid: tf.Tensor, sample_weight=None) -> tf.Tensor:
+    """Σ w·loss over valid items / number of valid items (the convention of every loss here)."""
+    weight = tf.ones_like(per_item)
+    if sample_weight is not None:
+        weight = weight * _f32(sample_weight)
+    weight = tf.where(valid, weight, tf.zeros_like(weight))
+    n_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
+    return tf.math.divide_no_nan(tf.reduce_sum(weight * per_item), n_valid)
 
 
 def ranknet_loss(labels,
@@ -171,12 +178,7 @@ def weighted_logistic_loss(labels,
     clean_labels = tf.where(valid, labels, tf.zeros_like(labels))
     per_item = tf.nn.sigmoid_cross_entropy_with_logits(
         labels=clean_labels, logits=clean_logits)
-    weight = tf.ones_like(labels)
-    if sample_weight is not None:
-        weight = weight * _f32(sample_weight)
-    weight = tf.where(valid, weight, tf.zeros_like(weight))
-    n_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
-    return tf.math.divide_no_nan(tf.reduce_sum(weight * per_item), n_valid)
+    return _masked_weighted_mean(per_item, valid, sample_weight)
 
 
 def multi_objective_loss(labels,
@@ -221,11 +223,6 @@ def distillation_loss(teacher_logit,
         tf.where(present, teacher_logit, tf.zeros_like(teacher_logit))))
     per_row = tf.nn.sigmoid_cross_entropy_with_logits(
         labels=soft, logits=student_logit)
-    weight = tf.ones_like(student_logit)
-    if sample_weight is not None:
-        weight = weight * _f32(sample_weight)
-    weight = tf.where(present, weight, tf.zeros_like(weight))
-    n_present = tf.reduce_sum(tf.cast(present, tf.float32))
-    return tf.math.divide_no_nan(tf.reduce_sum(weight * per_row), n_present)
+    return _masked_weighted_mean(per_row, present, sample_weight)
 
 from models.lcron import lcron_losses  # noqa: F401
