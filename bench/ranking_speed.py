@@ -6,14 +6,18 @@ Prints three ratios, each against a reference measured in the same run on this m
      (same FeatureEmbedding, the same cross layers as `tfrs.layers.dcn.Cross`, the same DNN,
      `tfrs.tasks.Ranking`), same batches, same optimizer.               goal >= 0.9
   2. time of `serving_default` on the 100 × 50 (ad, UI) pair examples / time of `score_ui_grid`
-     on 100 ad + 50 UI examples (Q once per ad), reloaded SavedModel.    goal >= 30×
+     on 100 ad examples + 50 UI treatments (int64 ui_position, ui_format; Q once per ad, U from
+     the exported cache), reloaded SavedModel.                          goal >= 30×
      (also printed at 500 × 50, to show how the ratio grows with the grid)
   3. SavedModel p50 latency of `serving_default` for 1 request × 500 candidates, ranker / plain
      TFRS DCN SavedModel.                                                goal <= 1.25×
 Timings interleave the two models (ABBA...) and report medians (for 1., the median of the per-round
-ratios), so that both share the noise of a CPU shared with other work.
+ratios), so that both share the noise of a CPU shared with other work; in 2. each timing is a block
+of 5 consecutive calls of one signature, so that a small call is not timed right after a big one.
+2. also prints where the grid's time goes (call overhead, parsing the ads, parse + Q).
 
     python bench/ranking_speed.py [--data DIR] [--requests 2000] [--steps 20] [--rounds 20] [--calls 100] [--ablations]
+                                  [--sections 1 2 3]
 """
 import argparse
 import os
@@ -59,6 +63,9 @@ class PlainDCN(tfrs.Model):
         logit = self(features, training=training)
         return self.task(labels=tf.cast(features[F.LABEL_KEY], tf.float32), predictions=logit,
                          sample_weight=features[F.SAMPLE_WEIGHT_KEY])
+
+
+BLOCK = 5  # consecutive serving calls per timing block in [2]
 
 
 def timed(fn):
@@ -116,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=100, help="serving calls per timing")
     parser.add_argument("--ablations", action="store_true", help="also time the ranker without rank loss / bias")
     parser.add_argument("--requests-per-batch", type=int, nargs="+", default=[RankerConfig().requests_per_batch, 50])
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], help="which figures to measure")
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="ranking-speed-")
@@ -133,7 +141,7 @@ def main(argv=None):
     if args.ablations:
         variants.update(no_rank=config.replace(rank_loss="none"), no_bias=config.replace(bias_constraints=False),
                         no_rank_no_bias=config.replace(rank_loss="none", bias_constraints=False))
-    for rpb in args.requests_per_batch:
+    for rpb in args.requests_per_batch if 1 in args.sections else ():
         batches = list(ranker.request_batches([train_dir], rpb, exposed_only=True).take(50))
         for name, variant in variants.items():
             rates, rows, ratio = train_throughput(variant, batches, args.steps, args.rounds)
@@ -165,32 +173,55 @@ def main(argv=None):
         e.features.feature["ui_format"].int64_list.value[:] = [fmt]
         return e.SerializeToString()
 
-    ui_only = []
-    for p, f in treatments:
-        e = tf.train.Example()
-        e.features.feature["ui_position"].int64_list.value.append(p)
-        e.features.feature["ui_format"].int64_list.value.append(f)
-        ui_only.append(e.SerializeToString())
-    ui_examples = tf.constant(ui_only)
+    ui_ids = {"ui_position": tf.constant([p for p, _ in treatments], tf.int64),
+              "ui_format": tf.constant([f for _, f in treatments], tf.int64)}
+    parts_module = tf.Module()
+    q_spec = ranker_export.quality_parse_spec(model)
+    examples_spec = tf.TensorSpec([None], tf.string, name=export.SERVING_INPUT_KEY)
+    tf.saved_model.save(parts_module, os.path.join(tmp, "parts"), signatures={
+        "empty": tf.function(lambda examples: {"n": tf.shape(examples)}, input_signature=[examples_spec]),
+        "parse": tf.function(lambda examples: {"user_id": export.parse_examples(examples, q_spec)["user_id"]},
+                             input_signature=[examples_spec])})
+    parts = tf.saved_model.load(os.path.join(tmp, "parts"))
     grid_fn = served.signatures["score_ui_grid"]
     naive_fn = served.signatures["serving_default"]
-    for num_ads in (100, 500):
+    for num_ads in (100, 500) if 2 in args.sections else ():
         ads = [tf.train.Example.FromString(e) for e in eval_rows[:num_ads]]
         pairs = tf.constant([with_ui(a, p, f) for a in ads for p, f in treatments])
         ad_examples = tf.constant([a.SerializeToString() for a in ads])
-        grid_out = grid_fn(ad_examples=ad_examples, ui_examples=ui_examples)["ctr"].numpy()
+        grid_out = grid_fn(ad_examples=ad_examples, **ui_ids)["ctr"].numpy()
         naive_out = naive_fn(examples=pairs)["ctr"].numpy().reshape(grid_out.shape)
-        grid_times, naive_times = [], []
-        for _ in range(max(args.calls // 5, 10)):
-            grid_times.append(timed(lambda: grid_fn(ad_examples=ad_examples, ui_examples=ui_examples)))
-            naive_times.append(timed(lambda: naive_fn(examples=pairs)))
+        calls = {"naive": lambda: naive_fn(examples=pairs),
+                 "grid": lambda: grid_fn(ad_examples=ad_examples, **ui_ids)}
+        if num_ads == 100:  # where the grid's time goes: reloaded signatures doing a part of it each
+            calls.update({"call overhead (empty signature)": lambda: parts.signatures["empty"](examples=ad_examples),
+                          "parse ads (quality spec, checked)": lambda: parts.signatures["parse"](examples=ad_examples),
+                          "parse + Q (`quality` signature)": lambda: served.signatures["quality"](examples=ad_examples)})
+        times = {name: [] for name in calls}
+        for _ in range(3):  # warm up
+            for fn in calls.values():
+                fn()
+        # Rounds of blocks of BLOCK consecutive calls per function (order reversed every other round):
+        # a lone small call right after a big one pays for the big call's cold caches and parked
+        # threads, which is not the steady state of either. The per-call time is the median block / BLOCK.
+        for r in range(max(args.calls // 5, 10)):
+            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                times[name].append(timed(lambda: [calls[name]() for _ in range(BLOCK)]) / BLOCK)
+        naive_times, grid_times = times["naive"], times["grid"]
         speedup = statistics.median(naive_times) / statistics.median(grid_times)
         goal = f" (goal >= 30×: {'meets' if speedup >= 30 else 'misses'})" if num_ads == 100 else " (scaling, no goal)"
         print(f"[2] {num_ads} ads × 50 UIs: naive serving_default on {num_ads * 50} pairs "
               f"{statistics.median(naive_times) * 1000:.1f} ms, score_ui_grid {statistics.median(grid_times) * 1000:.2f} ms, "
               f"speed-up {speedup:.1f}×{goal}; max |grid − naive| {np.abs(grid_out - naive_out).max():.2e}", flush=True)
+        for name in list(calls)[2:]:
+            ms = statistics.median(times[name]) * 1000
+            print(f"    {name}: {ms:.2f} ms = {ms / (statistics.median(grid_times) * 1000):.0%} of the grid call "
+                  f"(naive / this {statistics.median(naive_times) * 1000 / ms:.0f}×)")
 
     # 3. p50 latency, 1 request × 500 candidates.
+    if 3 not in args.sections:
+        tf.io.gfile.rmtree(tmp)
+        return 0
     request = tf.constant(eval_rows[:500])
     ranker_fn, dcn_fn = served.signatures["serving_default"], served_dcn.signatures["serving_default"]
     for _ in range(10):

@@ -8,8 +8,10 @@ min_W max_λ  Σ_i L(y_i, ŷ_i) + Σ_k Σ_{i∈S_k} (λ_k (y_i − ŷ_i) − α/
 ```
 
 with one dual λ_k per slice S_k (buckets of predicted CTR, values of a UI
-feature such as `ui_position`, ...). With r_k = Σ_{i∈S_k}(y_i − ŷ_i) and
-c_k = |S_k| in a batch of N rows, the term added to the model's loss is
+feature such as `ui_position`, ...). With per-row weights w_i (the
+`sample_weight` of the importance-weighted sampling; 1 when absent),
+r_k = Σ_{i∈S_k} w_i (y_i − ŷ_i) and c_k = Σ_{i∈S_k} w_i in a batch of N rows,
+the term added to the model's loss is
 
 ```
 T = m/N · Σ_k (λ_k r_k − α/2 · λ_k² c_k)
@@ -24,12 +26,17 @@ and the duals take a gradient *ascent* step of their own learning rate η:
 m is the ramp-up multiplier (e.g. `curriculum.bias_constraint(step)`). A slice
 that is under-predicted (r_k > 0) gets λ_k > 0, and then ∂T/∂ŷ_i = −m λ_k/N < 0
 pushes its predictions up; at a fixed point λ_k = r_k / (α c_k), so the slice's
-mean residual is driven to α·λ_k (small α = tight constraint).
+weighted mean residual r_k / c_k is driven to α·λ_k (small α = tight
+constraint). N is the row count, the normaliser of the weighted logistic loss
+(`losses.weighted_logistic_loss`), so T has the data loss's scale; with w ≡ 1
+it is the unweighted formula.
 
-The duals are plain non-trainable `tf.Variable`s on a `tf.Module` that lives
-beside the Keras model, never inside it: they are not in the model's
-`trainable_variables` (the primal optimizer never touches them), and nothing in
-a serving signature reads them. Written by hand: no TF library ships it.
+The duals are plain non-trainable `tf.Variable`s on a `tf.Module`: they are not
+in a model's `trainable_variables` (the primal optimizer never touches them),
+and nothing in a serving signature reads them. The ranker tracks this module
+for checkpoints only (`models.ranker.FactoryFloorRanker._trackable_children`),
+so a training checkpoint (BackupAndRestore) restores them while the SavedModel
+leaves them out. Written by hand: no TF library ships it.
 
 `slice_bias` is the calibration-bias metric of DESIGN §8, Σ(y − ŷ)/Σy per slice.
 """
@@ -156,44 +163,56 @@ class BiasConstraints(tf.Module):
         return tf.reduce_sum(
             tf.one_hot(slice_ids, self.num_slices, dtype=tf.float32), axis=1)
 
-    def _residuals_and_counts(self, labels, predictions, slice_ids):
+    def _residuals_and_counts(self, labels, predictions, slice_ids,
+                              sample_weight=None):
+        """(r [K], c [K], N): weighted residual sums, weight sums, row count."""
         labels = tf.reshape(tf.cast(labels, tf.float32), [-1])
         predictions = tf.reshape(tf.cast(predictions, tf.float32), [-1])
+        weights = (tf.ones_like(labels) if sample_weight is None else
+                   tf.reshape(tf.cast(sample_weight, tf.float32), [-1]))
         member = self._membership(slice_ids)
-        r = tf.linalg.matvec(member, labels - predictions, transpose_a=True)
-        c = tf.reduce_sum(member, axis=0)
+        r = tf.linalg.matvec(member, weights * (labels - predictions),
+                             transpose_a=True)
+        c = tf.linalg.matvec(member, weights, transpose_a=True)
         n = tf.cast(tf.size(labels), tf.float32)
         return r, c, n
 
-    def lagrangian(self, labels, predictions, slice_ids, ramp=1.0) -> tf.Tensor:
+    def lagrangian(self, labels, predictions, slice_ids, ramp=1.0,
+                   sample_weight=None) -> tf.Tensor:
         """T = m/N · Σ_k (λ_k r_k − α/2 λ_k² c_k); differentiable in `predictions`."""
-        r, c, n = self._residuals_and_counts(labels, predictions, slice_ids)
+        r, c, n = self._residuals_and_counts(labels, predictions, slice_ids,
+                                             sample_weight)
         lam = tf.stop_gradient(self.duals.read_value())
         term = tf.reduce_sum(lam * r - 0.5 * self.alpha * tf.square(lam) * c)
         return tf.cast(ramp, tf.float32) * tf.math.divide_no_nan(term, n)
 
-    def dual_gradient(self, labels, predictions, slice_ids, ramp=1.0) -> tf.Tensor:
+    def dual_gradient(self, labels, predictions, slice_ids, ramp=1.0,
+                      sample_weight=None) -> tf.Tensor:
         """∂T/∂λ_k = m/N · (r_k − α λ_k c_k)."""
         r, c, n = self._residuals_and_counts(
-            labels, tf.stop_gradient(predictions), slice_ids)
+            labels, tf.stop_gradient(predictions), slice_ids, sample_weight)
         lam = self.duals.read_value()
         grad = tf.math.divide_no_nan(r - self.alpha * lam * c, n)
         return tf.cast(ramp, tf.float32) * grad
 
-    def update_duals(self, labels, predictions, slice_ids, ramp=1.0) -> tf.Tensor:
+    def update_duals(self, labels, predictions, slice_ids, ramp=1.0,
+                     sample_weight=None) -> tf.Tensor:
         """One ascent step λ ← λ + η ∂T/∂λ; returns the new duals."""
-        grad = self.dual_gradient(labels, predictions, slice_ids, ramp)
+        grad = self.dual_gradient(labels, predictions, slice_ids, ramp,
+                                  sample_weight)
         return self.duals.assign_add(self.dual_learning_rate * grad)
 
     def __call__(self, labels, predictions, slice_ids, ramp=1.0,
-                 training: bool = True) -> tf.Tensor:
+                 training: bool = True, sample_weight=None) -> tf.Tensor:
         """Returns T for the primal loss and, if training, then ascends the duals.
 
         T is computed with the duals before the update (simultaneous
         gradient descent-ascent).
         """
-        term = self.lagrangian(labels, predictions, slice_ids, ramp)
+        term = self.lagrangian(labels, predictions, slice_ids, ramp,
+                               sample_weight)
         if training:
             with tf.control_dependencies([term]):
-                self.update_duals(labels, predictions, slice_ids, ramp)
+                self.update_duals(labels, predictions, slice_ids, ramp,
+                                  sample_weight)
         return term

@@ -2,8 +2,11 @@
 
 `serving_default` takes a batch of serialized candidate `tf.Example`s (input key `examples`),
 parses them with the serving parse spec derived from the schema, and returns `ctr` (a calibrated
-probability) and `logit`. A missing required feature or a wrong dtype fails in
-`tf.io.parse_example` with an error that names the feature.
+probability) and `logit`. A missing required feature or a wrong dtype fails with an error that
+names the feature: `tf.io.parse_example` does this for fixed-length features, and
+`parse_examples` adds the check for required variable-length ones (such as `query_tokens`, which
+would otherwise parse as an empty list). Every exporter (this one, `models.ranker_export`) parses
+through `parse_examples`.
 
 TF Serving warms a model up from `assets.extra/tf_serving_warmup_requests`, a TFRecord file of
 `PredictionLog`s; `write_warmup_requests` writes one from real examples.
@@ -20,12 +23,40 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SERVING_INPUT_KEY = "examples"
 
 
+def required_values(name: str) -> int:
+    """Values a variable-length feature must have per example: the schema's value_count.min (at
+    least 1) if the feature is required (presence.min_fraction == 1), else 0."""
+    feature = next((f for f in F.load_schema().feature if f.name == name), None)
+    if feature is None or feature.presence.min_fraction < 1.0:
+        return 0
+    return max(int(feature.value_count.min), 1)
+
+
+def parse_examples(serialized: tf.Tensor, spec: Dict) -> Dict[str, tf.Tensor]:
+    """`tf.io.parse_example`, plus a presence check on required variable-length features.
+
+    Fixed-length features already fail in `parse_example` with an error naming them; a missing
+    variable-length (ragged) feature would parse as an empty list, so each required one gets an
+    Assert `row_length >= required_values(name)` whose message names it. The Assert is stateful:
+    inside a tf.function the automatic control dependencies run it before the function returns.
+    """
+    features = tf.io.parse_example(serialized, spec)
+    for name, value in features.items():
+        needed = required_values(name) if isinstance(value, tf.RaggedTensor) else 0
+        if needed:
+            lengths = value.row_splits[1:] - value.row_splits[:-1]
+            tf.debugging.Assert(tf.reduce_all(lengths >= needed), [
+                f"Feature: {name} is required (at least {needed} value(s)) but could not be found"])
+    return features
+
+
 def serving_function(model: tf.keras.Model, parse_spec: Optional[Dict] = None):
+    """`serving_default`: serialized examples [N] -> {"ctr": [N], "logit": [N]} (`parse_examples`)."""
     spec = parse_spec or F.serving_parse_spec()
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SERVING_INPUT_KEY)])
     def serve(examples):
-        features = tf.io.parse_example(examples, spec)
+        features = parse_examples(examples, spec)
         logit = tf.reshape(model(features, training=False), [-1])
         return {"ctr": tf.sigmoid(logit), "logit": logit}
 

@@ -32,9 +32,10 @@ Training (`train_step`), at step t = optimizer.iterations, with per-row weights 
     seed [lspr_seed, t]), λ = lspr_weight, 0 when LSPR is off;
   * T_bias = m_t/N · Σ_k (λ_k r_k − α/2 λ_k² c_k) over slices (predicted-CTR buckets and the values
     of `bias_slice_feature`), `bias_constraints.BiasConstraints`. The duals λ_k take one ascent
-    step after each primal step (on the pre-update predictions). They live on a `tf.Module` held
-    outside the Keras model's tracked state: they are not model variables, not in the SavedModel,
-    and never read at inference.
+    step after each primal step (on the pre-update predictions); r_k and c_k are weighted by the
+    rows' sample_weight. They live on a `tf.Module` that the model tracks for checkpoints only:
+    they are not model variables (`model.variables`), training checkpoints (BackupAndRestore) save
+    and restore them, and the SavedModel leaves them out (never read at inference).
 
 Each term is reported in the training logs (`logistic`, `rank`, `distillation`, `bias`, `lspr`,
 `loss`) with the ramped weights (`rank_weight`, `distill_weight`, `bias_weight`, `cross_alpha`).
@@ -78,6 +79,7 @@ WEIGHT_TERMS = ("rank_weight", "distill_weight", "bias_weight", "cross_alpha")
 # (`losses.rows_to_lists` of the row indices), computed in the input pipeline, off the train step.
 LIST_INDEX_KEY = "_request_list_index"
 LIST_MASK_KEY = "_request_list_mask"
+BIAS_CHECKPOINT_KEY = "bias_constraints"  # checkpoint-only child holding the duals (not in the SavedModel)
 UI_SLICE_CARDINALITY = {"ui_position": F.MAX_UI_POSITION + 1, "ui_format": F.NUM_UI_FORMATS}
 
 QUALITY_SPARSE = tuple(f.name for f in F.SPARSE_FEATURES if f.tower == "quality")
@@ -94,7 +96,8 @@ class ForwardOutput:
 
 
 class _Untracked:
-    """Holds an object out of reach of Keras/tf.Module tracking (so it is never saved)."""
+    """Holds an object out of reach of Keras/tf.Module attribute tracking: not in `model.variables`
+    nor in a SavedModel (`FactoryFloorRanker._trackable_children` adds the duals to checkpoints)."""
 
     __slots__ = ("value",)
 
@@ -180,8 +183,17 @@ class FactoryFloorRanker(tf.keras.Model):
 
     @property
     def bias_constraints(self) -> Optional[bias_constraints.BiasConstraints]:
-        """The duals' module (outside the model's variables), or None when the switch is off."""
+        """The duals' module (outside the model's variables, in its checkpoints), or None when off."""
         return self._bias.value
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """Adds the duals' module to checkpoints only (Keras does the reverse for a layer's
+        `_random_generator`): `tf.train.Checkpoint(model=...)`, and so BackupAndRestore, saves and
+        restores the duals; a SavedModel (save_type "savedmodel") never sees them."""
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "checkpoint" and self._bias.value is not None:
+            children[BIAS_CHECKPOINT_KEY] = self._bias.value
+        return children
 
     def adapt(self, batches: tf.data.Dataset, steps: int = 50) -> None:
         """Fits the dense-feature normalisers on parsed training batches."""
@@ -379,7 +391,7 @@ class FactoryFloorRanker(tf.keras.Model):
         """Every loss term and the total for one batch at `step` (no variable is updated).
 
         Returns a dict with LOSS_TERMS (`lspr` is λ·L_data(x̃), `bias` is the ramped T_bias),
-        WEIGHT_TERMS, and `_logit` / `_slice_ids` / `_labels` for the dual update.
+        WEIGHT_TERMS, and `_logit` / `_slice_ids` / `_labels` / `_weights` for the dual update.
         """
         batch = self.unpack(data)
         if step is None:
@@ -393,7 +405,8 @@ class FactoryFloorRanker(tf.keras.Model):
         terms = {"logistic": logistic, "rank": rank, "distillation": distill}
         if self.bias_constraints is not None:
             slice_ids = self.bias_slice_ids(batch, tf.sigmoid(out.logit))
-            bias_term = self.bias_constraints.lagrangian(labels, tf.sigmoid(out.logit), slice_ids, w["bias_weight"])
+            bias_term = self.bias_constraints.lagrangian(labels, tf.sigmoid(out.logit), slice_ids, w["bias_weight"],
+                                                         sample_weight=weights)
             terms["_slice_ids"] = slice_ids
         else:
             bias_term = tf.constant(0.0)
@@ -406,7 +419,7 @@ class FactoryFloorRanker(tf.keras.Model):
         else:
             lspr_term = tf.constant(0.0)
         total = total + lspr_term
-        terms.update(bias=bias_term, lspr=lspr_term, loss=total, _logit=out.logit, _labels=labels)
+        terms.update(bias=bias_term, lspr=lspr_term, loss=total, _logit=out.logit, _labels=labels, _weights=weights)
         terms.update(w)
         return terms
 
@@ -426,7 +439,8 @@ class FactoryFloorRanker(tf.keras.Model):
             [(g, v) for g, v in zip(gradients, variables) if g is not None])
         if self.bias_constraints is not None:  # ascent on the duals, with the pre-update predictions
             self.bias_constraints.update_duals(
-                terms["_labels"], tf.sigmoid(terms["_logit"]), terms["_slice_ids"], terms["bias_weight"])
+                terms["_labels"], tf.sigmoid(terms["_logit"]), terms["_slice_ids"], terms["bias_weight"],
+                sample_weight=terms["_weights"])
         if self.cross is not None:  # the served α is the one reached by training
             self.cross.step.assign(tf.cast(self.optimizer.iterations, tf.int64))
         return self._logs(terms)

@@ -1,33 +1,47 @@
 """SavedModel export of the Factory Floor ranker for TF Serving (DESIGN §7).
 
-Signatures (all inputs are serialized `tf.Example`s, parsed with the schema's serving spec; a missing
-required feature or a wrong dtype fails with an error naming it: `tf.io.parse_example` does this
-for fixed-length features, and `parse_examples` adds the check for required variable-length ones
-such as `query_tokens`, which would otherwise parse as an empty list):
+Signatures. Serialized `tf.Example`s are parsed with the schema's serving spec through
+`models.export.parse_examples`: a missing required feature or a wrong dtype fails with an error
+naming it (`tf.io.parse_example` does this for fixed-length features, `parse_examples` adds the
+check for required variable-length ones such as `query_tokens`, which would otherwise parse as an
+empty list).
 
     serving_default   examples [N]                        -> ctr [N], logit [N]
     quality           examples [A] (quality features)     -> q [A, d]
     ui                examples [M] (UI features; other features are ignored) -> u [M, d]
-    score_ui_grid     ad_examples [A], ui_examples [M]    -> ctr [A, M], logit [A, M]
-                      ctr[a, m] = σ(a·(q_a·u_m) + b): Q runs once per ad, U once per treatment.
+    score_ui_grid     ad_examples [A] (tf.Examples, quality features),
+                      ui_position [M], ui_format [M] (int64: the M UI treatments, one value each)
+                                                          -> ctr [A, M], logit [A, M]
+                      ctr[a, m] = σ(a·(q_a·u_m) + b): Q runs once per ad, U is cached.
+
+The grid takes its UI treatments as dense int64 vectors rather than tf.Examples: a treatment is
+just its UI ids, and DESIGN §7 only asks for "UI features → U". Its U comes from a cache: the UI
+features are univalent ids folded into small vocabularies (id mod num_buckets; 11 positions × 3
+formats = 33 treatments), so `ui_table` runs the U tower once, at export, on every folded
+combination, and the grid gathers row Σ_f (id_f mod n_f)·Π_{g>f} n_g of that table: the same
+u as the tower gives (`serving_default` per pair within 1e-5, a test checks), without the UI parse
+and the U tower per call. With more than `MAX_UI_TABLE_ROWS` combinations the grid runs U instead.
 
 `quality`, `ui` and `score_ui_grid` exist only for Q·U models (qu_dim > 0). The bias-constraint
-duals are training state outside the model and are not saved. `assets.extra/
-tf_serving_warmup_requests` holds one PredictionLog per signature, built from real examples.
-The export goes to a temporary directory that is renamed into place (as `models.export` does).
+duals are checkpointed with the model for training but are not in the SavedModel.
+`assets.extra/tf_serving_warmup_requests` holds one PredictionLog per signature, built from real
+examples. The export goes to a temporary directory that is renamed into place (as
+`models.export` does).
 """
 import os
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from models import export
+from models.export import parse_examples  # noqa: F401  (shared with the baseline exporter)
 from models.ranker import FactoryFloorRanker
 from schema import features as F
 
 AD_INPUT_KEY = "ad_examples"
-UI_INPUT_KEY = "ui_examples"
+MAX_UI_TABLE_ROWS = 4096  # above this many folded UI combinations, the grid runs the U tower per call
 
 
 def _spec_for(names) -> Dict:
@@ -38,31 +52,6 @@ def _spec_for(names) -> Dict:
     return {n: spec[n] for n in names}
 
 
-def _min_values(name: str) -> int:
-    """Values a variable-length feature must have per example (schema value_count.min if required)."""
-    feature = next((f for f in F.load_schema().feature if f.name == name), None)
-    if feature is None or feature.presence.min_fraction < 1.0:
-        return 0
-    return max(int(feature.value_count.min), 1)
-
-
-def parse_examples(serialized: tf.Tensor, spec: Dict) -> Dict[str, tf.Tensor]:
-    """`tf.io.parse_example`, plus a presence check on required variable-length features.
-
-    Fixed-length features already fail in `parse_example` with an error naming them; a missing
-    variable-length (ragged) feature would parse as an empty list, so it is checked here and the
-    error names it too.
-    """
-    features = tf.io.parse_example(serialized, spec)
-    for name, value in features.items():
-        needed = _min_values(name) if isinstance(value, tf.RaggedTensor) else 0
-        if needed:  # a stateful Assert: tf.function runs it before returning (automatic control deps)
-            lengths = value.row_splits[1:] - value.row_splits[:-1]
-            tf.debugging.Assert(tf.reduce_all(lengths >= needed), [
-                f"Feature: {name} is required (at least {needed} value(s)) but could not be found"])
-    return features
-
-
 def quality_parse_spec(model: FactoryFloorRanker) -> Dict:
     return _spec_for(model.quality_names)
 
@@ -71,18 +60,38 @@ def ui_parse_spec(model: FactoryFloorRanker) -> Dict:
     return _spec_for(model.ui_names)
 
 
+def _ui_buckets(model: FactoryFloorRanker) -> Sequence[int]:
+    """num_buckets of each UI feature (in `model.ui_names` order); all must be univalent ids."""
+    by_name = {f.name: f for f in F.SPARSE_FEATURES}
+    features = [by_name.get(name) for name in model.ui_names]
+    if any(f is None or f.multivalent for f in features):
+        raise ValueError(f"the UI grid needs univalent sparse UI features, got {model.ui_names}")
+    return [f.num_buckets for f in features]
+
+
+def ui_table(model: FactoryFloorRanker) -> Optional[tf.Tensor]:
+    """u of every folded UI combination, [Π n_f, d], row-major over `model.ui_names` (None if too big)."""
+    buckets = _ui_buckets(model)
+    if int(np.prod(buckets)) > MAX_UI_TABLE_ROWS:
+        return None
+    grids = np.meshgrid(*[np.arange(n, dtype=np.int64) for n in buckets], indexing="ij")
+    ids = {name: tf.constant(g.reshape(-1, 1)) for name, g in zip(model.ui_names, grids)}
+    return tf.constant(model.ui(ids).numpy())
+
+
+def ui_table_rows(ui_ids: Sequence[tf.Tensor], buckets: Sequence[int]) -> tf.Tensor:
+    """Row of `ui_table` for each treatment: Σ_f (id_f mod n_f)·Π_{g>f} n_g."""
+    row = tf.zeros_like(ui_ids[0])
+    for ids, n in zip(ui_ids, buckets):
+        row = row * n + tf.math.floormod(ids, n)
+    return row
+
+
 def ranker_signatures(model: FactoryFloorRanker) -> Dict[str, tf.types.experimental.GenericFunction]:
     """The tf.functions to save as signatures (see the module docstring)."""
     q_spec, u_spec = quality_parse_spec(model), ui_parse_spec(model)
-    all_spec = _spec_for(model.feature_names)
     examples = tf.TensorSpec([None], tf.string, name=export.SERVING_INPUT_KEY)
-
-    @tf.function(input_signature=[examples])
-    def serving_default(examples):  # as models.export.serving_function, with the ragged presence check
-        logit = tf.reshape(model(parse_examples(examples, all_spec), training=False), [-1])
-        return {"ctr": tf.sigmoid(logit), "logit": logit}
-
-    signatures = {"serving_default": serving_default}
+    signatures = {"serving_default": export.serving_function(model, _spec_for(model.feature_names))}
     if not model.factorized:
         return signatures
 
@@ -94,26 +103,43 @@ def ranker_signatures(model: FactoryFloorRanker) -> Dict[str, tf.types.experimen
     def ui(examples):
         return {"u": model.ui(parse_examples(examples, u_spec))}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=AD_INPUT_KEY),
-                                  tf.TensorSpec([None], tf.string, name=UI_INPUT_KEY)])
-    def score_ui_grid(ad_examples, ui_examples):
-        logit = model.grid_logits(parse_examples(ad_examples, q_spec), parse_examples(ui_examples, u_spec))
+    buckets = _ui_buckets(model)
+    table = ui_table(model)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=AD_INPUT_KEY)]
+                 + [tf.TensorSpec([None], tf.int64, name=name) for name in model.ui_names])
+    def score_ui_grid(ad_examples, *ui_ids):
+        q = model.quality(parse_examples(ad_examples, q_spec))
+        if table is None:
+            u = model.ui({name: ids[:, tf.newaxis] for name, ids in zip(model.ui_names, ui_ids)})
+        else:
+            u = tf.gather(table, ui_table_rows(ui_ids, buckets))
+        logit = model.transfer(tf.matmul(q, u, transpose_b=True))
         return {"ctr": tf.sigmoid(logit), "logit": logit}
 
     signatures.update(quality=quality, ui=ui, score_ui_grid=score_ui_grid)
     return signatures
 
 
-def _log(signature: str, inputs: Dict[str, Sequence[bytes]], model_name: str) -> bytes:
+def grid_inputs(model: FactoryFloorRanker, ad_examples: Sequence[bytes], ui_examples: Sequence[bytes]) -> Dict:
+    """The `score_ui_grid` inputs for ads and UI treatments given as serialized tf.Examples."""
+    ui_ids = parse_examples(tf.constant(list(ui_examples)), ui_parse_spec(model))
+    inputs = {AD_INPUT_KEY: tf.constant(list(ad_examples))}
+    inputs.update({name: tf.reshape(ui_ids[name], [-1]) for name in model.ui_names})
+    return inputs
+
+
+def _log(signature: str, inputs: Dict[str, object], model_name: str) -> bytes:
     request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
     for key, values in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(list(values), dtype=tf.string))
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(values))
     return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString()
 
 
 def write_warmup_requests(export_dir: str, serialized_examples: Sequence[bytes], signatures: Sequence[str],
-                          model_name: str = "model") -> str:
-    """One PredictionLog per signature, on the given examples (`models.export.WARMUP_FILE`)."""
+                          model_name: str = "model", model: Optional[FactoryFloorRanker] = None) -> str:
+    """One PredictionLog per signature, on the given examples (`models.export.WARMUP_FILE`); the grid's
+    UI treatments are the UI ids of the first 8 examples (`model` gives their names)."""
     examples = list(serialized_examples)
     if not examples:
         raise ValueError("warmup needs at least one serialized example")
@@ -123,8 +149,11 @@ def write_warmup_requests(export_dir: str, serialized_examples: Sequence[bytes],
         "serving_default": {export.SERVING_INPUT_KEY: examples},
         "quality": {export.SERVING_INPUT_KEY: examples},
         "ui": {export.SERVING_INPUT_KEY: examples},
-        "score_ui_grid": {AD_INPUT_KEY: examples, UI_INPUT_KEY: examples[: min(len(examples), 8)]},
     }
+    if "score_ui_grid" in signatures:
+        if model is None:
+            raise ValueError("the score_ui_grid warmup needs the model (its UI feature names)")
+        per_signature["score_ui_grid"] = {k: v.numpy() for k, v in grid_inputs(model, examples, examples[:8]).items()}
     with tf.io.TFRecordWriter(path) as writer:
         for name in signatures:
             writer.write(_log(name, per_signature[name], model_name))
@@ -136,5 +165,5 @@ def export_ranker(model: FactoryFloorRanker, export_dir: str, warmup_examples: S
     """Saves the ranker with its signatures and warmup file (temporary directory, then rename)."""
     signatures = ranker_signatures(model)
     return export.save_atomically(model, export_dir, signatures,
-                                  lambda tmp: write_warmup_requests(tmp, warmup_examples, list(signatures), model_name),
+                                  lambda tmp: write_warmup_requests(tmp, warmup_examples, list(signatures), model_name, model),
                                   options)

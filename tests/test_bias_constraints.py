@@ -78,6 +78,44 @@ def test_lagrangian_and_dual_step_against_numpy():
     np.testing.assert_array_equal(bc.duals.numpy(), before)
 
 
+def test_sample_weight_weights_residuals_and_counts():
+    bc = bc_lib.BiasConstraints(ctr_boundaries=[0.5], num_categories=2,
+                                alpha=0.5, dual_learning_rate=0.3)
+    y = np.array([1, 0, 1, 0, 1], np.float32)
+    yhat = np.array([0.2, 0.7, 0.6, 0.3, 0.9], np.float32)
+    w = np.array([2.0, 0.5, 1.0, 3.0, 0.25], np.float32)
+    ids = bc.slice_ids(yhat, [0, 1, 1, 0, 5]).numpy()  # category 5: no category slice
+    lam = np.array([0.3, -0.6, 1.2, -0.4], np.float32)
+    bc.duals.assign(lam)
+    # By hand: r_k = Σ w (y − ŷ), c_k = Σ w over the slice, N = 5 rows.
+    r, c = np.zeros(4), np.zeros(4)
+    for i in range(5):
+        for k in ids[i]:
+            if k < 4:
+                r[k] += w[i] * (y[i] - yhat[i])
+                c[k] += w[i]
+    # bucket 0 (ŷ < .5): rows 0, 3: r = 2·.8 + 3·(−.3) = .7, c = 5; category 0: the same rows.
+    np.testing.assert_allclose(r[[0, 2]], [0.7, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(c, [5.0, 1.75, 5.0, 1.5])
+    lagrangian = (lam * r - 0.25 * lam ** 2 * c).sum() / 5
+    assert bc.lagrangian(y, yhat, ids, 0.8, sample_weight=w).numpy() == pytest.approx(0.8 * lagrangian, rel=1e-5)
+    new = bc.update_duals(y, yhat, ids, 0.8, sample_weight=w).numpy()
+    np.testing.assert_allclose(new, lam + 0.3 * 0.8 * (r - 0.5 * lam * c) / 5, rtol=1e-5)
+    # Unit weights give the unweighted formula; integer weights act like repeated rows in r and c.
+    bc.duals.assign(lam)
+    np.testing.assert_allclose(bc.dual_gradient(y, yhat, ids, sample_weight=np.ones(5)).numpy(),
+                               bc.dual_gradient(y, yhat, ids).numpy(), rtol=1e-6)
+    reps = np.array([2, 1, 1, 3, 1])
+    r_rep, c_rep = np.zeros(4), np.zeros(4)
+    for i in range(5):
+        for k in ids[i]:
+            if k < 4:
+                r_rep[k] += reps[i] * (y[i] - yhat[i])
+                c_rep[k] += reps[i]
+    grad = bc.dual_gradient(y, yhat, ids, sample_weight=reps.astype(np.float32)).numpy()
+    np.testing.assert_allclose(grad * 5, r_rep - 0.5 * lam * c_rep, rtol=1e-5)
+
+
 def test_dual_update_is_ascent_along_the_residual():
     bc = bc_lib.BiasConstraints(num_categories=3, alpha=1.0,
                                 dual_learning_rate=1.0)

@@ -256,9 +256,9 @@ def test_train_step_total_is_sum_of_hand_computed_terms(rows, variant):
         category = rows["ui_position"][:, 0] + n_buckets
         r = np.zeros_like(duals)
         c = np.zeros_like(duals)
-        for ids in (bucket, category):
-            np.add.at(r, ids, y - p)
-            np.add.at(c, ids, 1.0)
+        for ids in (bucket, category):  # residuals and counts weighted by the rows' sample_weight
+            np.add.at(r, ids, w * (y - p))
+            np.add.at(c, ids, w)
         bias = m / y.size * np.sum(duals * r - 0.5 * 0.5 * duals ** 2 * c)
         expected_duals = duals + 0.1 * m / y.size * (r - 0.5 * duals * c)
     lspr_term = 0.0
@@ -349,14 +349,62 @@ def test_precomputed_list_layout_gives_the_same_rank_loss(rows):
         assert float(precomputed[name]) == pytest.approx(float(plain[name]), rel=1e-6)
 
 
-def test_bias_duals_are_not_model_variables(rows, tmp_path):
+def test_bias_duals_are_checkpointed_but_not_model_variables(rows, tmp_path):
     model = build(RankerConfig(**SMALL), rows)
     duals = model.bias_constraints.duals
     assert all(v is not duals for v in model.variables)
     assert not any("dual" in v.name for v in model.variables)
+    values = np.linspace(-1.0, 2.0, model.bias_constraints.num_slices).astype(np.float32)
+    duals.assign(values)
     path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
     checkpoint_vars = [name for name, _ in tf.train.list_variables(path)]
-    assert not any("dual" in name for name in checkpoint_vars)
+    assert [n for n in checkpoint_vars if "dual" in n] == [f"model/{ranker.BIAS_CHECKPOINT_KEY}/duals/.ATTRIBUTES/VARIABLE_VALUE"]
+    fresh = build(RankerConfig(**SMALL), rows)
+    np.testing.assert_array_equal(fresh.bias_constraints.duals.numpy(), 0.0)
+    tf.train.Checkpoint(model=fresh).read(path).assert_existing_objects_matched()
+    np.testing.assert_array_equal(fresh.bias_constraints.duals.numpy(), values)
+    # Without bias constraints there is nothing extra to checkpoint.
+    plain = build(RankerConfig(**{**SMALL, "bias_constraints": False}), rows)
+    path = tf.train.Checkpoint(model=plain).write(str(tmp_path / "plain"))
+    assert not any("dual" in name for name, _ in tf.train.list_variables(path))
+
+
+class _Interrupt(tf.keras.callbacks.Callback):
+    """Records the duals at the end of each epoch; raises at the start of epoch `at`."""
+
+    def __init__(self, at=None):
+        super().__init__()
+        self.at, self.duals_at_epoch_end, self.duals_at_begin = at, {}, {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.duals_at_begin[epoch] = self.model.bias_constraints.duals.numpy().copy()
+        if epoch == self.at:
+            raise RuntimeError("interrupted")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.duals_at_epoch_end[epoch] = self.model.bias_constraints.duals.numpy().copy()
+
+
+def test_backup_and_restore_resumes_the_bias_duals(rows, tmp_path):
+    config = RankerConfig(**{**SMALL, "bias_start_step": 0, "bias_ramp_steps": 0, "bias_dual_lr": 5.0,
+                             "ema_momentum": 0.0, "rank_loss": "none", "distill_weight": 0.0})
+    data = tf.data.Dataset.from_tensors(to_tensors(rows)).repeat(2)
+
+    def fit(callback, epochs):
+        model = build(config, rows)
+        model.compile(run_eagerly=True)  # a few tiny steps: cheaper than tracing the train step
+        backup = tf.keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        model.fit(data, epochs=epochs, verbose=0, callbacks=[backup, callback])
+
+    first = _Interrupt(at=1)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(first, epochs=3)  # epoch 0 is trained and backed up, then the run is killed
+    saved = first.duals_at_epoch_end[0]
+    assert np.abs(saved).max() > 0  # the duals moved in the epoch trained
+    resumed = _Interrupt()
+    fit(resumed, epochs=3)
+    assert sorted(resumed.duals_at_begin) == [1, 2]  # epoch 0 was not trained again
+    np.testing.assert_array_equal(resumed.duals_at_begin[1], saved)  # the duals resumed where they were
 
 
 # ---- input pipeline -------------------------------------------------------------------------------

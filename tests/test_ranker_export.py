@@ -91,38 +91,69 @@ def test_reloaded_model_predicts_like_the_in_memory_model(exported, rows):
                                model.ui(features).numpy(), atol=1e-5)
 
 
+def grid(loaded, ad_examples, treatments):
+    """score_ui_grid on serialized ads and (position, format) treatments given as int64 vectors."""
+    return loaded.signatures["score_ui_grid"](
+        ad_examples=tf.constant(ad_examples), ui_position=tf.constant([p for p, _ in treatments], tf.int64),
+        ui_format=tf.constant([f for _, f in treatments], tf.int64))
+
+
 def test_score_ui_grid_equals_serving_default_per_pair(exported, rows):
     _, loaded, _ = exported
     ads = rows[:7]
-    treatments = [(p, f) for p in (1, 3, 6, 10) for f in range(F.NUM_UI_FORMATS)]
-    ui_examples = [serialize({}, ui_position=[p], ui_format=[f]) for p, f in treatments]  # UI features only
-    grid = loaded.signatures["score_ui_grid"](ad_examples=tf.constant([serialize(a) for a in ads]),
-                                              ui_examples=tf.constant(ui_examples))
-    assert grid["ctr"].shape == (len(ads), len(treatments))
+    # Every position and format, plus ids outside the vocabularies (folded: 11 -> 0, 13 -> 2, format 4 -> 1).
+    treatments = [(p, f) for p in range(F.MAX_UI_POSITION + 1) for f in range(F.NUM_UI_FORMATS)]
+    treatments += [(11, 4), (13, 0), (-1, 2)]
+    grid_out = grid(loaded, [serialize(a) for a in ads], treatments)
+    assert grid_out["ctr"].shape == (len(ads), len(treatments))
     pairs = [serialize(a, ui_position=[p], ui_format=[f]) for a in ads for p, f in treatments]
     naive = loaded.signatures["serving_default"](examples=tf.constant(pairs))
     naive_ctr = naive["ctr"].numpy().reshape(len(ads), len(treatments))
-    assert np.abs(grid["ctr"].numpy() - naive_ctr).max() < 1e-5
-    assert np.abs(grid["logit"].numpy() - naive["logit"].numpy().reshape(naive_ctr.shape)).max() < 1e-4
+    assert np.abs(grid_out["ctr"].numpy() - naive_ctr).max() < 1e-5
+    assert np.abs(grid_out["logit"].numpy() - naive["logit"].numpy().reshape(naive_ctr.shape)).max() < 1e-4
     assert naive_ctr.std(axis=1).min() > 0  # the UI treatment matters
 
 
 def test_ui_only_change_leaves_q_unchanged_and_grid_is_tau_of_dot(exported, rows):
     model, loaded, _ = exported
     a = [serialize(r) for r in rows[:10]]
-    b = [serialize(r, ui_position=[1 + (r["ui_position"][0] + 4) % 10], ui_format=[(r["ui_format"][0] + 1) % 3])
-         for r in rows[:10]]
+    treatments = [(1 + (r["ui_position"][0] + 4) % 10, (r["ui_format"][0] + 1) % 3) for r in rows[:10]]
+    b = [serialize(r, ui_position=[p], ui_format=[f]) for r, (p, f) in zip(rows[:10], treatments)]
     q_a = loaded.signatures["quality"](examples=tf.constant(a))["q"].numpy()
     q_b = loaded.signatures["quality"](examples=tf.constant(b))["q"].numpy()
     np.testing.assert_array_equal(q_a, q_b)
     u_a = loaded.signatures["ui"](examples=tf.constant(a))["u"].numpy()
     u_b = loaded.signatures["ui"](examples=tf.constant(b))["u"].numpy()
     assert np.abs(u_a - u_b).max() > 1e-4
-    # ctr[a, m] = σ(scale·(q_a·u_m) + bias), by hand from the two towers' outputs.
+    # ctr[a, m] = σ(scale·(q_a·u_m) + bias), by hand from the two towers' outputs (the grid's cached U
+    # must equal the `ui` signature's).
     scale, bias = float(model.transfer_scale.numpy()), float(model.transfer_bias.numpy())
     by_hand = 1 / (1 + np.exp(-(scale * q_a.astype(np.float64) @ u_b.T.astype(np.float64) + bias)))
-    grid = loaded.signatures["score_ui_grid"](ad_examples=tf.constant(a), ui_examples=tf.constant(b))["ctr"]
-    np.testing.assert_allclose(grid.numpy(), by_hand, atol=1e-5)
+    np.testing.assert_allclose(grid(loaded, a, treatments)["ctr"].numpy(), by_hand, atol=1e-5)
+
+
+def test_ui_table_rows_are_the_u_tower_on_folded_ids(exported):
+    model, _, _ = exported
+    table = ranker_export.ui_table(model).numpy()
+    n_pos, n_fmt = F.MAX_UI_POSITION + 1, F.NUM_UI_FORMATS
+    assert table.shape == (n_pos * n_fmt, model.config.qu_dim)
+    pos = np.array([0, 3, 10, 11, 25, -1])
+    fmt = np.array([2, 0, 1, 5, 2, 0])
+    rows = ranker_export.ui_table_rows([tf.constant(pos), tf.constant(fmt)], [n_pos, n_fmt]).numpy()
+    np.testing.assert_array_equal(rows, (pos % n_pos) * n_fmt + fmt % n_fmt)  # numpy % is floor-mod too
+    u = model.ui({"ui_position": tf.constant(pos[:, None]), "ui_format": tf.constant(fmt[:, None])}).numpy()
+    np.testing.assert_allclose(table[rows], u, atol=1e-6)
+
+
+def test_grid_without_the_ui_cache_runs_the_u_tower_and_agrees(exported, rows, monkeypatch):
+    model, _, _ = exported
+    ads = tf.constant([serialize(r) for r in rows[:5]])
+    pos, fmt = tf.constant([1, 4, 12], tf.int64), tf.constant([0, 2, 1], tf.int64)
+    cached = ranker_export.ranker_signatures(model)["score_ui_grid"](ads, pos, fmt)
+    monkeypatch.setattr(ranker_export, "MAX_UI_TABLE_ROWS", 0)
+    assert ranker_export.ui_table(model) is None
+    tower = ranker_export.ranker_signatures(model)["score_ui_grid"](ads, pos, fmt)
+    np.testing.assert_allclose(tower["logit"].numpy(), cached["logit"].numpy(), atol=1e-5)
 
 
 def test_nan_dense_input_gives_finite_served_output(exported, rows):
@@ -131,8 +162,7 @@ def test_nan_dense_input_gives_finite_served_output(exported, rows):
     for signature, key in (("serving_default", "examples"), ("quality", "examples")):
         out = loaded.signatures[signature](**{key: tf.constant(nan_rows)})
         assert all(np.isfinite(t.numpy()).all() for t in out.values())
-    grid = loaded.signatures["score_ui_grid"](ad_examples=tf.constant(nan_rows), ui_examples=tf.constant(nan_rows))
-    assert np.isfinite(grid["ctr"].numpy()).all()
+    assert np.isfinite(grid(loaded, nan_rows, [(1, 0), (2, 1)])["ctr"].numpy()).all()
 
 
 @pytest.mark.parametrize("signature,key,feature", [
@@ -146,6 +176,14 @@ def test_missing_required_feature_error_names_it(exported, rows, signature, key,
     row = {k: v for k, v in rows[0].items() if k != feature}
     with pytest.raises(tf.errors.InvalidArgumentError, match=feature):
         loaded.signatures[signature](**{key: tf.constant([serialize(row)])})
+
+
+@pytest.mark.parametrize("feature", ["query_tokens", "item_dense"])
+def test_grid_missing_required_ad_feature_error_names_it(exported, rows, feature):
+    _, loaded, _ = exported
+    row = {k: v for k, v in rows[0].items() if k != feature}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=feature):
+        grid(loaded, [serialize(rows[1]), serialize(row)], [(1, 0)])
 
 
 @pytest.mark.parametrize("feature,value", [("user_id", [1.5]), ("item_dense", [1, 2, 3, 4]), ("ui_position", ["x"])])
