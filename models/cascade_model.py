@@ -18,6 +18,17 @@ Methods (`method=`), all on the same stages and data, so they differ only in the
 * "icc": ICC-style joint baseline (Gallagher et al., "Joint Optimization of Cascade Ranking
   Models", WSDM 2019, simplified): the per-stage BCE terms plus a BCE on the product of the stage
   probabilities, L = Σ_i BCE(y, σ(s_i)) + BCE(y, ∏_i σ(s_i)).
+* "hap": HAP pre-ranking (`models.preranking`) on the last two stages: the second-to-last stage
+  (the light model) with the group-wise loss over all four negative groups, the last stage (the
+  strong model) with it over the hard groups only, positives = `label` (`hap_groups(label=…)`);
+  earlier stages (retrieval) with BCE as in "bce". The cascade cut then is HAP's routing: the
+  light model keeps its top q of the survivors and the strong model orders those.
+      L = Σ_{i < m−1} BCE(y, σ(s_i)) + L_group(s_{m−1}; all groups) + L_group(s_m; hard groups)
+
+Distillation (optional, any method; DESIGN §5, Factory Floor §4.1.2): with distill_weight λ > 0,
+    L += λ · Σ_{c ∈ T} BCE(σ(t_c), σ(s_m,c)) / |T|,   T = real candidates with a finite teacher_logit t_c
+where s_m is the last stage's logit (`models.losses.distillation_loss`; NaN teacher logits and
+padded slots are left out of the sum and the count; no gradient reaches the teacher).
 
 `predict_stage_scores` gives every stage's scores on lists for the cascade metrics of
 `models.metrics` (e2e_recall, stage_recall, ndcg_at_k).
@@ -29,14 +40,14 @@ import tensorflow as tf
 
 from models import lcron
 from models import list_inputs as LI
-from models.losses import weighted_logistic_loss
-from models.metrics import e2e_recall, ndcg_at_k, stage_recall
-from models.preranking import LightPreranker, StrongRanker
+from models.losses import distillation_loss, weighted_logistic_loss
+from models.metrics import e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
+from models.preranking import GROUPS, LightPreranker, StrongRanker, group_wise_loss, hap_groups, hard_group_weights
 from models.retrieval import TwoTowerScorer, adapt_towers
 from schema import features as F
 from schema import request_list as RL
 
-METHODS = ("lcron", "bce", "icc")
+METHODS = ("lcron", "bce", "icc", "hap")
 
 
 def cascade_labels(lists: Mapping, label: str = "gt"):
@@ -67,12 +78,18 @@ class CascadeModel(tf.keras.Model):
 
     def __init__(self, stages: Mapping[str, tf.keras.layers.Layer], method: str = "lcron",
                  quota: lcron.Quota = lcron.DEFAULT_QUOTA, tau: float = lcron.DEFAULT_TAU, label: str = "gt",
-                 **kwargs):
+                 distill_weight: float = 0.0, hap_kind: str = "softmax", **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not stages:
             raise ValueError("a cascade needs at least one stage")
+        if method == "hap" and len(stages) < 2:
+            raise ValueError("method 'hap' needs at least two stages (a light and a strong model)")
+        if not float(distill_weight) >= 0.0:
+            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+        if hap_kind not in ("softmax", "pairwise"):
+            raise ValueError(f"hap_kind must be 'softmax' or 'pairwise', got {hap_kind!r}")
         if label not in ("gt", "click"):
             raise ValueError(f"label must be 'gt' or 'click', got {label!r}")
         lcron.check_tau(tau)
@@ -82,6 +99,8 @@ class CascadeModel(tf.keras.Model):
         self.quota = quota
         self.tau = float(tau)
         self.label = label
+        self.distill_weight = float(distill_weight)
+        self.hap_kind = hap_kind
         lcron.stage_quotas(quota, len(self.stage_names))  # validates now rather than at the first step
         self.weighting = lcron.UncertaintyWeighting(len(self.stage_names), name="uncertainty") if method == "lcron" else None
 
@@ -108,6 +127,8 @@ class CascadeModel(tf.keras.Model):
             for name, single, w in zip(self.stage_names, singles, tf.unstack(self.weighting.w)):
                 out[f"single_{name}"] = single
                 out[f"w_{name}"] = w
+        elif self.method == "hap":
+            total = self._hap_losses(lists, scores, y, mask, out)
         else:
             singles = [weighted_logistic_loss(y, s, mask=mask) for s in scores]
             total = tf.add_n(singles)
@@ -121,8 +142,35 @@ class CascadeModel(tf.keras.Model):
                 joint = tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid > 0, joint, 0.0)), tf.reduce_sum(valid))
                 out["joint"] = joint
                 total = total + joint
+        if self.distill_weight > 0.0:
+            out["distill"] = self.distillation(lists, scores[-1])
+            total = total + self.distill_weight * out["distill"]
         out["loss"] = total
         return out
+
+    def _hap_losses(self, lists, scores, y, mask, out) -> tf.Tensor:
+        positives, groups = hap_groups(lists, self.label)
+        terms = [weighted_logistic_loss(y, s, mask=mask) for s in scores[:-2]]
+        for name, term in zip(self.stage_names, terms):
+            out[f"bce_{name}"] = term
+        light, light_groups = group_wise_loss(scores[-2], positives, groups, self.hap_kind)
+        strong, _ = group_wise_loss(scores[-1], positives, groups, self.hap_kind, hard_group_weights())
+        out[f"hap_{self.stage_names[-2]}"] = light
+        out[f"hap_{self.stage_names[-1]}"] = strong
+        for i, g in enumerate(GROUPS):
+            out[f"hap_{self.stage_names[-2]}_{g}"] = light_groups[i]
+        return tf.add_n(terms + [light, strong])
+
+    @staticmethod
+    def distillation(lists, last_logits) -> tf.Tensor:
+        """Mean BCE of the last stage's logits against σ(teacher_logit) over the real candidates
+        with a finite teacher_logit (module docstring); 0 when there are none."""
+        if "teacher_logit" not in lists:
+            raise ValueError("distill_weight > 0 needs a teacher_logit feature in the request lists")
+        teacher = tf.cast(tf.convert_to_tensor(lists["teacher_logit"]), tf.float32)
+        keep = (tf.convert_to_tensor(lists["mask"]) > 0) & tf.math.is_finite(teacher)
+        teacher = tf.where(keep, teacher, tf.fill(tf.shape(teacher), np.float32(np.nan)))
+        return distillation_loss(tf.reshape(teacher, [-1]), tf.reshape(last_logits, [-1]))
 
     def train_step(self, lists):
         with tf.GradientTape() as tape:
@@ -145,10 +193,22 @@ def evaluate_cascade(stage_scores: Sequence[np.ndarray], lists: Mapping[str, np.
                      quotas: Sequence[int], stage_names: Sequence[str], label: str = "gt",
                      ndcg_k: int = 10) -> Dict[str, float]:
     """e2e recall, per-stage Recall@|GT|@q_i (each stage alone on the whole list) and the last
-    stage's NDCG@k, all against `label` and with padding masked."""
+    stage's NDCG@k, all against `label` and with padding masked; plus `requests` (lists
+    evaluated) and `requests_without_gt` (lists without a real GT candidate: left out of every
+    recall and NDCG mean, DESIGN §8).
+
+    A request with fewer real candidates than q_i keeps them all at stage i; a quota larger than
+    the list size L itself cuts nothing in any request and is refused (ValueError).
+    """
     mask = np.asarray(lists["mask"])
+    if len(quotas) != len(stage_names) or len(stage_scores) != len(stage_names):
+        raise ValueError(f"{len(stage_scores)} stage scores, {len(quotas)} quotas and {len(stage_names)} stage names")
+    for name, q in zip(stage_names, quotas):
+        if int(q) > mask.shape[1]:
+            raise ValueError(f"quota {int(q)} of stage {name!r} > list size {mask.shape[1]}")
     gt = cascade_labels(lists, label).numpy()
-    out = {"e2e_recall": e2e_recall(stage_scores, gt, quotas, mask)}
+    out = {"e2e_recall": e2e_recall(stage_scores, gt, quotas, mask),
+           "requests": int(mask.shape[0]), "requests_without_gt": requests_without_gt(gt, mask)}
     for name, scores, q in zip(stage_names, stage_scores, quotas):
         out[f"recall_{name}@{q}"] = stage_recall(scores, gt, m=q, mask=mask)
     out[f"ndcg@{ndcg_k}_{stage_names[-1]}"] = ndcg_at_k(stage_scores[-1], gt, ndcg_k, mask)
@@ -160,7 +220,7 @@ def train_cascade(train_lists: Mapping[str, np.ndarray], method: str, seed: int 
                   tau: float = lcron.DEFAULT_TAU, with_retrieval: bool = True, embedding_dim: int = 16,
                   label: str = "gt", stages: Optional[Mapping[str, tf.keras.layers.Layer]] = None,
                   valid_lists: Optional[Mapping[str, np.ndarray]] = None,
-                  valid_quotas: Optional[Sequence[int]] = None) -> CascadeModel:
+                  valid_quotas: Optional[Sequence[int]] = None, distill_weight: float = 0.0) -> CascadeModel:
     """Builds the default stages (seeded), fits them with `method` and returns the model.
 
     With `valid_lists` (and the cascade's `valid_quotas`), the e2e recall on them is measured
@@ -169,7 +229,7 @@ def train_cascade(train_lists: Mapping[str, np.ndarray], method: str, seed: int 
     """
     tf.keras.utils.set_random_seed(seed)
     stages = stages or default_stages(with_retrieval, embedding_dim)
-    model = CascadeModel(stages, method=method, quota=quota, tau=tau, label=label)
+    model = CascadeModel(stages, method=method, quota=quota, tau=tau, label=label, distill_weight=distill_weight)
     model.adapt(train_lists)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
     model.history_ = []

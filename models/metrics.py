@@ -118,6 +118,8 @@ def prediction_difference(p1: np.ndarray, p2: np.ndarray) -> float:
 #   Per-stage Recall@|GT|@m: |top-m by that stage's score ∩ GT| / |GT|, mean over requests with GT.
 #   NDCG@k: Σ_{r<k} (2^{y_(r)} − 1) / log2(r + 2), divided by the same sum for the ideal order,
 #       mean over requests with a positive label (Järvelin & Kekäläinen, 2002).
+# A request without GT (no real GT candidate) has no recall: it is left out of the means, and
+# `requests_without_gt` counts such requests so that reports can say how many were left out.
 # Padded candidates (mask 0) never survive a stage, never count as GT and are never ranked.
 # Ties between scores are broken by list position (lower index first: a stable sort).
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +159,13 @@ def cascade_survivors(stage_scores, quotas, mask=None) -> np.ndarray:
             raise ValueError(f"stage_scores[{i}] has shape {s.shape} but stage_scores[0] has shape {first.shape}")
         alive = _top_m(s, alive, int(q))
     return alive
+
+
+def requests_without_gt(gt_mask, mask=None) -> int:
+    """Number of requests [B, L] with no real GT candidate (GT on a padded slot does not count):
+    the requests that e2e_recall and stage_recall leave out of their means."""
+    gt, valid = _list_inputs(gt_mask, mask, "gt_mask")
+    return int(np.sum(((gt != 0) & valid).sum(axis=1) == 0))
 
 
 def _mean_recall(selected: np.ndarray, gt: np.ndarray) -> float:

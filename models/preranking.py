@@ -54,17 +54,29 @@ _GROUP_TIERS = {
 }
 
 
-def hap_groups(lists: Mapping[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
-    """(positives [B, L] bool, groups [B, L, 4] bool) of a batch of request lists."""
+def hap_groups(lists: Mapping[str, tf.Tensor], label: str = "click") -> Tuple[tf.Tensor, tf.Tensor]:
+    """(positives [B, L] bool, groups [B, L, 4] bool) of a batch of request lists.
+
+    label="click" (HAP's own setting): positives are the shown and clicked candidates, g0 the
+    shown and not clicked ones. label="gt": positives are the GT tier `rerank_pos` (the cascade's
+    label, `models.cascade_model.cascade_labels`), g0 the shown candidates that are not GT (on
+    MovieLens the shown movies rated < 4; empty on synthetic data, where every shown item is GT).
+    g1..g3 are the same for both (never shown, by tier) and never hold a positive.
+    """
     real = tf.convert_to_tensor(lists["mask"]) > 0
     exposed = tf.convert_to_tensor(lists["ui_position"]) > F.NOT_SHOWN_POSITION
-    click = tf.convert_to_tensor(lists["click"]) > 0
     stage = tf.convert_to_tensor(lists["stage"])
-    positives = real & exposed & click
-    groups = [real & exposed & ~click]
+    if label == "click":
+        positive = exposed & (tf.convert_to_tensor(lists["click"]) > 0)
+    elif label == "gt":
+        positive = tf.equal(stage, RL.TIER_INDEX[F.GROUND_TRUTH_TIER])
+    else:
+        raise ValueError(f"label must be 'click' or 'gt', got {label!r}")
+    positives = real & positive
+    groups = [real & exposed & ~positive]
     for name in GROUPS[1:]:
         in_tiers = tf.reduce_any(tf.stack([tf.equal(stage, RL.TIER_INDEX[t]) for t in _GROUP_TIERS[name]]), axis=0)
-        groups.append(real & ~exposed & in_tiers)
+        groups.append(real & ~exposed & in_tiers & ~positive)
     return positives, tf.stack(groups, axis=-1)
 
 
@@ -203,6 +215,33 @@ def route(light_scores, strong_scores, top_m: int, mask=None) -> tf.Tensor:
     high = tf.reduce_max(tf.where(real, light, tf.fill(tf.shape(light), -np.inf)), axis=1, keepdims=True)
     low = tf.reduce_min(tf.where(top, strong, tf.fill(tf.shape(strong), np.inf)), axis=1, keepdims=True)
     return tf.where(top, strong - low + high + 1.0, light)
+
+
+def hap_flops(light: LightPreranker, strong: StrongRanker, top_m: int, candidates: int) -> Dict[str, int]:
+    """FLOPs (tf.profiler convention, module docstring) of HAP serving one request:
+
+        light_per_candidate, light_per_request (query tower, once), strong_per_candidate,
+        light_per_candidate_cached_items = u ⊙ v + head (the item vectors v precomputed, as a
+            server caches them; the item tower then costs nothing per request),
+        routed_per_request = light_per_request + n·light_per_candidate + min(M, n)·strong_per_candidate
+        routed_per_request_cached_items = the same with light_per_candidate_cached_items
+        strong_only_per_request = n·strong_per_candidate    (the strong model on every candidate)
+    for n = `candidates` and M = `top_m`.
+    """
+    if top_m < 1 or candidates < 1:
+        raise ValueError(f"top_m and candidates must be >= 1, got {top_m}, {candidates}")
+    lf, sf = light.flops(), strong.flops()
+    n, m = int(candidates), min(int(top_m), int(candidates))
+    cached = lf["per_candidate"] - light.item_tower.flops()
+    return {
+        "light_per_candidate": lf["per_candidate"],
+        "light_per_candidate_cached_items": cached,
+        "light_per_request": lf["per_request"],
+        "strong_per_candidate": sf["per_candidate"],
+        "routed_per_request": lf["per_request"] + n * lf["per_candidate"] + m * sf["per_candidate"],
+        "routed_per_request_cached_items": lf["per_request"] + n * cached + m * sf["per_candidate"],
+        "strong_only_per_request": n * sf["per_candidate"],
+    }
 
 
 class HAPPreranker(tf.keras.Model):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import cascade_survivors, e2e_recall, ndcg_at_k, stage_recall
+from models.metrics import cascade_survivors, e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
 
 P = 100.0  # score of padded slots: high, so a metric that forgot the mask would pick them
 
@@ -26,6 +26,21 @@ def test_e2e_recall_on_a_hand_made_three_stage_cascade():
     assert set(np.flatnonzero(survivors[0])) == {2, 4}
     assert set(np.flatnonzero(survivors[1])) == {0, 2}
     assert e2e_recall([S1, S2, S3], GT, quotas=(6, 4, 2), mask=MASK) == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_requests_without_gt_are_left_out_and_counted():
+    # Request 2 has no GT; a 4th request has GT only on a padded slot: both are left out of the
+    # means (which stay those of requests 0 and 1) and both are counted.
+    s = [np.vstack([x, [5, 4, 3, 2, 1, 0, 0, 0]]) for x in (S1, S2, S3)]
+    gt = np.vstack([GT, [0, 0, 0, 0, 0, 0, 0, 1]])
+    mask = np.vstack([MASK, [1, 1, 1, 1, 1, 1, 1, 0]])
+    assert requests_without_gt(gt, mask) == 2
+    assert requests_without_gt(GT, MASK) == 1
+    assert requests_without_gt(gt) == 1  # without the mask the padded GT would count
+    assert e2e_recall(s, gt, quotas=(6, 4, 2), mask=mask) == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert stage_recall(s[0], gt, m=3, mask=mask) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert math.isnan(e2e_recall([np.zeros((2, 3))], np.zeros((2, 3)), quotas=(2,)))
+    assert requests_without_gt(np.zeros((2, 3))) == 2
 
 
 def test_without_the_mask_padding_would_survive_and_change_the_answer():

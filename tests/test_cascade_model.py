@@ -149,6 +149,133 @@ def test_bce_trains_every_stage_on_its_own_and_lcron_couples_them(lists):
     assert max(np.abs(a - b).max() for a, b in zip(lcron_alone, lcron_together)) > 1e-4
 
 
+def _np_softmax_group_term(s, pos, members):
+    """mean over (request, positive) with a non-empty group of −log(e^{s_p} / (e^{s_p} + Σ_n e^{s_n}))."""
+    values = []
+    for b in range(s.shape[0]):
+        negs = np.flatnonzero(members[b])
+        if negs.size:
+            for p in np.flatnonzero(pos[b]):
+                z = np.concatenate([[s[b, p]], s[b, negs]])
+                values.append(np.log(np.exp(z - z.max()).sum()) + z.max() - s[b, p])
+    return np.mean(values) if values else 0.0
+
+
+def test_hap_objective_equals_numpy(lists):
+    batch = _batch(lists)
+    valid = batch["mask"].numpy() > 0
+    stage, shown = lists["stage"][:6], lists["ui_position"][:6] > 0
+    y = (stage == 0) & valid
+    # Groups by hand (label "gt"): g0 shown non-GT, g1 tiers 1-2, g2 tiers 3-4, g3 random_neg (5).
+    groups = [valid & shown & ~y, valid & ~shown & np.isin(stage, [1, 2]), valid & ~shown & np.isin(stage, [3, 4]),
+              valid & ~shown & (stage == 5)]
+    assert groups[1].sum() > 0 and groups[2].sum() > 0  # the synthetic lists fill both
+    model = CM.CascadeModel(_small_stages(), method="hap")
+    scores = model(batch).numpy().astype(np.float64)
+    light = sum(_np_softmax_group_term(scores[:, 1], y, g) for g in groups)
+    strong = sum(_np_softmax_group_term(scores[:, 2], y, g) for g in groups[:2])
+    expected = _np_bce(y.astype(np.float64), scores[:, 0], valid) + light + strong
+    out = model.compute_losses(batch)
+    np.testing.assert_allclose(float(out["hap_prerank"]), light, rtol=1e-5)
+    np.testing.assert_allclose(float(out["hap_rank"]), strong, rtol=1e-5)
+    np.testing.assert_allclose(float(out["loss"]), expected, rtol=1e-5)
+
+
+def _teacher_batch(lists):
+    """6 requests × 50 slots, 5 padded; teacher logits finite, NaN on some real slots, and
+    finite (but to be ignored) on the padded ones."""
+    batch = _batch(lists)
+    rng = np.random.default_rng(3)
+    teacher = rng.normal(scale=2.0, size=(6, 50)).astype(np.float32)
+    teacher[rng.random((6, 50)) < 0.3] = np.nan
+    teacher[:, 45:] = 7.0
+    batch["teacher_logit"] = tf.constant(teacher)
+    return batch, teacher
+
+
+def test_distillation_term_equals_numpy_and_skips_nan_and_padding(lists):
+    batch, teacher = _teacher_batch(lists)
+    plain = CM.CascadeModel(_small_stages(), method="bce")
+    model = CM.CascadeModel(_small_stages(), method="bce", distill_weight=0.7)
+    s = model(batch).numpy()[:, -1].astype(np.float64)
+    keep = (batch["mask"].numpy() > 0) & np.isfinite(teacher)
+    assert 0 < keep.sum() < 0.8 * 45 * 6 and not keep[:, 45:].any()
+    p = 1.0 / (1.0 + np.exp(-teacher[keep].astype(np.float64)))
+    q = 1.0 / (1.0 + np.exp(-s[keep]))
+    expected = np.mean(-p * np.log(q) - (1 - p) * np.log(1 - q))
+    out = model.compute_losses(batch)
+    np.testing.assert_allclose(float(out["distill"]), expected, rtol=1e-5)
+    assert "distill" not in plain.compute_losses(batch)
+    valid = batch["mask"].numpy() > 0
+    y = ((lists["stage"][:6] == 0) & valid).astype(np.float64)
+    bce = sum(_np_bce(y, x, valid) for x in model(batch).numpy().astype(np.float64).transpose(1, 0, 2))
+    np.testing.assert_allclose(float(out["loss"]), bce + 0.7 * expected, rtol=1e-5)
+    # The gradient of the term is finite everywhere and 0 on NaN-teacher and padded slots.
+    logits = tf.Variable(np.random.default_rng(4).normal(size=(6, 50)), dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        term = CM.CascadeModel.distillation(batch, logits)
+    grad = tape.gradient(term, logits).numpy()
+    assert np.all(np.isfinite(grad)) and np.all(grad[~keep] == 0) and np.all(grad[keep] != 0)
+    # Requests without any usable teacher logit give a 0 term, not NaN.
+    empty = dict(batch, teacher_logit=tf.fill([6, 50], np.float32(np.nan)))
+    assert float(CM.CascadeModel.distillation(empty, logits)) == 0.0
+
+
+def test_distillation_trains_the_last_stage_towards_the_teacher(lists):
+    """The term minus the teacher's entropy is KL(teacher ‖ student) ≥ 0; training with a large
+    weight shrinks it."""
+    batch, teacher = _teacher_batch(lists)
+    keep = (batch["mask"].numpy() > 0) & np.isfinite(teacher)
+    p = 1.0 / (1.0 + np.exp(-teacher[keep].astype(np.float64)))
+    entropy = np.mean(-p * np.log(p) - (1 - p) * np.log(1 - p))
+    model = CM.CascadeModel(_small_stages(), method="bce", distill_weight=10.0)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+    kl_before = float(model.compute_losses(batch)["distill"]) - entropy
+    model.fit(tf.data.Dataset.from_tensors(batch).repeat(30), verbose=0)
+    kl_after = float(model.compute_losses(batch)["distill"]) - entropy
+    assert kl_after >= -1e-6 and kl_after < 0.7 * kl_before, (kl_before, kl_after)
+
+
+def test_the_cascade_trainer_config_passes_distill_weight_to_the_model(lists):
+    from models.trainers import cascade as trainer
+    from models.config import config_from_dict
+    config = config_from_dict(trainer.CascadeTrainerConfig, {"distill_weight": 0.25, "embedding_dim": 4, "with_retrieval": False,
+                                                             "eval_quotas": [30, 20]})
+    model, quotas = trainer.build_model(config)
+    assert trainer.CascadeTrainerConfig().distill_weight == 0.0 and quotas == (30, 20)
+    batch, teacher = _teacher_batch(lists)
+    out = model.compute_losses(batch)
+    assert model.distill_weight == 0.25
+    off = dict(batch, teacher_logit=tf.fill([6, 50], np.float32(np.nan)))  # no teacher: the term is 0
+    np.testing.assert_allclose(float(out["loss"]) - float(model.compute_losses(off)["loss"]),
+                               0.25 * float(out["distill"]), rtol=1e-4)
+    assert float(out["distill"]) > 0
+
+
+def test_evaluate_cascade_counts_requests_without_gt_and_refuses_a_quota_above_the_list():
+    # 3 requests × 5 slots; request 1 has no GT, request 2 has GT only on its padded slot.
+    stage = np.array([[0, 1, 0, 2, 3], [1, 1, 2, 3, 4], [1, 2, 3, 4, 0]])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    lists = {"stage": stage, "mask": mask}
+    s1 = np.array([[5.0, 4, 3, 2, 1]] * 3)  # keeps slots 0-3 → both GT of request 0 survive
+    s2 = np.array([[1.0, 4, 3, 2, 5]] * 3)  # keeps slots 1, 2 of {0..3} → 1 of 2 GT
+    out = CM.evaluate_cascade([s1, s2], lists, (4, 2), ("a", "b"))
+    assert out["requests"] == 3 and out["requests_without_gt"] == 2
+    assert out["e2e_recall"] == pytest.approx(0.5)
+    assert out["recall_a@4"] == pytest.approx(1.0) and out["recall_b@2"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="quota 6 of stage 'a' > list size 5"):
+        CM.evaluate_cascade([s1, s2], lists, (6, 2), ("a", "b"))
+
+
+def test_a_training_quota_above_the_list_size_is_a_clear_error(lists):
+    model = CM.CascadeModel(_small_stages(), method="lcron", quota=51)
+    with pytest.raises(ValueError, match="quota 51 > list size 50"):
+        model.compute_losses(_batch(lists))
+    model = CM.CascadeModel(_small_stages(), method="lcron", quota=46)  # 45 real candidates per request
+    with pytest.raises(ValueError, match=r"quota 46 > number of real candidates of a request \(45\)"):
+        model.compute_losses(_batch(lists))
+
+
 @pytest.mark.slow
 def test_train_cascade_keeps_the_best_validation_epoch(lists):
     train, valid = LI.take_lists(lists, slice(0, 40)), LI.take_lists(lists, slice(40, None))
@@ -158,7 +285,9 @@ def test_train_cascade_keeps_the_best_validation_epoch(lists):
     scores = model.predict_stage_scores(valid)
     metrics = CM.evaluate_cascade(scores, valid, (40, 30, 20), model.stage_names)
     assert metrics["e2e_recall"] == pytest.approx(max(model.history_))
-    assert set(metrics) == {"e2e_recall", "recall_retrieval@40", "recall_prerank@30", "recall_rank@20", "ndcg@10_rank"}
+    assert set(metrics) == {"e2e_recall", "recall_retrieval@40", "recall_prerank@30", "recall_rank@20", "ndcg@10_rank",
+                            "requests", "requests_without_gt"}
+    assert metrics["requests"] == LI.num_lists(valid) and metrics["requests_without_gt"] == 0
 
 
 def test_bad_configuration_raises_value_error():
@@ -170,3 +299,7 @@ def test_bad_configuration_raises_value_error():
         CM.CascadeModel(_small_stages(), quota=[10, 10])
     with pytest.raises(ValueError, match="label must be"):
         CM.cascade_labels({"mask": np.ones((1, 2)), "stage": np.zeros((1, 2))}, "rating")
+    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+        CM.CascadeModel(_small_stages(), distill_weight=-1.0)
+    with pytest.raises(ValueError, match="'hap' needs at least two stages"):
+        CM.CascadeModel({"rank": _small_stages()["rank"]}, method="hap")

@@ -33,6 +33,16 @@ def test_groups_of_a_hand_made_list():
     assert members == {"exposed_nonclick": [1, 3], "rank_neg": [4], "prerank_neg": [5], "random_neg": [6]}
 
 
+def test_groups_with_the_gt_label():
+    """label="gt": positives = the rerank_pos tier (slots 0, 1, 2, clicked or not), g0 = shown non-GT."""
+    positives, groups = H.hap_groups(_hand_list(), label="gt")
+    assert list(np.flatnonzero(positives.numpy()[0])) == [0, 1, 2]
+    members = {g: list(np.flatnonzero(groups.numpy()[0, :, i])) for i, g in enumerate(H.GROUPS)}
+    assert members == {"exposed_nonclick": [3], "rank_neg": [4], "prerank_neg": [5], "random_neg": [6]}
+    with pytest.raises(ValueError, match="label must be"):
+        H.hap_groups(_hand_list(), label="rating")
+
+
 def _np_group_loss(s, pos, groups, kind, weights):
     terms = []
     for g in range(groups.shape[2]):
@@ -128,6 +138,22 @@ def test_flops_per_candidate_match_tf_profiler_and_a_hand_count():
     small, big = _profiled_flops(lambda x: strong.score_candidates(x), (tf.TensorSpec([1, d]),), (tf.TensorSpec([5, d]),))
     assert (big - small) / 4 == strong_hand
     assert strong.flops()["per_candidate"] > light.flops()["per_candidate"]
+    # Serving cost of a request of n = 7 candidates with M = 3 rescored. Query tower per request:
+    # 5 query features (4 embeddings + user_dense 4) = 20 → 16 → 8.
+    query_hand = (2 * 20 * 16 + 16) + (2 * 16 * 8 + 8)
+    cached_hand = 8 + (2 * 24 * 6 + 6) + (2 * 6 * 1 + 1)  # u ⊙ v + head, item vectors precomputed
+    cost = H.hap_flops(light, strong, top_m=3, candidates=7)
+    assert cost == {
+        "light_per_candidate": light_hand, "light_per_candidate_cached_items": cached_hand,
+        "light_per_request": query_hand, "strong_per_candidate": strong_hand,
+        "routed_per_request": query_hand + 7 * light_hand + 3 * strong_hand,
+        "routed_per_request_cached_items": query_hand + 7 * cached_hand + 3 * strong_hand,
+        "strong_only_per_request": 7 * strong_hand,
+    }
+    assert H.hap_flops(light, strong, top_m=30, candidates=7)["routed_per_request"] == query_hand + 7 * (
+        light_hand + strong_hand)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        H.hap_flops(light, strong, top_m=0, candidates=7)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +177,24 @@ def test_hap_training_lowers_both_losses(lists):
     assert after["strong_loss"] < 0.8 * before["strong_loss"]
     routed = model.predict(data, verbose=0)
     assert routed.shape == lists["mask"].shape and np.all(np.isfinite(routed))
+
+
+def test_trainer_evaluation_leaves_out_and_counts_requests_without_gt(lists):
+    from models.metrics import stage_recall
+    from models.trainers import preranking as trainer
+    lists = LI.take_lists(lists, slice(0, 6))
+    lists["stage"] = lists["stage"].copy()
+    lists["stage"][:2][lists["stage"][:2] == T["rerank_pos"]] = T["rerank_neg"]  # requests 0, 1: no GT
+    tf.keras.utils.set_random_seed(0)
+    model = H.HAPPreranker(H.LightPreranker(4, (8,), 4, (4,)), H.StrongRanker(4, 1, 2, (8,)), top_m=30)
+    out = trainer.evaluate(model, lists, quota=20)
+    assert out["requests"] == 6 and out["requests_without_gt"] == 2
+    light = trainer.scores_on(model.light, lists)
+    gt = (lists["stage"] == T["rerank_pos"]) & (lists["mask"] > 0)
+    top = np.argsort(-light, axis=1, kind="stable")[:, :20]
+    by_hand = np.mean([np.isin(np.flatnonzero(gt[r]), top[r]).mean() for r in range(2, 6)])
+    assert out["recall_light@20"] == pytest.approx(by_hand)
+    assert stage_recall(light, gt, m=20, mask=lists["mask"]) == pytest.approx(by_hand)
 
 
 def test_bad_input():

@@ -133,3 +133,25 @@ def test_a_list_without_positives_is_refused(data):
         R.retrieval_pairs(empty, 8)
     with pytest.raises(ValueError, match="positive must be"):
         R.positive_mask(lists, "rating")
+
+
+def test_trainer_evaluation_leaves_out_and_counts_requests_without_gt(data):
+    """Requests 0 and 1 lose their GT: they are counted, and the recalls are the means over the
+    other requests, computed here by hand from u·v."""
+    from models.trainers import retrieval as trainer
+    lists, _ = data
+    lists = LI.take_lists(lists, slice(0, 6))
+    lists["stage"] = lists["stage"].copy()
+    lists["stage"][:2][lists["stage"][:2] == RL.TIER_INDEX["rerank_pos"]] = RL.TIER_INDEX["rerank_neg"]
+    tf.keras.utils.set_random_seed(0)
+    model = R.RetrievalModel(embedding_dim=4, hidden_units=(8,), output_dim=4)
+    corpus = R.item_corpus_from_lists(lists)
+    out = trainer.evaluate(model, corpus, lists, k=5, quota=20)
+    assert out["requests"] == 6 and out["requests_without_gt"] == 2
+    u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in LI.QUERY_FEATURES})).numpy()
+    v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in LI.ITEM_FEATURES})).numpy()
+    scores = np.einsum("bd,bld->bl", u, v.reshape(6, 50, -1))
+    gt = (lists["stage"] == RL.TIER_INDEX["rerank_pos"]) & (lists["mask"] > 0)
+    top = np.argsort(-scores, axis=1)[:, :20]
+    by_hand = np.mean([np.isin(np.flatnonzero(gt[r]), top[r]).mean() for r in range(2, 6)])
+    assert out["recall_retrieval@20"] == pytest.approx(by_hand)

@@ -69,6 +69,7 @@ def test_retrieval_module(data, eval_examples, tmp_path):
     retrieval.run_fn(_fn_args(data, tmp_path, {"retrieval": json.dumps(config)}))
     metrics = _check_run(tmp_path)
     assert {"recall_retrieval@|GT|", "recall_retrieval@40", "index_recall@10"} <= set(metrics)
+    assert metrics["requests_without_gt"] == 0 < metrics["requests"]  # every synthetic list has its GT tier
     loaded = tf.saved_model.load(str(tmp_path / "serving"))
     assert set(loaded.signatures) == {"serving_default", "query_embedding", "item_embeddings", "score"}
     examples = tf.constant(eval_examples)
@@ -95,6 +96,11 @@ def test_preranking_module(data, eval_examples, tmp_path):
     preranking.run_fn(_fn_args(data, tmp_path, {"preranking": json.dumps(config)}))
     metrics = _check_run(tmp_path)
     assert {"e2e_recall", "recall_light@20", "recall_routed@20"} <= set(metrics)
+    assert metrics["requests_without_gt"] == 0 < metrics["requests"]
+    flops = metrics["flops"]  # per candidate: the strong model costs more than the light one
+    assert flops["strong_per_candidate"] > flops["light_per_candidate"] > flops["light_per_candidate_cached_items"] > 0
+    assert flops["routed_per_request"] == (flops["light_per_request"] + LIST_SIZE * flops["light_per_candidate"]
+                                           + 25 * flops["strong_per_candidate"])
     loaded = tf.saved_model.load(str(tmp_path / "serving"))
     assert set(loaded.signatures) == {"serving_default", "rescore"}
     examples = tf.constant(eval_examples)
@@ -109,6 +115,7 @@ def test_cascade_module(data, eval_examples, tmp_path, method):
     cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps(config)}))
     metrics = _check_run(tmp_path)
     assert metrics["method"] == method
+    assert metrics["requests_without_gt"] == 0 < metrics["requests"]
     assert {"e2e_recall", "recall_retrieval@40", "recall_prerank@30", "recall_rank@20"} <= set(metrics)
     serve = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"]
     out = serve(examples=tf.constant(eval_examples))

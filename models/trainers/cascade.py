@@ -6,17 +6,21 @@ Input: the NegativeSampler's request-list Examples, trained on as tf.data
 fit the dense normalisers, and the eval lists for the metrics.
 
 custom_config: {"cascade": JSON object}, keys and defaults in `CascadeTrainerConfig`:
-    method "lcron" ("bce", "icc"), list_size 60, epochs 3, batch_size 64 (request lists),
+    method "lcron" ("bce", "icc", "hap"), list_size 60, epochs 3, batch_size 64 (request lists),
     learning_rate 2e-3 (Adam), quota 10 (LCRON's training quota, an int or one per stage),
     tau 50.0, with_retrieval true (stages retrieval, prerank, rank; false: prerank, rank),
     embedding_dim 16, label "gt" ("click"), eval_quotas [40, 30, 20] (the cascade quotas of the
-    e2e recall, DESIGN §8; the last len(stages) are used), seed 0.
+    e2e recall, DESIGN §8; the last len(stages) are used), seed 0, distill_weight 0.0 (λ of the
+    distillation term of `CascadeModel`: the last stage's logit against sigmoid(teacher_logit),
+    BCE over the real candidates with a finite teacher_logit; 0 = off; needs the TeacherInference
+    output's `teacher_logit`).
 
 Training: Keras `fit` of `CascadeModel` (its train_step) with TensorBoard + BackupAndRestore.
 (No per-epoch best-weights selection as `train_cascade(valid_lists=…)` does: the eval split is
 for reporting.)
 eval_metrics.json (`evaluate_cascade` on the eval lists): e2e_recall, recall_<stage>@<q> per
-stage, ndcg@10_<last stage>, plus method and the quotas.
+stage, ndcg@10_<last stage>, requests and requests_without_gt (lists without a real GT
+candidate, left out of every recall), plus method, distill_weight and the quotas.
 Export (SavedModel + warmup file): serving_default on serialized candidate-row tf.Examples
 (input `examples`) → {score/<stage> [N] for every stage, score [N] = the last stage's}. The
 cascade's cut (each stage keeps its top q_i of a request) is done by the caller.
@@ -53,6 +57,7 @@ class CascadeTrainerConfig:
     label: str = "gt"
     eval_quotas: Tuple[int, ...] = (40, 30, 20)
     seed: int = 0
+    distill_weight: float = 0.0
 
 
 class CascadeServing(tf.Module):
@@ -71,23 +76,30 @@ class CascadeServing(tf.Module):
         return out
 
 
-def run_fn(fn_args) -> None:
-    """Called by the TFX Trainer (GenericExecutor)."""
-    config = common.config_from(fn_args, CONFIG_KEY, CascadeTrainerConfig)
-    logging.info("Training the cascade with %s", config)
+def build_model(config: CascadeTrainerConfig) -> Tuple[CascadeModel, Tuple[int, ...]]:
+    """(the CascadeModel of `config`, the eval quotas of its stages); seeds TF first."""
     tf.keras.utils.set_random_seed(config.seed)
     stages = default_stages(config.with_retrieval, config.embedding_dim)
     if len(config.eval_quotas) < len(stages):
         raise ValueError(f"eval_quotas {config.eval_quotas} give fewer quotas than the {len(stages)} stages")
-    quotas = tuple(config.eval_quotas)[-len(stages):]
-    model = CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label)
+    quotas = tuple(int(q) for q in config.eval_quotas)[-len(stages):]
+    model = CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label,
+                         distill_weight=config.distill_weight)
+    return model, quotas
+
+
+def run_fn(fn_args) -> None:
+    """Called by the TFX Trainer (GenericExecutor)."""
+    config = common.config_from(fn_args, CONFIG_KEY, CascadeTrainerConfig)
+    logging.info("Training the cascade with %s", config)
+    model, quotas = build_model(config)
     model.adapt(load_lists(fn_args.train_files, config.list_size))
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     evals = load_lists(fn_args.eval_files, config.list_size)
     result = evaluate_cascade(model.predict_stage_scores(evals), evals, quotas, model.stage_names, config.label)
-    result.update(method=config.method, requests=int(evals["mask"].shape[0]),
+    result.update(method=config.method, distill_weight=config.distill_weight,
                   quotas={n: int(q) for n, q in zip(model.stage_names, quotas)})
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)

@@ -17,6 +17,11 @@ Training: Keras `fit` of `HAPPreranker` (its train_step) with TensorBoard + Back
 eval_metrics.json, on the eval lists with GT = the `rerank_pos` tier:
     recall_light@|GT|, recall_light@<q>, recall_strong@<q>, recall_routed@<q>  (Recall@|GT|@m)
     e2e_recall   light keeps its top M, the strong model keeps q of them (quotas (top_m, q))
+    requests, requests_without_gt   lists evaluated / lists without a real GT candidate (left
+                 out of every recall)
+    flops        `models.preranking.hap_flops` for n = list_size candidates (tf.profiler
+                 convention, a multiply-add = 2): light_per_candidate, light_per_request,
+                 strong_per_candidate, routed_per_request, … (analytic, from the layer shapes)
 Export (SavedModel + warmup file), all on serialized candidate-row tf.Examples (input `examples`):
     serving_default  → {score [N]}: the light model's score of each candidate
     rescore          → {score [N]}: the strong model's score. Routing is per request: the caller
@@ -34,8 +39,8 @@ from absl import logging
 from models import export as export_lib
 from models import list_inputs as LI
 from models.cascade_model import cascade_labels
-from models.metrics import e2e_recall, stage_recall
-from models.preranking import HAPPreranker, LightPreranker, StrongRanker, route
+from models.metrics import e2e_recall, requests_without_gt, stage_recall
+from models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_flops, route
 from models.retrieval import adapt_towers
 from models.trainers import common
 from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
@@ -98,6 +103,7 @@ def evaluate(model: HAPPreranker, lists: Mapping[str, np.ndarray], quota: int) -
     gt = cascade_labels(lists).numpy()
     return {
         "requests": int(mask.shape[0]),
+        "requests_without_gt": requests_without_gt(gt, mask),
         "recall_light@|GT|": stage_recall(light, gt, m=None, mask=mask),
         f"recall_light@{quota}": stage_recall(light, gt, m=quota, mask=mask),
         f"recall_strong@{quota}": stage_recall(strong, gt, m=quota, mask=mask),
@@ -115,9 +121,10 @@ def run_fn(fn_args) -> None:
     adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, config.list_size))
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     evals = load_lists(fn_args.eval_files, config.list_size)
     result = evaluate(model, evals, config.eval_quota)
+    result["flops"] = hap_flops(model.light, model.strong, model.top_m, config.list_size)
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     module = PrerankingServing(model.light, model.strong)

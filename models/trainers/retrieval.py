@@ -19,6 +19,8 @@ eval_metrics.json: on the eval lists, with GT = the `rerank_pos` tier,
     recall_retrieval@<q>    Recall@|GT|@q within each list (the stage's cascade quota)
     index_recall@<K>        share of the eval GT (request, item) pairs whose item is in the
                             exported index's top K for that request (corpus-wide retrieval)
+    requests, requests_without_gt   lists evaluated / lists without a real GT candidate (left
+                            out of the recalls)
 Export (`export_retrieval`'s layout, plus one signature), with the warmup file:
     serving_default(examples)  request (or candidate-row) tf.Examples → {item_ids [N, K], scores [N, K]}
     query_embedding(examples)  → {embedding [N, d]}
@@ -43,7 +45,7 @@ from models import export as export_lib
 from models import list_inputs as LI
 from models import retrieval as R
 from models.cascade_model import cascade_labels
-from models.metrics import stage_recall
+from models.metrics import requests_without_gt, stage_recall
 from models.trainers import common
 from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
 from schema import request_list as RL
@@ -117,6 +119,7 @@ def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, 
     hits = [lists["item_id"][r, j] in top[r] for r, j in zip(rows, slots)]
     return {
         "requests": int(mask.shape[0]),
+        "requests_without_gt": requests_without_gt(gt, mask),
         "corpus_size": corpus.size,
         "recall_retrieval@|GT|": stage_recall(scores, gt, m=None, mask=mask),
         f"recall_retrieval@{quota}": stage_recall(scores, gt, m=quota, mask=mask),
@@ -142,7 +145,7 @@ def run_fn(fn_args) -> None:
     negatives = R.UniformNegatives(train_corpus, config.num_negatives, config.seed) if config.num_negatives else None
     model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
-    model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
