@@ -1,15 +1,24 @@
 """Candidate rows/s of the NegativeSampler and TeacherInference executors on Beam's DirectRunner.
 
 Each executor runs on the same synthetic data (--requests × 50 rows) three ways, in one run:
-in-process (no Beam args, the reference), and multi-processing with 1 and with 2 workers.
-Figures are means ± std over --repeats runs and ratios against the in-process reference.
+in-process (no Beam args, the reference), and multi-processing with 1 and with 2 workers (the
+local pipeline's mode). For each it prints, as means ± std over --repeats runs:
+  rows/s      rows / wall time of the whole executor (construction + Do), what a pipeline pays,
+              and its ratio to the in-process figure of the same run;
+  Do rows/s   rows / wall time of Do alone: TFX builds an ephemeral sdist when constructing a Beam
+              executor with non-empty beam_pipeline_args (`init s`), which Do does not include;
+  CPU s       CPU seconds of this process plus its finished children (the SDK workers), which
+              is less sensitive than wall time to other load on the machine.
+A last table gives the floor of each mode: a pipeline that only reads the same records and
+counts them (worker start-up, which imports TensorFlow when the DoFns need it, and transport).
 
-    python bench/component_throughput.py [--requests 1000] [--repeats 3]
+    python bench/component_throughput.py [--requests 1000] [--repeats 3] [--only NegativeSampler]
 """
 import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -17,14 +26,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import apache_beam as beam  # noqa: E402
 from tfx.dsl.components.base import base_beam_executor  # noqa: E402
 
 from components import negative_sampler, record_io, teacher_inference  # noqa: E402
 from components.sampling import SamplerConfig  # noqa: E402
 from tests.component_fixtures import examples_artifact, exported_model, synthetic_examples  # noqa: E402
 
+REFERENCE = "in-process (reference)"
 MODES = {
-    "in-process (reference)": [],
+    REFERENCE: [],
     "multi_processing, 1 worker": ["--direct_running_mode=multi_processing", "--direct_num_workers=1"],
     "multi_processing, 2 workers": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
 }
@@ -37,49 +48,95 @@ def _outputs(root):
     return out, dead
 
 
+def _context(beam_args, root):
+    return base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=beam_args, tmp_dir=os.path.join(root, "tmp"))
+
+
 def run_sampler(examples, model, beam_args, root):
+    """(construction seconds, Do seconds) of one NegativeSampler run."""
     out, dead = _outputs(root)
-    context = base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=beam_args, tmp_dir=os.path.join(root, "tmp"))
-    negative_sampler.Executor(context).Do(
+    start = time.perf_counter()
+    executor = negative_sampler.Executor(_context(beam_args, root))
+    built = time.perf_counter()
+    executor.Do(
         {"examples": [examples]}, {"request_lists": [out], "dead_letters": [dead]},
         {"config": json.dumps(dataclasses.asdict(SamplerConfig(nonclick_keep_rate=0.5))),
          "input_splits": json.dumps(["train", "eval"])})
+    return built - start, time.perf_counter() - built
 
 
 def run_teacher(examples, model, beam_args, root):
+    """(construction seconds, Do seconds) of one TeacherInference run."""
     out, dead = _outputs(root)
-    context = base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=beam_args, tmp_dir=os.path.join(root, "tmp"))
-    teacher_inference.Executor(context).Do(
+    start = time.perf_counter()
+    executor = teacher_inference.Executor(_context(beam_args, root))
+    built = time.perf_counter()
+    executor.Do(
         {"examples": [examples], "model": [model]}, {"output_examples": [out], "dead_letters": [dead]},
         {"splits": json.dumps(["train", "eval"]), "output_key": "logit", "output_feature": "teacher_logit",
          "max_bad_fraction": 0.01})
+    return built - start, time.perf_counter() - built
+
+
+def run_floor(examples, model, beam_args, root):
+    """(0, seconds) of a pipeline that reads every record of both splits and counts them, with a
+    DoFn of `components.record_io` (so the workers import TensorFlow, as the components' do)."""
+    start = time.perf_counter()
+    with beam.Pipeline(argv=beam_args) as p:
+        for split in ("train", "eval"):
+            _ = (record_io.read_split(p, os.path.join(examples.uri, f"Split-{split}"), split)
+                 | f"Parse[{split}]" >> beam.ParDo(record_io.ParseOrDivert("floor"))
+                 | f"Count[{split}]" >> beam.combiners.Count.Globally())
+    return 0.0, time.perf_counter() - start
+
+
+def _cpu_seconds():
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _fmt(values, spec):
+    mean = statistics.mean(values)
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{mean:{spec}} ± {std:{spec}}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("NegativeSampler", "TeacherInference", "floor"), action="append")
     args = parser.parse_args()
     rows = args.requests * 50
+    runs = [("NegativeSampler", run_sampler), ("TeacherInference", run_teacher), ("floor", run_floor)]
+    runs = [r for r in runs if not args.only or r[0] in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         examples = synthetic_examples(os.path.join(tmp, "examples"), args.requests)
         model = exported_model(os.path.join(tmp, "examples"), os.path.join(tmp, "model"))
         print(f"synthetic data, {args.requests} requests = {rows} candidate rows, {args.repeats} repeats, "
-              f"{os.cpu_count()} cores, DirectRunner")
-        for name, fn in (("NegativeSampler", run_sampler), ("TeacherInference", run_teacher)):
-            rates = {}
+              f"{os.cpu_count()} cores, DirectRunner; load average before: {os.getloadavg()[0]:.1f}")
+        print(f"  {'component':17s} {'mode':28s} {'rows/s':>17s} {'ratio':>6s} {'Do rows/s':>17s} {'init s':>12s} "
+              f"{'CPU s':>14s}")
+        for name, fn in runs:
+            results = {}
             for mode, beam_args in MODES.items():
-                values = []
+                init, total, do, cpu = [], [], [], []
                 for r in range(args.repeats):
-                    root = os.path.join(tmp, f"{name}-{len(rates)}-{r}")
-                    start = time.perf_counter()
-                    fn(examples, model, beam_args, root)
-                    values.append(rows / (time.perf_counter() - start))
-                rates[mode] = values
-            reference = statistics.mean(rates["in-process (reference)"])
-            for mode, values in rates.items():
-                mean, std = statistics.mean(values), statistics.pstdev(values)
-                print(f"  {name:17s} {mode:28s} {mean:9,.0f} ± {std:6,.0f} rows/s   ×{mean / reference:.2f}")
+                    root = os.path.join(tmp, f"{name}-{len(results)}-{r}")
+                    cpu_start = _cpu_seconds()
+                    built, done = fn(examples, model, beam_args, root)
+                    cpu.append(_cpu_seconds() - cpu_start)
+                    init.append(built)
+                    total.append(rows / (built + done))
+                    do.append(rows / done)
+                results[mode] = (total, do, init, cpu)
+            reference = statistics.mean(results[REFERENCE][0])
+            for mode, (total, do, init, cpu) in results.items():
+                label = "(read + count)" if name == "floor" else ""
+                print(f"  {name + label:17s} {mode:28s} {_fmt(total, '7,.0f')} ×{statistics.mean(total) / reference:4.2f} "
+                      f"{_fmt(do, '7,.0f')} {_fmt(init, '4.1f')} {_fmt(cpu, '5.1f')}", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

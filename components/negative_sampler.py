@@ -9,26 +9,45 @@ A Beam component (DESIGN §6 step 3). For each request it
   5. writes it to the `train` or `eval` split: the input's split ("keep"), a hash of the
      request id ("hash"), or the latest `eval_fraction` of requests by time ("time").
 
-Records that fail to parse or miss a required feature go to the dead-letter output, as do
-requests with more candidates than a list holds; the component fails when bad records exceed
-`max_bad_fraction`. Beam counters (namespace `negative_sampler`) count what was read, kept,
-dropped (per reason), reweighted and written; they are saved in `metrics.json` and as custom
-properties of the output artifact.
+Records that fail to parse, miss a required feature, have the wrong number of values or an
+unknown stage go to the dead-letter output, as do requests with more candidates than a list
+holds; the component fails when bad records exceed `max_bad_fraction`. Beam counters (namespace
+`negative_sampler`) count what was read, kept, dropped (per reason), reweighted and written; they
+are saved in `metrics.json` and as custom properties of the output artifact.
+
+Pipeline, laid out for DirectRunner's multi-processing mode, where each split's (gzipped, so
+unsplittable) file is read by a single worker and only the stages after a shuffle are spread
+over the workers:
+    read → KeyByRequest   the only per-record work before the shuffle: the request id, read for
+                          512 records at a time by tfx_bsl's C++ Example→Arrow decoder
+    GroupByKey(request)   raw bytes: cheap to encode between stages
+    DecodeRequests        64 requests per decoder call → numpy columns per request, the item
+                          corpus entries (pre-aggregated per batch) and the request times
+    item corpus           CombinePerKey → one compact, numpy-only `ItemCorpus` side input
+    BuildLists            `sampling.sample_request_columns` (vectorised; per-row python only for
+                          the ~10 shown non-clicks) → the request-list tf.Example
+The output is the same bytes as the row-based reference (`sampling.sample_request` +
+`schema.request_list.build_request_list`) and does not depend on the runner or its workers:
+every order is fixed by sorting (input split, item id, raw bytes), never by arrival order.
+`bench/component_throughput.py` measures its rows/s in each runner mode.
 """
 import dataclasses
 import json
 from typing import Any, Dict, Iterable, List, Tuple
 
 import apache_beam as beam
+import numpy as np
 import tensorflow as tf
+from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import types
 from tfx.dsl.components.base import base_beam_component, base_beam_executor, executor_spec
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+from tfx_bsl.coders import example_coder
 
 from components import record_io
-from components.sampling import ITEM_FEATURES, ItemCorpus, SamplerConfig, request_split_by_hash, sample_request
-from datasources.example_io import make_example
+from components.sampling import (FLOAT_COLUMNS, ITEM_FEATURES, ROW_DEFAULTS, ItemCorpus, SamplerConfig,
+                                 request_split_by_hash, sample_request_columns)
 from schema import features as F
 from schema import request_list as RL
 
@@ -61,9 +80,285 @@ def example_to_row(example: tf.train.Example, scalars: frozenset) -> Dict[str, A
     return row
 
 
-def _item_entry(row: Dict[str, Any]) -> Tuple[int, Tuple[int, Tuple]]:
-    features = tuple((name, tuple(row[name]) if isinstance(row[name], list) else row[name]) for name in ITEM_FEATURES)
-    return int(row["item_id"]), (1, features)
+def _decoder_of(names) -> example_coder.ExamplesToRecordBatchDecoder:
+    """tfx_bsl's C++ tf.Example → Arrow decoder for the schema features `names` (typed by the
+    schema). After a DecodeBatch that raised, a decoder must be replaced: it is left unusable."""
+    schema = F.load_schema()
+    sub = schema_pb2.Schema()
+    sub.feature.extend(f for f in schema.feature if f.name in names)
+    return example_coder.ExamplesToRecordBatchDecoder(sub.SerializeToString())
+
+
+class _KeyByRequest(beam.DoFn):
+    """Batches of raw records → (request_id, (split index, raw)) per record. The only per-record
+    work done before the shuffle: a split's file is read by one worker, so this stage does not run
+    in parallel. The request ids of a batch come from one call of the C++ decoder (reading only
+    request_id); records that do not parse or have no request_id go to the dead-letter output."""
+
+    def __init__(self, split_index: int):
+        self._split_index = split_index
+        self._decoder = None
+        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
+
+    def setup(self):
+        self._decoder = _decoder_of((F.REQUEST_ID_KEY,))
+
+    def _request_ids(self, raws: List[bytes]) -> List:
+        """The request id of each record, or the reason it has none."""
+        try:
+            column = self._decoder.DecodeBatch(raws).column(F.REQUEST_ID_KEY)
+            offsets = column.offsets.to_numpy()
+            values = column.values.to_numpy()
+            valid = np.diff(offsets) > 0
+            if column.null_count:
+                valid &= ~column.is_null().to_numpy(zero_copy_only=False)
+            if valid.all():
+                return values[offsets[:-1]].tolist()
+        except RuntimeError:
+            self._decoder = _decoder_of((F.REQUEST_ID_KEY,))  # a failed decode leaves it unusable
+        out = []  # a bad record in the batch: one at a time, to tell which and why
+        for raw in raws:
+            try:
+                example = tf.train.Example.FromString(raw)
+            except Exception as e:  # protobuf raises DecodeError and friends
+                out.append(f"unparseable tf.Example: {type(e).__name__}")
+                continue
+            features = example.features.feature
+            value = features[F.REQUEST_ID_KEY].int64_list.value if F.REQUEST_ID_KEY in features else ()
+            out.append(int(value[0]) if value else f"missing required feature(s): {F.REQUEST_ID_KEY}")
+        return out
+
+    def process(self, raws: List[bytes]):
+        for raw, request_id in zip(raws, self._request_ids(raws)):
+            if isinstance(request_id, str):
+                self._bad.inc()
+                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, request_id))
+            else:
+                yield request_id, (self._split_index, raw)
+
+
+SCALAR_INT_COLUMNS = RL.REQUEST_INT_FEATURES + ("item_id", "item_category", "ui_position", "ui_format", "click")
+FIXED_SIZE_COLUMNS = {"user_dense": 4, "item_dense": RL.ITEM_DENSE_SIZE}
+RAGGED_COLUMNS = {"query_tokens": 1, "item_tags": 0}  # name → fewest values a row may have
+DECODED_FEATURES = SCALAR_INT_COLUMNS + tuple(FIXED_SIZE_COLUMNS) + tuple(RAGGED_COLUMNS) + ("stage",) + FLOAT_COLUMNS
+
+
+class CandidateDecoder:
+    """Serialized candidate rows → numpy columns (`components.sampling`'s columnar layout) with
+    tfx_bsl's C++ Example→Arrow decoder, and the reasons of the rows that cannot be used.
+
+    A row is bad when it does not decode, misses a required feature, has the wrong number of
+    values for a scalar or fixed-size feature, or names an unknown stage tier.
+    """
+
+    def __init__(self, required: Iterable[str]):
+        self._decoder = _decoder_of(DECODED_FEATURES)
+        self._required = tuple(required)
+
+    def _decode(self, raws: List[bytes]):
+        """(record batch of the decodable rows, their indices, {index: reason} of the others)."""
+        try:
+            return self._decoder.DecodeBatch(raws), np.arange(len(raws)), {}
+        except RuntimeError:
+            self._decoder = _decoder_of(DECODED_FEATURES)  # a failed decode leaves it unusable
+        good, bad = [], {}
+        for i, raw in enumerate(raws):
+            try:
+                self._decoder.DecodeBatch([raw])
+                good.append(i)
+            except RuntimeError as e:
+                self._decoder = _decoder_of(DECODED_FEATURES)
+                bad[i] = f"undecodable candidate row: {str(e).splitlines()[0]}"
+        batch = self._decoder.DecodeBatch([raws[i] for i in good]) if good else None
+        return batch, np.asarray(good, dtype=np.int64), bad
+
+    def decode(self, raws: List[bytes]) -> Tuple[Dict[str, np.ndarray], np.ndarray, Dict[int, str]]:
+        """(columns of the good rows, indices of the good rows in `raws`, {index: reason} of the bad)."""
+        batch, rows, bad = self._decode(raws)
+        n = rows.size
+        problems: Dict[int, List[str]] = {}
+
+        def flag(mask, text):
+            for k in np.flatnonzero(mask).tolist():
+                problems.setdefault(k, []).append(text)
+
+        cols: Dict[str, np.ndarray] = {}
+        lists = {}
+        for name in DECODED_FEATURES:
+            column = batch.column(name) if batch is not None else None
+            offsets = column.offsets.to_numpy() if column is not None else np.zeros(n + 1, dtype=np.int64)
+            values = column.values.to_numpy(zero_copy_only=False) if column is not None else np.zeros(0)
+            if column is None:
+                present = np.zeros(n, dtype=bool)
+            elif column.null_count == 0:
+                present = np.ones(n, dtype=bool)
+            else:
+                present = ~column.is_null().to_numpy(zero_copy_only=False)
+            lengths = np.diff(offsets)
+            lists[name] = (offsets, values, present, lengths)
+        missing = [(name, ~lists[name][2]) for name in self._required if name in lists]
+        if missing:
+            missing_any = np.zeros(n, dtype=bool)
+            for _, m in missing:
+                missing_any |= m
+            for k in np.flatnonzero(missing_any).tolist():
+                names = [name for name, m in missing if m[k]]
+                problems.setdefault(k, []).append(f"missing required feature(s): {', '.join(names)}")
+
+        def first_values(name, default):
+            offsets, values, present, lengths = lists[name]
+            ok = present & (lengths > 0)
+            if not values.size:
+                return np.full(n, default, dtype=np.float64 if isinstance(default, float) else np.int64), ok
+            return np.where(ok, values[np.where(ok, offsets[:-1], 0)], default), ok
+
+        for name in SCALAR_INT_COLUMNS:
+            cols[name], ok = first_values(name, 0)
+            cols[name] = cols[name].astype(np.int64)
+            flag(lists[name][2] & ~ok, f"{name} has no value")
+        for name in FLOAT_COLUMNS:
+            value, _ = first_values(name, ROW_DEFAULTS[name])
+            cols[name] = value.astype(np.float64)
+        for name, size in FIXED_SIZE_COLUMNS.items():
+            offsets, values, present, lengths = lists[name]
+            wrong = present & (lengths != size)
+            flag(wrong, f"{name} needs {size} values")
+            dense = np.zeros((n, size), dtype=np.float32)
+            ok = np.flatnonzero(present & ~wrong)
+            if ok.size:
+                dense[ok] = values[offsets[ok][:, None] + np.arange(size)]
+            cols[name] = dense
+        for name, fewest in RAGGED_COLUMNS.items():
+            offsets, values, present, lengths = lists[name]
+            flag(present & (lengths < fewest), f"{name} has no value")
+            cols[f"{name}_values"] = values.astype(np.int64)
+            cols[f"{name}_offsets"] = offsets.astype(np.int64)
+        offsets, values, present, lengths = lists["stage"]
+        tier = np.full(n, -1, dtype=np.int64)
+        for k in np.flatnonzero(present & (lengths > 0)).tolist():
+            tier[k] = TIER_BY_NAME.get(values[offsets[k]], -1)
+        flag(present & (tier < 0), "unknown stage tier")
+        cols["tier"] = tier
+        good = np.ones(n, dtype=bool)
+        for k, texts in problems.items():
+            good[k] = False
+            bad[int(rows[k])] = "; ".join(texts)
+        return select_rows(cols, np.flatnonzero(good)), rows[good], bad
+
+
+TIER_BY_NAME = {name.encode(): index for name, index in RL.TIER_INDEX.items() if name != RL.RANDOM_NEG_TIER}
+
+
+def select_rows(cols: Dict[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
+    """The rows `index` (in that order) of a columnar request."""
+    out = {}
+    for name, value in cols.items():
+        if name.endswith("_offsets"):
+            continue
+        if name.endswith("_values"):
+            base = name[: -len("_values")]
+            offsets = cols[f"{base}_offsets"]
+            starts, ends = offsets[index], offsets[index + 1]
+            out[f"{base}_offsets"] = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+            out[name] = (np.concatenate([value[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+                         if index.size else value[:0]).astype(np.int64)
+        else:
+            out[name] = value[index]
+    return out
+
+
+def slice_rows(cols: Dict[str, np.ndarray], start: int, stop: int) -> Dict[str, np.ndarray]:
+    """The contiguous rows [start, stop) of a columnar batch (cheap: views, offsets rebased)."""
+    out = {}
+    for name, value in cols.items():
+        if name.endswith("_offsets"):
+            continue
+        if name.endswith("_values"):
+            base = name[: -len("_values")]
+            offsets = cols[f"{base}_offsets"][start:stop + 1]
+            out[name] = value[offsets[0]:offsets[-1]]
+            out[f"{base}_offsets"] = offsets - offsets[0]
+        else:
+            out[name] = value[start:stop]
+    return out
+
+
+class _DecodeRequests(beam.DoFn):
+    """Batches of requests' raw rows (after the shuffle, so this runs on every worker) → one
+    element per request: its columns, in a deterministic order (input split, item id, raw bytes).
+    Also emits, per batch, (item_id, (count, features)) for the item corpus, and each request's
+    time for the time split. Bad rows go to the dead-letter output; so does, under split="keep",
+    a request that spans input splits. A batch is decoded by one call of the C++ decoder."""
+
+    def __init__(self, required: Iterable[str], config: SamplerConfig, split_names: Tuple[str, ...]):
+        self._required = tuple(required)
+        self._config = config
+        self._split_names = split_names
+        self._decoder = None
+        self._parsed = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
+        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
+        self._requests = beam.metrics.Metrics.counter(NAMESPACE, "requests")
+        self._requests_bad = beam.metrics.Metrics.counter(NAMESPACE, "requests_bad")
+
+    def setup(self):
+        self._decoder = CandidateDecoder(self._required)
+
+    def process(self, batch):
+        raws: List[bytes] = []
+        splits: List[int] = []
+        starts = [0]
+        request_ids = []
+        for request_id, tagged in batch:
+            for split, raw in sorted(tagged):
+                splits.append(split)
+                raws.append(raw)
+            starts.append(len(raws))
+            request_ids.append(request_id)
+        cols, rows, bad = self._decoder.decode(raws)
+        for i, reason in sorted(bad.items()):
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws[i], reason))
+        self._parsed.inc(int(rows.size))
+        bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
+        all_splits = np.asarray(splits, dtype=np.int64)[rows]
+        items: Dict[int, list] = {}
+        for k, request_id in enumerate(request_ids):
+            a, b = bounds[k], bounds[k + 1]
+            if a == b:
+                continue
+            request = slice_rows(cols, a, b)
+            request_splits = all_splits[a:b]
+            order = np.lexsort((request["item_id"], request_splits))  # stable: ties keep the raw-bytes order
+            request, request_splits = select_rows(request, order), request_splits[order]
+            self._requests.inc()
+            if self._config.split == "keep" and np.unique(request_splits).size != 1:
+                self._requests_bad.inc()
+                names = sorted({self._split_names[s] for s in request_splits.tolist()})
+                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
+                    json.dumps({"request_id": request_id}).encode(), f"request spans input splits {names}"))
+                continue
+            request["input_split"] = request_splits[:1]
+            tag_offsets = request["item_tags_offsets"].tolist()
+            tags = request["item_tags_values"].tolist()
+            for j, (item, category, dense) in enumerate(zip(request["item_id"].tolist(), request["item_category"].tolist(),
+                                                            request["item_dense"].tolist())):
+                features = (category, tuple(tags[tag_offsets[j]:tag_offsets[j + 1]]), tuple(dense))
+                entry = items.get(item)
+                if entry is None:
+                    items[item] = [1, features]
+                else:
+                    entry[0] += 1
+                    if features < entry[1]:
+                        entry[1] = features
+            yield beam.pvalue.TaggedOutput(TIMES_TAG, int(request["request_time"].max()))
+            yield request_id, request
+        for item, (count, features) in items.items():
+            yield beam.pvalue.TaggedOutput(ITEMS_TAG, (item, (count, features)))
+
+
+ITEMS_TAG, TIMES_TAG = "items", "times"
+KEY_BATCH = 512  # records whose request ids are decoded together
+DECODE_BATCH = 64  # requests decoded together (the decoder's per-call cost is then negligible)
 
 
 class _CountAndPickFeatures(beam.CombineFn):
@@ -90,17 +385,35 @@ class _CountAndPickFeatures(beam.CombineFn):
 
 
 def _to_corpus(items: List[Tuple[int, Tuple[int, Tuple]]]) -> ItemCorpus:
+    """(item_id, (count, (item_category, item_tags, item_dense))) → the compact (numpy-only) corpus."""
     return ItemCorpus.from_items(
-        [(item, count, {name: list(v) if isinstance(v, tuple) else v for name, v in features})
-         for item, (count, features) in items]
+        [(item, count, dict(zip(ITEM_FEATURES, (category, list(tags), list(dense)))))
+         for item, (count, (category, tags, dense)) in items],
+        keep_features=False,
     )
 
 
-class _BuildRequestLists(beam.DoFn):
-    """One request's rows → a serialized request list, tagged with its output split."""
+FLOAT_FEATURES = frozenset(RL.CANDIDATE_FLOAT_FEATURES + ("user_dense", "item_dense"))
 
-    def __init__(self, config: SamplerConfig):
+
+def packed_example(packed: Dict[str, List]) -> tf.train.Example:
+    """`make_example` for packed request-list values (python lists typed by feature name)."""
+    example = tf.train.Example()
+    features = example.features.feature
+    for name, values in packed.items():
+        if name in FLOAT_FEATURES:
+            features[name].float_list.value.extend(values)
+        else:
+            features[name].int64_list.value.extend(values)
+    return example
+
+
+class _BuildRequestLists(beam.DoFn):
+    """One request's columns → a serialized request list, tagged with its output split."""
+
+    def __init__(self, config: SamplerConfig, split_names: Tuple[str, ...]):
         self._config = config
+        self._split_names = split_names
         self._counters: Dict[str, beam.metrics.metricbase.Counter] = {}
 
     def _inc(self, name: str, n: int = 1):
@@ -109,39 +422,33 @@ class _BuildRequestLists(beam.DoFn):
         self._counters[name].inc(n)
 
     def process(self, element, corpus: ItemCorpus, time_cutoff):
-        request_id, tagged_rows = element
-        tagged_rows = sorted(tagged_rows, key=lambda t: (t[1], int(t[0]["item_id"])))
-        rows = [r for r, _ in tagged_rows]
-        self._inc("requests")
-        input_splits = {s for _, s in tagged_rows}
+        request_id, cols = element
         if self._config.split == "keep":
-            if len(input_splits) != 1:
-                self._inc("requests_bad")
-                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
-                    json.dumps({"request_id": request_id}).encode(), f"request spans input splits {sorted(input_splits)}"))
-                return
-            split = input_splits.pop()
+            split = self._split_names[int(cols["input_split"][0])]
         elif self._config.split == "hash":
             split = request_split_by_hash(request_id, self._config.eval_fraction, self._config.seed)
         else:
-            split = "eval" if int(rows[0]["request_time"]) > time_cutoff else "train"
+            split = "eval" if int(cols["request_time"][0]) > time_cutoff else "train"
         counts: Dict[str, int] = {}
-        list_rows = sample_request(rows, corpus, self._config, counts)
+        try:
+            packed = sample_request_columns(cols, corpus, self._config, counts)
+        except ValueError as e:
+            packed, error = None, e
         for name, n in counts.items():
             self._inc(name, n)
-        try:
-            packed = RL.build_request_list(list_rows, self._config.list_size)
-        except ValueError as e:
+        if packed is None:
             self._inc("requests_bad")
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
-                json.dumps({"request_id": request_id, "candidates": len(list_rows)}).encode(), str(e)))
+                json.dumps({"request_id": request_id, "candidates": int(cols["item_id"].size)}).encode(), str(error)))
             return
         self._inc(f"lists_{split}")
-        yield beam.pvalue.TaggedOutput(split, make_example(packed).SerializeToString(deterministic=True))
+        yield beam.pvalue.TaggedOutput(split, packed_example(packed).SerializeToString(deterministic=True))
 
 
 def _time_cutoff(quantiles: List[int], eval_fraction: float) -> int:
-    """The request time above which requests go to eval."""
+    """The request time above which requests go to eval (any, when there are no requests)."""
+    if not quantiles:
+        return 0
     index = int(round((1.0 - eval_fraction) * (len(quantiles) - 1)))
     return quantiles[index]
 
@@ -169,40 +476,44 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output = artifact_utils.get_single_instance(output_dict["request_lists"])
         output.split_names = artifact_utils.encode_split_names(list(output_splits))
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
-        required, scalars = _required_features(), _scalar_features()
+        required = _required_features()
 
+        split_names = tuple(sorted(input_uris))
         pipeline = self._make_beam_pipeline()
-        tagged = []
-        for split, uri in sorted(input_uris.items()):
+        keyed = []
+        for index, split in enumerate(split_names):
             parsed = (
-                record_io.read_split(pipeline, uri, split)
-                | f"Parse[{split}]" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE, required)).with_outputs(
-                    record_io.DEAD_LETTER_TAG, main="examples")
+                record_io.read_split(pipeline, input_uris[split], split)
+                | f"Batch[{split}]" >> beam.BatchElements(min_batch_size=KEY_BATCH, max_batch_size=KEY_BATCH)
+                | f"KeyByRequest[{split}]" >> beam.ParDo(_KeyByRequest(index)).with_outputs(
+                    record_io.DEAD_LETTER_TAG, main="keyed")
             )
             record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, f"records-{split}")
-            tagged.append(parsed.examples | f"ToRows[{split}]" >> beam.Map(lambda e, s=split: (example_to_row(e, scalars), s)))
-        rows = tagged | "AllSplits" >> beam.Flatten()
+            keyed.append(parsed.keyed)
+        requests = (
+            keyed
+            | "AllSplits" >> beam.Flatten()
+            | "GroupRequests" >> beam.GroupByKey()
+            | "BatchRequests" >> beam.BatchElements(min_batch_size=DECODE_BATCH, max_batch_size=DECODE_BATCH)
+            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(required, config, split_names)).with_outputs(
+                record_io.DEAD_LETTER_TAG, ITEMS_TAG, TIMES_TAG, main="requests")
+        )
+        record_io.write_dead_letters(requests[record_io.DEAD_LETTER_TAG], dead.uri, "candidates")
         corpus = (
-            rows
-            | "ItemEntries" >> beam.Map(lambda t: _item_entry(t[0]))
+            requests[ITEMS_TAG]
             | "PerItem" >> beam.CombinePerKey(_CountAndPickFeatures())
             | "CorpusList" >> beam.combiners.ToList()
             | "Corpus" >> beam.Map(_to_corpus)
         )
         request_times = (
-            rows
-            | "RequestTime" >> beam.Map(lambda t: (int(t[0]["request_id"]), int(t[0]["request_time"])))
-            | "OnePerRequest" >> beam.CombinePerKey(max)
-            | "Times" >> beam.Values()
+            requests[TIMES_TAG]
             | "Quantiles" >> beam.ApproximateQuantiles.Globally(1001)
             | "Cutoff" >> beam.Map(_time_cutoff, config.eval_fraction)
         )
         lists = (
-            rows
-            | "ByRequest" >> beam.Map(lambda t: (int(t[0]["request_id"]), t))
-            | "GroupRequests" >> beam.GroupByKey()
+            requests.requests
             | "BuildLists" >> beam.ParDo(
-                _BuildRequestLists(config),
+                _BuildRequestLists(config, split_names),
                 corpus=beam.pvalue.AsSingleton(corpus),
                 time_cutoff=beam.pvalue.AsSingleton(request_times),
             ).with_outputs(record_io.DEAD_LETTER_TAG, *output_splits)

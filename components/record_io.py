@@ -29,7 +29,7 @@ DEFAULT_MAX_BAD_FRACTION = 0.01
 class DeadLetters(Artifact):
     """Records a component could not use: the raw bytes and the reason, one JSON line each."""
 
-    TYPE_NAME = "CascadeDeadLetters"
+    TYPE_NAME = "cascade.DeadLetters"  # <namespace>.<title>, the form KFP v2 artifact schemas need
 
 
 class BadInputError(ValueError):
@@ -88,6 +88,9 @@ def _dead_letter_json(item) -> str:
 
 
 def write_dead_letters(pcoll: beam.PCollection, uri: str, label: str) -> None:
+    """Writes (raw, reason) pairs as `dead_letters-<label>-*.jsonl` in `uri`. The labels of one
+    pipeline must not be prefixes of each other ("records" and "records-train"): a text sink
+    deletes the files that match its own pattern when it finalizes."""
     _ = (
         pcoll
         | f"DeadLetterJson[{label}]" >> beam.Map(_dead_letter_json)

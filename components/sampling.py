@@ -18,6 +18,10 @@ kept with weight 1. Written by hand: neither TFX nor Beam has importance-weighte
 Random negatives (for retrieval's log-q correction) are drawn from the item corpus in proportion
 to item frequency q(i) = count(i)/Σ count, by a generator seeded with (seed, request_id); every
 candidate of a list records q(i) as `sampling_probability`.
+
+Two implementations of one request's sampling, which give the same lists byte for byte (tested):
+`sample_request` on row dicts (the readable reference), and `sample_request_columns` on numpy
+columns, which packs the request list directly and is what the NegativeSampler runs.
 """
 import dataclasses
 import hashlib
@@ -98,19 +102,57 @@ def sampling_decision(row: Mapping, config: SamplerConfig) -> Tuple[bool, float,
 
 @dataclasses.dataclass
 class ItemCorpus:
-    """Items with their frequency and features, for drawing random negatives."""
+    """Items with their frequency and features, for drawing random negatives.
+
+    `features` (item id → feature dict) serves the row-based reference path (`sample_request`);
+    the columnar path (`sample_request_columns`, used by the NegativeSampler) reads the compact
+    arrays `item_category` [I], `item_tags` [I, MAX_ITEM_TAGS] (0-padded, truncated as request
+    lists store them) and `item_dense` [I, ITEM_DENSE_SIZE], aligned with `item_ids`. A corpus
+    built with `keep_features=False` is only numpy arrays: cheap to pickle as a Beam side input.
+    """
 
     item_ids: np.ndarray
     probabilities: np.ndarray
-    features: Dict[int, Dict[str, object]]
+    features: Dict[int, Dict[str, object]] = dataclasses.field(default_factory=dict)
+    item_category: Optional[np.ndarray] = None
+    item_tags: Optional[np.ndarray] = None
+    item_dense: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        self._cdf = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cdf"] = None  # rebuilt on first use
+        return state
 
     @classmethod
-    def from_items(cls, items: Sequence[Tuple[int, int, Dict[str, object]]]) -> "ItemCorpus":
-        """From (item_id, count, item features) triples; sorted by id so the result is deterministic."""
+    def from_items(cls, items: Sequence[Tuple[int, int, Dict[str, object]]], keep_features: bool = True) -> "ItemCorpus":
+        """From (item_id, count, item features) triples; sorted by id so the result is deterministic.
+        The compact arrays are filled when every item has the three item features."""
         items = sorted(items, key=lambda t: t[0])
         ids = np.array([i for i, _, _ in items], dtype=np.int64)
         counts = np.array([c for _, c, _ in items], dtype=np.float64)
-        return cls(ids, counts / counts.sum(), {i: f for i, _, f in items})
+        category = tags = dense = None
+        if items and all(all(name in f for name in ITEM_FEATURES) for _, _, f in items):
+            category = np.array([int(f["item_category"]) for _, _, f in items], dtype=np.int64)
+            tags = np.zeros((len(items), RL.MAX_ITEM_TAGS), dtype=np.int64)
+            dense = np.zeros((len(items), RL.ITEM_DENSE_SIZE), dtype=np.float32)
+            for k, (_, _, f) in enumerate(items):
+                t = np.asarray(f["item_tags"], dtype=np.int64).reshape(-1)[:RL.MAX_ITEM_TAGS]
+                tags[k, :t.size] = t
+                dense[k] = np.asarray(f["item_dense"], dtype=np.float32).reshape(-1)
+        features = {i: f for i, _, f in items} if keep_features else {}
+        return cls(ids, counts / counts.sum(), features, category, tags, dense)
+
+    def index_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Positions of `item_ids` in the corpus, −1 for unknown items."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        index = np.searchsorted(self.item_ids, item_ids)
+        clipped = np.minimum(index, max(self.item_ids.size - 1, 0))
+        found = (index < self.item_ids.size) & (self.item_ids[clipped] == item_ids) if self.item_ids.size else \
+            np.zeros(item_ids.shape, dtype=bool)
+        return np.where(found, clipped, -1)
 
     def probability(self, item_id: int) -> float:
         index = np.searchsorted(self.item_ids, item_id)
@@ -118,15 +160,29 @@ class ItemCorpus:
             return float(self.probabilities[index])
         return 0.0
 
+    def probabilities_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """q(i) of each item (0 for items not in the corpus), as float64."""
+        index = self.index_of(item_ids)
+        return np.where(index >= 0, self.probabilities[np.maximum(index, 0)] if self.item_ids.size else 0.0, 0.0)
+
+    def _choice(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        """`rng.choice(self.item_ids, size, p=self.probabilities)`, with the cumulative
+        distribution computed once instead of per call (the same steps as numpy's Generator.choice,
+        so the same items; a test checks it)."""
+        if self._cdf is None:
+            cdf = np.asarray(self.probabilities, dtype=np.float64).cumsum()
+            cdf /= cdf[-1]
+            self._cdf = cdf
+        return self.item_ids[self._cdf.searchsorted(rng.random(size), side="right")]
+
     def draw(self, request_id: int, count: int, exclude: set, seed: int) -> List[int]:
         """`count` distinct items ∝ frequency, none of them in `exclude`, seeded by the request."""
-        if count == 0:
+        if count <= 0 or self.item_ids.size == 0:
             return []
         rng = np.random.default_rng([seed, request_id])
         chosen: List[int] = []
         for _ in range(8):  # rejection rounds; a popular excluded item is simply drawn again
-            for item in rng.choice(self.item_ids, size=4 * count, p=self.probabilities):
-                item = int(item)
+            for item in self._choice(rng, 4 * count).tolist():
                 if item not in exclude and item not in chosen:
                     chosen.append(item)
                     if len(chosen) == count:
@@ -179,7 +235,7 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
         kept.append(row)
     bump("candidates_kept", len(kept))
     room = config.list_size - len(kept)
-    wanted = min(config.random_negatives, room)
+    wanted = max(0, min(config.random_negatives, room))
     oracle_known = all(float(r.get("true_ctr", -1.0)) >= 0 for r in rows)
     exclude = {int(r["item_id"]) for r in rows}
     request_id = int(rows[0]["request_id"])
@@ -187,3 +243,113 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
         kept.append(random_negative_row(rows[0], item, corpus.features[item], corpus.probability(item), oracle_known))
         bump("random_negatives_added")
     return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Columnar path: one request as numpy columns → its packed request list (what the NegativeSampler
+# runs). It makes the same decisions, in the same order, with the same float arithmetic as
+# `build_request_list(sample_request(rows))`, so its lists are the same bytes (a test checks it);
+# only the ~10 shown non-clicks of a request go through the per-row python `sampling_decision`.
+# ---------------------------------------------------------------------------------------------
+REQUEST_COLUMNS = RL.REQUEST_INT_FEATURES  # int64 [n] each; plus user_dense [n, 4] float32 and
+# query_tokens (query_tokens_values int64, query_tokens_offsets int64 [n + 1])
+CANDIDATE_COLUMNS = ("item_id", "item_category", "ui_position", "ui_format", "click", "tier")  # int64 [n]
+FLOAT_COLUMNS = ("true_ctr", "teacher_logit", "sample_weight")  # float64 [n], absent = their default
+# plus item_tags (item_tags_values, item_tags_offsets) and item_dense [n, ITEM_DENSE_SIZE] float32
+ROW_DEFAULTS = {"true_ctr": -1.0, "teacher_logit": math.nan, "sample_weight": 1.0}
+
+
+def sample_request_columns(cols: Mapping[str, np.ndarray], corpus: ItemCorpus, config: SamplerConfig,
+                           counts: Optional[Dict[str, int]] = None) -> Dict[str, List]:
+    """One request's candidate rows as columns (`tier` = stage tier index; rows in a
+    deterministic input order) → the request-list feature values of `RL.build_request_list`.
+
+    Applies the sampling decisions, adds the random negatives (drawn as `sample_request` draws
+    them) and packs the list. Raises ValueError, as `build_request_list` does, when the list would
+    be empty or longer than `config.list_size`. `counts` accumulates kept/dropped counts.
+    """
+    counts = counts if counts is not None else {}
+
+    def bump(name, n=1):
+        counts[name] = counts.get(name, 0) + n
+
+    item_id, tier = cols["item_id"], cols["tier"]
+    request_id = int(cols["request_id"][0])
+    order = np.lexsort((item_id, tier))  # by tier, then item id; stable, like sorted()
+    position, click = cols["ui_position"][order], cols["click"][order]
+    keep = np.ones(order.size, dtype=bool)
+    multiplier = np.ones(order.size, dtype=np.float64)
+    teacher = cols["teacher_logit"]
+    for k in np.flatnonzero((position > 0) & (click != 1)).tolist():
+        i = order[k]
+        row = {"request_id": request_id, "item_id": int(item_id[i]), "ui_position": int(position[k]),
+               "click": int(click[k])}
+        if not math.isnan(teacher[i]):
+            row["teacher_logit"] = float(teacher[i])
+        kept_row, weight, dropped = sampling_decision(row, config)
+        for purpose in dropped:
+            bump(f"dropped_{purpose}")
+        if not kept_row:
+            keep[k] = False
+            bump("candidates_dropped")
+            continue
+        if weight != 1.0:
+            bump("candidates_reweighted")
+        multiplier[k] = weight
+    kept = order[keep]
+    bump("candidates_kept", int(kept.size))
+    wanted = max(0, min(config.random_negatives, config.list_size - int(kept.size)))
+    oracle_known = bool(np.all(cols["true_ctr"] >= 0))
+    randoms = corpus.draw(request_id, wanted, set(item_id.tolist()), config.seed)
+    if randoms:
+        bump("random_negatives_added", len(randoms))
+    return pack_request_list(cols, kept, multiplier[keep], randoms, corpus, oracle_known, config.list_size)
+
+
+def pack_request_list(cols: Mapping[str, np.ndarray], kept: np.ndarray, multiplier: np.ndarray, randoms: List[int],
+                      corpus: ItemCorpus, oracle_known: bool, list_size: int) -> Dict[str, List]:
+    """The request-list features of the rows `kept` (indices into `cols`, in list order, with their
+    weight multipliers) followed by the random negatives `randoms`, padded to `list_size`."""
+    n_kept, n_random = int(kept.size), len(randoms)
+    total = n_kept + n_random
+    if total == 0:
+        raise ValueError("a request list needs at least one candidate")
+    if total > list_size:
+        raise ValueError(f"{total} candidates do not fit a list of size {list_size}")
+    pad = list_size - total
+    first = int(kept[0]) if n_kept else 0  # the list's first row carries the request features
+    out: Dict[str, List] = {name: [int(cols[name][first])] for name in RL.REQUEST_INT_FEATURES}
+    out["user_dense"] = cols["user_dense"][first].tolist()
+    offsets = cols["query_tokens_offsets"]
+    out["query_tokens"] = cols["query_tokens_values"][offsets[first]:offsets[first + 1]].tolist()
+    index = corpus.index_of(np.asarray(randoms, dtype=np.int64)) if n_random else np.zeros(0, dtype=np.int64)
+    if n_random and (index < 0).any():
+        raise ValueError("a random negative is not in the item corpus")
+    zeros = [0] * (n_random + pad)
+    out["item_id"] = cols["item_id"][kept].tolist() + list(randoms) + [0] * pad
+    out["item_category"] = cols["item_category"][kept].tolist() + corpus.item_category[index].tolist() + [0] * pad
+    for name in ("ui_position", "ui_format", "click"):
+        out[name] = cols[name][kept].tolist() + zeros
+    out["stage"] = cols["tier"][kept].tolist() + [RL.TIER_INDEX[RL.RANDOM_NEG_TIER]] * n_random + [RL.PAD_STAGE] * pad
+    out["mask"] = [1] * total + [0] * pad
+    out["true_ctr"] = (cols["true_ctr"][kept].tolist() + [0.0 if oracle_known else -1.0] * n_random
+                       + [RL.FLOAT_PADDING["true_ctr"]] * pad)
+    out["teacher_logit"] = (cols["teacher_logit"][kept].tolist() + [ROW_DEFAULTS["teacher_logit"]] * n_random
+                            + [RL.FLOAT_PADDING["teacher_logit"]] * pad)
+    out["sample_weight"] = ((cols["sample_weight"][kept] * multiplier).tolist() + [ROW_DEFAULTS["sample_weight"]] * n_random
+                            + [RL.FLOAT_PADDING["sample_weight"]] * pad)
+    out["sampling_probability"] = (corpus.probabilities_of(cols["item_id"][kept]).tolist()
+                                   + corpus.probabilities[index].tolist() + [RL.FLOAT_PADDING["sampling_probability"]] * pad)
+    tags = np.zeros((list_size, RL.MAX_ITEM_TAGS), dtype=np.int64)
+    tag_values, tag_offsets = cols["item_tags_values"], cols["item_tags_offsets"]
+    for slot, i in enumerate(kept.tolist()):
+        t = tag_values[tag_offsets[i]:tag_offsets[i + 1]][:RL.MAX_ITEM_TAGS]
+        tags[slot, :t.size] = t
+    dense = np.zeros((list_size, RL.ITEM_DENSE_SIZE), dtype=np.float32)
+    dense[:n_kept] = cols["item_dense"][kept]
+    if n_random:
+        tags[n_kept:total] = corpus.item_tags[index]
+        dense[n_kept:total] = corpus.item_dense[index]
+    out["item_tags"] = tags.reshape(-1).tolist()
+    out["item_dense"] = dense.reshape(-1).tolist()
+    return out

@@ -7,11 +7,16 @@ Students then read it as the soft label `sigmoid(teacher_logit)`.
 
 As many records come out as go in: the counters `records_parsed`, `records_written` and
 `records_bad` are written to `metrics.json` in the output artifact and set as its custom
-properties; records that do not parse go to the dead-letter output, and the component fails when
-they exceed `max_bad_fraction` of the input.
+properties; records that do not parse (or have no request_id) go to the dead-letter output, and
+the component fails when they exceed `max_bad_fraction` of the input.
+
+Parallelism: a split's file is read by one worker, so the records of every split are reshuffled
+right after reading; parsing, inference and conversion then run in one stage that Beam spreads
+over the workers (each worker loads the SavedModel once: RunInference shares it per process).
+Records go to RunInference as their serialized bytes, not re-serialized.
 """
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import apache_beam as beam
 import tensorflow as tf
@@ -48,20 +53,53 @@ class TeacherInferenceSpec(ComponentSpec):
     }
 
 
-def _strip_feature(example: tf.train.Example, name: str) -> tf.train.Example:
-    """A rerun replaces the previous teacher output rather than colliding with it."""
-    if name in example.features.feature:
-        del example.features.feature[name]
-    return example
+class _ParseAndStrip(beam.DoFn):
+    """(split index, raw record) → (split index, serialized tf.Example) for RunInference: records
+    that do not parse or have no request_id go to the dead-letter output; a record that already
+    has the output feature (a rerun) has it removed, so the new prediction replaces it. Other
+    records pass through as the input bytes (no re-serialization)."""
+
+    def __init__(self, feature: str, required=(F.REQUEST_ID_KEY,)):
+        self._feature = feature
+        self._required = tuple(required)
+        self._good = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
+        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
+
+    def process(self, element):
+        split, raw = element
+        try:
+            example = tf.train.Example.FromString(raw)
+        except Exception as e:  # protobuf raises DecodeError and friends
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, f"unparseable tf.Example: {type(e).__name__}"))
+            return
+        features = example.features.feature
+        missing = [name for name in self._required if name not in features]
+        if missing:
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, f"missing required feature(s): {', '.join(missing)}"))
+            return
+        self._good.inc()
+        if self._feature in features:
+            del features[self._feature]
+            raw = example.SerializeToString()
+        yield split, raw
 
 
-class _CountWritten(beam.DoFn):
-    def __init__(self):
+class _ToExample(beam.DoFn):
+    """(split index, PredictionLog) → the serialized example with the prediction added (BulkInferrer's
+    `prediction_to_example_utils.convert`), as an output tagged with its split."""
+
+    def __init__(self, output_spec: bulk_inferrer_pb2.OutputExampleSpec, split_names):
+        self._output_spec = output_spec
+        self._split_names = tuple(split_names)
         self._written = beam.metrics.Metrics.counter(NAMESPACE, "records_written")
 
-    def process(self, example: tf.train.Example):
+    def process(self, element):
+        split, prediction_log = element
+        example = prediction_to_example_utils.convert(prediction_log, self._output_spec)
         self._written.inc()
-        yield example.SerializeToString(deterministic=True)
+        yield beam.pvalue.TaggedOutput(self._split_names[split], example.SerializeToString(deterministic=True))
 
 
 class Executor(base_beam_executor.BaseBeamExecutor):
@@ -93,22 +131,29 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
         feature = exec_properties["output_feature"]
 
+        split_names = sorted(uris)
         pipeline = self._make_beam_pipeline()
-        for split, uri in sorted(uris.items()):
-            parsed = (
-                record_io.read_split(pipeline, uri, split)
-                | f"Parse[{split}]" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE)).with_outputs(
-                    record_io.DEAD_LETTER_TAG, main="examples")
-            )
-            record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, split)
-            written = (
-                parsed.examples
-                | f"Strip[{split}]" >> beam.Map(_strip_feature, feature)
-                | f"RunInference[{split}]" >> run_inference.RunInference(inference_spec)
-                | f"AddTeacherOutput[{split}]" >> beam.Map(prediction_to_example_utils.convert, output_example_spec=output_spec)
-                | f"Count[{split}]" >> beam.ParDo(_CountWritten())
-            )
-            record_io.write_split(written, artifact_utils.get_split_uri([output], split), split)
+        records = [
+            record_io.read_split(pipeline, uris[split], split) | f"Tag[{split}]" >> beam.Map(lambda raw, i=index: (i, raw))
+            for index, split in enumerate(split_names)
+        ]
+        # A split's file is read by one worker; after the reshuffle the parsing, inference and
+        # conversion of every split run in one stage that the runner spreads over its workers.
+        parsed = (
+            records
+            | "AllSplits" >> beam.Flatten()
+            | "Reshuffle" >> beam.Reshuffle()
+            | "Parse" >> beam.ParDo(_ParseAndStrip(feature)).with_output_types(Tuple[int, bytes]).with_outputs(
+                record_io.DEAD_LETTER_TAG, main="examples")
+        )
+        record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, "records")
+        written = (
+            parsed.examples
+            | "RunInference" >> run_inference.RunInference(inference_spec)
+            | "AddTeacherOutput" >> beam.ParDo(_ToExample(output_spec, split_names)).with_outputs(*split_names)
+        )
+        for split in split_names:
+            record_io.write_split(written[split], artifact_utils.get_split_uri([output], split), split)
         counters = record_io.run_and_count(pipeline, NAMESPACE)
         record_io.record_counters(output, counters)
         record_io.check_bad_fraction(counters, float(exec_properties["max_bad_fraction"]), "TeacherInference")

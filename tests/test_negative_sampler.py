@@ -174,8 +174,9 @@ def test_time_split_puts_the_latest_requests_in_eval(small, tmp_path):
 
 
 def test_missing_split_and_too_many_bad_records_are_clear_errors(small, tmp_path):
-    with pytest.raises(record_io.BadInputError, match="required split 'test' is missing"):
+    with pytest.raises(record_io.BadInputError, match="required split 'test' is missing") as error:
         _run(tmp_path / "a", small, SamplerConfig(), input_splits=("train", "test"))
+    assert "\n" not in str(error.value)
     with pytest.raises(record_io.BadInputError, match="1 of 2001 records are bad"):
         _run(tmp_path / "b", small, SamplerConfig(max_bad_fraction=0.0001))
 
@@ -207,3 +208,89 @@ def test_output_is_identical_with_one_and_two_workers(small, tmp_path):
                         for split in ("train", "eval")})
     assert outputs[0] == outputs[1]
     assert len(outputs[0]["train"]) + len(outputs[0]["eval"]) == 40
+
+
+# ---- bad input: dead letters, the default 1% threshold, over-long requests ---------------------
+
+def _variant(example: tf.train.Example, drop=(), **replace) -> bytes:
+    e = tf.train.Example()
+    e.CopyFrom(example)
+    for name in drop:
+        del e.features.feature[name]
+    for name, feature in replace.items():
+        e.features.feature[name].CopyFrom(feature)
+    return e.SerializeToString()
+
+
+def test_bad_records_over_one_percent_fail_and_land_in_dead_letters(tmp_path):
+    """20 requests (1000 rows) plus 12 bad records (1.19% > the default 1%): unparseable bytes, and
+    rows of request 0 without request_id, without item_id, with a float item_id and with 3
+    user_dense values. With list_size 45 every request (50 candidates) is also too long for a list:
+    those go to the dead letters as requests, not as bad records."""
+    root = tmp_path / "examples"
+    examples = synthetic_examples(str(root), num_requests=20, seed=2)
+    first = next(iter(example_io.read_examples(str(root / "Split-train" / "data_*"))))
+    bad_rows = {
+        _variant(first, drop=["request_id"]): "missing required feature(s): request_id",
+        _variant(first, drop=["item_id"]): "missing required feature(s): item_id",
+        _variant(first, item_id=tf.train.Feature(float_list=tf.train.FloatList(value=[1.5]))): "undecodable",
+        _variant(first, user_dense=tf.train.Feature(float_list=tf.train.FloatList(value=[1.0, 2.0, 3.0]))):
+            "user_dense needs 4 values",
+    }
+    garbage = [GARBAGE + bytes([i]) for i in range(8)]
+    with tf.io.TFRecordWriter(str(root / "Split-train" / "extra.gz"), options="GZIP") as w:
+        for raw in garbage + list(bad_rows):
+            w.write(raw)
+    config = SamplerConfig(list_size=45, random_negatives=0)
+    assert config.max_bad_fraction == 0.01  # the default
+    with pytest.raises(record_io.BadInputError) as error:
+        _run(tmp_path, examples, config)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "NegativeSampler: 12 of 1012 records are bad (1.19% > 1.00%)" in message
+    letters = [json.loads(l) for f in tf.io.gfile.glob(str(tmp_path / "dead" / "*.jsonl")) for l in open(f)]
+    records = {bytes.fromhex(d["record_hex"]): d["reason"] for d in letters if not d["reason"].startswith("50 candidates")}
+    assert set(records) == set(garbage) | set(bad_rows)
+    assert all(records[g].startswith("unparseable tf.Example") for g in garbage)
+    for raw, reason in bad_rows.items():
+        assert reason in records[raw], (reason, records[raw])
+    too_long = [d for d in letters if d["reason"].startswith("50 candidates")]
+    assert all(d["reason"] == "50 candidates do not fit a list of size 45" for d in too_long)
+    assert sorted(json.loads(bytes.fromhex(d["record_hex"]))["request_id"] for d in too_long) == \
+        sorted({r["request_id"] for split in ("train", "eval") for r in _rows(examples, split)})
+    metrics = json.load(open(tmp_path / "lists" / record_io.METRICS_FILE))
+    assert metrics["records_bad"] == 12 and metrics["records_parsed"] == 1000 and metrics["requests_bad"] == 20
+
+
+def test_columnar_path_matches_the_row_reference(small):
+    """`sample_request_columns` (what the executor runs) gives the same request lists, byte for
+    byte, as the row-based reference `build_request_list(sample_request(rows))`, and the same
+    counts; the corpus's cached draw is numpy's `Generator.choice`."""
+    config = SamplerConfig(nonclick_keep_rate=0.4, unseen_position_from=5, unseen_position_keep_rate=0.5, seed=9,
+                           random_negatives=12)
+    decoder = negative_sampler.CandidateDecoder(negative_sampler._required_features())
+    scalars = negative_sampler._scalar_features()
+    examples = list(example_io.read_examples(os.path.join(small.uri, "Split-train", "data_*")))
+    by_request = {}
+    for e in examples:
+        by_request.setdefault(e.features.feature["request_id"].int64_list.value[0], []).append(e)
+    rows = [negative_sampler.example_to_row(e, scalars) for e in examples]
+    items = collections.defaultdict(lambda: [0, None])
+    for r in rows:
+        items[r["item_id"]][0] += 1
+        items[r["item_id"]][1] = {k: r[k] for k in sampling.ITEM_FEATURES}
+    corpus = sampling.ItemCorpus.from_items([(i, c, f) for i, (c, f) in items.items()])
+    for request_id, group in sorted(by_request.items())[:12]:
+        group = sorted(group, key=lambda e: e.features.feature["item_id"].int64_list.value[0])
+        cols, good, bad = decoder.decode([e.SerializeToString() for e in group])
+        assert not bad and good.tolist() == list(range(len(group)))
+        counts_fast, counts_ref = {}, {}
+        fast = negative_sampler.packed_example(sampling.sample_request_columns(cols, corpus, config, counts_fast))
+        reference = RL.build_request_list(
+            sampling.sample_request([negative_sampler.example_to_row(e, scalars) for e in group], corpus, config,
+                                    counts_ref), config.list_size)
+        assert fast.SerializeToString(deterministic=True) == \
+            example_io.make_example(reference).SerializeToString(deterministic=True)
+        assert {k: v for k, v in counts_fast.items() if v} == {k: v for k, v in counts_ref.items() if v}
+    rng_a, rng_b = np.random.default_rng([4, 2]), np.random.default_rng([4, 2])
+    np.testing.assert_array_equal(corpus._choice(rng_a, 200), rng_b.choice(corpus.item_ids, size=200, p=corpus.probabilities))

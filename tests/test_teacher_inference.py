@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tfx import types
+from tfx.types import standard_artifacts
 
 from components import record_io, teacher_inference
 from datasources import example_io
@@ -57,13 +59,40 @@ def test_every_record_gets_the_model_logit(data, tmp_path):
     assert "unparseable" in lines[0]["reason"]
 
 
-def test_too_many_bad_records_fail_the_component(data, tmp_path):
-    _, examples, model = data
-    with pytest.raises(record_io.BadInputError, match=r"1 of 601 records are bad"):
-        _run(tmp_path, examples, model, max_bad_fraction=0.001)
+def test_bad_records_over_the_default_one_percent_fail_the_component(data, tmp_path):
+    """600 good rows + 7 bad ones (1.15%) fail under the component's default max_bad_fraction
+    (1%), with a one-line message, after every bad record reached the dead letters with its
+    reason; the good rows are still written."""
+    root, _, model = data
+    first = next(iter(example_io.read_examples(os.path.join(root, "examples", "Split-eval", "data_*"))))
+    no_request = tf.train.Example()
+    no_request.CopyFrom(first)
+    del no_request.features.feature["request_id"]
+    garbage = [GARBAGE + bytes([i]) for i in range(6)]
+    examples = synthetic_examples(str(tmp_path / "examples"), num_requests=12,
+                                  extra_records={"eval": garbage + [no_request.SerializeToString()]})
+    default = teacher_inference.TeacherInference(examples=_channel(standard_artifacts.Examples),
+                                                 model=_channel(standard_artifacts.Model)).exec_properties["max_bad_fraction"]
+    assert default == 0.01
+    with pytest.raises(record_io.BadInputError) as error:
+        _run(tmp_path, examples, model, max_bad_fraction=default)
+    assert "\n" not in str(error.value)
+    assert "TeacherInference: 7 of 607 records are bad (1.15% > 1.00%)" in str(error.value)
+    lines = [json.loads(l) for f in tf.io.gfile.glob(str(tmp_path / "dead" / "*.jsonl")) for l in open(f)]
+    reasons = {bytes.fromhex(d["record_hex"]): d["reason"] for d in lines}
+    assert len(lines) == 7 and set(reasons) == set(garbage) | {no_request.SerializeToString()}
+    assert all(reasons[g].startswith("unparseable tf.Example") for g in garbage)
+    assert reasons[no_request.SerializeToString()] == "missing required feature(s): request_id"
+    metrics = json.loads(open(tmp_path / "out" / record_io.METRICS_FILE).read())
+    assert metrics["records_written"] == metrics["records_parsed"] == 600
+
+
+def _channel(artifact_type):
+    return types.Channel(type=artifact_type)
 
 
 def test_missing_split_is_a_clear_error(data, tmp_path):
     _, examples, model = data
-    with pytest.raises(record_io.BadInputError, match="required split 'test' is missing"):
+    with pytest.raises(record_io.BadInputError, match="required split 'test' is missing") as error:
         _run(tmp_path, examples, model, splits=json.dumps(["train", "test"]))
+    assert "\n" not in str(error.value)
