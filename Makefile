@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 DEMO_FLAGS ?=
+DEMO_OUT ?= cascade_output
 
 # Python 3.10: `python3.10` on PATH if it runs (a pyenv shim only runs with 3.10 selected, as
 # .python-version does here), else pyenv's own 3.10 interpreter.
@@ -35,7 +36,8 @@ $(STAMP): setup.py constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cascade run $(DEMO_FLAGS)
+	$(VENV)/bin/cascade run --output-dir $(DEMO_OUT) $(DEMO_FLAGS)
+	$(VENV)/bin/cascade serve-check $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_FLAGS)
@@ -47,4 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/generator_throughput.py
 
 clean:
-	rm -rf cascade_output .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -15,7 +15,7 @@ optional `baseline_model` (for PD and "not worse than baseline"). For TFMA's sli
 """
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -50,16 +50,28 @@ def score_output_key(outputs) -> str:
 class _ScoreBatch(beam.DoFn):
     """A batch of tf.Examples → one scored row per example, with a score per model."""
 
-    def __init__(self, model_paths: Dict[str, str]):
+    def __init__(self, model_paths: Dict[str, str], score_outputs: Dict[str, Tuple[str, Optional[str]]]):
         self._model_paths = model_paths
+        self._score_outputs = score_outputs
         self._signatures = None
         self._scored = beam.metrics.Metrics.counter(NAMESPACE, "records_scored")
 
     def setup(self):
         self._signatures = {}
         for key, path in self._model_paths.items():
-            signature = tf.saved_model.load(path).signatures["serving_default"]
-            self._signatures[key] = (signature, score_output_key(signature.structured_outputs))
+            signature_name, output_key = self._score_outputs[key]
+            signatures = tf.saved_model.load(path).signatures
+            if signature_name not in signatures:
+                raise ValueError(f"{key}: the SavedModel {path} has no signature {signature_name!r} "
+                                 f"(it has {sorted(signatures)})")
+            signature = signatures[signature_name]
+            outputs = signature.structured_outputs
+            if output_key is None:
+                output_key = score_output_key(outputs)
+            elif output_key not in outputs:
+                raise ValueError(f"{key}: signature {signature_name!r} has no output {output_key!r} "
+                                 f"(it returns {sorted(outputs)})")
+            self._signatures[key] = (signature, output_key)
 
     def process(self, batch: List[tf.train.Example]):
         serialized = tf.constant([e.SerializeToString() for e in batch])
@@ -151,7 +163,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         _ = (
             parsed.examples
             | "Batch" >> beam.BatchElements(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
-            | "Score" >> beam.ParDo(_ScoreBatch(model_paths))
+            | "Score" >> beam.ParDo(_ScoreBatch(model_paths, {key: config.score_output(key) for key in model_paths}))
             | "WriteScored" >> beam.io.WriteToTFRecord(os.path.join(evaluation_artifact.uri, SCORED_ROWS_PREFIX),
                                                        file_name_suffix=".gz", coder=beam.coders.BytesCoder())
         )

@@ -40,6 +40,18 @@ class EvaluatorConfig:
     recall_k_max: int = 50
     batch_size: int = 1024
     max_bad_fraction: float = 0.01
+    # How a model input is scored: (input name, signature, output key). A model input not named
+    # here is scored by its `serving_default` and the first of its outputs `ctr`, `score`,
+    # `scores`, `logit`. E.g. ("retrieval_model", "score", "score") for the two-tower model, whose
+    # serving_default returns the top-K of the corpus rather than a score per candidate.
+    score_outputs: Tuple[Tuple[str, str, str], ...] = ()
+
+    def score_output(self, input_name: str) -> Tuple[str, Optional[str]]:
+        """(signature, output key or None = the first known score output) of a model input."""
+        for name, signature, key in self.score_outputs:
+            if name == input_name:
+                return signature, key
+        return "serving_default", None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -50,6 +62,7 @@ class EvaluatorConfig:
         values["quotas"] = tuple(values["quotas"])
         values["calibration_boundaries"] = tuple(values["calibration_boundaries"])
         values["thresholds"] = tuple(tuple(t) for t in values["thresholds"])
+        values["score_outputs"] = tuple(tuple(t) for t in values.get("score_outputs", ()))
         return cls(**values)
 
 
@@ -122,6 +135,12 @@ def evaluate(rows: Mapping[str, np.ndarray], model_key: str, stage_keys: Sequenc
     if oracle.size and np.all(oracle >= 0):
         result["oracle"] = ranking_metrics(y, oracle, req, pos, config)
     result["cascade"] = cascade_metrics(rows, stage_keys, config)
+    if np.all(rows["true_ctr"] >= 0):
+        # The same cascade with every stage ordering by the true CTR: what ideal scorers recover.
+        oracle_rows = dict(rows, **{key: rows["true_ctr"] for key in stage_keys})
+        oracle_cascade = cascade_metrics(oracle_rows, stage_keys, config)
+        oracle_cascade.pop("recall_at_k")
+        result["oracle_cascade"] = oracle_cascade
     return result
 
 

@@ -2,7 +2,8 @@
 
     cascade generate --out DIR --requests N --seed S      synthetic candidate rows
     cascade convert {movielens,obd} --src DIR --out DIR   real data into the same schema
-    cascade run [--source synthetic|examples] ...         the local TFX pipeline
+    cascade run [--source synthetic|examples] ...         the cascade TFX pipeline, run locally
+    cascade serve-check DIR                               load and call every pushed SavedModel
     cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
 
 Bad arguments exit with code 2 and one line that names the problem.
@@ -72,34 +73,66 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _cmd_run(args) -> int:
+def run_config(args):
+    """The PipelineConfig of `cascade run`'s flags (every other switch keeps its default)."""
     from datasources.synthetic import SyntheticConfig
-    from models.ranker_config import RankerConfig
-    from pipelines import local_runner, report
+    from models.activations import get_activation
     from pipelines.config import PipelineConfig
 
+    get_activation(args.activation)  # an unknown name fails here, in one line, not in the Trainer
+    config = PipelineConfig(output_dir=args.output_dir, source=args.source, examples_dir=args.examples_dir,
+                            beam_mode=args.beam_mode, beam_workers=args.workers, enable_cache=not args.no_cache,
+                            preranking_trainer=args.preranking)
     synthetic_config = SyntheticConfig(seed=args.seed)
     if args.requests is not None:
         synthetic_config = dataclasses.replace(synthetic_config, num_requests=args.requests)
-    ranker_config = RankerConfig()
-    if args.epochs is not None:
-        ranker_config = ranker_config.replace(epochs=args.epochs)
-    config = PipelineConfig(
-        output_dir=args.output_dir,
-        source=args.source,
-        examples_dir=args.examples_dir,
-        synthetic=synthetic_config,
-        ranker=ranker_config,
-        beam_mode=args.beam_mode,
-        enable_cache=not args.no_cache,
+    ranker = config.ranker.replace(
+        rank_loss=args.rank_loss, activation=args.activation, lspr=args.lspr,
+        bias_constraints=not args.no_bias_constraints,
+        distill_weight=0.0 if args.no_distill else config.ranker.distill_weight,
     )
+    sampler = dataclasses.replace(config.sampler, nonclick_keep_rate=args.nonclick_keep_rate,
+                                  low_loss_keep_rate=args.low_loss_keep_rate)
+    cascade = dataclasses.replace(config.cascade, method=args.cascade_method,
+                                  distill_weight=0.0 if args.no_distill else config.cascade.distill_weight)
+    if args.epochs is not None:
+        ranker = ranker.replace(epochs=args.epochs)
+    return config.replace(synthetic=synthetic_config, ranker=ranker, sampler=sampler, cascade=cascade)
+
+
+def _cmd_run(args) -> int:
+    from pipelines import local_runner, report
+
+    config = run_config(args)
     config.validate()
-    seconds = local_runner.run(config)
-    result = report.collect(config, "ranking")
+    print(f"Running pipeline {config.pipeline_name} ({args.source} data, orchestrator {args.orchestrator}, "
+          f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}")
+    seconds = local_runner.run(config, orchestrator=args.orchestrator)
+    result = report.collect(config)
     print()
-    print(f"Pipeline {config.pipeline_name} finished in {seconds:.1f}s ({args.source} data).")
-    print(report.format_table([result]))
-    print(f"Pushed SavedModel: {result.get('pushed_model', '(none)')}")
+    print(f"Pipeline {config.pipeline_name} finished in {seconds:.1f}s.")
+    if "evaluation" in result:
+        evaluation = result["evaluation"]
+        print(report.format_table(evaluation, config.evaluator.min_bucket_count))
+        print(f"Blessed: {evaluation['blessed']}"
+              + ("" if evaluation["blessed"] else f" ({'; '.join(evaluation['blessing_reasons'])})"))
+        print(f"Plots: {result['evaluation_uri']}/calibration.png, recall_at_k.png")
+    print("Pushed SavedModels:" if result["pushed"] else "Pushed SavedModels: none")
+    for stage, path in result["pushed"].items():
+        print(f"  {stage:<11} {path}")
+    return 0
+
+
+def _cmd_serve_check(args) -> int:
+    from pipelines.serve_check import serve_check
+
+    checks = serve_check(args.dir, args.examples, args.count)
+    for check in checks:
+        calls = ", ".join(f"{name} → {', '.join(f'{k}{list(v)}' for k, v in outputs.items())}"
+                          for name, outputs in check.signatures.items())
+        print(f"ok  {check.stage:<11} {check.path}")
+        print(f"    warmup: {check.warmup_requests} PredictionLog replayed; signatures: {calls}")
+    print(f"serve-check passed: {len(checks)} models")
     return 0
 
 
@@ -137,16 +170,43 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     conv.set_defaults(func=_cmd_convert)
 
-    run = sub.add_parser("run", help="run the local TFX pipeline")
-    run.add_argument("--source", choices=("synthetic", "examples"), default="synthetic")
+    run = sub.add_parser("run", help="run the cascade TFX pipeline locally")
+    run.add_argument("--source", choices=("synthetic", "examples"), default="synthetic",
+                     help="built-in synthetic data, or an Examples dir of candidate rows (cascade generate/convert)")
     run.add_argument("--examples-dir", help="Examples directory for --source examples")
     run.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="synthetic data seed")
     run.add_argument("--epochs", type=_positive_int, help="ranker training epochs (default: RankerConfig.epochs)")
     run.add_argument("--output-dir", default="cascade_output", help="pipeline root, MLMD store and serving dir")
-    run.add_argument("--beam-mode", choices=("in_process", "in_memory", "multi_processing"), default="in_process")
+    run.add_argument("--orchestrator", choices=("local", "beam"), default="local",
+                     help="TFX LocalDagRunner, or BeamDagRunner (the whole pipeline as a Beam pipeline)")
+    run.add_argument("--beam-mode", choices=("multi_processing", "in_process", "in_memory"), default="multi_processing",
+                     help="DirectRunner mode of the Beam components")
+    run.add_argument("--workers", type=_non_negative_int, default=0, help="DirectRunner workers (0 = one per core)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
+    techniques = run.add_argument_group("techniques")
+    techniques.add_argument("--preranking", choices=("cascade", "hap"), default="cascade",
+                            help="pre-ranking trained jointly with a rank stage (LCRON cascade) or HAP")
+    techniques.add_argument("--cascade-method", choices=("lcron", "bce", "icc"), default="lcron",
+                            help="loss of the joint cascade (LCRON, or the independent-BCE / ICC baselines)")
+    techniques.add_argument("--rank-loss", choices=("multi_objective", "multi_task", "none"), default="multi_objective",
+                            help="RankNet loss of the ranker")
+    techniques.add_argument("--activation", default="relu", help="ranker activation: relu, smelu, smelu:<beta>, gelu")
+    techniques.add_argument("--no-distill", action="store_true", help="no distillation from the teacher")
+    techniques.add_argument("--no-bias-constraints", action="store_true", help="no calibration duals in the ranker")
+    techniques.add_argument("--lspr", action="store_true", help="LSPR perturbed copies in the ranker")
+    techniques.add_argument("--nonclick-keep-rate", type=float, default=1.0,
+                            help="class rebalancing: keep shown non-clicks at this rate, weight 1/rate")
+    techniques.add_argument("--low-loss-keep-rate", type=float, default=1.0,
+                            help="teacher-loss sampling: keep easy non-clicks at this rate, weight 1/rate")
     run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("serve-check", help="load each pushed SavedModel and call every signature")
+    check.add_argument("dir", help="pipeline output dir (with serving/ and metadata.sqlite) or a serving dir")
+    check.add_argument("--examples", help="eval tf.Example files (glob); default: the run's eval split")
+    check.add_argument("--count", type=_positive_int, default=16, help="eval examples per call")
+    check.set_defaults(func=_cmd_serve_check)
+
     kfp = sub.add_parser("compile-kubeflow", help="compile the pipeline to a Kubeflow V2 (KFP) JSON spec")
     kfp.add_argument("--out", required=True, help="output JSON path")
     kfp.add_argument("--image", default="gcr.io/my-project/cascade-ranking:latest",

@@ -1,13 +1,39 @@
-"""PipelineConfig: the one configuration object of a pipeline run, every switch named with a default."""
+"""PipelineConfig: the one configuration object of a pipeline run, every switch named with a default.
+
+Each stage's own configuration is the dataclass its Trainer module reads from `custom_config`
+(`RankerConfig` for the teacher and the ranker, `RetrievalTrainerConfig`, `CascadeTrainerConfig`,
+`PrerankingTrainerConfig`), plus `SamplerConfig` for the NegativeSampler and `EvaluatorConfig` for
+the CascadeEvaluator; PipelineConfig holds one of each.
+"""
 import dataclasses
+import json
 import os
 from typing import List, Optional, Tuple
 
+from components.evaluation import EvaluatorConfig
+from components.sampling import SamplerConfig
 from datasources.synthetic import SyntheticConfig
 from models.ranker_config import RankerConfig
+from models.trainers.cascade import CascadeTrainerConfig
+from models.trainers.preranking import PrerankingTrainerConfig
+from models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
 BEAM_MODES = ("in_process", "in_memory", "multi_processing")
+# How the pre-ranking stage is trained: jointly with a rank stage by LCRON ("cascade", the
+# `models.trainers.cascade` module, its `prerank` stage is served), or HAP on its own ("hap").
+PRERANKING_TRAINERS = ("cascade", "hap")
+
+
+def default_cascade() -> CascadeTrainerConfig:
+    """The joint cascade of the pipeline: pre-ranking + ranking by LCRON (retrieval is its own
+    Trainer), its rank stage distilled from the teacher's `teacher_logit`."""
+    return CascadeTrainerConfig(with_retrieval=False, distill_weight=0.5)
+
+
+def to_json(config) -> str:
+    """A stage config dataclass as the JSON its Trainer module reads (`config_from_dict`)."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +47,19 @@ class PipelineConfig:
     source: str = "synthetic"
     examples_dir: Optional[str] = None
     synthetic: SyntheticConfig = SyntheticConfig()
-    ranker: RankerConfig = RankerConfig()  # the ranking stage (Factory Floor ranker)
-    # Beam: "in_process" passes no Beam args (fastest for small data); "multi_processing" runs
-    # DirectRunner with one worker per core.
-    beam_mode: str = "in_process"
-    beam_workers: int = 0  # 0 = one per core
+    # Stage models.
+    teacher: RankerConfig = RankerConfig.teacher()  # the wider, deeper ranker of the teacher pass
+    ranker: RankerConfig = RankerConfig()  # the ranking stage (Factory Floor ranker), distilled
+    retrieval: RetrievalTrainerConfig = dataclasses.field(default_factory=RetrievalTrainerConfig)
+    preranking_trainer: str = "cascade"
+    cascade: CascadeTrainerConfig = dataclasses.field(default_factory=default_cascade)
+    hap: PrerankingTrainerConfig = dataclasses.field(default_factory=PrerankingTrainerConfig)
+    sampler: SamplerConfig = SamplerConfig()
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    # Beam: "multi_processing" runs DirectRunner with `beam_workers` processes (0 = one per core);
+    # "in_process" passes no Beam args (one process, the fastest for tiny data, as in tests).
+    beam_mode: str = "multi_processing"
+    beam_workers: int = 0
     enable_cache: bool = True
     # Where ImportSchemaGen finds schema.pbtxt (default: this package's schema/); a Kubeflow run
     # names the path inside the container image or a gs:// copy.
@@ -45,20 +79,33 @@ class PipelineConfig:
     def serving_dir(self) -> str:
         return os.path.join(self.output_dir, "serving")
 
+    def replace(self, **changes) -> "PipelineConfig":
+        return dataclasses.replace(self, **changes)
+
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}")
         if self.source == "examples":
             if not self.examples_dir:
                 raise ValueError("source 'examples' needs examples_dir")
+            if "://" not in self.examples_dir and not os.path.isdir(self.examples_dir):
+                raise FileNotFoundError(f"data path {self.examples_dir} does not exist")
             for split in ("train", "eval") if "://" not in self.examples_dir else ():
                 path = os.path.join(self.examples_dir, f"Split-{split}")
                 if not os.path.isdir(path):
-                    raise FileNotFoundError(f"data path {path} does not exist")
+                    raise FileNotFoundError(f"data path {path} does not exist (expected Split-train/ and Split-eval/)")
         if self.source == "synthetic":
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:
             raise ValueError(f"unknown beam_mode {self.beam_mode!r}; choose one of {', '.join(BEAM_MODES)}")
+        if self.preranking_trainer not in PRERANKING_TRAINERS:
+            raise ValueError(f"unknown preranking_trainer {self.preranking_trainer!r}; "
+                             f"choose one of {', '.join(PRERANKING_TRAINERS)}")
+        if self.cascade.with_retrieval:
+            raise ValueError("the pipeline trains retrieval on its own: cascade.with_retrieval must be False")
+        self.sampler.validate()
+        if self.sampler.split != "keep":
+            raise ValueError("the pipeline evaluates on the source's eval split: sampler.split must be 'keep'")
 
     def beam_pipeline_args(self) -> List[str]:
         if self.beam_args_override:
@@ -69,3 +116,12 @@ class PipelineConfig:
             return ["--direct_running_mode=in_memory"]
         workers = self.beam_workers or os.cpu_count() or 1
         return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+
+    def evaluator_config(self) -> EvaluatorConfig:
+        """`evaluator`, told how each stage model scores a candidate unless it says so itself: the
+        two-tower model by its `score` signature (u·v), the joint cascade by its `score/prerank`."""
+        if self.evaluator.score_outputs:
+            return self.evaluator
+        preranking_output = "score/prerank" if self.preranking_trainer == "cascade" else "score"
+        return dataclasses.replace(self.evaluator, score_outputs=(
+            ("retrieval_model", "score", "score"), ("preranking_model", "serving_default", preranking_output)))

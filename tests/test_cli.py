@@ -29,6 +29,10 @@ def _run(capsys, *argv):
         (["run", "--source", "examples", "--examples-dir", "/no/such/dir"], "/no/such/dir"),
         (["run", "--source", "examples"], "examples_dir"),
         (["run", "--requests", "0"], "--requests"),
+        (["run", "--nonclick-keep-rate", "1.5"], "nonclick_keep_rate"),
+        (["run", "--activation", "sigmoidish"], "sigmoidish"),
+        (["run", "--orchestrator", "airflow"], "--orchestrator"),
+        (["serve-check", "/no/such/dir"], "/no/such/dir"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, argv, names):
@@ -58,3 +62,29 @@ def test_every_subcommand_has_help(capsys, command):
     code, out, _ = _run(capsys, *command, "--help")
     assert code == 0
     assert "usage: cascade" in out
+
+
+def test_run_flags_switch_the_named_techniques():
+    args = cli.build_parser().parse_args([
+        "run", "--requests", "300", "--no-distill", "--preranking", "hap", "--cascade-method", "bce",
+        "--rank-loss", "multi_task", "--activation", "smelu:0.5", "--lspr", "--no-bias-constraints",
+        "--nonclick-keep-rate", "0.25", "--low-loss-keep-rate", "0.5", "--beam-mode", "in_process", "--workers", "3",
+    ])
+    config = cli.run_config(args)
+    config.validate()
+    assert config.synthetic.num_requests == 300
+    assert config.ranker.distill_weight == 0.0 and config.teacher.distill_weight == 0.0
+    assert config.cascade.distill_weight == 0.0
+    assert config.preranking_trainer == "hap" and config.cascade.method == "bce"
+    assert (config.ranker.rank_loss, config.ranker.activation) == ("multi_task", "smelu:0.5")
+    assert config.ranker.lspr and not config.ranker.bias_constraints
+    assert (config.sampler.nonclick_keep_rate, config.sampler.low_loss_keep_rate) == (0.25, 0.5)
+    assert config.beam_pipeline_args() == []
+    assert config.evaluator_config().score_output("preranking_model") == ("serving_default", "score")
+
+    defaults = cli.run_config(cli.build_parser().parse_args(["run"]))
+    assert defaults.ranker.distill_weight > 0 and defaults.cascade.distill_weight > 0
+    assert defaults.preranking_trainer == "cascade" and not defaults.cascade.with_retrieval
+    assert defaults.evaluator_config().score_output("preranking_model") == ("serving_default", "score/prerank")
+    assert defaults.evaluator_config().score_output("retrieval_model") == ("score", "score")
+    assert defaults.beam_pipeline_args()[0] == "--direct_running_mode=multi_processing"

@@ -17,6 +17,17 @@ def test_compiled_spec_names_every_component_and_custom_executor(tmp_path):
     args = {name: e["container"]["args"] for name, e in executors.items()}
     assert args["SyntheticExampleGen_executor"][:2] == ["--executor_class_path", "components.synthetic_example_gen.Executor"]
     assert "components.anomaly_gate.AnomalyGate_Executor" in args["AnomalyGate_executor"]
+    for node, executor_class in (("NegativeSampler", "components.negative_sampler.Executor"),
+                                 ("TeacherInference", "components.teacher_inference.Executor"),
+                                 ("CascadeEvaluator", "components.cascade_evaluator.Executor")):
+        assert args[f"{node}_executor"][:2] == ["--executor_class_path", executor_class], node
+        assert "--runner=DataflowRunner" in args[f"{node}_executor"], node
+    # Each stage's Trainer runs its own module's run_fn.
+    tasks = spec["root"]["dag"]["tasks"]
+    for stage in ("teacher", "ranking", "retrieval", "cascade"):
+        run_fn = tasks[f"Trainer.{stage}"]["inputs"]["parameters"]["run_fn"]["runtimeValue"]["constantValue"]
+        assert run_fn["stringValue"] == f"models.trainers.{stage}.run_fn", stage
+    assert {"Pusher.retrieval_executor", "Pusher.preranking_executor", "Pusher.ranking_executor"} <= set(executors)
     for name, a in args.items():
         assert executors[name]["container"]["image"] == "gcr.io/p/cascade:1"
     beam = args["StatisticsGen_executor"]

@@ -32,7 +32,7 @@ def run_fn(fn_args) -> None:
     model.embedding.adapt(train)
     model.compile(optimizer=_optimizer(config), loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
                   weighted_metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
-    model.fit(train.map(inputs.to_model_io), epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir),
+    model.fit(train.map(inputs.to_model_io), epochs=config.epochs, callbacks=common.callbacks(fn_args),
               verbose=2)
     result = common.evaluate_ctr_model(model, fn_args.eval_files)
     logging.info("Eval metrics: %s", result)

@@ -2,9 +2,14 @@
 eval split, and the eval-metrics file the pipeline report reads.
 
 Every module trains with TensorBoard logs in the ModelRun (`<model_run>/logs`) and resumes after a
-kill through `tf.keras.callbacks.BackupAndRestore` (`<model_run>/backup`, removed when training
-finishes).
+kill through `tf.keras.callbacks.BackupAndRestore`. A rerun of a killed pipeline is a new TFX
+execution with a new ModelRun directory, so the backup cannot live there: it goes to
+`<node dir>/backup/<fingerprint>/`, the fingerprint being a hash of the Trainer's input files,
+custom_config and step counts. The same Trainer on the same inputs finds it and continues from
+the last finished epoch; other inputs or another config start afresh. Keras removes the backup
+when training finishes.
 """
+import hashlib
 import json
 import os
 from typing import Dict, List, Sequence
@@ -31,10 +36,32 @@ def config_from(fn_args, key: str, cls):
     return config_from_dict(cls, config_json(fn_args, key))
 
 
-def callbacks(model_run_dir: str) -> List[tf.keras.callbacks.Callback]:
+def backup_dir(fn_args) -> str:
+    """The BackupAndRestore directory of a Trainer run (see the module docstring)."""
+    model_run_dir = fn_args.model_run_dir.rstrip("/")
+    identity = json.dumps({
+        "train_files": list(fn_args.train_files or []), "eval_files": list(fn_args.eval_files or []),
+        "custom_config": fn_args.custom_config or {}, "train_steps": fn_args.train_steps,
+        "eval_steps": fn_args.eval_steps,
+    }, sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    run_parent = os.path.dirname(model_run_dir)
+    if os.path.basename(run_parent) != "model_run":  # not TFX's <node>/model_run/<execution> layout
+        return os.path.join(model_run_dir, "backup")
+    return os.path.join(os.path.dirname(run_parent), "backup", fingerprint)
+
+
+def callbacks(fn_args) -> List[tf.keras.callbacks.Callback]:
+    """TensorBoard logs in the ModelRun and BackupAndRestore at `backup_dir(fn_args)`. (A plain
+    ModelRun path is accepted too; its backup is then `<model_run>/backup`, which a rerun as a new
+    execution does not find.)"""
+    if isinstance(fn_args, str):
+        model_run_dir, backup = fn_args, os.path.join(fn_args, "backup")
+    else:
+        model_run_dir, backup = fn_args.model_run_dir, backup_dir(fn_args)
     return [
         tf.keras.callbacks.TensorBoard(log_dir=os.path.join(model_run_dir, "logs"), update_freq=50),
-        tf.keras.callbacks.BackupAndRestore(backup_dir=os.path.join(model_run_dir, "backup")),
+        tf.keras.callbacks.BackupAndRestore(backup_dir=backup),
     ]
 
 

@@ -21,7 +21,7 @@ def train_and_export(fn_args, default: RankerConfig) -> None:
     model = ranker.FactoryFloorRanker(config)
     model.adapt(train)
     model.compile()
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args.model_run_dir), verbose=2)
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = common.evaluate_ctr_model(model, fn_args.eval_files)
     logging.info("Eval metrics: %s", result)
     common.write_eval_metrics(fn_args.model_run_dir, result)
