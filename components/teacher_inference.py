@@ -1,9 +1,18 @@
 """TeacherInference: the teacher pass of two-pass distillation (Factory Floor §4.1.2).
 
-Runs the teacher SavedModel over every candidate row with tfx_bsl's RunInference (the batching
-and model loading BulkInferrer uses) and writes the rows back with the teacher's output added as
-a feature (`teacher_logit` by default), via BulkInferrer's own `prediction_to_example_utils`.
-Students then read it as the soft label `sigmoid(teacher_logit)`.
+Runs the teacher SavedModel over every candidate row with Beam's RunInference
+(`apache_beam.ml.inference`: batching, one model per worker process) and writes the rows back with
+the teacher's output added as a feature (`teacher_logit` by default). Students then read it as the
+soft label `sigmoid(teacher_logit)`.
+
+Written by hand: `SerializedExampleHandler`, a RunInference model handler that feeds batches of
+serialized tf.Examples to a SavedModel signature (Beam's TF handlers take tensors, not Examples),
+and the append of the new feature. An output record is the input record's bytes followed by a
+serialized `Example` holding only the new feature: protobuf parses concatenated messages as their
+merge, and a map entry parsed later replaces an earlier one with the same key, so the result
+parses as the input Example plus (or with a replaced) `teacher_logit`. This keeps the teacher pass
+at a few µs of Python per row instead of a PredictionLog and a re-serialization per row
+(tfx_bsl's RunInference + BulkInferrer's `prediction_to_example_utils`, about 10× slower here).
 
 As many records come out as go in: the counters `records_parsed`, `records_written` and
 `records_bad` are written to `metrics.json` in the output artifact and set as its custom
@@ -16,19 +25,16 @@ over the workers (each worker loads the SavedModel once: RunInference shares it 
 Records go to RunInference as their serialized bytes, not re-serialized.
 """
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 import tensorflow as tf
 from tfx import types
-from tfx.components.bulk_inferrer import prediction_to_example_utils
 from tfx.dsl.components.base import base_beam_component, base_beam_executor, executor_spec
-from tfx.proto import bulk_inferrer_pb2
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 from tfx.utils import path_utils
-from tfx_bsl.public.beam import run_inference
-from tfx_bsl.public.proto import model_spec_pb2
 
 from components import record_io
 from schema import features as F
@@ -53,14 +59,41 @@ class TeacherInferenceSpec(ComponentSpec):
     }
 
 
-class _ParseAndStrip(beam.DoFn):
-    """(split index, raw record) → (split index, serialized tf.Example) for RunInference: records
-    that do not parse or have no request_id go to the dead-letter output; a record that already
-    has the output feature (a rerun) has it removed, so the new prediction replaces it. Other
-    records pass through as the input bytes (no re-serialization)."""
+class SerializedExampleHandler(ModelHandler[bytes, PredictionResult, Any]):
+    """RunInference model handler: a batch of serialized tf.Examples → the SavedModel signature's
+    `output_key` output, one float per example (its [N] or [N, 1] output flattened)."""
 
-    def __init__(self, feature: str, required=(F.REQUEST_ID_KEY,)):
-        self._feature = feature
+    def __init__(self, model_path: str, signature: str = "serving_default", input_key: str = "examples",
+                 output_key: str = "logit", batch_size: int = 1024):
+        self._model_path, self._signature = model_path, signature
+        self._input_key, self._output_key, self._batch_size = input_key, output_key, batch_size
+
+    def load_model(self):
+        loaded = tf.saved_model.load(self._model_path)
+        if self._signature not in loaded.signatures:
+            raise ValueError(f"the teacher SavedModel has no signature {self._signature!r}")
+        function = loaded.signatures[self._signature]
+        if self._output_key not in function.structured_outputs:
+            raise ValueError(f"the teacher's {self._signature} has no output {self._output_key!r} "
+                             f"(it returns {sorted(function.structured_outputs)})")
+        return loaded
+
+    def run_inference(self, batch: Sequence[bytes], model, inference_args=None) -> Iterable[PredictionResult]:
+        outputs = model.signatures[self._signature](**{self._input_key: tf.constant(list(batch))})
+        values = tf.reshape(outputs[self._output_key], [-1]).numpy()
+        if values.shape[0] != len(batch):
+            raise ValueError(f"the teacher returned {values.shape[0]} values for {len(batch)} examples")
+        return [PredictionResult(example, float(value)) for example, value in zip(batch, values)]
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return {"min_batch_size": 1, "max_batch_size": self._batch_size}
+
+
+class _Validate(beam.DoFn):
+    """(split index, raw record) → the same pair when it parses as a tf.Example with the required
+    features; otherwise the record goes to the dead-letter output with the reason."""
+
+    def __init__(self, required=(F.REQUEST_ID_KEY,)):
         self._required = tuple(required)
         self._good = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
         self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
@@ -73,33 +106,36 @@ class _ParseAndStrip(beam.DoFn):
             self._bad.inc()
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, f"unparseable tf.Example: {type(e).__name__}"))
             return
-        features = example.features.feature
-        missing = [name for name in self._required if name not in features]
+        missing = [name for name in self._required if name not in example.features.feature]
         if missing:
             self._bad.inc()
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, f"missing required feature(s): {', '.join(missing)}"))
             return
         self._good.inc()
-        if self._feature in features:
-            del features[self._feature]
-            raw = example.SerializeToString()
         yield split, raw
 
 
-class _ToExample(beam.DoFn):
-    """(split index, PredictionLog) → the serialized example with the prediction added (BulkInferrer's
-    `prediction_to_example_utils.convert`), as an output tagged with its split."""
+def feature_record(name: str, value: float) -> bytes:
+    """A serialized Example with the one float feature; appended to a serialized Example it adds
+    (or replaces) that feature (see the module docstring)."""
+    example = tf.train.Example()
+    example.features.feature[name].float_list.value.append(value)
+    return example.SerializeToString(deterministic=True)
 
-    def __init__(self, output_spec: bulk_inferrer_pb2.OutputExampleSpec, split_names):
-        self._output_spec = output_spec
+
+class _AppendPrediction(beam.DoFn):
+    """(split index, PredictionResult) → the input record with the prediction appended as the
+    output feature, tagged with its split."""
+
+    def __init__(self, feature: str, split_names):
+        self._feature = feature
         self._split_names = tuple(split_names)
         self._written = beam.metrics.Metrics.counter(NAMESPACE, "records_written")
 
     def process(self, element):
-        split, prediction_log = element
-        example = prediction_to_example_utils.convert(prediction_log, self._output_spec)
+        split, result = element
         self._written.inc()
-        yield beam.pvalue.TaggedOutput(self._split_names[split], example.SerializeToString(deterministic=True))
+        yield beam.pvalue.TaggedOutput(self._split_names[split], result.example + feature_record(self._feature, result.inference))
 
 
 class Executor(base_beam_executor.BaseBeamExecutor):
@@ -109,23 +145,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         splits = json.loads(exec_properties["splits"])
         uris = record_io.required_split_uris(input_dict["examples"], splits)
         model_path = path_utils.serving_model_path(artifact_utils.get_single_uri(input_dict["model"]))
-        inference_spec = model_spec_pb2.InferenceSpecType(
-            saved_model_spec=model_spec_pb2.SavedModelSpec(model_path=model_path, signature_name=["serving_default"])
-        )
-        output_spec = bulk_inferrer_pb2.OutputExampleSpec(
-            output_columns_spec=[
-                bulk_inferrer_pb2.OutputColumnsSpec(
-                    predict_output=bulk_inferrer_pb2.PredictOutput(
-                        output_columns=[
-                            bulk_inferrer_pb2.PredictOutputCol(
-                                output_key=exec_properties["output_key"],
-                                output_column=exec_properties["output_feature"],
-                            )
-                        ]
-                    )
-                )
-            ]
-        )
+        handler = KeyedModelHandler(SerializedExampleHandler(model_path, output_key=exec_properties["output_key"]))
         output = artifact_utils.get_single_instance(output_dict["output_examples"])
         output.split_names = artifact_utils.encode_split_names(sorted(uris))
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
@@ -143,14 +163,14 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             records
             | "AllSplits" >> beam.Flatten()
             | "Reshuffle" >> beam.Reshuffle()
-            | "Parse" >> beam.ParDo(_ParseAndStrip(feature)).with_output_types(Tuple[int, bytes]).with_outputs(
+            | "Validate" >> beam.ParDo(_Validate()).with_output_types(Tuple[int, bytes]).with_outputs(
                 record_io.DEAD_LETTER_TAG, main="examples")
         )
         record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, "records")
         written = (
             parsed.examples
-            | "RunInference" >> run_inference.RunInference(inference_spec)
-            | "AddTeacherOutput" >> beam.ParDo(_ToExample(output_spec, split_names)).with_outputs(*split_names)
+            | "RunInference" >> RunInference(handler)
+            | "AddTeacherOutput" >> beam.ParDo(_AppendPrediction(feature, split_names)).with_outputs(*split_names)
         )
         for split in split_names:
             record_io.write_split(written[split], artifact_utils.get_split_uri([output], split), split)

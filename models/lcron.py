@@ -35,7 +35,7 @@ Conventions (documented choices, where the formulas leave room):
 * w_i is stored as is (initialised to 1) and log ∏ w_i is computed as Σ log|w_i|, which is the
   formula for w_i > 0 and keeps the loss defined if a step ever crosses 0.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf

@@ -31,6 +31,14 @@ def default_cascade() -> CascadeTrainerConfig:
     return CascadeTrainerConfig(with_retrieval=False, distill_weight=0.5)
 
 
+def _installed_package_flag() -> List[str]:
+    """`--setup_file=<this package's setup.py>` when it exists. DirectRunner's worker processes
+    import the installed package and ignore the flag, but without some dependency flag TFX builds an
+    ephemeral sdist of itself for every Beam component (seconds each) to stage for remote workers."""
+    setup_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    return [f"--setup_file={setup_file}"] if os.path.exists(setup_file) else []
+
+
 def to_json(config) -> str:
     """A stage config dataclass as the JSON its Trainer module reads (`config_from_dict`)."""
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
@@ -113,9 +121,9 @@ class PipelineConfig:
         if self.beam_mode == "in_process":
             return []
         if self.beam_mode == "in_memory":
-            return ["--direct_running_mode=in_memory"]
+            return ["--direct_running_mode=in_memory"] + _installed_package_flag()
         workers = self.beam_workers or os.cpu_count() or 1
-        return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+        return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"] + _installed_package_flag()
 
     def evaluator_config(self) -> EvaluatorConfig:
         """`evaluator`, told how each stage model scores a candidate unless it says so itself: the

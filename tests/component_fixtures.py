@@ -42,3 +42,15 @@ def exported_model(examples_root: str, model_root: str) -> standard_artifacts.Mo
     warmup = list(example_io.read_examples(os.path.join(examples_root, "Split-eval", "data_*")))[:2]
     export.export_saved_model(model, os.path.join(model_root, "Format-Serving"), [e.SerializeToString() for e in warmup])
     return artifact
+
+
+def request_list_splits(root, num_requests: int, seed: int, list_size: int):
+    """Synthetic candidate rows under `root/examples`, packed into request lists in the
+    NegativeSampler's layout (`root/lists/Split-{train,eval}/*.gz`); returns `root/lists`."""
+    from models import list_inputs as LI
+
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=num_requests, seed=seed), str(root / "examples"))
+    for split in ("train", "eval"):
+        lists = LI.request_lists_from_candidates(str(root / "examples" / f"Split-{split}"), list_size, shuffle_seed=0)
+        LI.write_request_lists(lists, str(root / "lists" / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"))
+    return root / "lists"

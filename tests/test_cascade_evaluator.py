@@ -12,7 +12,7 @@ from tfx.types import standard_artifacts
 from components import cascade_evaluator, record_io
 from components.evaluation import EvaluatorConfig
 from datasources import example_io
-from tests.component_fixtures import examples_artifact, exported_model, synthetic_examples
+from tests.component_fixtures import exported_model, synthetic_examples
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,4 @@
 """`cascade` command line: good runs and one-line exit-2 errors for bad arguments."""
-import os
-
 import pytest
 
 from datasources import example_io
@@ -88,3 +86,4 @@ def test_run_flags_switch_the_named_techniques():
     assert defaults.evaluator_config().score_output("preranking_model") == ("serving_default", "score/prerank")
     assert defaults.evaluator_config().score_output("retrieval_model") == ("score", "score")
     assert defaults.beam_pipeline_args()[0] == "--direct_running_mode=multi_processing"
+    assert any(a.startswith("--setup_file=") and a.endswith("setup.py") for a in defaults.beam_pipeline_args())

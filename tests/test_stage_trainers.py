@@ -9,10 +9,9 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from datasources import synthetic
 from models import export as export_lib
-from models import list_inputs as LI
 from models.trainers import cascade, common, preranking, retrieval
+from tests.component_fixtures import request_list_splits
 
 pytestmark = pytest.mark.slow
 LIST_SIZE = 60  # the NegativeSampler's default list size
@@ -22,11 +21,7 @@ LIST_SIZE = 60  # the NegativeSampler's default list size
 def data(tmp_path_factory):
     """Request-list Examples in the NegativeSampler's layout (Split-train/, Split-eval/ gz files)."""
     root = tmp_path_factory.mktemp("stage_trainer_data")
-    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=40, seed=3), str(root / "examples"))
-    for split in ("train", "eval"):
-        lists = LI.request_lists_from_candidates(str(root / "examples" / f"Split-{split}"), LIST_SIZE, shuffle_seed=0)
-        LI.write_request_lists(lists, str(root / "lists" / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"))
-    return root / "lists"
+    return request_list_splits(root, num_requests=40, seed=3, list_size=LIST_SIZE)
 
 
 @pytest.fixture(scope="module")

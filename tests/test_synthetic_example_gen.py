@@ -1,7 +1,6 @@
 """SyntheticExampleGen's executor on DirectRunner: it writes the generator's rows, split by request."""
 import os
 
-import tensorflow as tf
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, standard_artifacts, standard_component_specs
 from tfx.utils import proto_utils

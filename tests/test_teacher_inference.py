@@ -96,3 +96,22 @@ def test_missing_split_is_a_clear_error(data, tmp_path):
     with pytest.raises(record_io.BadInputError, match="required split 'test' is missing") as error:
         _run(tmp_path, examples, model, splits=json.dumps(["train", "test"]))
     assert "\n" not in str(error.value)
+
+
+def test_a_second_pass_replaces_the_logit_and_keeps_every_other_feature(data, tmp_path):
+    root, examples, model = data
+    first, _ = _run(tmp_path / "first", examples, model)
+    second, _ = _run(tmp_path / "second", first, model, output_feature="teacher_logit")
+    key = lambda e: (e.features.feature["request_id"].int64_list.value[0], e.features.feature["item_id"].int64_list.value[0])
+    for split in ("train", "eval"):
+        source = {key(e): e for e in example_io.read_examples(os.path.join(examples.uri, f"Split-{split}", "data_*"))}
+        once = {key(e): e for e in example_io.read_examples(os.path.join(first.uri, f"Split-{split}"))}
+        twice = list(example_io.read_examples(os.path.join(second.uri, f"Split-{split}")))
+        assert len(twice) == len(source)
+        for example in twice:
+            features = dict(example.features.feature)
+            replaced = list(features.pop("teacher_logit").float_list.value)
+            before = list(once[key(example)].features.feature["teacher_logit"].float_list.value)
+            assert len(replaced) == 1 and replaced == pytest.approx(before, rel=1e-5, abs=1e-6)  # (batching changes
+            # the float rounding, so the second pass's logit is close, not bit-equal)
+            assert features == dict(source[key(example)].features.feature)

@@ -20,9 +20,8 @@ import pytest
 import tensorflow as tf
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from datasources import synthetic
-from models import list_inputs as LI
 from models.trainers import cascade, common, preranking, retrieval
+from tests.component_fixtures import request_list_splits
 
 pytestmark = pytest.mark.slow
 LIST_SIZE = 60
@@ -89,11 +88,7 @@ class _RecordResume(tf.keras.callbacks.Callback):
 def data(tmp_path_factory):
     """Request-list Examples in the NegativeSampler's layout, 40 requests."""
     root = tmp_path_factory.mktemp("resume_data")
-    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=40, seed=11), str(root / "examples"))
-    for split in ("train", "eval"):
-        lists = LI.request_lists_from_candidates(str(root / "examples" / f"Split-{split}"), LIST_SIZE, shuffle_seed=0)
-        LI.write_request_lists(lists, str(root / "lists" / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"))
-    return root / "lists"
+    return request_list_splits(root, num_requests=40, seed=11, list_size=LIST_SIZE)
 
 
 def _fn_args(data, node_dir, execution_id, custom_config):
