@@ -51,7 +51,10 @@ def _executions_by_node(config):
 
 
 def _teacher_backups(config):
-    return glob.glob(os.path.join(config.pipeline_root, "Trainer.teacher", "backup", "*", "*"))
+    """The teacher's saved BackupAndRestore checkpoints (the CheckpointManager's index file, written
+    once an epoch's checkpoint is complete; the directories appear at the start of training)."""
+    return glob.glob(os.path.join(config.pipeline_root, "Trainer.teacher", "backup", "*", "**", "checkpoint"),
+                     recursive=True)
 
 
 def _first_logged_epoch(model_run_dir: str) -> int:
