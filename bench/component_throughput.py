@@ -52,30 +52,32 @@ def _context(beam_args, root):
     return base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=beam_args, tmp_dir=os.path.join(root, "tmp"))
 
 
+def _timed_run(executor_class, inputs, outputs, exec_properties, beam_args, root):
+    """(construction seconds, Do seconds) of one executor run."""
+    start = time.perf_counter()
+    executor = executor_class(_context(beam_args, root))
+    built = time.perf_counter()
+    executor.Do(inputs, outputs, exec_properties)
+    return built - start, time.perf_counter() - built
+
+
 def run_sampler(examples, model, beam_args, root):
     """(construction seconds, Do seconds) of one NegativeSampler run."""
     out, dead = _outputs(root)
-    start = time.perf_counter()
-    executor = negative_sampler.Executor(_context(beam_args, root))
-    built = time.perf_counter()
-    executor.Do(
-        {"examples": [examples]}, {"request_lists": [out], "dead_letters": [dead]},
+    return _timed_run(
+        negative_sampler.Executor, {"examples": [examples]}, {"request_lists": [out], "dead_letters": [dead]},
         {"config": json.dumps(dataclasses.asdict(SamplerConfig(nonclick_keep_rate=0.5))),
-         "input_splits": json.dumps(["train", "eval"])})
-    return built - start, time.perf_counter() - built
+         "input_splits": json.dumps(["train", "eval"])}, beam_args, root)
 
 
 def run_teacher(examples, model, beam_args, root):
     """(construction seconds, Do seconds) of one TeacherInference run."""
     out, dead = _outputs(root)
-    start = time.perf_counter()
-    executor = teacher_inference.Executor(_context(beam_args, root))
-    built = time.perf_counter()
-    executor.Do(
-        {"examples": [examples], "model": [model]}, {"output_examples": [out], "dead_letters": [dead]},
+    return _timed_run(
+        teacher_inference.Executor, {"examples": [examples], "model": [model]},
+        {"output_examples": [out], "dead_letters": [dead]},
         {"splits": json.dumps(["train", "eval"]), "output_key": "logit", "output_feature": "teacher_logit",
-         "max_bad_fraction": 0.01})
-    return built - start, time.perf_counter() - built
+         "max_bad_fraction": 0.01}, beam_args, root)
 
 
 def run_floor(examples, model, beam_args, root):

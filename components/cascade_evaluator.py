@@ -40,6 +40,14 @@ SCORE_OUTPUT_KEYS = ("ctr", "score", "scores", "logit")
 _ROW_FIELDS = ("request_id", "item_id", "click", "ui_position", "stage", "true_ctr")
 
 
+def _row_spec(shape) -> Dict[str, tf.io.FixedLenFeature]:
+    """Parse spec of the row fields (true_ctr −1 when the data does not know it)."""
+    dtypes = {"stage": tf.string, "true_ctr": tf.float32}
+    spec = {name: tf.io.FixedLenFeature(shape, dtypes.get(name, tf.int64)) for name in _ROW_FIELDS}
+    spec["true_ctr"] = tf.io.FixedLenFeature(shape, tf.float32, default_value=np.full(shape, -1.0).tolist())
+    return spec
+
+
 def score_output_key(outputs) -> str:
     for key in SCORE_OUTPUT_KEYS:
         if key in outputs:
@@ -48,7 +56,7 @@ def score_output_key(outputs) -> str:
 
 
 class _ScoreBatch(beam.DoFn):
-    """A batch of tf.Examples → one scored row per example, with a score per model."""
+    """A batch of serialized tf.Examples → one scored row per example, with a score per model."""
 
     def __init__(self, model_paths: Dict[str, str], score_outputs: Dict[str, Tuple[str, Optional[str]]]):
         self._model_paths = model_paths
@@ -73,18 +81,10 @@ class _ScoreBatch(beam.DoFn):
                                  f"(it returns {sorted(outputs)})")
             self._signatures[key] = (signature, output_key)
 
-    def process(self, batch: List[tf.train.Example]):
-        serialized = tf.constant([e.SerializeToString() for e in batch])
+    def process(self, batch: List[bytes]):
+        serialized = tf.constant(batch)
         scores = {key: tf.reshape(sig(examples=serialized)[out], [-1]).numpy() for key, (sig, out) in self._signatures.items()}
-        parse = tf.io.parse_example(serialized, {
-            "request_id": tf.io.FixedLenFeature([1], tf.int64),
-            "item_id": tf.io.FixedLenFeature([1], tf.int64),
-            "click": tf.io.FixedLenFeature([1], tf.int64),
-            "ui_position": tf.io.FixedLenFeature([1], tf.int64),
-            "stage": tf.io.FixedLenFeature([1], tf.string),
-            "true_ctr": tf.io.FixedLenFeature([1], tf.float32, default_value=[-1.0]),
-        })
-        columns = {k: v.numpy().reshape(-1) for k, v in parse.items()}
+        columns = {k: v.numpy().reshape(-1) for k, v in tf.io.parse_example(serialized, _row_spec([1])).items()}
         for i in range(len(batch)):
             self._scored.inc()
             feature = {k: columns[k][i] for k in _ROW_FIELDS}
@@ -107,11 +107,7 @@ def _scored_example(values: Dict[str, Any]) -> tf.train.Example:
 
 def read_scored_rows(uri: str, score_keys: List[str]) -> Dict[str, np.ndarray]:
     files = fileio.glob(os.path.join(uri, SCORED_ROWS_PREFIX + "*"))
-    spec = {
-        "request_id": tf.io.FixedLenFeature([], tf.int64), "item_id": tf.io.FixedLenFeature([], tf.int64),
-        "click": tf.io.FixedLenFeature([], tf.int64), "ui_position": tf.io.FixedLenFeature([], tf.int64),
-        "stage": tf.io.FixedLenFeature([], tf.string), "true_ctr": tf.io.FixedLenFeature([], tf.float32),
-    }
+    spec = _row_spec([])
     spec.update({f"score/{k}": tf.io.FixedLenFeature([], tf.float32) for k in score_keys})
     columns: Dict[str, List[np.ndarray]] = {k: [] for k in spec}
     for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8192):

@@ -181,27 +181,26 @@ def write_plots(result: Mapping, out_dir: str) -> List[str]:
             buckets = [b for b in result[section]["calibration_by_bucket"] if b["count"] > 0]
             ax.plot([b["mean_prediction"] for b in buckets], [b["mean_label"] for b in buckets], marker="o", label=section)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    ax.set_xlabel("mean predicted CTR (bucket)")
-    ax.set_ylabel("observed CTR")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
-    ax.legend()
-    ax.set_title("Calibration by predicted-CTR bucket")
-    paths.append(os.path.join(out_dir, "calibration.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, "mean predicted CTR (bucket)", "observed CTR",
+                       "Calibration by predicted-CTR bucket", os.path.join(out_dir, "calibration.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, values in result["cascade"]["recall_at_k"].items():
         ax.plot(range(1, len(values) + 1), values, label=key)
-    ax.set_xlabel("k")
-    ax.set_ylabel("Recall@k of the ground truth")
     ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("Recall@k by stage model")
-    paths.append(os.path.join(out_dir, "recall_at_k.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, "k", "Recall@k of the ground truth", "Recall@k by stage model",
+                       os.path.join(out_dir, "recall_at_k.png")))
     return paths
+
+
+def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

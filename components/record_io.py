@@ -58,15 +58,19 @@ def read_split(pipeline: beam.Pipeline, uri: str, label: str) -> beam.PCollectio
 
 
 class ParseOrDivert(beam.DoFn):
-    """bytes → tf.train.Example; unparseable records or ones missing `required` features are
-    diverted to the dead-letter output with the reason. Counts both."""
+    """Keeps the records that parse as a tf.Example with the `required` features and diverts the
+    others to the dead-letter output with the reason; counts both. A kept record goes on as the
+    element it came in as — its bytes, or `(key, bytes)` with `keyed=True` — so nothing is
+    re-serialized downstream."""
 
-    def __init__(self, namespace: str, required: Sequence[str] = (F.REQUEST_ID_KEY,)):
+    def __init__(self, namespace: str, required: Sequence[str] = (F.REQUEST_ID_KEY,), keyed: bool = False):
         self._required = tuple(required)
+        self._keyed = keyed
         self._good = beam.metrics.Metrics.counter(namespace, "records_parsed")
         self._bad = beam.metrics.Metrics.counter(namespace, "records_bad")
 
-    def process(self, raw: bytes):
+    def process(self, element):
+        raw = element[1] if self._keyed else element
         try:
             example = tf.train.Example.FromString(raw)
         except Exception as e:  # protobuf raises DecodeError and friends
@@ -79,7 +83,7 @@ class ParseOrDivert(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (raw, f"missing required feature(s): {', '.join(missing)}"))
             return
         self._good.inc()
-        yield example
+        yield element
 
 
 def _dead_letter_json(item) -> str:

@@ -89,32 +89,6 @@ class SerializedExampleHandler(ModelHandler[bytes, PredictionResult, Any]):
         return {"min_batch_size": 1, "max_batch_size": self._batch_size}
 
 
-class _Validate(beam.DoFn):
-    """(split index, raw record) → the same pair when it parses as a tf.Example with the required
-    features; otherwise the record goes to the dead-letter output with the reason."""
-
-    def __init__(self, required=(F.REQUEST_ID_KEY,)):
-        self._required = tuple(required)
-        self._good = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
-        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
-
-    def process(self, element):
-        split, raw = element
-        try:
-            example = tf.train.Example.FromString(raw)
-        except Exception as e:  # protobuf raises DecodeError and friends
-            self._bad.inc()
-            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, f"unparseable tf.Example: {type(e).__name__}"))
-            return
-        missing = [name for name in self._required if name not in example.features.feature]
-        if missing:
-            self._bad.inc()
-            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, f"missing required feature(s): {', '.join(missing)}"))
-            return
-        self._good.inc()
-        yield split, raw
-
-
 def feature_record(name: str, value: float) -> bytes:
     """A serialized Example with the one float feature; appended to a serialized Example it adds
     (or replaces) that feature (see the module docstring)."""
@@ -163,8 +137,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             records
             | "AllSplits" >> beam.Flatten()
             | "Reshuffle" >> beam.Reshuffle()
-            | "Validate" >> beam.ParDo(_Validate()).with_output_types(Tuple[int, bytes]).with_outputs(
-                record_io.DEAD_LETTER_TAG, main="examples")
+            | "Validate" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE, keyed=True)).with_output_types(
+                Tuple[int, bytes]).with_outputs(record_io.DEAD_LETTER_TAG, main="examples")
         )
         record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, "records")
         written = (

@@ -88,12 +88,16 @@ def test_sample_weight_weights_residuals_and_counts():
     lam = np.array([0.3, -0.6, 1.2, -0.4], np.float32)
     bc.duals.assign(lam)
     # By hand: r_k = Σ w (y − ŷ), c_k = Σ w over the slice, N = 5 rows.
-    r, c = np.zeros(4), np.zeros(4)
-    for i in range(5):
-        for k in ids[i]:
-            if k < 4:
-                r[k] += w[i] * (y[i] - yhat[i])
-                c[k] += w[i]
+    def slice_sums(weights):
+        r, c = np.zeros(4), np.zeros(4)
+        for i in range(5):
+            for k in ids[i]:
+                if k < 4:
+                    r[k] += weights[i] * (y[i] - yhat[i])
+                    c[k] += weights[i]
+        return r, c
+
+    r, c = slice_sums(w)
     # bucket 0 (ŷ < .5): rows 0, 3: r = 2·.8 + 3·(−.3) = .7, c = 5; category 0: the same rows.
     np.testing.assert_allclose(r[[0, 2]], [0.7, 0.7], rtol=1e-6)
     np.testing.assert_allclose(c, [5.0, 1.75, 5.0, 1.5])
@@ -106,12 +110,7 @@ def test_sample_weight_weights_residuals_and_counts():
     np.testing.assert_allclose(bc.dual_gradient(y, yhat, ids, sample_weight=np.ones(5)).numpy(),
                                bc.dual_gradient(y, yhat, ids).numpy(), rtol=1e-6)
     reps = np.array([2, 1, 1, 3, 1])
-    r_rep, c_rep = np.zeros(4), np.zeros(4)
-    for i in range(5):
-        for k in ids[i]:
-            if k < 4:
-                r_rep[k] += reps[i] * (y[i] - yhat[i])
-                c_rep[k] += reps[i]
+    r_rep, c_rep = slice_sums(reps)
     grad = bc.dual_gradient(y, yhat, ids, sample_weight=reps.astype(np.float32)).numpy()
     np.testing.assert_allclose(grad * 5, r_rep - 0.5 * lam * c_rep, rtol=1e-5)
 

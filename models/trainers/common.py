@@ -52,16 +52,10 @@ def backup_dir(fn_args) -> str:
 
 
 def callbacks(fn_args) -> List[tf.keras.callbacks.Callback]:
-    """TensorBoard logs in the ModelRun and BackupAndRestore at `backup_dir(fn_args)`. (A plain
-    ModelRun path is accepted too; its backup is then `<model_run>/backup`, which a rerun as a new
-    execution does not find.)"""
-    if isinstance(fn_args, str):
-        model_run_dir, backup = fn_args, os.path.join(fn_args, "backup")
-    else:
-        model_run_dir, backup = fn_args.model_run_dir, backup_dir(fn_args)
+    """TensorBoard logs in the ModelRun and BackupAndRestore at `backup_dir(fn_args)`."""
     return [
-        tf.keras.callbacks.TensorBoard(log_dir=os.path.join(model_run_dir, "logs"), update_freq=50),
-        tf.keras.callbacks.BackupAndRestore(backup_dir=backup),
+        tf.keras.callbacks.TensorBoard(log_dir=os.path.join(fn_args.model_run_dir, "logs"), update_freq=50),
+        tf.keras.callbacks.BackupAndRestore(backup_dir=backup_dir(fn_args)),
     ]
 
 
