@@ -109,7 +109,10 @@ def main():
     parser.add_argument("--requests", type=int, default=1_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=("NegativeSampler", "TeacherInference", "floor"), action="append")
+    parser.add_argument("--json", help="also write every figure here")
     args = parser.parse_args()
+    figures = {"requests": args.requests, "rows": args.requests * 50, "repeats": args.repeats,
+               "cpus": os.cpu_count(), "reference_mode": REFERENCE, "components": {}}
     rows = args.requests * 50
     runs = [("NegativeSampler", run_sampler), ("TeacherInference", run_teacher), ("floor", run_floor)]
     runs = [r for r in runs if not args.only or r[0] in args.only]
@@ -134,11 +137,18 @@ def main():
                     do.append(rows / done)
                 results[mode] = (total, do, init, cpu)
             reference = statistics.mean(results[REFERENCE][0])
+            figures["components"][name] = {
+                mode: {"rows_per_s": total, "do_rows_per_s": do, "init_s": init, "cpu_s": cpu,
+                       "ratio_to_reference": statistics.mean(total) / reference}
+                for mode, (total, do, init, cpu) in results.items()}
             for mode, (total, do, init, cpu) in results.items():
                 label = "(read + count)" if name == "floor" else ""
                 print(f"  {name + label:17s} {mode:28s} {_fmt(total, '7,.0f')} ×{statistics.mean(total) / reference:4.2f} "
                       f"{_fmt(do, '7,.0f')} {_fmt(init, '4.1f')} {_fmt(cpu, '5.1f')}", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ AUC_GAP_GOAL = 0.02
 BIAS_GOAL = 0.10
 
 
-def load_eval(data_dir):
+def load_eval(data_dir, split="eval"):
+    """Shown rows of a split: labels y, true CTRs o (−1 when unknown), request ids q, parsed batches."""
     cols = {"y": [], "o": [], "q": [], "batches": []}
-    for b in inputs.parsed_batches([os.path.join(data_dir, "Split-eval")], 4096, exposed_only=True):
+    for b in inputs.parsed_batches([os.path.join(data_dir, f"Split-{split}")], 4096, exposed_only=True):
         cols["batches"].append(b)
         cols["y"].append(b[F.LABEL_KEY].numpy().ravel())
         cols["o"].append(b[F.TRUE_CTR_KEY].numpy().ravel())
@@ -99,8 +100,18 @@ def calibrated_draws(p, draws=200, seed=0):
     return worst
 
 
+def predictions(ev, predict):
+    """The predicted CTRs of `predict` on every eval batch, in eval order."""
+    return np.concatenate([predict(b) for b in ev["batches"]])
+
+
 def scores(ev, predict):
-    y, p, q = ev["y"], np.concatenate([predict(b) for b in ev["batches"]]), ev["q"]
+    return scores_of(ev, predictions(ev, predict))
+
+
+def scores_of(ev, p):
+    """Every quality figure of predicted CTRs `p` (aligned with the eval rows)."""
+    y, q = ev["y"], ev["q"]
     biases = bucket_bias(y, p)
     return {
         "auc": metrics.auc(y, p),
@@ -111,6 +122,8 @@ def scores(ev, predict):
         "bucket_count": {str(k): v[1] for k, v in biases.items()},
         "bucket_noise": {str(k): v[2] for k, v in biases.items()},
         "max_abs_bucket_bias": max(abs(v[0]) for v in biases.values()) if biases else float("nan"),
+        # DESIGN §8: the variance of the calibration bias across buckets (population variance)
+        "bucket_bias_variance": float(np.var([v[0] for v in biases.values()])) if len(biases) >= 2 else float("nan"),
         "calibrated_pass_rate": float(np.mean(calibrated_draws(p) <= BIAS_GOAL)),
     }
 

@@ -1,0 +1,326 @@
+"""Markdown tables and PNG plots for BENCHMARKS.md, from the JSON files the bench scripts write.
+
+Reads whichever of these exist in --results (default bench/results/) and prints one markdown
+table per file; with --plots it also draws the PNGs beside them. Nothing is measured here: every
+figure comes from the script named in the table's heading. Every "±" is the sample standard deviation
+(ddof 1) over seeds (or seed pairs, or repeats), recomputed here from the runs in the JSON.
+
+    ranking_ablations.json   python bench/ranking_ablations.py --json bench/results/ranking_ablations.json
+    data_sampling.json       python bench/data_sampling.py --json bench/results/data_sampling.json
+    cascade_lcron.json       python bench/cascade_lcron.py --json bench/results/cascade_lcron.json
+    ranking_speed.json       python bench/ranking_speed.py --json bench/results/ranking_speed.json
+    stage_throughput.json    python bench/stage_throughput.py --json bench/results/stage_throughput.json
+    component_throughput.json python bench/component_throughput.py --json bench/results/component_throughput.json
+    demo_wall.json           python bench/demo_wall.py --json bench/results/demo_wall.json
+
+    python bench/report.py [--results bench/results] [--plots]
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def mean_std(values, digits=4):
+    """'mean ± std' with the sample std (ddof 1) over the finite values, as every table here uses."""
+    values = np.asarray([v for v in values if v is not None], np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return "n/a"
+    std = np.std(values, ddof=1) if values.size > 1 else float("nan")
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load(results_dir, name):
+    path = os.path.join(results_dir, name + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- ranking ablations and reproducibility ------------------------------------------------------
+def ablation_tables(data):
+    out = []
+    for dataset, result in data["results"].items():
+        rows = []
+        for v in result["variants"].values():
+            runs = v["runs"]
+            rows.append([v["variant"], v["qu"], mean_std([r["auc"] for r in runs]),
+                         mean_std([r["per_query_auc"] for r in runs]), mean_std([r["ne"] for r in runs]),
+                         mean_std([r["bucket_bias_variance"] for r in runs]),
+                         f"{v.get('train_speed_ratio', float('nan')):.2f}"])
+        out.append(f"**{dataset}** — eval {result['eval_rows']:,} shown rows, {result['eval_clicks']:,} clicks; "
+                   f"oracle AUC {result['oracle_auc']:.4f}; bootstrap std of one model's AUC over the eval rows "
+                   f"{result['auc_bootstrap_std']:.4f}; {data['seeds']} seeds\n\n"
+                   + markdown(["variant", "Q·U", "AUC", "PerQueryAUC", "NE", "var(calibration bias) across buckets",
+                               "train ex/s ÷ baseline"], rows))
+    return "\n\n".join(out)
+
+
+REPRO_VARIANTS = (("baseline", "ReLU", "off"), ("+bias", "ReLU", "on"), ("+SmeLU", "SmeLU", "off"),
+                  ("+SmeLU+bias", "SmeLU", "on"))
+
+
+def reproducibility_table(data):
+    rows = []
+    for dataset, result in data["results"].items():
+        for qu in sorted({v["qu"] for v in result["variants"].values()}):
+            for name, activation, bias in REPRO_VARIANTS:
+                v = result["variants"].get(f"{name} | Q·U {qu}")
+                if v is not None:
+                    rows.append([dataset, qu, activation, bias, mean_std(v["pd_pairs"]),
+                                 mean_std([r["auc"] for r in v["runs"]])])
+    return markdown(["dataset", "Q·U", "activation", "bias constraints", "PD between seed retrains (3 pairs)", "AUC"],
+                    rows)
+
+
+def plot_ablations(data, plt, out_dir):
+    results = data["results"]
+    fig, axes = plt.subplots(1, 2 * len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for i, (dataset, result) in enumerate(results.items()):
+        variants = list(result["variants"].values())
+        labels = [f"{v['variant']}{'' if v['qu'] == 'off' else ' (Q·U)'}" for v in variants]
+        for j, metric in enumerate(("auc", "ne")):
+            ax = axes[0, 2 * i + j]
+            values = [[r[metric] for r in v["runs"]] for v in variants]
+            ax.barh(range(len(variants)), [np.mean(x) for x in values], xerr=[np.std(x) for x in values],
+                    color=["#888" if v["variant"] == "baseline" else "#3a7" for v in variants])
+            ax.set_yticks(range(len(variants)), labels, fontsize=7)
+            ax.invert_yaxis()
+            lo = min(np.mean(x) - np.std(x) for x in values)
+            hi = max(np.mean(x) + np.std(x) for x in values)
+            ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+            ax.set_title(f"{dataset}: {metric.upper()} (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, plt, out_dir, "ranking_ablations.png")
+
+
+def plot_reproducibility(data, plt, out_dir):
+    results = data["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
+    for i, (dataset, result) in enumerate(results.items()):
+        ax = axes[0, i]
+        bars = [(f"{act}{' + bias' if bias == 'on' else ''}{' (Q·U)' if qu == 'on' else ''}", v["pd_pairs"])
+                for qu in sorted({v["qu"] for v in result["variants"].values()})
+                for name, act, bias in REPRO_VARIANTS
+                if (v := result["variants"].get(f"{name} | Q·U {qu}")) is not None]
+        ax.bar(range(len(bars)), [np.mean(b[1]) for b in bars], yerr=[np.std(b[1]) for b in bars], color="#47a")
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{dataset}: PD between seed retrains", fontsize=9)
+    fig.tight_layout()
+    return save(fig, plt, out_dir, "reproducibility_pd.png")
+
+
+# ---- data sampling ---------------------------------------------------------------------------------
+def sampling_table(data):
+    rows = []
+    for name, c in data["configs"].items():
+        runs = c["runs"]
+        rows.append([name, f"{runs[0]['kept']:,}", f"{runs[0]['kept_fraction']:.3f}", mean_std([r["ne"] for r in runs]),
+                     mean_std([r["auc"] for r in runs]), mean_std([r["calibration"] for r in runs], 3)])
+    reduction = data.get("reduction_at_neutral_ne")
+    verdict = (f"data reduction at neutral NE: **{reduction:.1%}** ({data['neutral_config']})" if reduction is not None
+               else "no sampled configuration is NE-neutral")
+    return (f"synthetic, {data['requests']:,} requests (data seed {data['data_seed']}); {data['full_train_shown_rows']:,} "
+            f"shown train rows (click rate {data['train_click_rate']:.3f}); {data['seeds']} seeds; "
+            f"{data['low_loss_fraction_of_nonclicks']:.1%} of train non-clicks have teacher loss below τ\n\n"
+            + markdown(["configuration", "rows kept", "fraction kept", "NE", "AUC", "Σŷ/Σy"], rows)
+            + f"\n\nNeutral rule: {data['neutral_rule']}. {verdict}.")
+
+
+def plot_sampling(data, plt, out_dir):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in data["configs"].items():
+        ne = [r["ne"] for r in c["runs"]]
+        marker = "s" if name == "full" else ("^" if "loss" in name else "o")
+        ax.errorbar(c["runs"][0]["kept_fraction"], np.mean(ne), yerr=np.std(ne), fmt=marker, capsize=3, label=name)
+    ax.set_xlabel("fraction of shown train rows kept")
+    ax.set_ylabel("eval NE (mean ± std over seeds)")
+    ax.set_title("synthetic: data sampling, rows kept vs NE", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, plt, out_dir, "data_sampling_ne.png")
+
+
+# ---- cascade --------------------------------------------------------------------------------------
+def cascade_table(data):
+    rows = []
+    for dataset, variants in data["results"].items():
+        for method, runs in variants.items():
+            stage_keys = [k for k in runs[0] if k.startswith("recall_")]
+            rows.append([dataset, method, mean_std([r["e2e_recall"] for r in runs])]
+                        + [f"{k[len('recall_'):]} {mean_std([r[k] for r in runs])}" for k in stage_keys])
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    return markdown(["dataset", "method", "e2e recall"] + ["stage Recall@\\|GT\\|@m"] * (width - 3), rows)
+
+
+def plot_cascade(data, plt, out_dir):
+    results = data["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
+    for i, (dataset, variants) in enumerate(results.items()):
+        ax = axes[0, i]
+        names = list(variants)
+        values = [[r["e2e_recall"] for r in variants[n]] for n in names]
+        ax.bar(range(len(names)), [np.mean(v) for v in values], yerr=[np.std(v, ddof=1) for v in values],
+               color=["#c53" if n == "lcron" else "#888" for n in names])
+        ax.set_xticks(range(len(names)), names)
+        lo = min(np.mean(v) - np.std(v) for v in values)
+        hi = max(np.mean(v) + np.std(v) for v in values)
+        ax.set_ylim(lo - 0.5 * (hi - lo), hi + 0.3 * (hi - lo))
+        ax.set_title(f"{dataset}: e2e recall (mean ± sample std over seeds)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, plt, out_dir, "cascade_e2e_recall.png")
+
+
+# ---- performance -----------------------------------------------------------------------------------
+def speed_table(data):
+    parts = []
+    if data.get("train"):
+        parts.append("Training, ranker (RankerConfig defaults) ÷ plain TFRS DCN of the same width, same cached batches, "
+                     "interleaved (median of per-round ratios):\n\n" + markdown(
+                         ["requests per batch", "variant", "rows per batch", "ranker ex/s", "plain DCN ex/s", "ratio"],
+                         [[t["requests_per_batch"], t["variant"], f"{t['rows_per_batch']:.0f}",
+                           f"{t['ranker_examples_per_s']:,.0f}", f"{t['plain_dcn_examples_per_s']:,.0f}",
+                           f"{t['ratio']:.2f}"] for t in data["train"]]))
+    if data.get("grid"):
+        parts.append("`score_ui_grid` (A ads × M UI treatments, reloaded SavedModel) against `serving_default` on the A·M "
+                     "pair examples:\n\n" + markdown(
+                         ["A × M", "serving_default ms", "score_ui_grid ms", "speed-up", "max abs(grid − naive)"],
+                         [[f"{g['num_ads']} × {g['num_uis']}", f"{g['naive_ms']:.2f}", f"{g['grid_ms']:.3f}",
+                           f"{g['speedup']:.1f}×", f"{g['max_abs_grid_minus_naive']:.1e}"] for g in data["grid"]]))
+        breakdown = [[f"{g['num_ads']} × {g['num_uis']}", part, f"{v['ms']:.3f}", f"{v['share_of_grid']:.0%}"]
+                     for g in data["grid"] for part, v in g.get("parts", {}).items()]
+        if breakdown:
+            parts.append("Where the grid's time goes:\n\n" + markdown(["A × M", "part", "ms", "share of the grid call"],
+                                                                       breakdown))
+    if data.get("latency"):
+        parts.append("SavedModel `serving_default` p50 latency, one request (reloaded SavedModels, interleaved calls):\n\n"
+                     + markdown(["candidates", "ranker p50 ms", "plain TFRS DCN p50 ms", "ratio"],
+                                [[t["candidates"], f"{t['ranker_p50_ms']:.2f}", f"{t['plain_dcn_p50_ms']:.2f}",
+                                  f"{t['ratio']:.2f}"] for t in data["latency"]]))
+    return "\n\n".join(parts)
+
+
+def stage_table(data):
+    train = markdown(["stage", "batch", "examples/s", "÷ plain TFRS DCN (ranker batches)"],
+                     [[name, t["batch"], f"{t['examples_per_s']:,.0f}", f"{t['ratio_to_plain_dcn']:.2f}"]
+                      for name, t in data["train"].items()])
+    pipe = markdown(["input function", "examples read/s", "÷ its read floor", "output rows/s"],
+                    [[name, f"{t['examples_per_s']:,.0f}", f"{t['ratio_to_read_floor']:.2f}",
+                      f"{t['output_rows_per_s']:,.0f}"] for name, t in data["input"].items()])
+    definitions = "\n".join(f"- {name}: {t['definition']}" for name, t in data["train"].items() if "definition" in t)
+    return (f"synthetic {data['data']['requests']:,} requests\n\n{train}\n\nExamples:\n{definitions}\n\n"
+            f"Input pipelines (a full pass each, interleaved):\n\n{pipe}")
+
+
+def plot_performance(speed, stages, components, plt, out_dir):
+    """One bar chart of every performance ratio (each against its own reference, printed on the bar)."""
+    bars = []
+    for t in speed.get("train", []) if speed else []:
+        bars.append((f"ranker train ÷ plain DCN ({t['requests_per_batch']} req/batch)", t["ratio"]))
+    for g in speed.get("grid", []) if speed else []:
+        bars.append((f"grid speed-up {g['num_ads']}×{g['num_uis']} (÷10)", g["speedup"] / 10))
+    for t in speed.get("latency", []) if speed else []:
+        bars.append((f"latency ranker ÷ plain DCN, 1×{t['candidates']}", t["ratio"]))
+    for name, t in (stages or {}).get("train", {}).items():
+        if name != "plain_dcn":
+            bars.append((f"train {name} ÷ plain DCN", t["ratio_to_plain_dcn"]))
+    for name, t in (stages or {}).get("input", {}).items():
+        if not name.startswith("read_floor"):
+            bars.append((f"input {name} ÷ read floor", t["ratio_to_read_floor"]))
+    for name, modes in (components or {}).get("components", {}).items():
+        for mode, f in modes.items():
+            if f["ratio_to_reference"] != 1.0:
+                bars.append((f"{name} {mode} ÷ in-process", f["ratio_to_reference"]))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(bars) + 1))
+    ax.barh(range(len(bars)), [b[1] for b in bars], color="#47a")
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", lw=0.8)
+    for i, (_, v) in enumerate(bars):
+        ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
+    ax.set_title("performance ratios, each against\na reference measured in the same run", fontsize=9)
+    fig.tight_layout()
+    return save(fig, plt, out_dir, "performance_ratios.png")
+
+
+# ---- components and demo --------------------------------------------------------------------------
+def component_table(data):
+    rows = []
+    for name, modes in data["components"].items():
+        for mode, f in modes.items():
+            rows.append([name, mode, f"{np.mean(f['rows_per_s']):,.0f} ± {np.std(f['rows_per_s']):,.0f}",
+                         f"{f['ratio_to_reference']:.2f}"])
+    return (f"{data['rows']:,} candidate rows, {data['repeats']} repeats, {data['cpus']} cores\n\n"
+            + markdown(["component", "DirectRunner mode", "rows/s", f"÷ {data['reference_mode']}"], rows))
+
+
+def demo_table(data):
+    rows = [[c["id"], f"{c['seconds']:.1f}"] for c in data["components"]]
+    rows.append(["**pipeline, cold**", f"**{data['cold_s']:.1f}**"])
+    rows.append(["pipeline, cached rerun", f"{data['cached_s']:.1f} (×{data['cached_over_cold']:.3f} of cold; "
+                 f"{data['cached_hits']} of {data['cached_components']} cache hits)"])
+    return (f"synthetic {data['requests']:,} requests, beam mode {data['beam_mode']}, {data['cpus']} cores\n\n"
+            + markdown(["component", "seconds"], rows))
+
+
+def save(fig, plt, out_dir, name):
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SECTIONS = {  # json name -> (table, plot or None)
+    "ranking_ablations": (lambda d: ablation_tables(d) + "\n\nReproducibility\n\n" + reproducibility_table(d),
+                          (plot_ablations, plot_reproducibility)),
+    "data_sampling": (sampling_table, (plot_sampling,)),
+    "cascade_lcron": (cascade_table, (plot_cascade,)),
+    "ranking_speed": (speed_table, ()),
+    "stage_throughput": (stage_table, ()),
+    "component_throughput": (component_table, ()),
+    "demo_wall": (demo_table, ()),
+}
+
+
+PERFORMANCE = ("ranking_speed", "stage_throughput", "component_throughput")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--plots", action="store_true", help="also write the PNGs into --results")
+    args = parser.parse_args(argv)
+    plt = None
+    if args.plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    for name, (table, plots) in SECTIONS.items():
+        data = load(args.results, name)
+        if data is None:
+            print(f"## {name}: no {name}.json in {args.results}\n")
+            continue
+        print(f"## {name}\n\n{table(data)}\n")
+        for plot in plots if plt is not None else ():
+            print(f"plot: {plot(data, plt, args.results)}\n")
+    if plt is not None:
+        print(f"plot: {plot_performance(*(load(args.results, n) for n in PERFORMANCE), plt, args.results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

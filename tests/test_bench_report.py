@@ -1,0 +1,71 @@
+"""The benchmark plumbing that the report's figures rest on: ablation variants differ from their
+baseline only in the switches their names give, and the report's tables and plots state the
+numbers that are in the results files."""
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import ranking_ablations  # noqa: E402
+import report  # noqa: E402
+
+
+def changed_fields(a, b):
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+@pytest.mark.parametrize("dataset,qu_axis", [("synthetic", ("off",)), ("obd", ("off", "on"))])
+def test_each_ablation_changes_only_its_own_switches(dataset, qu_axis):
+    configs = ranking_ablations.variant_configs(dataset, qu_axis)
+    for qu in qu_axis:
+        base = configs[("baseline", qu)]
+        assert base.cross_layers == 0 and base.rank_loss == "none" and base.distill_weight == 0
+        assert not base.bias_constraints and not base.lspr and base.activation == "relu"
+        assert base.qu_dim == (0 if qu == "off" else ranking_ablations.QU_DIM)
+        for name, switches in ranking_ablations.TECHNIQUES.items():
+            assert changed_fields(configs[(name, qu)], base) == set(switches), name
+        assert changed_fields(configs[("all", qu)], base) == set(ranking_ablations.ALL)
+    if dataset == "synthetic":
+        assert changed_fields(configs[("+Q·U", "off")], configs[("baseline", "off")]) == {"qu_dim"}
+    assert {c.requests_per_batch for c in configs.values()} == {ranking_ablations.REQUESTS_PER_BATCH[dataset]}
+
+
+def test_pairwise_pd_covers_every_seed_pair():
+    preds = [np.array([0.1, 0.2]), np.array([0.2, 0.2]), np.array([0.1, 0.4])]
+    # by hand: PD(0,1) = (0.1/0.15 + 0)/2; PD(0,2) = (0 + 0.2/0.3)/2; PD(1,2) = (0.1/0.15 + 0.2/0.3)/2
+    expected = [(0.1 / 0.15) / 2, (0.2 / 0.3) / 2, (0.1 / 0.15 + 0.2 / 0.3) / 2]
+    np.testing.assert_allclose(ranking_ablations.pairwise_pd(preds), expected)
+
+
+def fake_ablations():
+    def run(auc, ne):
+        return {"auc": auc, "per_query_auc": float("nan"), "ne": ne, "bucket_bias_variance": 0.01}
+    variants = {
+        "baseline | Q·U off": {"variant": "baseline", "qu": "off", "runs": [run(0.80, 0.9), run(0.82, 0.8)],
+                               "pd_pairs": [0.1], "train_speed_ratio": 1.0},
+        "+SmeLU | Q·U off": {"variant": "+SmeLU", "qu": "off", "runs": [run(0.70, 1.0), run(0.74, 1.2)],
+                             "pd_pairs": [0.02, 0.04], "train_speed_ratio": 0.5},
+    }
+    return {"seeds": 2, "results": {"synthetic": {"eval_rows": 100, "eval_clicks": 10, "oracle_auc": 0.9,
+                                                  "auc_bootstrap_std": 0.01, "variants": variants}}}
+
+
+def test_ablation_and_reproducibility_tables_state_the_results(tmp_path):
+    data = fake_ablations()
+    text = report.ablation_tables(data)
+    # sample std (ddof 1) of two values a, b is |a − b| / √2
+    assert "| +SmeLU | off | 0.7200 ± 0.0283 | n/a | 1.1000 ± 0.1414 | 0.0100 ± 0.0000 | 0.50 |" in text
+    assert "| baseline | off | 0.8100 ± 0.0141 |" in text
+    repro = report.reproducibility_table(data)
+    assert "| synthetic | off | SmeLU | off | 0.0300 ± 0.0141 | 0.7200 ± 0.0283 |" in repro
+    with open(tmp_path / "ranking_ablations.json", "w") as f:
+        json.dump(data, f)
+    assert report.main(["--results", str(tmp_path), "--plots"]) == 0
+    assert (tmp_path / "ranking_ablations.png").stat().st_size > 1000
+    assert (tmp_path / "reproducibility_pd.png").stat().st_size > 1000
