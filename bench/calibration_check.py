@@ -15,7 +15,8 @@ constraints learned (CTR buckets, then ui_position values). It answers whether t
 to calibrate (a bug: truth bias unchanged on train) or calibrate and the measured eval bias is
 click noise (a property of the data).
 
-    python bench/calibration_check.py [--requests 5000] [--seeds 3] [--json out.json]
+    python bench/calibration_check.py [--requests 5000] [--seeds 3] [--bias-alpha 0.01 ...] [--only-extra]
+                                      [--json out.json]
 """
 import argparse
 import json
@@ -63,15 +64,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--bias-alpha", type=float, nargs="*", default=[],
+                        help="also run +bias constraints with each of these α (the default config has α = "
+                             f"{RankerConfig().bias_alpha}; a smaller α is a tighter constraint)")
+    parser.add_argument("--only-extra", action="store_true", help="run only the --bias-alpha variants")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    variants = {} if args.only_extra else dict(VARIANTS)
+    variants.update({f"+bias constraints α={a:g}": RankerConfig.plain(bias_constraints=True, bias_alpha=a)
+                     for a in args.bias_alpha})
     work = tempfile.mkdtemp(prefix="calibration-check-")
     data_dir = os.path.join(work, "synthetic")
     synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=args.requests, seed=0), data_dir)
     splits = {s: RQ.load_eval(data_dir, s) for s in ("train", "eval")}
     edges = (0.0,) + RQ.BUCKETS + (1.0,)
     results = {}
-    for name, config in VARIANTS.items():
+    for name, config in variants.items():
         results[name] = []
         for seed in range(args.seeds):
             model, _ = RA.train(data_dir, seed, config)

@@ -1,7 +1,7 @@
 """Benchmark: LCRON, ICC, HAP pre-ranking and independent per-stage BCE on a three-stage cascade
 (DESIGN §9).
 
-    /tmp/venvtest/bin/python bench/cascade_lcron.py [--datasets synthetic,movielens] [--seeds 0,1,2]
+    .venv/bin/python bench/cascade_lcron.py [--datasets synthetic,movielens] [--seeds 0,1,2]
         [--methods lcron,bce,icc,hap] [--max_epochs 3] [--json out.json]
 
 Cascade (models.cascade_model.default_stages): retrieval two-tower → pre-ranking light model

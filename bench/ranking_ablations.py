@@ -55,6 +55,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ranking_quality as RQ  # noqa: E402  (bench/ is not a package)
 import ranking_speed as RS  # noqa: E402
+from report import mean_std  # noqa: E402  (sample std over seeds, as in BENCHMARKS.md)
 
 from datasources import shared_data, synthetic  # noqa: E402
 from datasources.open_bandit import convert_open_bandit  # noqa: E402
@@ -246,13 +247,6 @@ def run_dataset(dataset, data_dir, qu_axis, seeds, only=None, speed_steps=20, sp
             out["auc_bootstrap_std"] = eval_auc_bootstrap_std(ev, preds[0])
     add_speed(out, data_dir, configs, teacher, speed_steps, speed_rounds)
     return out
-
-
-def mean_std(values, digits=4):
-    values = np.asarray(values, np.float64)
-    if np.isnan(values).all():
-        return "n/a"
-    return f"{np.nanmean(values):.{digits}f} ± {np.nanstd(values):.{digits}f}"
 
 
 def table(dataset, result):

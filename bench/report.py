@@ -61,11 +61,17 @@ def ablation_tables(data):
                          mean_std([r["bucket_bias_variance"] for r in runs]),
                          f"{v.get('train_speed_ratio', float('nan')):.2f}"])
         out.append(f"**{dataset}** — eval {result['eval_rows']:,} shown rows, {result['eval_clicks']:,} clicks; "
-                   f"oracle AUC {result['oracle_auc']:.4f}; bootstrap std of one model's AUC over the eval rows "
+                   f"oracle AUC {oracle(result)}; bootstrap std of one model's AUC over the eval rows "
                    f"{result['auc_bootstrap_std']:.4f}; {data['seeds']} seeds\n\n"
                    + markdown(["variant", "Q·U", "AUC", "PerQueryAUC", "NE", "var(calibration bias) across buckets",
                                "train ex/s ÷ baseline"], rows))
     return "\n\n".join(out)
+
+
+def oracle(result):
+    """The oracle AUC of true_ctr, or why there is none (real data knows no true CTR)."""
+    value = result["oracle_auc"]
+    return f"{value:.4f}" if value is not None and np.isfinite(value) else "n/a (no true CTR)"
 
 
 REPRO_VARIANTS = (("baseline", "ReLU", "off"), ("+bias", "ReLU", "on"), ("+SmeLU", "SmeLU", "off"),
@@ -120,6 +126,37 @@ def plot_reproducibility(data, plt, out_dir):
         ax.set_title(f"{dataset}: PD between seed retrains", fontsize=9)
     fig.tight_layout()
     return save(fig, plt, out_dir, "reproducibility_pd.png")
+
+
+def calibration_check_table(data):
+    """bench/calibration_check.py: per variant and split, the worst bucket's measured bias, its truth bias
+    (the model's own error), the click-noise part, and the size of the duals."""
+    edges = data["buckets"]
+    rows = []
+    for name, runs in data["results"].items():
+        for split in ("train", "eval"):
+            def worst(field, runs=runs, split=split):
+                return [max(abs(b[field]) for b in r[split].values()) for r in runs]
+            low = [r[split]["0"]["truth_bias"] for r in runs if "0" in r[split]]
+            duals = [float(np.mean(np.abs(r["duals"]))) for r in runs if "duals" in r]
+            rows.append([name, split, mean_std(worst("measured"), 3), mean_std(worst("click_noise"), 3),
+                         mean_std(worst("truth_bias"), 3), mean_std(low, 3),
+                         mean_std(duals, 3) if duals else "–"])
+    return (f"synthetic {data['requests']:,} requests, {data['seeds']} seeds; buckets of predicted CTR "
+            f"{edges} with >= 500 rows\n\n"
+            + markdown(["variant", "split", "max \\|measured bias\\|", "max \\|click-noise part\\|",
+                        "max \\|truth bias\\|", f"truth bias of [{edges[0]}, {edges[1]})", "mean \\|λ\\|"], rows))
+
+
+def obd_calibration_table(data):
+    """bench/obd_calibration.py: in-sample and eval calibration of the OBD ablation baseline by epochs."""
+    rate = data["click_rate"]
+    rows = [[epochs, mean_std([r["train_calibration"] for r in runs], 3), mean_std([r["eval_calibration"] for r in runs], 3),
+             mean_std([r["eval_auc"] for r in runs]), mean_std([r["eval_ne"] for r in runs])]
+            for epochs, runs in data["results"].items()]
+    return (f"OBD, train bts (click rate {rate['train']:.4f}), eval random ({rate['eval']:.4f}; train/eval "
+            f"{rate['train'] / rate['eval']:.3f}); ablation baseline, {data['seeds']} seeds\n\n"
+            + markdown(["epochs", "Σŷ/Σy train (in-sample)", "Σŷ/Σy eval", "eval AUC", "eval NE"], rows))
 
 
 # ---- data sampling ---------------------------------------------------------------------------------
@@ -292,6 +329,12 @@ SECTIONS = {  # json name -> (table, plot or None)
     "stage_throughput": (stage_table, ()),
     "component_throughput": (component_table, ()),
     "demo_wall": (demo_table, ()),
+    # supplementary runs behind the report's diagnoses
+    "ranking_ablations_smelu_beta0.1": (reproducibility_table, ()),
+    "calibration_check": (calibration_check_table, ()),
+    "calibration_check_alpha": (calibration_check_table, ()),
+    "obd_calibration": (obd_calibration_table, ()),
+    "cascade_lcron_movielens_drop_no_gt": (cascade_table, ()),
 }
 
 

@@ -55,7 +55,7 @@ padded to the trainers' list size 60, and written as gzipped request-list TFReco
 Caveat: the NegativeSampler would fill up to 10 of the 60 slots with random negatives; these lists
 have 50 real candidates and 10 padded slots, which cost the same compute but are not counted.
 
-    /tmp/venvtest/bin/python bench/stage_throughput.py [--requests 2000] [--steps 20] [--rounds 10]
+    .venv/bin/python bench/stage_throughput.py [--requests 2000] [--steps 20] [--rounds 10]
                                                        [--json PATH]
 """
 import argparse

@@ -69,3 +69,20 @@ def test_ablation_and_reproducibility_tables_state_the_results(tmp_path):
     assert report.main(["--results", str(tmp_path), "--plots"]) == 0
     assert (tmp_path / "ranking_ablations.png").stat().st_size > 1000
     assert (tmp_path / "reproducibility_pd.png").stat().st_size > 1000
+
+
+def test_benchmarks_md_states_what_the_committed_results_say():
+    """Every table row that report.py prints from bench/results/ stands verbatim in BENCHMARKS.md, so
+    the page cannot drift from the measured figures (rerunning a bench and not the page fails here)."""
+    root = os.path.dirname(BENCH)
+    with open(os.path.join(root, "BENCHMARKS.md")) as f:
+        page = set(f.read().splitlines())
+    checked = 0
+    for name, (table, _) in report.SECTIONS.items():
+        data = report.load(os.path.join(BENCH, "results"), name)
+        assert data is not None, f"bench/results/{name}.json is missing"
+        rows = [line for line in table(data).splitlines() if line.startswith("| ") and "---" not in line]
+        missing = [row for row in rows if row not in page]
+        assert not missing, f"{name}: rows not in BENCHMARKS.md, e.g. {missing[0]}"
+        checked += len(rows)
+    assert checked > 100
