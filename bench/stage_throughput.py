@@ -146,14 +146,7 @@ def build_models(train_dir, list_file, lists):
     out = {}
 
     cfg = retrieval_trainer.RetrievalTrainerConfig()
-    pairs = R.retrieval_pairs(lists, cfg.batch_size)
-    batch_size = min(cfg.batch_size, len(pairs["sampling_probability"]))
-    if batch_size != cfg.batch_size:
-        pairs = R.retrieval_pairs(lists, batch_size)
-    model = R.RetrievalModel(cfg.embedding_dim, cfg.hidden_units, cfg.output_dim)
-    R.adapt_towers([model.query_tower, model.item_tower], lists)
-    negatives = R.UniformNegatives(R.item_corpus_from_lists(lists), cfg.num_negatives, cfg.seed)
-    model.compile(optimizer=tf.keras.optimizers.Adagrad(cfg.learning_rate))
+    model, pairs, batch_size, negatives = retrieval_trainer.build_model(cfg, lists)
     ds, counts = cache_batches(R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=cfg.seed), pairs_of)
     out["retrieval"] = (model, ds, counts, PAIR_DEFINITION.format(pairs=batch_size, negatives=cfg.num_negatives),
                         f"{batch_size} pairs + {cfg.num_negatives} negatives")

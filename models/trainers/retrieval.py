@@ -127,6 +127,21 @@ def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, 
     }
 
 
+def build_model(config: RetrievalTrainerConfig, train: Mapping[str, np.ndarray]):
+    """(compiled model with adapted towers, training pairs, batch size, sampled negatives or None) for
+    the train request lists: what `run_fn` fits, and what bench/stage_throughput.py times."""
+    pairs = R.retrieval_pairs(train, config.batch_size)
+    batch_size = min(config.batch_size, len(pairs["sampling_probability"]))
+    if batch_size != config.batch_size:
+        pairs = R.retrieval_pairs(train, batch_size)
+    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim)
+    R.adapt_towers([model.query_tower, model.item_tower], train)
+    negatives = (R.UniformNegatives(R.item_corpus_from_lists(train), config.num_negatives, config.seed)
+                 if config.num_negatives else None)
+    model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
+    return model, pairs, batch_size, negatives
+
+
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
     config = common.config_from(fn_args, CONFIG_KEY, RetrievalTrainerConfig)
@@ -135,15 +150,7 @@ def run_fn(fn_args) -> None:
     train = load_lists(fn_args.train_files, config.list_size)
     evals = load_lists(fn_args.eval_files, config.list_size)
     corpus = R.item_corpus_from_lists(train, evals)
-    train_corpus = R.item_corpus_from_lists(train)
-    pairs = R.retrieval_pairs(train, config.batch_size)
-    batch_size = min(config.batch_size, len(pairs["sampling_probability"]))
-    if batch_size != config.batch_size:
-        pairs = R.retrieval_pairs(train, batch_size)
-    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim)
-    R.adapt_towers([model.query_tower, model.item_tower], train)
-    negatives = R.UniformNegatives(train_corpus, config.num_negatives, config.seed) if config.num_negatives else None
-    model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
+    model, pairs, batch_size, negatives = build_model(config, train)
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
     model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
