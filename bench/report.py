@@ -35,6 +35,12 @@ def mean_std(values, digits=4):
     return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def sample_std(values):
+    """The sample std (ddof 1) that every "±" and error bar here shows; 0 for a single value."""
+    values = np.asarray(values, np.float64)
+    return float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+
+
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -100,12 +106,12 @@ def plot_ablations(data, plt, out_dir):
         for j, metric in enumerate(("auc", "ne")):
             ax = axes[0, 2 * i + j]
             values = [[r[metric] for r in v["runs"]] for v in variants]
-            ax.barh(range(len(variants)), [np.mean(x) for x in values], xerr=[np.std(x) for x in values],
+            ax.barh(range(len(variants)), [np.mean(x) for x in values], xerr=[sample_std(x) for x in values],
                     color=["#888" if v["variant"] == "baseline" else "#3a7" for v in variants])
             ax.set_yticks(range(len(variants)), labels, fontsize=7)
             ax.invert_yaxis()
-            lo = min(np.mean(x) - np.std(x) for x in values)
-            hi = max(np.mean(x) + np.std(x) for x in values)
+            lo = min(np.mean(x) - sample_std(x) for x in values)
+            hi = max(np.mean(x) + sample_std(x) for x in values)
             ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
             ax.set_title(f"{dataset}: {metric.upper()} (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
@@ -121,7 +127,7 @@ def plot_reproducibility(data, plt, out_dir):
                 for qu in sorted({v["qu"] for v in result["variants"].values()})
                 for name, act, bias in REPRO_VARIANTS
                 if (v := result["variants"].get(f"{name} | Q·U {qu}")) is not None]
-        ax.bar(range(len(bars)), [np.mean(b[1]) for b in bars], yerr=[np.std(b[1]) for b in bars], color="#47a")
+        ax.bar(range(len(bars)), [np.mean(b[1]) for b in bars], yerr=[sample_std(b[1]) for b in bars], color="#47a")
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{dataset}: PD between seed retrains", fontsize=9)
     fig.tight_layout()
@@ -181,7 +187,7 @@ def plot_sampling(data, plt, out_dir):
     for name, c in data["configs"].items():
         ne = [r["ne"] for r in c["runs"]]
         marker = "s" if name == "full" else ("^" if "loss" in name else "o")
-        ax.errorbar(c["runs"][0]["kept_fraction"], np.mean(ne), yerr=np.std(ne), fmt=marker, capsize=3, label=name)
+        ax.errorbar(c["runs"][0]["kept_fraction"], np.mean(ne), yerr=sample_std(ne), fmt=marker, capsize=3, label=name)
     ax.set_xlabel("fraction of shown train rows kept")
     ax.set_ylabel("eval NE (mean ± std over seeds)")
     ax.set_title("synthetic: data sampling, rows kept vs NE", fontsize=9)
@@ -210,11 +216,11 @@ def plot_cascade(data, plt, out_dir):
         ax = axes[0, i]
         names = list(variants)
         values = [[r["e2e_recall"] for r in variants[n]] for n in names]
-        ax.bar(range(len(names)), [np.mean(v) for v in values], yerr=[np.std(v, ddof=1) for v in values],
+        ax.bar(range(len(names)), [np.mean(v) for v in values], yerr=[sample_std(v) for v in values],
                color=["#c53" if n == "lcron" else "#888" for n in names])
         ax.set_xticks(range(len(names)), names)
-        lo = min(np.mean(v) - np.std(v) for v in values)
-        hi = max(np.mean(v) + np.std(v) for v in values)
+        lo = min(np.mean(v) - sample_std(v) for v in values)
+        hi = max(np.mean(v) + sample_std(v) for v in values)
         ax.set_ylim(lo - 0.5 * (hi - lo), hi + 0.3 * (hi - lo))
         ax.set_title(f"{dataset}: e2e recall (mean ± sample std over seeds)", fontsize=9)
     fig.tight_layout()
@@ -298,7 +304,7 @@ def component_table(data):
     rows = []
     for name, modes in data["components"].items():
         for mode, f in modes.items():
-            rows.append([name, mode, f"{np.mean(f['rows_per_s']):,.0f} ± {np.std(f['rows_per_s']):,.0f}",
+            rows.append([name, mode, f"{np.mean(f['rows_per_s']):,.0f} ± {sample_std(f['rows_per_s']):,.0f}",
                          f"{f['ratio_to_reference']:.2f}"])
     return (f"{data['rows']:,} candidate rows, {data['repeats']} repeats, {data['cpus']} cores\n\n"
             + markdown(["component", "DirectRunner mode", "rows/s", f"÷ {data['reference_mode']}"], rows))
