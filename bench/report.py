@@ -114,7 +114,6 @@ def plot_ablations(data, plt, out_dir):
             hi = max(np.mean(x) + sample_std(x) for x in values)
             ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
             ax.set_title(f"{dataset}: {metric.upper()} (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
     return save(fig, plt, out_dir, "ranking_ablations.png")
 
 
@@ -130,7 +129,6 @@ def plot_reproducibility(data, plt, out_dir):
         ax.bar(range(len(bars)), [np.mean(b[1]) for b in bars], yerr=[sample_std(b[1]) for b in bars], color="#47a")
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{dataset}: PD between seed retrains", fontsize=9)
-    fig.tight_layout()
     return save(fig, plt, out_dir, "reproducibility_pd.png")
 
 
@@ -192,7 +190,6 @@ def plot_sampling(data, plt, out_dir):
     ax.set_ylabel("eval NE (mean ± std over seeds)")
     ax.set_title("synthetic: data sampling, rows kept vs NE", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     return save(fig, plt, out_dir, "data_sampling_ne.png")
 
 
@@ -223,7 +220,6 @@ def plot_cascade(data, plt, out_dir):
         hi = max(np.mean(v) + sample_std(v) for v in values)
         ax.set_ylim(lo - 0.5 * (hi - lo), hi + 0.3 * (hi - lo))
         ax.set_title(f"{dataset}: e2e recall (mean ± sample std over seeds)", fontsize=9)
-    fig.tight_layout()
     return save(fig, plt, out_dir, "cascade_e2e_recall.png")
 
 
@@ -295,7 +291,6 @@ def plot_performance(speed, stages, components, plt, out_dir):
     for i, (_, v) in enumerate(bars):
         ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
     ax.set_title("performance ratios, each against\na reference measured in the same run", fontsize=9)
-    fig.tight_layout()
     return save(fig, plt, out_dir, "performance_ratios.png")
 
 
@@ -320,6 +315,8 @@ def demo_table(data):
 
 
 def save(fig, plt, out_dir, name):
+    """Lays the figure out, writes it as out_dir/name (PNG) and closes it; returns the path."""
+    fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -358,8 +355,9 @@ def main(argv=None):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+    loaded = {}
     for name, (table, plots) in SECTIONS.items():
-        data = load(args.results, name)
+        data = loaded[name] = load(args.results, name)
         if data is None:
             print(f"## {name}: no {name}.json in {args.results}\n")
             continue
@@ -367,7 +365,7 @@ def main(argv=None):
         for plot in plots if plt is not None else ():
             print(f"plot: {plot(data, plt, args.results)}\n")
     if plt is not None:
-        print(f"plot: {plot_performance(*(load(args.results, n) for n in PERFORMANCE), plt, args.results)}")
+        print(f"plot: {plot_performance(*(loaded[n] for n in PERFORMANCE), plt, args.results)}")
     return 0
 
 
