@@ -64,8 +64,10 @@ def _timed_run(executor_class, inputs, outputs, exec_properties, beam_args, root
 def run_sampler(examples, model, beam_args, root):
     """(construction seconds, Do seconds) of one NegativeSampler run."""
     out, dead = _outputs(root)
+    shown = examples_artifact(os.path.join(root, "shown_rows"), splits=())
     return _timed_run(
-        negative_sampler.Executor, {"examples": [examples]}, {"request_lists": [out], "dead_letters": [dead]},
+        negative_sampler.Executor, {"examples": [examples]},
+        {"request_lists": [out], "shown_rows": [shown], "dead_letters": [dead]},
         {"config": json.dumps(dataclasses.asdict(SamplerConfig(nonclick_keep_rate=0.5))),
          "input_splits": json.dumps(["train", "eval"])}, beam_args, root)
 

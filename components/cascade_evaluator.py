@@ -1,26 +1,45 @@
-"""CascadeEvaluator: scores the eval split with every stage model and blesses the final one.
+"""CascadeEvaluator: scores the eval split with every stage model and its baseline, and blesses each
+stage on its own.
 
-Beam part: the eval split's candidate rows are read, parsed (bad records to the dead-letter
-output), batched, and scored by each model's `serving_default` (SavedModels are loaded once per
-worker in `setup`). The scored rows are written to the ModelEvaluation artifact
-(`scored_rows-*.gz`, tf.Examples) and the executor then computes the metrics of DESIGN §8 from
-them (`components.evaluation`), writes `metrics.json`, `calibration.png` and `recall_at_k.png`,
-and a ModelBlessing the TFX way: a `BLESSED`/`NOT_BLESSED` file plus the int custom property
-`blessed`, `current_model`/`current_model_id` (and the baseline's), which Pusher reads.
+Inputs: `examples` (candidate rows); `model` (the ranking stage), optional `preranking_model` and
+`retrieval_model` (the earlier stages); optional `baseline_model`, `baseline_preranking_model`,
+`baseline_retrieval_model`: each stage's latest blessed model (a `Resolver` with
+`LatestBlessedModelStrategy`; an empty list, as on the first run, is no baseline); optional
+`ctr_blessing`, the standard TFX Evaluator's ModelBlessing of the ranker's CTR (`tfma_eval_config`),
+which the ranking stage's blessing requires; optional `schema`, whose required features
+(presence.min_fraction = 1) a row must carry to be scored.
 
-Inputs: `examples` (candidate rows), `model` (the final ranker, the candidate for blessing),
-optional `preranking_model` and `retrieval_model` (earlier cascade stages, for e2e recall) and
-optional `baseline_model` (for PD and "not worse than baseline"). For TFMA's slicing views use
-`tfma_eval_config()` with the standard Evaluator.
+Scoring (Beam): the eval split's rows are read and parsed; a record that does not parse or misses
+a required feature goes to the `dead_letters` output instead of failing a scoring batch. The rows
+are batched and every model input scores every row, each SavedModel loaded once per worker in
+`setup` and each signature called once per batch. A stage scores by its cascade score,
+`config.score_output(input)` (default: `serving_default` and the first of its outputs `score`,
+`ctr`, `scores`, `logit`), and a baseline by its stage's; the ranking model and its baseline also
+by their CTR, `config.ctr_output`, into the column `<input>/ctr`. The signatures are checked
+before the pipeline runs (from `saved_model.pb`, without loading the model): a stage model without
+its output fails the run, a baseline without it (an older architecture) is dropped with a note.
+
+The scored rows are written to the ModelEvaluation artifact (`scored_rows-*.gz`, tf.Examples); the
+executor then computes the metrics and the per-stage verdicts of `components.evaluation` and writes
+`metrics.json` (with `blessings`: stage → blessed, reasons, notes, model and baseline URIs),
+`calibration.png` and `recall_at_k.png`. Each stage's ModelBlessing (`retrieval_blessing`,
+`preranking_blessing`, and `blessing` for the ranking stage) is written the TFX way, as
+`tfx/components/evaluator/executor.py` does, for that stage's Pusher: a `BLESSED`/`NOT_BLESSED`
+file, the int custom property `blessed`, `current_model`/`current_model_id` of the stage's model,
+`baseline_model`/`baseline_model_id` when its baseline was compared, and `blessing_message`.
+
+`tfma_eval_config()` configures the standard TFX Evaluator on the shown eval rows: the ranker's
+CTR against its baseline, sliced by UI treatment and tier.
 """
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
+from tensorflow.python.saved_model import loader_impl  # as TFMA and TFX read signatures
 from tfx import types
 from tfx.components.evaluator import constants
 from tfx.dsl.components.base import base_beam_component, base_beam_executor, executor_spec
@@ -30,14 +49,23 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from tfx.utils import io_utils, path_utils
 
 from components import evaluation, record_io
-from components.evaluation import EvaluatorConfig
+from components.evaluation import BASELINE_INPUTS, RANKING_INPUT, STAGE_INPUTS, STAGES, EvaluatorConfig
 from schema import features as F
 
 NAMESPACE = "cascade_evaluator"
-STAGE_INPUTS = ("retrieval_model", "preranking_model", "model")  # cascade order
 SCORED_ROWS_PREFIX = "scored_rows"
-SCORE_OUTPUT_KEYS = ("ctr", "score", "scores", "logit")
+SCORE_OUTPUT_KEYS = ("score", "ctr", "scores", "logit")
+# The component output with each stage's ModelBlessing.
+BLESSING_OUTPUTS = {"retrieval": "retrieval_blessing", "preranking": "preranking_blessing", "ranking": "blessing"}
 _ROW_FIELDS = ("request_id", "item_id", "click", "ui_position", "stage", "true_ctr")
+_REQUIRED_ROW_FIELDS = _ROW_FIELDS[:-1]  # true_ctr is optional
+
+# (scored column, signature, output key): what one model input contributes to a scored row.
+ScoreColumn = Tuple[str, str, str]
+
+
+class MissingOutputError(ValueError):
+    """A SavedModel lacks the signature or output a model input is scored by."""
 
 
 def _row_spec(shape) -> Dict[str, tf.io.FixedLenFeature]:
@@ -48,47 +76,70 @@ def _row_spec(shape) -> Dict[str, tf.io.FixedLenFeature]:
     return spec
 
 
-def score_output_key(outputs) -> str:
-    for key in SCORE_OUTPUT_KEYS:
-        if key in outputs:
-            return key
-    raise ValueError(f"serving_default has no score output; it returns {sorted(outputs)}")
+def signature_outputs(model_path: str) -> Dict[str, List[str]]:
+    """Signature name → output keys of a SavedModel, read from its `saved_model.pb`."""
+    meta_graph = loader_impl.parse_saved_model(model_path).meta_graphs[0]
+    return {name: sorted(signature.outputs) for name, signature in meta_graph.signature_def.items()}
+
+
+def resolve_output(outputs: Dict[str, List[str]], signature: str, key: Optional[str], what: str) -> Tuple[str, str]:
+    """(signature, output key) that exist in `outputs`; key None = the first of SCORE_OUTPUT_KEYS."""
+    if signature not in outputs:
+        raise MissingOutputError(f"{what} has no signature {signature!r} (it has {sorted(outputs)})")
+    if key is None:
+        key = next((k for k in SCORE_OUTPUT_KEYS if k in outputs[signature]), None)
+        if key is None:
+            raise MissingOutputError(f"{what}: signature {signature!r} has none of the score outputs "
+                                     f"{SCORE_OUTPUT_KEYS} (it returns {outputs[signature]})")
+    elif key not in outputs[signature]:
+        raise MissingOutputError(f"{what}: signature {signature!r} has no output {key!r} "
+                                 f"(it returns {outputs[signature]})")
+    return signature, key
+
+
+def score_columns(input_name: str, stage_input: str, model_path: str, config: EvaluatorConfig) -> List[ScoreColumn]:
+    """The columns a model input (a stage's, or a baseline scored as `stage_input`) is scored into."""
+    outputs = signature_outputs(model_path)
+    what = f"{input_name} ({model_path})"
+    columns = [(input_name, *resolve_output(outputs, *config.score_output(stage_input), what))]
+    if stage_input == RANKING_INPUT:
+        columns.append((evaluation.ctr_column(input_name), *resolve_output(outputs, *config.ctr_output, what)))
+    return columns
+
+
+def _present(input_dict: Dict[str, List[types.Artifact]], key: str) -> Optional[types.Artifact]:
+    """The single artifact of an optional input; None when it is absent or resolved to []."""
+    artifacts = input_dict.get(key) or []
+    return artifact_utils.get_single_instance(artifacts) if artifacts else None
 
 
 class _ScoreBatch(beam.DoFn):
-    """A batch of serialized tf.Examples → one scored row per example, with a score per model."""
+    """A batch of serialized tf.Examples → one scored row per example, with every score column."""
 
-    def __init__(self, model_paths: Dict[str, str], score_outputs: Dict[str, Tuple[str, Optional[str]]]):
-        self._model_paths = model_paths
-        self._score_outputs = score_outputs
-        self._signatures = None
+    def __init__(self, models: Dict[str, Tuple[str, Sequence[ScoreColumn]]]):
+        self._models = models  # input name → (SavedModel path, its score columns)
+        self._calls = None
         self._scored = beam.metrics.Metrics.counter(NAMESPACE, "records_scored")
 
     def setup(self):
-        self._signatures = {}
-        for key, path in self._model_paths.items():
-            signature_name, output_key = self._score_outputs[key]
+        self._calls = []  # (signature function, [(column, output key)]): one call per signature and batch
+        for path, columns in self._models.values():
             signatures = tf.saved_model.load(path).signatures
-            if signature_name not in signatures:
-                raise ValueError(f"{key}: the SavedModel {path} has no signature {signature_name!r} "
-                                 f"(it has {sorted(signatures)})")
-            signature = signatures[signature_name]
-            outputs = signature.structured_outputs
-            if output_key is None:
-                output_key = score_output_key(outputs)
-            elif output_key not in outputs:
-                raise ValueError(f"{key}: signature {signature_name!r} has no output {output_key!r} "
-                                 f"(it returns {sorted(outputs)})")
-            self._signatures[key] = (signature, output_key)
+            for signature_name in sorted({signature for _, signature, _ in columns}):
+                self._calls.append((signatures[signature_name],
+                                    [(column, key) for column, signature, key in columns if signature == signature_name]))
 
     def process(self, batch: List[bytes]):
         serialized = tf.constant(batch)
-        scores = {key: tf.reshape(sig(examples=serialized)[out], [-1]).numpy() for key, (sig, out) in self._signatures.items()}
-        columns = {k: v.numpy().reshape(-1) for k, v in tf.io.parse_example(serialized, _row_spec([1])).items()}
+        scores = {}
+        for signature, columns in self._calls:
+            outputs = signature(examples=serialized)
+            scores.update({column: tf.reshape(outputs[key], [-1]).numpy() for column, key in columns})
+        rows = {k: v.numpy().reshape(-1) for k, v in tf.io.parse_example(serialized, _row_spec([1])).items()}
         for i in range(len(batch)):
             self._scored.inc()
-            feature = {k: columns[k][i] for k in _ROW_FIELDS}
-            feature.update({f"score/{k}": float(v[i]) for k, v in scores.items()})
+            feature = {k: rows[k][i] for k in _ROW_FIELDS}
+            feature.update({f"score/{column}": float(values[i]) for column, values in scores.items()})
             yield _scored_example(feature).SerializeToString(deterministic=True)
 
 
@@ -105,18 +156,62 @@ def _scored_example(values: Dict[str, Any]) -> tf.train.Example:
     return example
 
 
-def read_scored_rows(uri: str, score_keys: List[str]) -> Dict[str, np.ndarray]:
+def read_scored_rows(uri: str, score_columns: List[str]) -> Dict[str, np.ndarray]:
     files = fileio.glob(os.path.join(uri, SCORED_ROWS_PREFIX + "*"))
     spec = _row_spec([])
-    spec.update({f"score/{k}": tf.io.FixedLenFeature([], tf.float32) for k in score_keys})
+    spec.update({f"score/{k}": tf.io.FixedLenFeature([], tf.float32) for k in score_columns})
     columns: Dict[str, List[np.ndarray]] = {k: [] for k in spec}
     for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8192):
         parsed = tf.io.parse_example(batch, spec)
         for k in spec:
             columns[k].append(parsed[k].numpy())
-    rows = {k.replace("score/", ""): np.concatenate(v) if v else np.array([]) for k, v in columns.items()}
+    rows = {k.removeprefix("score/"): np.concatenate(v) if v else np.array([]) for k, v in columns.items()}
     rows["stage"] = rows["stage"].astype(str)
     return rows
+
+
+def required_features(schema_artifacts: List[types.Artifact]) -> Tuple[str, ...]:
+    """The features a row must carry: the row fields, plus the schema's required features
+    (presence.min_fraction = 1) when a Schema artifact is given."""
+    if not schema_artifacts:
+        return _REQUIRED_ROW_FIELDS
+    path = io_utils.get_only_uri_in_dir(artifact_utils.get_single_uri(schema_artifacts))
+    schema_required = [f.name for f in F.load_schema(path).feature if f.presence.min_fraction == 1.0]
+    return _REQUIRED_ROW_FIELDS + tuple(n for n in schema_required if n not in _REQUIRED_ROW_FIELDS)
+
+
+def ctr_verdict(ctr_blessing: Optional[types.Artifact], model: types.Artifact) -> Tuple[Optional[bool], str]:
+    """(blessed, message) of the TFMA Evaluator's blessing of the ranker; (None, "") without one.
+    A blessing of another model than `model` does not count."""
+    if ctr_blessing is None:
+        return None, ""
+    if not ctr_blessing.has_custom_property(constants.ARTIFACT_PROPERTY_BLESSED_KEY):
+        return False, f"its blessing {ctr_blessing.uri} has no 'blessed' property (an Evaluator without thresholds)"
+    blessed_id = ctr_blessing.get_int_custom_property(constants.ARTIFACT_PROPERTY_CURRENT_MODEL_ID_KEY)
+    if blessed_id and model.id and blessed_id != model.id:
+        return False, f"its blessing {ctr_blessing.uri} is of model id {blessed_id}, not of this model ({model.id})"
+    if ctr_blessing.get_int_custom_property(constants.ARTIFACT_PROPERTY_BLESSED_KEY) != constants.BLESSED_VALUE:
+        return False, f"its CTR thresholds failed (blessing {ctr_blessing.uri})"
+    return True, ""
+
+
+def write_blessing(blessing: types.Artifact, verdict: Dict[str, Any], model: Optional[types.Artifact],
+                   baseline: Optional[types.Artifact]) -> None:
+    """One stage's ModelBlessing, as TFX's Evaluator writes it."""
+    if model is not None:
+        blessing.set_string_custom_property(constants.ARTIFACT_PROPERTY_CURRENT_MODEL_URI_KEY, model.uri)
+        blessing.set_int_custom_property(constants.ARTIFACT_PROPERTY_CURRENT_MODEL_ID_KEY, model.id)
+    if baseline is not None:
+        blessing.set_string_custom_property(constants.ARTIFACT_PROPERTY_BASELINE_MODEL_URI_KEY, baseline.uri)
+        blessing.set_int_custom_property(constants.ARTIFACT_PROPERTY_BASELINE_MODEL_ID_KEY, baseline.id)
+    message = "blessed" if verdict["blessed"] else "not blessed: " + "; ".join(verdict["reasons"])
+    if verdict["notes"]:
+        message += " (" + "; ".join(verdict["notes"]) + ")"
+    blessing.set_string_custom_property(constants.ARTIFACT_PROPERTY_BLESSING_MESSAGE_KEY, message)
+    name = constants.BLESSED_FILE_NAME if verdict["blessed"] else constants.NOT_BLESSED_FILE_NAME
+    io_utils.write_string_file(os.path.join(blessing.uri, name), "")
+    blessing.set_int_custom_property(constants.ARTIFACT_PROPERTY_BLESSED_KEY,
+                                     constants.BLESSED_VALUE if verdict["blessed"] else constants.NOT_BLESSED_VALUE)
 
 
 class CascadeEvaluatorSpec(ComponentSpec):
@@ -127,10 +222,14 @@ class CascadeEvaluatorSpec(ComponentSpec):
         "preranking_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
         "retrieval_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
         "baseline_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
+        "baseline_preranking_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
+        "baseline_retrieval_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
+        "ctr_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
+        "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
     }
     OUTPUTS = {
         "evaluation": ChannelParameter(type=standard_artifacts.ModelEvaluation),
-        "blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
+        **{key: ChannelParameter(type=standard_artifacts.ModelBlessing) for key in BLESSING_OUTPUTS.values()},
         "dead_letters": ChannelParameter(type=record_io.DeadLetters),
     }
 
@@ -141,91 +240,126 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         self._log_startup(input_dict, output_dict, exec_properties)
         config = EvaluatorConfig.from_json(exec_properties["config"])
         uri = record_io.required_split_uris(input_dict["examples"], [config.eval_split])[config.eval_split]
-        model_paths = {
-            key: path_utils.serving_model_path(artifact_utils.get_single_uri(input_dict[key]))
-            for key in STAGE_INPUTS + ("baseline_model",) if input_dict.get(key)
-        }
-        stage_keys = [k for k in STAGE_INPUTS if k in model_paths]
+        stage_models = {stage: _present(input_dict, STAGE_INPUTS[stage]) for stage in STAGES}
+        baselines = {stage: _present(input_dict, BASELINE_INPUTS[stage]) for stage in STAGES}
+        models: Dict[str, Tuple[str, List[ScoreColumn]]] = {}  # input name → (path, score columns)
+        notes: Dict[str, List[str]] = {stage: [] for stage in STAGES}
+        for stage in STAGES:
+            model, baseline = stage_models[stage], baselines[stage]
+            if model is None:
+                baselines[stage] = None
+                continue
+            path = path_utils.serving_model_path(model.uri)
+            models[STAGE_INPUTS[stage]] = (path, score_columns(STAGE_INPUTS[stage], STAGE_INPUTS[stage], path, config))
+            if baseline is not None:
+                path = path_utils.serving_model_path(baseline.uri)
+                try:
+                    models[BASELINE_INPUTS[stage]] = (path, score_columns(BASELINE_INPUTS[stage], STAGE_INPUTS[stage],
+                                                                          path, config))
+                except MissingOutputError as e:
+                    notes[stage].append(f"baseline dropped, it cannot be scored as this stage: {e}")
+                    baselines[stage] = None
+        stage_keys = [STAGE_INPUTS[stage] for stage in STAGES if stage_models[stage] is not None]
         evaluation_artifact = artifact_utils.get_single_instance(output_dict["evaluation"])
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
 
         pipeline = self._make_beam_pipeline()
         parsed = (
             record_io.read_split(pipeline, uri, config.eval_split)
-            | "Parse" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE, _ROW_FIELDS[:-1])).with_outputs(
-                record_io.DEAD_LETTER_TAG, main="examples")
+            | "Parse" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE, required_features(input_dict.get("schema"))))
+            .with_outputs(record_io.DEAD_LETTER_TAG, main="examples")
         )
         record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, config.eval_split)
         _ = (
             parsed.examples
             | "Batch" >> beam.BatchElements(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
-            | "Score" >> beam.ParDo(_ScoreBatch(model_paths, {key: config.score_output(key) for key in model_paths}))
+            | "Score" >> beam.ParDo(_ScoreBatch(models))
             | "WriteScored" >> beam.io.WriteToTFRecord(os.path.join(evaluation_artifact.uri, SCORED_ROWS_PREFIX),
                                                        file_name_suffix=".gz", coder=beam.coders.BytesCoder())
         )
         counters = record_io.run_and_count(pipeline, NAMESPACE)
         record_io.check_bad_fraction(counters, config.max_bad_fraction, "CascadeEvaluator")
 
-        rows = read_scored_rows(evaluation_artifact.uri, list(model_paths))
-        metrics = evaluation.evaluate(rows, "model", stage_keys, config,
-                                      baseline_key="baseline_model" if "baseline_model" in model_paths else None)
+        rows = read_scored_rows(evaluation_artifact.uri, [column for _, columns in models.values() for column, _, _ in columns])
+        metrics = evaluation.evaluate(rows, stage_keys, config, baselines={
+            STAGE_INPUTS[stage]: BASELINE_INPUTS[stage] for stage in STAGES if baselines[stage] is not None})
         metrics["counters"] = counters
-        blessed, reasons = evaluation.bless(metrics, config)
-        metrics["blessed"], metrics["blessing_reasons"] = blessed, reasons
+        ctr_blessed, ctr_message = ctr_verdict(_present(input_dict, "ctr_blessing"), stage_models["ranking"])
+        verdicts = evaluation.bless_stages(metrics, config, ctr_blessed, ctr_message, notes)
+        for stage, verdict in verdicts.items():
+            verdict["model_uri"] = stage_models[stage].uri if stage_models[stage] is not None else None
+            verdict["baseline_uri"] = baselines[stage].uri if baselines[stage] is not None else None
+            write_blessing(artifact_utils.get_single_instance(output_dict[BLESSING_OUTPUTS[stage]]), verdict,
+                           stage_models[stage], baselines[stage])
+        metrics["blessings"] = verdicts
+        metrics["blessed"], metrics["blessing_reasons"] = verdicts["ranking"]["blessed"], verdicts["ranking"]["reasons"]
         io_utils.write_string_file(os.path.join(evaluation_artifact.uri, record_io.METRICS_FILE),
                                    json.dumps(metrics, indent=2, sort_keys=True, default=float))
         evaluation.write_plots(metrics, evaluation_artifact.uri)
 
-        blessing = artifact_utils.get_single_instance(output_dict["blessing"])
-        model = input_dict["model"][0]
-        blessing.set_string_custom_property(constants.ARTIFACT_PROPERTY_CURRENT_MODEL_URI_KEY, model.uri)
-        blessing.set_int_custom_property(constants.ARTIFACT_PROPERTY_CURRENT_MODEL_ID_KEY, model.id)
-        if input_dict.get("baseline_model"):
-            baseline = input_dict["baseline_model"][0]
-            blessing.set_string_custom_property(constants.ARTIFACT_PROPERTY_BASELINE_MODEL_URI_KEY, baseline.uri)
-            blessing.set_int_custom_property(constants.ARTIFACT_PROPERTY_BASELINE_MODEL_ID_KEY, baseline.id)
-        blessing.set_string_custom_property(constants.ARTIFACT_PROPERTY_BLESSING_MESSAGE_KEY,
-                                            "blessed" if blessed else "; ".join(reasons))
-        name = constants.BLESSED_FILE_NAME if blessed else constants.NOT_BLESSED_FILE_NAME
-        io_utils.write_string_file(os.path.join(blessing.uri, name), "")
-        blessing.set_int_custom_property(constants.ARTIFACT_PROPERTY_BLESSED_KEY,
-                                         constants.BLESSED_VALUE if blessed else constants.NOT_BLESSED_VALUE)
-
 
 class CascadeEvaluator(base_beam_component.BaseBeamComponent):
-    """Metrics of DESIGN §8 for the cascade's models, and a ModelBlessing for the final one."""
+    """Metrics of DESIGN §8 for the cascade's models, and a ModelBlessing for each stage."""
 
     SPEC_CLASS = CascadeEvaluatorSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
     def __init__(self, examples: types.BaseChannel, model: types.BaseChannel,
-                 preranking_model: types.BaseChannel = None, retrieval_model: types.BaseChannel = None,
-                 baseline_model: types.BaseChannel = None, config: EvaluatorConfig = EvaluatorConfig()):
+                 preranking_model: Optional[types.BaseChannel] = None,
+                 retrieval_model: Optional[types.BaseChannel] = None,
+                 baseline_model: Optional[types.BaseChannel] = None,
+                 baseline_preranking_model: Optional[types.BaseChannel] = None,
+                 baseline_retrieval_model: Optional[types.BaseChannel] = None,
+                 ctr_blessing: Optional[types.BaseChannel] = None, schema: Optional[types.BaseChannel] = None,
+                 config: EvaluatorConfig = EvaluatorConfig()):
         spec = CascadeEvaluatorSpec(
             examples=examples, model=model, preranking_model=preranking_model, retrieval_model=retrieval_model,
-            baseline_model=baseline_model, config=config.to_json(),
+            baseline_model=baseline_model, baseline_preranking_model=baseline_preranking_model,
+            baseline_retrieval_model=baseline_retrieval_model, ctr_blessing=ctr_blessing, schema=schema,
+            config=config.to_json(),
             evaluation=types.Channel(type=standard_artifacts.ModelEvaluation),
-            blessing=types.Channel(type=standard_artifacts.ModelBlessing),
+            **{key: types.Channel(type=standard_artifacts.ModelBlessing) for key in BLESSING_OUTPUTS.values()},
             dead_letters=types.Channel(type=record_io.DeadLetters),
         )
         super().__init__(spec=spec)
 
 
-def tfma_eval_config(config: EvaluatorConfig = EvaluatorConfig(), auc_threshold: float = None) -> tfma.EvalConfig:
-    """A TFMA EvalConfig for the standard TFX Evaluator over candidate rows: AUC, calibration and
-    example counts, overall and sliced by ui_position, ui_format and stage tier."""
-    threshold = None
-    if auc_threshold is not None:
-        threshold = tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(lower_bound={"value": auc_threshold}))
+def tfma_eval_config(config: EvaluatorConfig = EvaluatorConfig()) -> tfma.EvalConfig:
+    """The standard TFX Evaluator's EvalConfig for the ranker's CTR on the shown eval rows.
+
+    Model specs `candidate` and `baseline` (is_baseline), both scored by `config.ctr_output`
+    (`serving_default` → `ctr`), label `click`; slices: overall, ui_position, ui_format, stage; metrics ExampleCount, AUC,
+    Calibration (Σŷ / Σy), BinaryCrossentropy, MeanLabel, MeanPrediction. Thresholds: AUC ≥
+    `config.tfma_min_auc` and no more than `config.tfma_auc_tolerance` below the baseline's,
+    Calibration within `config.tfma_calibration_range`, all on the overall slice (the other slices are
+reported, not gated). Without a baseline model TFX's Evaluator
+    drops the baseline spec and the change threshold itself (rubber stamp).
+    """
+    low, high = config.tfma_calibration_range
+    auc = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.tfma_min_auc}),
+        change_threshold=tfma.GenericChangeThreshold(direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                                                     absolute={"value": -config.tfma_auc_tolerance}))
+    calibration = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": low}, upper_bound={"value": high}))
+    def overall(threshold: tfma.MetricThreshold) -> tfma.PerSliceMetricThreshold:
+        """Thresholds gate the overall slice; a `MetricConfig.threshold` would gate every slice,
+        and a position or format slice of a few hundred rows is click noise."""
+        return tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)
+
+    signature, prediction_key = config.ctr_output
+    spec = dict(signature_name=signature, label_key=F.LABEL_KEY, prediction_key=prediction_key,
+                preprocessing_function_names=[])
     return tfma.EvalConfig(
-        model_specs=[tfma.ModelSpec(signature_name="serving_default", label_key=F.LABEL_KEY,
-                                    prediction_key="ctr", preprocessing_function_names=[])],
+        model_specs=[tfma.ModelSpec(name="candidate", **spec), tfma.ModelSpec(name="baseline", is_baseline=True, **spec)],
         slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=["ui_position"]),
                        tfma.SlicingSpec(feature_keys=["ui_format"]), tfma.SlicingSpec(feature_keys=["stage"])],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),
-            tfma.MetricConfig(class_name="AUC", threshold=threshold),
-            tfma.MetricConfig(class_name="Calibration"),
+            tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[overall(auc)]),
+            tfma.MetricConfig(class_name="Calibration", per_slice_thresholds=[overall(calibration)]),
             tfma.MetricConfig(class_name="BinaryCrossentropy"),
+            tfma.MetricConfig(class_name="MeanLabel"),
+            tfma.MetricConfig(class_name="MeanPrediction"),
         ])],
     )

@@ -1,17 +1,33 @@
-"""What CascadeEvaluator computes from scored candidate rows: metrics, plots and the blessing.
+"""What CascadeEvaluator computes from scored candidate rows: metrics, plots and the blessings.
 
 Scored rows are columns over the eval split's candidates: request_id, click, ui_position, stage,
-true_ctr, and one score array per evaluated model. The metric definitions are `models.metrics`
-(DESIGN §8):
-  - ranking metrics (AUC, PerQueryAUC, NE, calibration bias per predicted-CTR bucket and per
-    ui_position, its variance across buckets) over the shown candidates (ui_position > 0),
-    for the final-stage model, the baseline, and the oracle `true_ctr` when it is known;
-  - PD between the model and the baseline;
-  - cascade metrics over the whole request: e2e recall through the stage models with the
-    quotas, and Recall@|GT|@m of each stage, GT = the `rerank_pos` tier.
+true_ctr, and the score columns of the evaluated models, named by their component input
+(`STAGE_INPUTS`, `BASELINE_INPUTS`): `<input>` holds the cascade score (what the stage orders
+candidates by), and for the ranking model and its baseline `<input>/ctr` holds the calibrated CTR
+at the example's UI treatment. The metric definitions are `models.metrics` (DESIGN §8):
+  - CTR metrics (AUC, PerQueryAUC, NE, calibration bias per predicted-CTR bucket and per
+    ui_position, its variance across buckets) on the CTR column over the shown candidates
+    (ui_position > 0), for the ranking model (`model`), its baseline (`baseline`), and the oracle
+    `true_ctr` when it is known; PD between the model's and the baseline's CTR;
+  - cascade metrics on the cascade-score columns over all candidates of each request: e2e recall
+    through the stage models with the quotas, and for each stage Recall@|GT|@q, the chance
+    recall of a random order min(q, n_r)/n_r and the lift (recall − chance)/(1 − chance),
+    GT = the `rerank_pos` tier; `baseline_cascade` the same for each stage's baseline alone.
+
+Blessing (`bless_stages`), one verdict per stage, each against that stage's own baseline (the
+latest blessed model of the stage):
+  - value thresholds `(stage, metric, "min"|"max", value)` on the stage's metrics: "recall"
+    (Recall@|GT|@quota), "recall_lift", and for "ranking" also "auc", "per_query_auc", "ne" and
+    "calibration" = mean predicted CTR / click rate; a NaN metric fails its threshold;
+  - change thresholds `(stage, metric, tolerance)`: the candidate may be worse than the stage's
+    baseline by at most `tolerance` (absolute; "ne" lower is better, the others higher). A stage
+    without a baseline is the first of its kind: nothing to compare with, which a note records;
+  - ranking only: the TFMA Evaluator's blessing (the CTR gate on the shown rows) when one is given;
+  - a stage whose model is absent is not blessed ("no model").
 """
 import dataclasses
 import json
+import math
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -21,6 +37,26 @@ from models import metrics
 from schema import features as F
 
 GT_TIER = F.GROUND_TRUTH_TIER
+STAGES = ("retrieval", "preranking", "ranking")  # cascade order
+# The component input of each stage's model and of its baseline (the stage's latest blessed model).
+STAGE_INPUTS = {"retrieval": "retrieval_model", "preranking": "preranking_model", "ranking": "model"}
+BASELINE_INPUTS = {"retrieval": "baseline_retrieval_model", "preranking": "baseline_preranking_model",
+                   "ranking": "baseline_model"}
+RANKING_INPUT = STAGE_INPUTS["ranking"]
+CASCADE_STAGE_METRICS = ("recall", "recall_lift")  # every stage, over whole requests
+CTR_METRICS = ("auc", "per_query_auc", "ne", "calibration")  # the ranking stage, on shown rows
+LOWER_IS_BETTER = ("ne",)
+NO_BASELINE_NOTE = "no baseline: the first blessed model of this stage, change thresholds not applied"
+NO_CTR_BLESSING_NOTE = "no TFMA blessing given: the CTR is gated by this evaluator's thresholds only"
+
+
+def ctr_column(input_name: str) -> str:
+    """The scored column of a model input's CTR output."""
+    return f"{input_name}/ctr"
+
+
+def stage_metric_names(stage: str) -> Tuple[str, ...]:
+    return CASCADE_STAGE_METRICS + (CTR_METRICS if stage == "ranking" else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,20 +67,48 @@ class EvaluatorConfig:
     quotas: Tuple[int, ...] = (40, 30, 20)  # per stage, earliest first (the last len(stages) are used)
     calibration_boundaries: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
     min_bucket_count: int = 100  # buckets with fewer shown candidates are left out of the variance
-    # Blessing. thresholds: metric → {"min": x} or {"max": y}; with a baseline model, also
-    # "not worse than baseline" on `baseline_metric` by more than `baseline_tolerance`.
-    thresholds: Tuple[Tuple[str, str, float], ...] = ()
-    compare_to_baseline: bool = True
-    baseline_metric: str = "auc"
-    baseline_tolerance: float = 0.0
+    # Blessing, per stage (see the module docstring). thresholds: (stage, metric, "min"|"max",
+    # value); the default blesses no model that orders its stage's candidates no better than chance.
+    thresholds: Tuple[Tuple[str, str, str, float], ...] = (
+        ("retrieval", "recall_lift", "min", 0.25), ("preranking", "recall_lift", "min", 0.25),
+        ("ranking", "recall_lift", "min", 0.25))
+    # change_thresholds: (stage, metric, tolerance) against the stage's baseline.
+    change_thresholds: Tuple[Tuple[str, str, float], ...] = (
+        ("retrieval", "recall", 0.01), ("preranking", "recall", 0.01), ("ranking", "recall", 0.01))
     recall_k_max: int = 50
     batch_size: int = 1024
     max_bad_fraction: float = 0.01
-    # How a model input is scored: (input name, signature, output key). A model input not named
-    # here is scored by its `serving_default` and the first of its outputs `ctr`, `score`,
-    # `scores`, `logit`. E.g. ("retrieval_model", "score", "score") for the two-tower model, whose
-    # serving_default returns the top-K of the corpus rather than a score per candidate.
+    # How a model input is scored: (input name, signature, output key); a baseline input is scored
+    # as its stage's input. A model input not named here is scored by its `serving_default` and the
+    # first of its outputs `score`, `ctr`, `scores`, `logit`. E.g. ("retrieval_model", "score",
+    # "score") for the two-tower model, whose serving_default returns the top-K of the corpus
+    # rather than a score per candidate.
     score_outputs: Tuple[Tuple[str, str, str], ...] = ()
+    # The ranking model's (and its baseline's) calibrated CTR: (signature, output key).
+    ctr_output: Tuple[str, str] = ("serving_default", "ctr")
+    # The TFMA Evaluator's thresholds on the ranker's CTR (`tfma_eval_config`): AUC lower bound,
+    # how much AUC may drop against the baseline, and the range of Calibration (Σŷ / Σy).
+    tfma_min_auc: float = 0.55
+    tfma_auc_tolerance: float = 0.01
+    tfma_calibration_range: Tuple[float, float] = (0.8, 1.25)
+
+    def __post_init__(self):
+        for stage, metric, bound, _ in self.thresholds:
+            self._check_metric(stage, metric, "thresholds")
+            if bound not in ("min", "max"):
+                raise ValueError(f"thresholds: bound must be 'min' or 'max', got {bound!r}")
+        for stage, metric, _ in self.change_thresholds:
+            self._check_metric(stage, metric, "change_thresholds")
+            if metric == "calibration":
+                raise ValueError("change_thresholds: calibration has no better direction; bound it with a "
+                                 "min and a max in thresholds")
+
+    @staticmethod
+    def _check_metric(stage: str, metric: str, field: str) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"{field}: unknown stage {stage!r}; stages are {STAGES}")
+        if metric not in stage_metric_names(stage):
+            raise ValueError(f"{field}: stage {stage!r} has no metric {metric!r}; it has {stage_metric_names(stage)}")
 
     def score_output(self, input_name: str) -> Tuple[str, Optional[str]]:
         """(signature, output key or None = the first known score output) of a model input."""
@@ -58,12 +122,12 @@ class EvaluatorConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EvaluatorConfig":
-        values = json.loads(text)
-        values["quotas"] = tuple(values["quotas"])
-        values["calibration_boundaries"] = tuple(values["calibration_boundaries"])
-        values["thresholds"] = tuple(tuple(t) for t in values["thresholds"])
-        values["score_outputs"] = tuple(tuple(t) for t in values.get("score_outputs", ()))
-        return cls(**values)
+        """The inverse of `to_json`: JSON lists become the tuples of the fields."""
+        return cls(**{k: _tuples(v) for k, v in json.loads(text).items()})
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def request_lists(request_ids: np.ndarray, columns: Mapping[str, np.ndarray], pad) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
@@ -99,18 +163,31 @@ def ranking_metrics(y, p, request_ids, positions, config: EvaluatorConfig) -> Di
     }
 
 
+def stage_quotas(stage_keys: Sequence[str], config: EvaluatorConfig) -> Dict[str, int]:
+    """The quota of each present stage: the last len(stage_keys) of `config.quotas`, in order."""
+    return dict(zip(stage_keys, config.quotas[-len(stage_keys):]))
+
+
+def _stage_recalls(grid: np.ndarray, gt: np.ndarray, mask: np.ndarray, key: str, quota: int) -> Dict[str, float]:
+    """Recall@|GT|@quota of one score grid, its chance level and lift, keyed by `key`."""
+    recall = metrics.stage_recall(np.where(mask, grid, -np.inf), gt, quota, mask=mask)
+    chance = metrics.chance_recall(gt, quota, mask=mask)
+    return {f"recall_at_{quota}/{key}": recall, f"chance_at_{quota}/{key}": chance,
+            f"recall_lift_at_{quota}/{key}": metrics.recall_lift(recall, chance)}
+
+
 def cascade_metrics(rows: Mapping[str, np.ndarray], stage_keys: Sequence[str], config: EvaluatorConfig) -> Dict[str, object]:
     lists, mask = request_lists(rows["request_id"], {k: rows[k] for k in stage_keys} | {"gt": rows["stage"] == GT_TIER}, pad=0)
     gt = lists["gt"] & mask
-    quotas = tuple(config.quotas[-len(stage_keys):])
+    quotas = stage_quotas(stage_keys, config)
     stage_scores = [np.where(mask, lists[k].astype(np.float64), -np.inf) for k in stage_keys]
     out = {
-        "e2e_recall": metrics.e2e_recall(stage_scores, gt, quotas=quotas, mask=mask),
-        "quotas": list(quotas),
+        "e2e_recall": metrics.e2e_recall(stage_scores, gt, quotas=tuple(quotas.values()), mask=mask),
+        "quotas": list(quotas.values()),
         "stages": list(stage_keys),
     }
-    for key, quota in zip(stage_keys, quotas):
-        out[f"recall_at_{quota}/{key}"] = metrics.stage_recall(np.where(mask, lists[key], -np.inf), gt, quota, mask=mask)
+    for key, quota in quotas.items():
+        out.update(_stage_recalls(lists[key], gt, mask, key, quota))
     out["recall_at_k"] = {
         key: [metrics.stage_recall(np.where(mask, lists[key], -np.inf), gt, k, mask=mask)
               for k in range(1, min(config.recall_k_max, mask.shape[1]) + 1)]
@@ -119,22 +196,41 @@ def cascade_metrics(rows: Mapping[str, np.ndarray], stage_keys: Sequence[str], c
     return out
 
 
-def evaluate(rows: Mapping[str, np.ndarray], model_key: str, stage_keys: Sequence[str], config: EvaluatorConfig,
-             baseline_key: Optional[str] = None) -> Dict[str, object]:
-    """All metrics of one evaluation, as a JSON-able dict."""
+def baseline_cascade_metrics(rows: Mapping[str, np.ndarray], stage_keys: Sequence[str], baselines: Mapping[str, str],
+                             config: EvaluatorConfig) -> Dict[str, object]:
+    """Recall@|GT|@q, chance and lift of each stage's baseline alone, at the stage's quota and keyed
+    by the stage's input (like `cascade`), for the stages in `baselines` (stage input → baseline column)."""
+    quotas = stage_quotas(stage_keys, config)
+    keys = [k for k in stage_keys if k in baselines]
+    lists, mask = request_lists(rows["request_id"], {baselines[k]: rows[baselines[k]] for k in keys}
+                                | {"gt": rows["stage"] == GT_TIER}, pad=0)
+    out: Dict[str, object] = {"stages": keys, "quotas": [quotas[k] for k in keys]}
+    for key in keys:
+        out.update(_stage_recalls(lists[baselines[key]], lists["gt"] & mask, mask, key, quotas[key]))
+    return out
+
+
+def evaluate(rows: Mapping[str, np.ndarray], stage_keys: Sequence[str], config: EvaluatorConfig,
+             baselines: Mapping[str, str] = {}) -> Dict[str, object]:
+    """All metrics of one evaluation, as a JSON-able dict. `stage_keys`: the present stage inputs
+    in cascade order (the ranking `model` always); `baselines`: stage input → its baseline input,
+    for the stages whose baseline was scored."""
     shown = rows["ui_position"] > 0
     y = rows["click"][shown]
     req = rows["request_id"][shown]
     pos = rows["ui_position"][shown]
     result: Dict[str, object] = {"examples": int(rows["click"].size), "shown": int(shown.sum()), "click_rate": float(y.mean())}
-    result["model"] = ranking_metrics(y, rows[model_key][shown], req, pos, config)
-    if baseline_key:
-        result["baseline"] = ranking_metrics(y, rows[baseline_key][shown], req, pos, config)
-        result["pd_vs_baseline"] = metrics.prediction_difference(rows[model_key][shown], rows[baseline_key][shown])
+    ctr = rows[ctr_column(RANKING_INPUT)][shown]
+    result["model"] = ranking_metrics(y, ctr, req, pos, config)
+    if RANKING_INPUT in baselines:
+        baseline_ctr = rows[ctr_column(baselines[RANKING_INPUT])][shown]
+        result["baseline"] = ranking_metrics(y, baseline_ctr, req, pos, config)
+        result["pd_vs_baseline"] = metrics.prediction_difference(ctr, baseline_ctr)
     oracle = rows["true_ctr"][shown]
     if oracle.size and np.all(oracle >= 0):
         result["oracle"] = ranking_metrics(y, oracle, req, pos, config)
     result["cascade"] = cascade_metrics(rows, stage_keys, config)
+    result["baseline_cascade"] = baseline_cascade_metrics(rows, stage_keys, baselines, config)
     if np.all(rows["true_ctr"] >= 0):
         # The same cascade with every stage ordering by the true CTR: what ideal scorers recover.
         oracle_rows = dict(rows, **{key: rows["true_ctr"] for key in stage_keys})
@@ -144,27 +240,58 @@ def evaluate(rows: Mapping[str, np.ndarray], model_key: str, stage_keys: Sequenc
     return result
 
 
-def metric_value(result: Mapping, name: str, section: str = "model") -> float:
-    """A named metric: ranking metrics from `section`, cascade ones from `cascade`."""
-    if name in result.get(section, {}):
-        return float(result[section][name])
-    return float(result["cascade"][name])
+def stage_metric(result: Mapping, stage: str, metric: str, baseline: bool = False) -> float:
+    """A stage's metric (see `stage_metric_names`) from an `evaluate` result, of the stage's model or
+    (baseline=True) of its baseline."""
+    key = STAGE_INPUTS[stage]
+    if metric in CASCADE_STAGE_METRICS:
+        section = result["baseline_cascade" if baseline else "cascade"]
+        quota = section["quotas"][section["stages"].index(key)]
+        return float(section[f"{metric}_at_{quota}/{key}"])  # recall_at_q/key, recall_lift_at_q/key
+    section = result["baseline" if baseline else "model"]
+    if metric == "calibration":
+        return float(section["mean_prediction"]) / float(result["click_rate"])
+    return float(section[metric])
 
 
-def bless(result: Mapping, config: EvaluatorConfig) -> Tuple[bool, List[str]]:
-    """(blessed, reasons): thresholds, then "not worse than the baseline"."""
-    reasons = []
-    for name, bound, value in config.thresholds:
-        got = metric_value(result, name)
-        if (bound == "min" and not got >= value) or (bound == "max" and not got <= value):
-            reasons.append(f"{name} = {got:.4f} fails {bound} {value}")
-    if config.compare_to_baseline and "baseline" in result:
-        got = metric_value(result, config.baseline_metric)
-        base = metric_value(result, config.baseline_metric, "baseline")
-        worse = got < base - config.baseline_tolerance if config.baseline_metric != "ne" else got > base + config.baseline_tolerance
-        if worse:
-            reasons.append(f"{config.baseline_metric} = {got:.4f} is worse than the baseline's {base:.4f}")
-    return not reasons, reasons
+def bless_stages(result: Mapping, config: EvaluatorConfig, ctr_blessed: Optional[bool] = None, ctr_message: str = "",
+                 notes: Mapping[str, Sequence[str]] = {}) -> Dict[str, Dict[str, object]]:
+    """Stage → {"blessed", "reasons", "notes"} by the rules of the module docstring.
+
+    `ctr_blessed`: the TFMA Evaluator's verdict on the ranker's CTR (None: no TFMA blessing given),
+    `ctr_message` what the reason says about it; `notes`: stage → notes to carry (e.g. a baseline
+    that could not be scored).
+    """
+    verdicts = {}
+    for stage in STAGES:
+        key = STAGE_INPUTS[stage]
+        reasons: List[str] = []
+        stage_notes = list(notes.get(stage, ()))
+        if key not in result["cascade"]["stages"]:
+            verdicts[stage] = {"blessed": False, "reasons": ["no model"], "notes": stage_notes}
+            continue
+        for _, metric, bound, value in (t for t in config.thresholds if t[0] == stage):
+            got = stage_metric(result, stage, metric)
+            if math.isnan(got):
+                reasons.append(f"{metric} is undefined (NaN) on this data, so it cannot pass {bound} {value}")
+            elif (bound == "min" and got < value) or (bound == "max" and got > value):
+                reasons.append(f"{metric} = {got:.4f} fails {bound} {value}")
+        if key in result["baseline_cascade"]["stages"]:
+            for _, metric, tolerance in (t for t in config.change_thresholds if t[0] == stage):
+                got, base = stage_metric(result, stage, metric), stage_metric(result, stage, metric, baseline=True)
+                change = base - got if metric in LOWER_IS_BETTER else got - base  # > 0: better than the baseline
+                if not change >= -tolerance:  # also when either is NaN
+                    reasons.append(f"{metric} = {got:.4f} is worse than the baseline's {base:.4f} "
+                                   f"by more than {tolerance}")
+        else:
+            stage_notes.append(NO_BASELINE_NOTE)
+        if stage == "ranking":
+            if ctr_blessed is None:
+                stage_notes.append(NO_CTR_BLESSING_NOTE)
+            elif not ctr_blessed:
+                reasons.append(f"the TFMA Evaluator did not bless the CTR: {ctr_message}")
+        verdicts[stage] = {"blessed": not reasons, "reasons": reasons, "notes": stage_notes}
+    return verdicts
 
 
 def write_plots(result: Mapping, out_dir: str) -> List[str]:

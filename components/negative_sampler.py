@@ -9,11 +9,24 @@ A Beam component (DESIGN §6 step 3). For each request it
   5. writes it to the `train` or `eval` split: the input's split ("keep"), a hash of the
      request id ("hash"), or the latest `eval_fraction` of requests by time ("time").
 
+The features are typed, and the required ones (presence min_fraction 1.0) named, by the pipeline's
+Schema artifact (the optional `schema` input; without it, the packaged `schema/schema.pbtxt`). The
+schema travels to the Beam workers inside the DoFns (serialized), and the path read is recorded as
+the `schema_path` custom property of the `request_lists` output.
+
+Besides the request lists, the `shown_rows` output (Examples, split `eval`) holds the candidate
+rows, byte for byte as they came in, of the shown candidates (`ui_position > 0`) of every request
+whose list went to the `eval` request-list split, in any split mode: the standard Evaluator (TFMA)
+evaluates the ranker's CTR on exactly these rows, following the sampler's own train/eval split.
+Rows dropped by the sampling are in it too (it is the unsampled data); rows of requests whose list
+was not built (dead-lettered) are not.
+
 Records that fail to parse, miss a required feature, have the wrong number of values or an
 unknown stage go to the dead-letter output, as do requests with more candidates than a list
 holds; the component fails when bad records exceed `max_bad_fraction`. Beam counters (namespace
 `negative_sampler`) count what was read, kept, dropped (per reason), reweighted and written; they
-are saved in `metrics.json` and as custom properties of the output artifact.
+are saved in `metrics.json` and as custom properties of the `request_lists` artifact;
+`shown_rows_eval` counts the rows written to `shown_rows`.
 
 Pipeline, laid out for DirectRunner's multi-processing mode, where each split's (gzipped, so
 unsplittable) file is read by a single worker and only the stages after a shuffle are spread
@@ -21,11 +34,13 @@ over the workers:
     read → KeyByRequest   the only per-record work before the shuffle: the request id, read for
                           512 records at a time by tfx_bsl's C++ Example→Arrow decoder
     GroupByKey(request)   raw bytes: cheap to encode between stages
-    DecodeRequests        64 requests per decoder call → numpy columns per request, the item
-                          corpus entries (pre-aggregated per batch) and the request times
+    DecodeRequests        64 requests per decoder call → numpy columns per request (with the raw
+                          bytes of its shown rows beside them), the item corpus entries
+                          (pre-aggregated per batch) and the request times
     item corpus           CombinePerKey → one compact, numpy-only `ItemCorpus` side input
     BuildLists            `sampling.sample_request_columns` (vectorised; per-row python only for
-                          the ~10 shown non-clicks) → the request-list tf.Example
+                          the ~10 shown non-clicks) → the request-list tf.Example, and the
+                          request's shown rows when its list goes to eval
 The output is the same bytes as the row-based reference (`sampling.sample_request` +
 `schema.request_list.build_request_list`) and does not depend on the runner or its workers:
 every order is fixed by sorting (input split, item id, raw bytes), never by arrival order.
@@ -33,7 +48,7 @@ every order is fixed by sorting (input split, item id, raw bytes), never by arri
 """
 import dataclasses
 import json
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -43,6 +58,7 @@ from tfx import types
 from tfx.dsl.components.base import base_beam_component, base_beam_executor, executor_spec
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+from tfx.utils import io_utils
 from tfx_bsl.coders import example_coder
 
 from components import record_io
@@ -54,14 +70,18 @@ from schema import request_list as RL
 NAMESPACE = "negative_sampler"
 LAYOUT_PROPERTY = "layout"
 REQUEST_LIST_LAYOUT = "request_list"
+SCHEMA_PATH_PROPERTY = "schema_path"
+SHOWN_ROWS_SPLIT = "eval"
 
 
-def _required_features() -> Tuple[str, ...]:
-    return tuple(f.name for f in F.load_schema().feature if f.presence.min_fraction == 1.0)
+def _required_features(schema: schema_pb2.Schema) -> Tuple[str, ...]:
+    """The features every row must have: presence min_fraction 1.0 in `schema`."""
+    return tuple(f.name for f in schema.feature if f.presence.min_fraction == 1.0)
 
 
-def _scalar_features() -> frozenset:
-    schema = F.load_schema()
+def _scalar_features(schema: Optional[schema_pb2.Schema] = None) -> frozenset:
+    """The features with one value per row in `schema` (default: the packaged schema)."""
+    schema = F.load_schema() if schema is None else schema
     return frozenset(
         f.name for f in schema.feature
         if (f.HasField("shape") and [d.size for d in f.shape.dim] == [1]) or f.value_count.max == 1
@@ -80,10 +100,9 @@ def example_to_row(example: tf.train.Example, scalars: frozenset) -> Dict[str, A
     return row
 
 
-def _decoder_of(names) -> example_coder.ExamplesToRecordBatchDecoder:
-    """tfx_bsl's C++ tf.Example → Arrow decoder for the schema features `names` (typed by the
-    schema). After a DecodeBatch that raised, a decoder must be replaced: it is left unusable."""
-    schema = F.load_schema()
+def _decoder_of(schema: schema_pb2.Schema, names) -> example_coder.ExamplesToRecordBatchDecoder:
+    """tfx_bsl's C++ tf.Example → Arrow decoder for the features `names` of `schema` (typed by it).
+    After a DecodeBatch that raised, a decoder must be replaced: it is left unusable."""
     sub = schema_pb2.Schema()
     sub.feature.extend(f for f in schema.feature if f.name in names)
     return example_coder.ExamplesToRecordBatchDecoder(sub.SerializeToString())
@@ -93,15 +112,19 @@ class _KeyByRequest(beam.DoFn):
     """Batches of raw records → (request_id, (split index, raw)) per record. The only per-record
     work done before the shuffle: a split's file is read by one worker, so this stage does not run
     in parallel. The request ids of a batch come from one call of the C++ decoder (reading only
-    request_id); records that do not parse or have no request_id go to the dead-letter output."""
+    request_id, typed by the serialized schema `schema`); records that do not parse or have no
+    request_id go to the dead-letter output."""
 
-    def __init__(self, split_index: int):
+    def __init__(self, schema: bytes, split_index: int):
+        self._schema_bytes = schema
         self._split_index = split_index
+        self._schema = None
         self._decoder = None
         self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
 
     def setup(self):
-        self._decoder = _decoder_of((F.REQUEST_ID_KEY,))
+        self._schema = schema_pb2.Schema.FromString(self._schema_bytes)
+        self._decoder = _decoder_of(self._schema, (F.REQUEST_ID_KEY,))
 
     def _request_ids(self, raws: List[bytes]) -> List:
         """The request id of each record, or the reason it has none."""
@@ -115,7 +138,7 @@ class _KeyByRequest(beam.DoFn):
             if valid.all():
                 return values[offsets[:-1]].tolist()
         except RuntimeError:
-            self._decoder = _decoder_of((F.REQUEST_ID_KEY,))  # a failed decode leaves it unusable
+            self._decoder = _decoder_of(self._schema, (F.REQUEST_ID_KEY,))  # a failed decode leaves it unusable
         out = []  # a bad record in the batch: one at a time, to tell which and why
         for raw in raws:
             try:
@@ -147,27 +170,31 @@ class CandidateDecoder:
     """Serialized candidate rows → numpy columns (`components.sampling`'s columnar layout) with
     tfx_bsl's C++ Example→Arrow decoder, and the reasons of the rows that cannot be used.
 
-    A row is bad when it does not decode, misses a required feature, has the wrong number of
-    values for a scalar or fixed-size feature, or names an unknown stage tier.
+    `schema` types the features and names the required ones (`_required_features`); the decoder
+    reads `DECODED_FEATURES` and the required features beyond them. A row is bad when it does not
+    decode, misses a required feature, has the wrong number of values for a scalar or fixed-size
+    feature, or names an unknown stage tier.
     """
 
-    def __init__(self, required: Iterable[str]):
-        self._decoder = _decoder_of(DECODED_FEATURES)
-        self._required = tuple(required)
+    def __init__(self, schema: schema_pb2.Schema):
+        self._schema = schema
+        self._required = _required_features(schema)
+        self._features = DECODED_FEATURES + tuple(name for name in self._required if name not in DECODED_FEATURES)
+        self._decoder = _decoder_of(schema, self._features)
 
     def _decode(self, raws: List[bytes]):
         """(record batch of the decodable rows, their indices, {index: reason} of the others)."""
         try:
             return self._decoder.DecodeBatch(raws), np.arange(len(raws)), {}
         except RuntimeError:
-            self._decoder = _decoder_of(DECODED_FEATURES)  # a failed decode leaves it unusable
+            self._decoder = _decoder_of(self._schema, self._features)  # a failed decode leaves it unusable
         good, bad = [], {}
         for i, raw in enumerate(raws):
             try:
                 self._decoder.DecodeBatch([raw])
                 good.append(i)
             except RuntimeError as e:
-                self._decoder = _decoder_of(DECODED_FEATURES)
+                self._decoder = _decoder_of(self._schema, self._features)
                 bad[i] = f"undecodable candidate row: {str(e).splitlines()[0]}"
         batch = self._decoder.DecodeBatch([raws[i] for i in good]) if good else None
         return batch, np.asarray(good, dtype=np.int64), bad
@@ -184,7 +211,7 @@ class CandidateDecoder:
 
         cols: Dict[str, np.ndarray] = {}
         lists = {}
-        for name in DECODED_FEATURES:
+        for name in self._features:
             column = batch.column(name) if batch is not None else None
             offsets = column.offsets.to_numpy() if column is not None else np.zeros(n + 1, dtype=np.int64)
             values = column.values.to_numpy(zero_copy_only=False) if column is not None else np.zeros(0)
@@ -196,7 +223,7 @@ class CandidateDecoder:
                 present = ~column.is_null().to_numpy(zero_copy_only=False)
             lengths = np.diff(offsets)
             lists[name] = (offsets, values, present, lengths)
-        missing = [(name, ~lists[name][2]) for name in self._required if name in lists]
+        missing = [(name, ~lists[name][2]) for name in self._required]
         if missing:
             missing_any = np.zeros(n, dtype=bool)
             for _, m in missing:
@@ -285,13 +312,14 @@ def slice_rows(cols: Dict[str, np.ndarray], start: int, stop: int) -> Dict[str, 
 
 class _DecodeRequests(beam.DoFn):
     """Batches of requests' raw rows (after the shuffle, so this runs on every worker) → one
-    element per request: its columns, in a deterministic order (input split, item id, raw bytes).
-    Also emits, per batch, (item_id, (count, features)) for the item corpus, and each request's
-    time for the time split. Bad rows go to the dead-letter output; so does, under split="keep",
-    a request that spans input splits. A batch is decoded by one call of the C++ decoder."""
+    element per request: (request_id, (its columns, the raw bytes of its shown rows)), both in a
+    deterministic order (input split, item id, raw bytes). Also emits, per batch, (item_id, (count,
+    features)) for the item corpus, and each request's time for the time split. Bad rows go to the
+    dead-letter output; so does, under split="keep", a request that spans input splits. A batch is
+    decoded by one call of the C++ decoder, built in `setup` from the serialized schema `schema`."""
 
-    def __init__(self, required: Iterable[str], config: SamplerConfig, split_names: Tuple[str, ...]):
-        self._required = tuple(required)
+    def __init__(self, schema: bytes, config: SamplerConfig, split_names: Tuple[str, ...]):
+        self._schema_bytes = schema
         self._config = config
         self._split_names = split_names
         self._decoder = None
@@ -301,7 +329,7 @@ class _DecodeRequests(beam.DoFn):
         self._requests_bad = beam.metrics.Metrics.counter(NAMESPACE, "requests_bad")
 
     def setup(self):
-        self._decoder = CandidateDecoder(self._required)
+        self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes))
 
     def process(self, batch):
         raws: List[bytes] = []
@@ -321,6 +349,7 @@ class _DecodeRequests(beam.DoFn):
         self._parsed.inc(int(rows.size))
         bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
         all_splits = np.asarray(splits, dtype=np.int64)[rows]
+        good_raws = [raws[i] for i in rows.tolist()]
         items: Dict[int, list] = {}
         for k, request_id in enumerate(request_ids):
             a, b = bounds[k], bounds[k + 1]
@@ -330,6 +359,7 @@ class _DecodeRequests(beam.DoFn):
             request_splits = all_splits[a:b]
             order = np.lexsort((request["item_id"], request_splits))  # stable: ties keep the raw-bytes order
             request, request_splits = select_rows(request, order), request_splits[order]
+            shown = [good_raws[a + i] for i in order[request["ui_position"] > 0].tolist()]
             self._requests.inc()
             if self._config.split == "keep" and np.unique(request_splits).size != 1:
                 self._requests_bad.inc()
@@ -351,12 +381,12 @@ class _DecodeRequests(beam.DoFn):
                     if features < entry[1]:
                         entry[1] = features
             yield beam.pvalue.TaggedOutput(TIMES_TAG, int(request["request_time"].max()))
-            yield request_id, request
+            yield request_id, (request, shown)
         for item, (count, features) in items.items():
             yield beam.pvalue.TaggedOutput(ITEMS_TAG, (item, (count, features)))
 
 
-ITEMS_TAG, TIMES_TAG = "items", "times"
+ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
 KEY_BATCH = 512  # records whose request ids are decoded together
 DECODE_BATCH = 64  # requests decoded together (the decoder's per-call cost is then negligible)
 
@@ -409,7 +439,8 @@ def packed_example(packed: Dict[str, List]) -> tf.train.Example:
 
 
 class _BuildRequestLists(beam.DoFn):
-    """One request's columns → a serialized request list, tagged with its output split."""
+    """One request's columns → a serialized request list, tagged with its output split; when that
+    split is eval, also the raw bytes of the request's shown rows (tagged `SHOWN_ROWS_TAG`)."""
 
     def __init__(self, config: SamplerConfig, split_names: Tuple[str, ...]):
         self._config = config
@@ -422,7 +453,7 @@ class _BuildRequestLists(beam.DoFn):
         self._counters[name].inc(n)
 
     def process(self, element, corpus: ItemCorpus, time_cutoff):
-        request_id, cols = element
+        request_id, (cols, shown) = element
         if self._config.split == "keep":
             split = self._split_names[int(cols["input_split"][0])]
         elif self._config.split == "hash":
@@ -443,6 +474,10 @@ class _BuildRequestLists(beam.DoFn):
             return
         self._inc(f"lists_{split}")
         yield beam.pvalue.TaggedOutput(split, packed_example(packed).SerializeToString(deterministic=True))
+        if split == SHOWN_ROWS_SPLIT:
+            self._inc("shown_rows_eval", len(shown))
+            for raw in shown:
+                yield beam.pvalue.TaggedOutput(SHOWN_ROWS_TAG, raw)
 
 
 def _time_cutoff(quantiles: List[int], eval_fraction: float) -> int:
@@ -453,14 +488,35 @@ def _time_cutoff(quantiles: List[int], eval_fraction: float) -> int:
     return quantiles[index]
 
 
+def _load_schema(schemas: Optional[List[types.Artifact]]) -> Tuple[schema_pb2.Schema, str]:
+    """(schema, path read): the Schema artifact's file, or the packaged schema without one. Fails
+    when the schema lacks a feature the sampler decodes or types it unlike the packaged schema."""
+    if schemas:
+        path = io_utils.get_only_uri_in_dir(artifact_utils.get_single_instance(list(schemas)).uri)
+        schema = io_utils.parse_pbtxt_file(path, schema_pb2.Schema())
+    else:
+        path, schema = F.SCHEMA_PATH, F.load_schema()
+    types_in = {f.name: f.type for f in schema.feature}
+    expected = {f.name: f.type for f in F.load_schema().feature if f.name in DECODED_FEATURES}
+    wrong = sorted(name for name, kind in expected.items() if types_in.get(name) != kind)
+    if wrong:
+        raise record_io.BadInputError(
+            f"schema {path} lacks or retypes features the NegativeSampler decodes: {', '.join(wrong)}")
+    return schema, path
+
+
 class NegativeSamplerSpec(ComponentSpec):
     PARAMETERS = {
         "config": ExecutionParameter(type=str),  # SamplerConfig as JSON
         "input_splits": ExecutionParameter(type=str),  # JSON list of the input splits to read
     }
-    INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples)}
+    INPUTS = {
+        "examples": ChannelParameter(type=standard_artifacts.Examples),
+        "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
+    }
     OUTPUTS = {
         "request_lists": ChannelParameter(type=standard_artifacts.Examples),
+        "shown_rows": ChannelParameter(type=standard_artifacts.Examples),  # split "eval" only
         "dead_letters": ChannelParameter(type=record_io.DeadLetters),
     }
 
@@ -475,8 +531,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output_splits = tuple(sorted(input_uris)) if config.split == "keep" else ("eval", "train")
         output = artifact_utils.get_single_instance(output_dict["request_lists"])
         output.split_names = artifact_utils.encode_split_names(list(output_splits))
+        shown_rows = artifact_utils.get_single_instance(output_dict["shown_rows"])
+        shown_rows.split_names = artifact_utils.encode_split_names([SHOWN_ROWS_SPLIT])
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
-        required = _required_features()
+        schema, schema_path = _load_schema(input_dict.get("schema"))
+        schema_bytes = schema.SerializeToString()
 
         split_names = tuple(sorted(input_uris))
         pipeline = self._make_beam_pipeline()
@@ -485,7 +544,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             parsed = (
                 record_io.read_split(pipeline, input_uris[split], split)
                 | f"Batch[{split}]" >> beam.BatchElements(min_batch_size=KEY_BATCH, max_batch_size=KEY_BATCH)
-                | f"KeyByRequest[{split}]" >> beam.ParDo(_KeyByRequest(index)).with_outputs(
+                | f"KeyByRequest[{split}]" >> beam.ParDo(_KeyByRequest(schema_bytes, index)).with_outputs(
                     record_io.DEAD_LETTER_TAG, main="keyed")
             )
             record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, f"records-{split}")
@@ -495,7 +554,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             | "AllSplits" >> beam.Flatten()
             | "GroupRequests" >> beam.GroupByKey()
             | "BatchRequests" >> beam.BatchElements(min_batch_size=DECODE_BATCH, max_batch_size=DECODE_BATCH)
-            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(required, config, split_names)).with_outputs(
+            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(schema_bytes, config, split_names)).with_outputs(
                 record_io.DEAD_LETTER_TAG, ITEMS_TAG, TIMES_TAG, main="requests")
         )
         record_io.write_dead_letters(requests[record_io.DEAD_LETTER_TAG], dead.uri, "candidates")
@@ -516,32 +575,39 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 _BuildRequestLists(config, split_names),
                 corpus=beam.pvalue.AsSingleton(corpus),
                 time_cutoff=beam.pvalue.AsSingleton(request_times),
-            ).with_outputs(record_io.DEAD_LETTER_TAG, *output_splits)
+            ).with_outputs(record_io.DEAD_LETTER_TAG, SHOWN_ROWS_TAG, *output_splits)
         )
         record_io.write_dead_letters(lists[record_io.DEAD_LETTER_TAG], dead.uri, "requests")
         for split in output_splits:
             record_io.write_split(lists[split], artifact_utils.get_split_uri([output], split), split)
+        record_io.write_split(lists[SHOWN_ROWS_TAG], artifact_utils.get_split_uri([shown_rows], SHOWN_ROWS_SPLIT),
+                              f"shown_rows-{SHOWN_ROWS_SPLIT}")
         counters = record_io.run_and_count(pipeline, NAMESPACE)
         record_io.record_counters(output, counters)
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
+        output.set_string_custom_property(SCHEMA_PATH_PROPERTY, schema_path)
         output.set_int_custom_property("list_size", config.list_size)
         record_io.check_bad_fraction(counters, config.max_bad_fraction, "NegativeSampler")
 
 
 class NegativeSampler(base_beam_component.BaseBeamComponent):
-    """Candidate rows (Examples) → request lists (Examples, train/eval) with sampling weights."""
+    """Candidate rows (Examples) → request lists (Examples, train/eval) with sampling weights, and
+    the shown rows of the eval requests (Examples, eval); features typed by the `schema` channel
+    when given, else by the packaged schema."""
 
     SPEC_CLASS = NegativeSamplerSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
-    def __init__(self, examples: types.BaseChannel, config: SamplerConfig = SamplerConfig(),
-                 input_splits: Iterable[str] = ("train", "eval")):
+    def __init__(self, examples: types.BaseChannel, schema: types.BaseChannel = None,
+                 config: SamplerConfig = SamplerConfig(), input_splits: Iterable[str] = ("train", "eval")):
         config.validate()
         spec = NegativeSamplerSpec(
             examples=examples,
+            schema=schema,
             config=json.dumps(dataclasses.asdict(config), sort_keys=True),
             input_splits=json.dumps(list(input_splits)),
             request_lists=types.Channel(type=standard_artifacts.Examples),
+            shown_rows=types.Channel(type=standard_artifacts.Examples),
             dead_letters=types.Channel(type=record_io.DeadLetters),
         )
         super().__init__(spec=spec)

@@ -43,11 +43,13 @@ from models import list_inputs as LI
 from models.losses import distillation_loss, weighted_logistic_loss
 from models.metrics import e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
 from models.preranking import GROUPS, LightPreranker, StrongRanker, group_wise_loss, hap_groups, hard_group_weights
+from models.ranking_stage import RankingStage
 from models.retrieval import TwoTowerScorer, adapt_towers
 from schema import features as F
 from schema import request_list as RL
 
 METHODS = ("lcron", "bce", "icc", "hap")
+RANKER_LOG_TERMS = ("loss", "logistic", "rank", "distillation", "bias", "lspr", "rank_weight", "distill_weight")
 
 
 def cascade_labels(lists: Mapping, label: str = "gt"):
@@ -103,11 +105,28 @@ class CascadeModel(tf.keras.Model):
         self.hap_kind = hap_kind
         lcron.stage_quotas(quota, len(self.stage_names))  # validates now rather than at the first step
         self.weighting = lcron.UncertaintyWeighting(len(self.stage_names), name="uncertainty") if method == "lcron" else None
+        if self.distill_weight > 0.0 and isinstance(self.stage_models[-1], RankingStage):
+            raise ValueError("distill_weight must be 0 when the last stage is a RankingStage: the Factory Floor "
+                             "ranker distills on its shown rows itself (RankerConfig.distill_weight)")
+
+    @property
+    def metrics(self):
+        """None: train_step returns its loss terms itself (and a nested ranker's own loss trackers,
+        which it never updates here, must not be read by `fit`)."""
+        return []
+
+    @property
+    def ranking_stage(self) -> Optional[RankingStage]:
+        """The last stage when it is a Factory Floor ranker (`models.ranking_stage`), else None."""
+        last = self.stage_models[-1]
+        return last if isinstance(last, RankingStage) else None
 
     def adapt(self, lists: Mapping[str, np.ndarray]) -> None:
         """Fits every stage's dense-feature normalisers on the real rows of training lists."""
         for stage in self.stage_models:
-            if hasattr(stage, "towers"):
+            if isinstance(stage, RankingStage):
+                stage.adapt(lists)
+            elif hasattr(stage, "towers"):
                 adapt_towers(stage.towers(), lists)
             else:
                 adapt_towers([stage], lists)
@@ -117,7 +136,11 @@ class CascadeModel(tf.keras.Model):
         return tf.stack([stage(lists, training=training) for stage in self.stage_models], axis=1)
 
     def compute_losses(self, lists, training=None) -> Dict[str, tf.Tensor]:
-        scores = [stage(lists, training=training) for stage in self.stage_models]
+        ranking = self.ranking_stage
+        scores = [stage(lists, training=training) for stage in self.stage_models[:-1 if ranking else None]]
+        if ranking is not None:
+            last, ranker_terms = ranking.training_terms(lists, training=training)
+            scores.append(last)
         y = cascade_labels(lists, self.label)
         mask = tf.convert_to_tensor(lists["mask"])
         out: Dict[str, tf.Tensor] = {}
@@ -145,6 +168,11 @@ class CascadeModel(tf.keras.Model):
         if self.distill_weight > 0.0:
             out["distill"] = self.distillation(lists, scores[-1])
             total = total + self.distill_weight * out["distill"]
+        if ranking is not None:  # L_FF on the shown rows (models.ranking_stage)
+            for name in RANKER_LOG_TERMS:
+                out[f"ranker_{name}"] = ranker_terms[name]
+            total = total + ranker_terms["loss"]
+            out["_ranker_terms"] = ranker_terms
         out["loss"] = total
         return out
 
@@ -177,11 +205,22 @@ class CascadeModel(tf.keras.Model):
             losses = self.compute_losses(lists, training=True)
         variables = self.trainable_variables
         grads = tape.gradient(losses["loss"], variables)
-        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        ranking = self.ranking_stage
+        if ranking is None:
+            self.optimizer.apply_gradients(pairs)
+            return losses
+        # The ranker steps with its own optimizer, the other stages (and LCRON's w_i) with the cascade's.
+        ranker_vars = {id(v) for v in ranking.ranker_variables}
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) not in ranker_vars])
+        ranking.apply_gradients([(g, v) for g, v in pairs if id(v) in ranker_vars])
+        ranking.after_step(losses.pop("_ranker_terms"))
         return losses
 
     def test_step(self, lists):
-        return self.compute_losses(lists, training=False)
+        losses = self.compute_losses(lists, training=False)
+        losses.pop("_ranker_terms", None)
+        return losses
 
     def predict_stage_scores(self, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> List[np.ndarray]:
         """Every stage's [R, L] scores on in-memory request lists."""

@@ -6,6 +6,11 @@ For each sparse feature f in `schema.features.SPARSE_FEATURES`:
                                                             an empty list gives 0)
 For each dense feature: NaN → 0 (counted in `nan_count` during training), then (x − μ)/σ with μ, σ adapted on
 training data (`tf.keras.layers.Normalization`).
+
+Learning-rate multiplier c (`lr_multiplier`): each table stores E' and serves E = c·E', with E'
+initialised at 1/c of the usual scale (so E starts as it would without c). Adagrad's and Adam's
+steps do not depend on the gradient's scale, so a step of size η on E' moves E by about c·η: the
+tables learn c times faster than the rest of the model under one optimizer (and one EMA).
 Returns a dict feature name → [B, d] tensor, so towers can pick their own features (the Q·U
 factorisation reads the quality features in Q and the UI features in U).
 """
@@ -22,14 +27,20 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         embedding_dim: int = 16,
         sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES,
         dense_features: Sequence[F.DenseFeature] = F.DENSE_FEATURES,
+        lr_multiplier: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not lr_multiplier > 0:
+            raise ValueError(f"lr_multiplier must be > 0, got {lr_multiplier}")
         self.embedding_dim = embedding_dim
         self.sparse_features = tuple(sparse_features)
         self.dense_features = tuple(dense_features)
+        self.lr_multiplier = float(lr_multiplier)
+        scale = 0.05 / self.lr_multiplier  # Keras Embedding's default RandomUniform(−0.05, 0.05), over c
         self.tables = {
-            f.name: tf.keras.layers.Embedding(f.num_buckets, embedding_dim, name=f"{f.name}_embedding")
+            f.name: tf.keras.layers.Embedding(f.num_buckets, embedding_dim, name=f"{f.name}_embedding",
+                                              embeddings_initializer=tf.keras.initializers.RandomUniform(-scale, scale))
             for f in self.sparse_features
         }
         self.normalizers = {f.name: tf.keras.layers.Normalization(axis=-1, name=f"{f.name}_norm") for f in self.dense_features}
@@ -51,9 +62,13 @@ class FeatureEmbedding(tf.keras.layers.Layer):
             present = tf.cast(tf.not_equal(padded, pad), tf.float32)
             vectors = self.tables[name](tf.math.floormod(padded, spec.num_buckets)) * present[..., tf.newaxis]
             counts = tf.maximum(tf.reduce_sum(present, axis=1), 1.0)[:, tf.newaxis]
-            return tf.reduce_sum(vectors, axis=1) / counts
+            return self._scaled(tf.reduce_sum(vectors, axis=1) / counts)
         ids = tf.reshape(ids, [-1])
-        return self.tables[name](tf.math.floormod(ids, spec.num_buckets))
+        return self._scaled(self.tables[name](tf.math.floormod(ids, spec.num_buckets)))
+
+    def _scaled(self, vectors: tf.Tensor) -> tf.Tensor:
+        """E = c·E' (the learning-rate multiplier of the module docstring; c = 1 adds no op)."""
+        return vectors if self.lr_multiplier == 1.0 else vectors * self.lr_multiplier
 
     def normalize_dense(self, name: str, values: tf.Tensor, training=None) -> tf.Tensor:
         nans = tf.math.is_nan(values)

@@ -21,18 +21,26 @@ from schema import features as F
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SERVING_INPUT_KEY = "examples"
+STAGE_MODELS_DIR = "stages"  # beside Format-Serving: the other stages a joint Trainer exports
 
 
-def required_values(name: str) -> int:
+def stage_model_dir(serving_model_dir: str, stage: str) -> str:
+    """Where a Trainer that trains several stages jointly exports the SavedModel of `stage`:
+    `<model artifact>/stages/<stage>`, beside its own `Format-Serving`."""
+    return os.path.join(os.path.dirname(serving_model_dir.rstrip("/")), STAGE_MODELS_DIR, stage)
+
+
+def required_values(name: str, schema=None) -> int:
     """Values a variable-length feature must have per example: the schema's value_count.min (at
-    least 1) if the feature is required (presence.min_fraction == 1), else 0."""
-    feature = next((f for f in F.load_schema().feature if f.name == name), None)
+    least 1) if the feature is required (presence.min_fraction == 1), else 0. `schema` defaults to
+    the packaged one."""
+    feature = next((f for f in (schema or F.load_schema()).feature if f.name == name), None)
     if feature is None or feature.presence.min_fraction < 1.0:
         return 0
     return max(int(feature.value_count.min), 1)
 
 
-def parse_examples(serialized: tf.Tensor, spec: Dict) -> Dict[str, tf.Tensor]:
+def parse_examples(serialized: tf.Tensor, spec: Dict, schema=None) -> Dict[str, tf.Tensor]:
     """`tf.io.parse_example`, plus a presence check on required variable-length features.
 
     Fixed-length features already fail in `parse_example` with an error naming them; a missing
@@ -42,7 +50,7 @@ def parse_examples(serialized: tf.Tensor, spec: Dict) -> Dict[str, tf.Tensor]:
     """
     features = tf.io.parse_example(serialized, spec)
     for name, value in features.items():
-        needed = required_values(name) if isinstance(value, tf.RaggedTensor) else 0
+        needed = required_values(name, schema) if isinstance(value, tf.RaggedTensor) else 0
         if needed:
             lengths = value.row_splits[1:] - value.row_splits[:-1]
             tf.debugging.Assert(tf.reduce_all(lengths >= needed), [
@@ -50,13 +58,13 @@ def parse_examples(serialized: tf.Tensor, spec: Dict) -> Dict[str, tf.Tensor]:
     return features
 
 
-def serving_function(model: tf.keras.Model, parse_spec: Optional[Dict] = None):
+def serving_function(model: tf.keras.Model, parse_spec: Optional[Dict] = None, schema=None):
     """`serving_default`: serialized examples [N] -> {"ctr": [N], "logit": [N]} (`parse_examples`)."""
-    spec = parse_spec or F.serving_parse_spec()
+    spec = parse_spec or F.serving_parse_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SERVING_INPUT_KEY)])
     def serve(examples):
-        features = parse_examples(examples, spec)
+        features = parse_examples(examples, spec, schema)
         logit = tf.reshape(model(features, training=False), [-1])
         return {"ctr": tf.sigmoid(logit), "logit": logit}
 

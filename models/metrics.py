@@ -118,6 +118,11 @@ def prediction_difference(p1: np.ndarray, p2: np.ndarray) -> float:
 #   Per-stage Recall@|GT|@m: |top-m by that stage's score ∩ GT| / |GT|, mean over requests with GT.
 #   NDCG@k: Σ_{r<k} (2^{y_(r)} − 1) / log2(r + 2), divided by the same sum for the ideal order,
 #       mean over requests with a positive label (Järvelin & Kekäläinen, 2002).
+#   Chance Recall@|GT|@q: the expected Recall@|GT|@q of a uniformly random order, mean over
+#       requests with GT of min(q, n_r) / n_r (n_r = the request's candidates): by symmetry each GT
+#       candidate is in a random top q with probability min(q, n_r) / n_r.
+#   Recall lift: (recall − chance) / (1 − chance): 0 for a random order, 1 for a perfect one,
+#       negative for worse than random; undefined (NaN) when chance = 1 (q keeps every candidate).
 # A request without GT (no real GT candidate) has no recall: it is left out of the means, and
 # `requests_without_gt` counts such requests so that reports can say how many were left out.
 # Padded candidates (mask 0) never survive a stage, never count as GT and are never ranked.
@@ -228,3 +233,24 @@ def ndcg_at_k(scores, labels, k: int = 10, mask=None) -> float:
     if not has_pos.any():
         return float("nan")
     return float(np.mean(dcg[has_pos] / ideal[has_pos]))
+
+
+def chance_recall(gt_mask, q: int, mask=None) -> float:
+    """Expected Recall@|GT|@q of a uniformly random order: mean over requests with GT of
+    min(q, n_r) / n_r, n_r = the request's real candidates (the baseline that `recall_lift` removes)."""
+    gt, valid = _list_inputs(gt_mask, mask, "gt_mask")
+    if int(q) < 1:
+        raise ValueError(f"q must be >= 1, got {q}")
+    has_gt = ((gt != 0) & valid).sum(axis=1) > 0
+    if not has_gt.any():
+        return float("nan")
+    n = valid.sum(axis=1)[has_gt]
+    return float(np.mean(np.minimum(int(q), n) / n))
+
+
+def recall_lift(recall: float, chance: float) -> float:
+    """(recall − chance) / (1 − chance): 0 = a random order, 1 = perfect; NaN when chance = 1 (the
+    quota keeps every candidate, so there is no order to judge) or either input is NaN."""
+    if not (np.isfinite(recall) and np.isfinite(chance)) or chance >= 1.0:
+        return float("nan")
+    return float((recall - chance) / (1.0 - chance))

@@ -47,14 +47,17 @@ the label and weight as tensors (request_id and teacher_logit may then ride in `
 `request_id` is required when the rank loss is on. A missing `sample_weight` is 1, a missing
 `teacher_logit` is NaN (no distillation term).
 
-The rank loss only has pairs inside a batch: a request's rows must arrive together. Never shuffle
-rows: shuffle requests (or files). `request_batches` reads request-contiguous files (the synthetic
-generator and the converters write a request's rows contiguously), groups the rows of each
-request, shuffles whole requests and batches `requests_per_batch` of them. Reading the same files
-with `parsed_batches(..., shuffle_seed=None)` and a batch size that is a multiple of the rows per
-request (50 candidates on the RecFlow layout) also keeps requests whole. `request_batches` also
-attaches the request-list layout of each batch (`add_list_layout`, computed in the input pipeline),
-which the rank loss then uses instead of regrouping the rows in the train step (same value).
+The rank loss only has pairs inside a batch: a request's rows must arrive together, and never by
+file order (ExampleGen, RunInference and Beam shuffle rows). The pipeline trains the ranker on the
+NegativeSampler's request lists as the last stage of the joint cascade (`models.ranking_stage`,
+which passes the list layout of each batch's shown rows as LIST_INDEX_KEY / LIST_MASK_KEY).
+`request_batches` (the benches' path) groups rows by request_id explicitly in memory.
+
+Cascade score. A candidate that the ranking stage orders in serving has not been shown, so the
+score it is ordered by must not read its logged UI features (in logs, ui_position > 0 exactly when
+it was shown: reading it would leak the label). `cascade_logit` is the CTR logit at a reference
+UI treatment (`reference_ui_position`, `reference_ui_format`): τ(q·u_ref) for a Q·U model, the
+one-tower logit with the UI features set to the reference otherwise.
 
 Optimisation: `compile()` builds the config's optimizer (Adagrad by default, as in the paper);
 with `ema_momentum > 0` Keras keeps an exponential moving average of the weights and `fit` ends by
@@ -120,7 +123,7 @@ class FactoryFloorRanker(tf.keras.Model):
         super().__init__(**kwargs)
         self.config = config
         c = config
-        self.embedding = FeatureEmbedding(c.embedding_dim, name="embedding")
+        self.embedding = FeatureEmbedding(c.embedding_dim, lr_multiplier=c.embedding_lr_multiplier, name="embedding")
         self.factorized = c.qu_dim > 0
         self.quality_names = QUALITY_FEATURES if self.factorized else tuple(F.MODEL_INPUTS)
         self.ui_names = tuple(F.UI_FEATURES)
@@ -141,6 +144,11 @@ class FactoryFloorRanker(tf.keras.Model):
             self.transfer_bias = self.add_weight(name="transfer_bias", shape=(), initializer="zeros")
         else:
             self.logit_head = tf.keras.layers.Dense(1, name="logit")
+        head_layers = [tf.keras.layers.Dense(u, activation="relu") for u in c.cascade_head_units] + [tf.keras.layers.Dense(1)]
+        if c.cascade_score == "tower":
+            head_layers = [CrossStack(c.cross_layers, c.cross_projection_dim or None, 0, name="cascade_cross")] + head_layers
+        self.cascade_head = (tf.keras.Sequential(head_layers, name="cascade_head")
+                             if c.cascade_score in ("head", "tower") else None)
         self.multi_task = c.rank_loss == "multi_task"
         if self.multi_task:
             self.rank_head = tf.keras.layers.Dense(1, name="rank_logit")
@@ -172,7 +180,11 @@ class FactoryFloorRanker(tf.keras.Model):
         return cls(RankerConfig.from_json(config["config"]))
 
     def compile(self, optimizer=None, **kwargs):
-        """Compiles with the config's optimizer unless one is given; losses are built in."""
+        """Compiles with the config's optimizer unless one is given; losses are built in. Compiling
+        prepares training on candidate rows, where no cascade loss reaches a cascade head: it is
+        frozen (a cascade stage trains it: `models.ranking_stage`)."""
+        if self.cascade_head is not None:
+            self.cascade_head.trainable = False
         if optimizer is None:
             optimizer = make_optimizer(self.config)
         super().compile(optimizer=optimizer, **kwargs)
@@ -262,6 +274,50 @@ class FactoryFloorRanker(tf.keras.Model):
         rank_logit = tf.reshape(self.rank_head(body), [-1]) if self.multi_task else logit
         return ForwardOutput(logit=logit, rank_logit=rank_logit, q=q, u=u)
 
+    def flops(self) -> Dict[str, int]:
+        """FLOPs in tf.profiler's convention (a matmul 2·m·k·n, a bias add or an element-wise op one per
+        element, activations 0), from the concatenated inputs up; lookups and pooling not counted:
+            ctr_per_candidate      cross stack + DNN (+ q projection, q·u and τ for a Q·U model)
+            cascade_per_candidate  what the cascade score adds: a head's MLP on h, or a tower's
+                                   cross stack and MLP on the embeddings (0 for "reference_ui",
+                                   which is the CTR path at another UI treatment)
+            per_candidate          both: what `serving_default` runs per candidate
+            per_ui_treatment       the U tower (Q·U only; served from a cached table by `score_ui_grid`)
+        A low-rank cross layer on width D with rank k is 4·D·k + 6·D (V, U with its bias, x0 ⊙, + x,
+        and the ReZero wrapper's 3·D; as `models.preranking.StrongRanker.flops`), a full-rank one
+        2·D² + 6·D; a LowRankDense(units n, rank r) on width m is 2·m·r + 2·r·n + n."""
+        from models.retrieval import dense_flops
+
+        c = self.config
+        sizes = {f.name: c.embedding_dim for f in F.SPARSE_FEATURES}
+        sizes.update({f.name: f.size for f in F.DENSE_FEATURES})
+        width = sum(sizes[name] for name in self.quality_names)
+        k = c.cross_projection_dim
+        cross_layer = (4 * width * k if k else 2 * width * width) + 6 * width
+        cascade = 0
+        if c.cascade_score == "tower":
+            cascade = c.cross_layers * cross_layer + dense_flops((width,) + tuple(c.cascade_head_units) + (1,))
+        elif c.cascade_score == "head":
+            cascade = dense_flops((c.hidden_units[-1] if c.hidden_units else width,) + tuple(c.cascade_head_units) + (1,))
+        total = 0
+        if self.cross is not None:
+            total += c.cross_layers * cross_layer
+        for layer, units in zip(self.hidden, c.hidden_units):
+            if isinstance(layer, LowRankDense):
+                total += 2 * width * layer.rank + 2 * layer.rank * units + units
+            else:
+                total += dense_flops((width, units))
+            width = units
+        out = {"ctr_per_candidate": total, "cascade_per_candidate": cascade}
+        if self.factorized:
+            out["ctr_per_candidate"] += dense_flops((width, c.qu_dim)) + 2 * c.qu_dim + 2
+            ui_width = sum(sizes[name] for name in self.ui_names)
+            out["per_ui_treatment"] = dense_flops((ui_width,) + tuple(c.ui_hidden_units) + (c.qu_dim,))
+        else:
+            out["ctr_per_candidate"] += dense_flops((width, 1))
+        out["per_candidate"] = out["ctr_per_candidate"] + cascade
+        return out
+
     @property
     def feature_names(self):
         """Every feature the model reads."""
@@ -285,6 +341,30 @@ class FactoryFloorRanker(tf.keras.Model):
     def lspr_seed(self, step) -> tf.Tensor:
         """The perturbation seed at `step`: [lspr_seed, step]."""
         return tf.stack([tf.constant(self.config.lspr_seed, tf.int64), tf.cast(step, tf.int64)])
+
+    def reference_ui(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """`features` with every UI feature replaced by the reference treatment (module docstring)."""
+        anchor = next(v for name, v in sorted(features.items()) if not isinstance(v, tf.RaggedTensor))
+        n = tf.shape(anchor)[0]  # rows of the batch (every feature is [N, ...])
+        values = {"ui_position": self.config.reference_ui_position, "ui_format": self.config.reference_ui_format}
+        out = dict(features)
+        for name in self.ui_names:
+            out[name] = tf.fill(tf.stack([n, 1]), tf.constant(values[name], tf.int64))  # [N, 1] like a parsed id
+        return out
+
+    def cascade_logit(self, features: Dict[str, tf.Tensor], training=None, step=None) -> tf.Tensor:
+        """[B]: the score the cascade orders by: the CTR logit at the reference UI treatment, or
+        (cascade_score="head") the cascade head on the quality body h. Never reads the logged UI."""
+        if self.cascade_head is not None:
+            embedded = self.embed(features, self.quality_names, training=training)
+            if self.config.cascade_score == "tower":
+                x0 = tf.concat([embedded[name] for name in self.quality_names], axis=-1)
+                return tf.reshape(self.cascade_head(x0, training=training), [-1])
+            h, _ = self.quality_from_embedded(embedded, training=training, step=step)
+            if self.config.cascade_head_stop_gradient:
+                h = tf.stop_gradient(h)
+            return tf.reshape(self.cascade_head(h), [-1])
+        return self.forward(self.reference_ui(features), training=training, step=step).logit
 
     def call(self, features: Dict[str, tf.Tensor], training=None) -> tf.Tensor:
         """CTR logit [B, 1]."""
@@ -437,13 +517,18 @@ class FactoryFloorRanker(tf.keras.Model):
         gradients = tape.gradient(terms["loss"], variables)
         self.optimizer.apply_gradients(
             [(g, v) for g, v in zip(gradients, variables) if g is not None])
-        if self.bias_constraints is not None:  # ascent on the duals, with the pre-update predictions
+        self.after_step(terms, self.optimizer.iterations)
+        return self._logs(terms)
+
+    def after_step(self, terms: Dict[str, tf.Tensor], iterations) -> None:
+        """What follows a primal step: one ascent step of the bias-constraint duals (with the
+        pre-update predictions in `terms`), and the cross stack's ramp step set to `iterations`."""
+        if self.bias_constraints is not None:
             self.bias_constraints.update_duals(
                 terms["_labels"], tf.sigmoid(terms["_logit"]), terms["_slice_ids"], terms["bias_weight"],
                 sample_weight=terms["_weights"])
         if self.cross is not None:  # the served α is the one reached by training
-            self.cross.step.assign(tf.cast(self.optimizer.iterations, tf.int64))
-        return self._logs(terms)
+            self.cross.step.assign(tf.cast(iterations, tf.int64))
 
     def test_step(self, data):
         terms = self.loss_terms(data, step=self.optimizer.iterations, training=False)
@@ -454,6 +539,7 @@ class FactoryFloorRanker(tf.keras.Model):
 
 
 def make_optimizer(config: RankerConfig) -> tf.keras.optimizers.Optimizer:
+    """The config's optimizer, with the EMA of `ema_momentum`."""
     name = config.optimizer.lower()
     ema = dict(use_ema=True, ema_momentum=config.ema_momentum) if config.ema_momentum > 0 else {}
     if name == "adagrad":
@@ -463,24 +549,32 @@ def make_optimizer(config: RankerConfig) -> tf.keras.optimizers.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
-# ---- input pipeline that keeps requests whole -------------------------------------------------
+# ---- input pipeline that keeps requests whole (bench/ lab path) -----------------------------------
 def _request_groups(files: Sequence[str], read_batch: int = 8192):
-    """Yields the serialized rows of each request (runs of equal request_id), file by file."""
+    """Yields the serialized rows of each request, grouped by an explicit group-by on request_id.
+
+    Every row's (request_id, bytes) is read into memory first, then the rows are sorted by
+    request_id (stable: a request's rows keep their file order) and yielded request by request in
+    request_id order. No file order is assumed: ExampleGen, RunInference and Beam shuffle rows, and
+    a request's rows may lie in several files. This holds the serialized data set in memory: it is
+    the benches' path on generator-sized data; the pipeline's ranker reads the NegativeSampler's
+    request lists instead (`models.ranking_stage`).
+    """
     id_spec = {F.REQUEST_ID_KEY: tf.io.FixedLenFeature([1], tf.int64)}
-    for path in files:
-        ds = tf.data.TFRecordDataset(path, compression_type="GZIP").batch(read_batch)
-        ds = ds.map(lambda s: (s, tf.io.parse_example(s, id_spec)[F.REQUEST_ID_KEY][:, 0]))
-        pending_rows, pending_id = [], None
-        for rows, ids in ds.as_numpy_iterator():
-            starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [ids.size]])
-            for a, b in zip(starts[:-1], starts[1:]):
-                if pending_rows and ids[a] != pending_id:
-                    yield np.concatenate(pending_rows)
-                    pending_rows = []
-                pending_rows.append(rows[a:b])
-                pending_id = ids[a]
-        if pending_rows:
-            yield np.concatenate(pending_rows)
+    ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(read_batch)
+    ds = ds.map(lambda s: (s, tf.io.parse_example(s, id_spec)[F.REQUEST_ID_KEY][:, 0]))
+    rows, ids = [], []
+    for batch_rows, batch_ids in ds.as_numpy_iterator():
+        rows.append(batch_rows)
+        ids.append(batch_ids)
+    if not rows:
+        return
+    rows, ids = np.concatenate(rows), np.concatenate(ids)
+    order = np.argsort(ids, kind="stable")
+    rows, ids = rows[order], ids[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [ids.size]])
+    for a, b in zip(starts[:-1], starts[1:]):
+        yield rows[a:b]
 
 
 def request_batches(
@@ -493,12 +587,11 @@ def request_batches(
     shuffle_buffer: int = 10_000,
     with_list_layout: bool = True,
 ) -> tf.data.Dataset:
-    """Parsed batches of whole requests, for the per-request rank loss.
+    """Parsed batches of whole requests, for the per-request rank loss (bench/ lab path).
 
-    Rows must be request-contiguous in the files (as the generator and converters write them). Each
-    run of equal `request_id` is one request; requests (never rows) are shuffled with
-    `shuffle_seed`, and `requests_per_batch` of them make a batch (with `exposed_only`, ~10 shown
-    rows per request on the synthetic data, so 50 requests ≈ 500 rows). With `with_list_layout`
+    Rows are grouped by request_id explicitly (`_request_groups`: any file order); requests (never
+    rows) are shuffled with `shuffle_seed`, and `requests_per_batch` of them make a batch (with
+    `exposed_only`, ~10 shown rows per request on the synthetic data). With `with_list_layout`
     each batch also carries the request-list layout of its rows (`add_list_layout`), so the train
     step does not regroup them.
     """

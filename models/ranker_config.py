@@ -22,6 +22,7 @@ from typing import Any, Dict, Tuple
 from models.config import config_from_dict
 
 RANK_LOSSES = ("none", "multi_objective", "multi_task")
+CASCADE_SCORES = ("reference_ui", "head", "tower")
 OPTIMIZERS = ("adagrad", "adam")
 BIAS_SLICE_FEATURES = ("", "ui_position", "ui_format")
 
@@ -45,6 +46,21 @@ class RankerConfig:
     # Q·U factorisation: ctr = sigmoid(a·(q·u) + b).
     qu_dim: int = 16
     ui_hidden_units: Tuple[int, ...] = (16,)
+    # The reference UI treatment of the cascade score (`FactoryFloorRanker.cascade_logit`): a
+    # candidate that the ranking stage orders has not been shown yet, so its score is the CTR logit
+    # it would have at this treatment (τ(q·u_ref) for a Q·U model), never its logged UI features.
+    reference_ui_position: int = 1
+    reference_ui_format: int = 0
+    # What the cascade orders by (`FactoryFloorRanker.cascade_logit`):
+    #   "reference_ui"  that logit;
+    #   "head"          an MLP (cascade_head_units, then Dense(1)) on the quality body h;
+    #   "tower"         its own DCNv2 cross stack (cross_layers, cross_projection_dim) and MLP on the
+    #                   shared embeddings: a second task on a shared-embedding ranker.
+    # A head or tower is trained by the cascade loss only (`models.ranking_stage`); see
+    # `cascade_stage()` for the measured choice.
+    cascade_score: str = "reference_ui"
+    cascade_head_units: Tuple[int, ...] = (64,)
+    cascade_head_stop_gradient: bool = False  # "head" reads sg(h): the cascade loss leaves the body alone
 
     # Rank loss (RankNet per request) and its curriculum ramp.
     rank_loss: str = "multi_objective"
@@ -79,20 +95,29 @@ class RankerConfig:
     # Adagrad does not (0.8299 ± 0.0003 vs 0.8246 ± 0.0006), so larger data sets should switch.
     optimizer: str = "adagrad"
     learning_rate: float = 0.1
+    # The embedding tables learn at embedding_lr_multiplier × learning_rate (`FeatureEmbedding`'s
+    # reparametrisation: one optimizer, one EMA). Measured in the joint cascade: 3 gives the cascade
+    # tower the id signal it needs at no CTR cost (bench/ranker_variants.py).
+    embedding_lr_multiplier: float = 1.0
     ema_momentum: float = 0.99  # > 0: serve the exponential moving average of the weights (Keras `use_ema`)
-    requests_per_batch: int = 10  # whole requests per batch (`ranker.request_batches`): ~10 shown rows each
+    batch_size: int = 128  # candidate rows per batch when trained on rows (the teacher: no per-request loss)
+    requests_per_batch: int = 10  # whole requests per batch of `ranker.request_batches` (bench/ lab path)
     epochs: int = 3
 
     def __post_init__(self):
         if self.rank_loss not in RANK_LOSSES:
             raise ValueError(f"rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
+        if self.cascade_score not in CASCADE_SCORES:
+            raise ValueError(f"cascade_score must be one of {CASCADE_SCORES}, got {self.cascade_score!r}")
         if self.optimizer.lower() not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.embedding_lr_multiplier > 0:
+            raise ValueError(f"embedding_lr_multiplier must be > 0, got {self.embedding_lr_multiplier}")
         if self.bias_slice_feature not in BIAS_SLICE_FEATURES:
             raise ValueError(f"bias_slice_feature must be one of {BIAS_SLICE_FEATURES}, got {self.bias_slice_feature!r}")
         if not 0.0 <= self.rank_alpha <= 1.0:
             raise ValueError(f"rank_alpha must be in [0, 1], got {self.rank_alpha}")
-        for name in ("embedding_dim", "requests_per_batch", "epochs"):
+        for name in ("embedding_dim", "batch_size", "requests_per_batch", "epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         for name in ("cross_layers", "cross_ramp_steps", "bottleneck_rank", "qu_dim", "rank_start_step",
@@ -108,17 +133,39 @@ class RankerConfig:
             raise ValueError("bias_constraints needs bias_ctr_boundaries or bias_slice_feature")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.reference_ui_position < 1:
+            raise ValueError(f"reference_ui_position must be a shown position (>= 1), got {self.reference_ui_position}")
+        if self.reference_ui_format < 0:
+            raise ValueError(f"reference_ui_format must be >= 0, got {self.reference_ui_format}")
         if self.lspr and not 0.0 <= self.lspr_dropout_rate < 1.0:
             raise ValueError("lspr_dropout_rate must be in [0, 1)")
 
     # ---- variants ---------------------------------------------------------------------------
     @classmethod
     def teacher(cls, **overrides) -> "RankerConfig":
-        """A wider and deeper model for the teacher pass (no distillation of its own)."""
+        """A wider and deeper model for the teacher pass (no distillation of its own).
+
+        It trains on candidate rows in any order (the rows of ExampleGen, before the NegativeSampler
+        groups requests), so it has no per-request loss: `rank_loss="none"`. Its job is the soft
+        label σ(teacher_logit) of every shown row, which the logistic loss alone learns."""
         values = dict(
             embedding_dim=32, cross_layers=3, cross_projection_dim=64, hidden_units=(512, 256, 128),
-            qu_dim=32, ui_hidden_units=(32,), distill_weight=0.0,
+            qu_dim=32, ui_hidden_units=(32,), distill_weight=0.0, rank_loss="none",
         )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def cascade_stage(cls, **overrides) -> "RankerConfig":
+        """The ranking stage of the joint cascade (`models.trainers.cascade`, the pipeline's ranker):
+        the full model with a cascade tower on the shared embeddings, which learn 3× faster.
+
+        Measured on the demo's request lists (bench/ranker_variants.py, synthetic, 3 seeds): the
+        reference-UI logit as the cascade score leaves the ranker's Recall@|GT|@20 below the
+        pre-ranker's (0.854 vs 0.877) and costs CTR AUC (0.826); a head on the quality body
+        trades one for the other; the tower with `embedding_lr_multiplier` 3 beats the pre-ranker
+        and keeps the CTR (figures in BENCHMARKS.md)."""
+        values = dict(cascade_score="tower", cascade_head_units=(128, 64), embedding_lr_multiplier=3.0)
         values.update(overrides)
         return cls(**values)
 

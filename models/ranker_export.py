@@ -6,7 +6,10 @@ naming it (`tf.io.parse_example` does this for fixed-length features, `parse_exa
 check for required variable-length ones such as `query_tokens`, which would otherwise parse as an
 empty list).
 
-    serving_default   examples [N]                        -> ctr [N], logit [N]
+    serving_default   examples [N]                        -> ctr [N], logit [N], score [N]
+                      ctr / logit at the example's UI treatment; score = the cascade score (the
+                      logit at the reference UI treatment, `FactoryFloorRanker.cascade_logit`),
+                      by which the ranking stage orders candidates that have not been shown
     quality           examples [A] (quality features)     -> q [A, d]
     ui                examples [M] (UI features; other features are ignored) -> u [M, d]
     score_ui_grid     ad_examples [A] (tf.Examples, quality features),
@@ -44,20 +47,20 @@ AD_INPUT_KEY = "ad_examples"
 MAX_UI_TABLE_ROWS = 4096  # above this many folded UI combinations, the grid runs the U tower per call
 
 
-def _spec_for(names) -> Dict:
-    spec = F.serving_parse_spec()
+def _spec_for(names, schema=None) -> Dict:
+    spec = F.serving_parse_spec(schema)
     missing = [n for n in names if n not in spec]
     if missing:
         raise ValueError(f"features {missing} are not serving inputs of the schema")
     return {n: spec[n] for n in names}
 
 
-def quality_parse_spec(model: FactoryFloorRanker) -> Dict:
-    return _spec_for(model.quality_names)
+def quality_parse_spec(model: FactoryFloorRanker, schema=None) -> Dict:
+    return _spec_for(model.quality_names, schema)
 
 
-def ui_parse_spec(model: FactoryFloorRanker) -> Dict:
-    return _spec_for(model.ui_names)
+def ui_parse_spec(model: FactoryFloorRanker, schema=None) -> Dict:
+    return _spec_for(model.ui_names, schema)
 
 
 def _ui_buckets(model: FactoryFloorRanker) -> Sequence[int]:
@@ -87,21 +90,30 @@ def ui_table_rows(ui_ids: Sequence[tf.Tensor], buckets: Sequence[int]) -> tf.Ten
     return row
 
 
-def ranker_signatures(model: FactoryFloorRanker) -> Dict[str, tf.types.experimental.GenericFunction]:
-    """The tf.functions to save as signatures (see the module docstring)."""
-    q_spec, u_spec = quality_parse_spec(model), ui_parse_spec(model)
+def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.types.experimental.GenericFunction]:
+    """The tf.functions to save as signatures (see the module docstring); parse specs from `schema`
+    (the pipeline's Schema artifact; default: the packaged schema)."""
+    q_spec, u_spec = quality_parse_spec(model, schema), ui_parse_spec(model, schema)
     examples = tf.TensorSpec([None], tf.string, name=export.SERVING_INPUT_KEY)
-    signatures = {"serving_default": export.serving_function(model, _spec_for(model.feature_names))}
+    all_spec = _spec_for(model.feature_names, schema)
+
+    @tf.function(input_signature=[examples])
+    def serving_default(examples):
+        features = parse_examples(examples, all_spec, schema)
+        logit = tf.reshape(model(features, training=False), [-1])
+        return {"ctr": tf.sigmoid(logit), "logit": logit, "score": model.cascade_logit(features, training=False)}
+
+    signatures = {"serving_default": serving_default}
     if not model.factorized:
         return signatures
 
     @tf.function(input_signature=[examples])
     def quality(examples):
-        return {"q": model.quality(parse_examples(examples, q_spec))}
+        return {"q": model.quality(parse_examples(examples, q_spec, schema))}
 
     @tf.function(input_signature=[examples])
     def ui(examples):
-        return {"u": model.ui(parse_examples(examples, u_spec))}
+        return {"u": model.ui(parse_examples(examples, u_spec, schema))}
 
     buckets = _ui_buckets(model)
     table = ui_table(model)
@@ -109,7 +121,7 @@ def ranker_signatures(model: FactoryFloorRanker) -> Dict[str, tf.types.experimen
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=AD_INPUT_KEY)]
                  + [tf.TensorSpec([None], tf.int64, name=name) for name in model.ui_names])
     def score_ui_grid(ad_examples, *ui_ids):
-        q = model.quality(parse_examples(ad_examples, q_spec))
+        q = model.quality(parse_examples(ad_examples, q_spec, schema))
         if table is None:
             u = model.ui({name: ids[:, tf.newaxis] for name, ids in zip(model.ui_names, ui_ids)})
         else:
@@ -161,9 +173,11 @@ def write_warmup_requests(export_dir: str, serialized_examples: Sequence[bytes],
 
 
 def export_ranker(model: FactoryFloorRanker, export_dir: str, warmup_examples: Sequence[bytes],
-                  model_name: str = "model", options: Optional[tf.saved_model.SaveOptions] = None) -> str:
-    """Saves the ranker with its signatures and warmup file (temporary directory, then rename)."""
-    signatures = ranker_signatures(model)
+                  model_name: str = "model", options: Optional[tf.saved_model.SaveOptions] = None,
+                  schema=None) -> str:
+    """Saves the ranker with its signatures and warmup file (temporary directory, then rename);
+    requests are parsed with `schema` (the pipeline's; default: the packaged schema)."""
+    signatures = ranker_signatures(model, schema)
     return export.save_atomically(model, export_dir, signatures,
                                   lambda tmp: write_warmup_requests(tmp, warmup_examples, list(signatures), model_name, model),
                                   options)

@@ -283,20 +283,21 @@ def train_retrieval(train_lists: Mapping[str, np.ndarray], epochs: int = 3, batc
 # ---------------------------------------------------------------------------------------------
 # Export.
 # ---------------------------------------------------------------------------------------------
-def request_context_spec() -> Dict:
-    """Parse spec of the request features (what a retrieval request carries), from the schema."""
-    spec = F.serving_parse_spec()
+def request_context_spec(schema=None) -> Dict:
+    """Parse spec of the request features (what a retrieval request carries), from `schema`
+    (default: the packaged one)."""
+    spec = F.serving_parse_spec(schema)
     return {name: spec[name] for name in LI.QUERY_FEATURES}
 
 
 class RetrievalServing(tf.Module):
     """What is saved: the query tower and a BruteForce index over the item embeddings."""
 
-    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.BruteForce):
+    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.BruteForce, schema=None):
         super().__init__()
         self.query_tower = query_tower
         self.index = index
-        self._spec = request_context_spec()
+        self._spec = request_context_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):

@@ -73,16 +73,16 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def run_config(args):
-    """The PipelineConfig of `cascade run`'s flags (every other switch keeps its default)."""
+def pipeline_config(args, **where):
+    """The PipelineConfig of the shared data and technique flags (`_add_pipeline_flags`), the same
+    for `cascade run` and `cascade compile-kubeflow`; `where` sets the runner's own fields
+    (output_dir, beam_mode, ...). Every other switch keeps its default."""
     from datasources.synthetic import SyntheticConfig
     from models.activations import get_activation
     from pipelines.config import PipelineConfig
 
     get_activation(args.activation)  # an unknown name fails here, in one line, not in the Trainer
-    config = PipelineConfig(output_dir=args.output_dir, source=args.source, examples_dir=args.examples_dir,
-                            beam_mode=args.beam_mode, beam_workers=args.workers, enable_cache=not args.no_cache,
-                            preranking_trainer=args.preranking)
+    config = PipelineConfig(source=args.source, examples_dir=args.examples_dir, **where)
     synthetic_config = SyntheticConfig(seed=args.seed)
     if args.requests is not None:
         synthetic_config = dataclasses.replace(synthetic_config, num_requests=args.requests)
@@ -93,11 +93,16 @@ def run_config(args):
     )
     sampler = dataclasses.replace(config.sampler, nonclick_keep_rate=args.nonclick_keep_rate,
                                   low_loss_keep_rate=args.low_loss_keep_rate)
-    cascade = dataclasses.replace(config.cascade, method=args.cascade_method,
-                                  distill_weight=0.0 if args.no_distill else config.cascade.distill_weight)
+    cascade = dataclasses.replace(config.cascade, method=args.cascade_method)
     if args.epochs is not None:
-        ranker = ranker.replace(epochs=args.epochs)
+        cascade = dataclasses.replace(cascade, epochs=args.epochs)
     return config.replace(synthetic=synthetic_config, ranker=ranker, sampler=sampler, cascade=cascade)
+
+
+def run_config(args):
+    """The PipelineConfig of `cascade run`'s flags."""
+    return pipeline_config(args, output_dir=args.output_dir, beam_mode=args.beam_mode, beam_workers=args.workers,
+                           enable_cache=not args.no_cache)
 
 
 def _cmd_run(args) -> int:
@@ -114,9 +119,14 @@ def _cmd_run(args) -> int:
     if "evaluation" in result:
         evaluation = result["evaluation"]
         print(report.format_table(evaluation, config.evaluator.min_bucket_count))
-        print(f"Blessed: {evaluation['blessed']}"
-              + ("" if evaluation["blessed"] else f" ({'; '.join(evaluation['blessing_reasons'])})"))
         print(f"Plots: {result['evaluation_uri']}/calibration.png, recall_at_k.png")
+        for line in filter(None, (report.training_data_line(result), report.flops_line(result))):
+            print(line)
+        if "tfma" in result:
+            print(report.tfma_line(result["tfma"]))
+        print("Blessings (each stage against the latest blessed model of that stage):")
+        for line in report.blessing_lines(evaluation):
+            print(line)
     print("Pushed SavedModels:" if result["pushed"] else "Pushed SavedModels: none")
     for stage, path in result["pushed"].items():
         print(f"  {stage:<11} {path}")
@@ -136,16 +146,58 @@ def _cmd_serve_check(args) -> int:
     return 0
 
 
+def compile_config(args):
+    """The PipelineConfig of `cascade compile-kubeflow`'s flags: the same data and technique flags as
+    `cascade run`, with the Kubeflow pipeline root and the schema path inside the image."""
+    return pipeline_config(args, output_dir=args.pipeline_root, schema_file=args.schema_file)
+
+
 def _cmd_compile_kubeflow(args) -> int:
     from pipelines import kubeflow_v2_runner
-    from pipelines.config import PipelineConfig
 
-    config = PipelineConfig(output_dir=args.pipeline_root, schema_file=args.schema_file)
+    config = compile_config(args)
     config.validate()
     path = kubeflow_v2_runner.compile_pipeline(config, args.out, image=args.image, project=args.project,
                                                region=args.region, temp_location=args.temp_location)
     print(f"wrote Kubeflow V2 pipeline spec to {path}")
     return 0
+
+
+def _keep_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a keep rate in (0, 1], got {text!r}")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a keep rate in (0, 1], got {value}")
+    return value
+
+
+def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
+    """The data and technique flags of the pipeline: one set for `run` and `compile-kubeflow`, so
+    the compiled pipeline is the one a user tried locally (`pipeline_config`)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--source", choices=("synthetic", "examples"), default="synthetic",
+                      help="built-in synthetic data, or an Examples dir of candidate rows (cascade generate/convert)")
+    data.add_argument("--examples-dir", help="Examples directory for --source examples")
+    data.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
+    data.add_argument("--seed", type=_non_negative_int, default=0, help="synthetic data seed")
+    techniques = parser.add_argument_group("techniques")
+    techniques.add_argument("--epochs", type=_positive_int,
+                            help="epochs of the joint pre-ranking + ranking training (default: CascadeTrainerConfig.epochs)")
+    techniques.add_argument("--cascade-method", choices=("lcron", "bce", "icc", "hap"), default="lcron",
+                            help="cascade loss of the joint pre-ranking + ranking training (LCRON, the independent-BCE / "
+                                 "ICC baselines, or HAP's group-wise losses: light model on all groups, ranker on the hard ones)")
+    techniques.add_argument("--rank-loss", choices=("multi_objective", "multi_task", "none"), default="multi_objective",
+                            help="RankNet loss of the ranker")
+    techniques.add_argument("--activation", default="relu", help="ranker activation: relu, smelu, smelu:<beta>, gelu")
+    techniques.add_argument("--no-distill", action="store_true", help="no distillation from the teacher")
+    techniques.add_argument("--no-bias-constraints", action="store_true", help="no calibration duals in the ranker")
+    techniques.add_argument("--lspr", action="store_true", help="LSPR perturbed copies in the ranker")
+    techniques.add_argument("--nonclick-keep-rate", type=_keep_rate, default=1.0,
+                            help="class rebalancing: keep shown non-clicks at this rate, weight 1/rate")
+    techniques.add_argument("--low-loss-keep-rate", type=_keep_rate, default=1.0,
+                            help="teacher-loss sampling: keep easy non-clicks at this rate, weight 1/rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,12 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_cmd_convert)
 
     run = sub.add_parser("run", help="run the cascade TFX pipeline locally")
-    run.add_argument("--source", choices=("synthetic", "examples"), default="synthetic",
-                     help="built-in synthetic data, or an Examples dir of candidate rows (cascade generate/convert)")
-    run.add_argument("--examples-dir", help="Examples directory for --source examples")
-    run.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
-    run.add_argument("--seed", type=_non_negative_int, default=0, help="synthetic data seed")
-    run.add_argument("--epochs", type=_positive_int, help="ranker training epochs (default: RankerConfig.epochs)")
+    _add_pipeline_flags(run)
     run.add_argument("--output-dir", default="cascade_output", help="pipeline root, MLMD store and serving dir")
     run.add_argument("--orchestrator", choices=("local", "beam"), default="local",
                      help="TFX LocalDagRunner, or BeamDagRunner (the whole pipeline as a Beam pipeline)")
@@ -184,21 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DirectRunner mode of the Beam components")
     run.add_argument("--workers", type=_non_negative_int, default=0, help="DirectRunner workers (0 = one per core)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
-    techniques = run.add_argument_group("techniques")
-    techniques.add_argument("--preranking", choices=("cascade", "hap"), default="cascade",
-                            help="pre-ranking trained jointly with a rank stage (LCRON cascade) or HAP")
-    techniques.add_argument("--cascade-method", choices=("lcron", "bce", "icc"), default="lcron",
-                            help="loss of the joint cascade (LCRON, or the independent-BCE / ICC baselines)")
-    techniques.add_argument("--rank-loss", choices=("multi_objective", "multi_task", "none"), default="multi_objective",
-                            help="RankNet loss of the ranker")
-    techniques.add_argument("--activation", default="relu", help="ranker activation: relu, smelu, smelu:<beta>, gelu")
-    techniques.add_argument("--no-distill", action="store_true", help="no distillation from the teacher")
-    techniques.add_argument("--no-bias-constraints", action="store_true", help="no calibration duals in the ranker")
-    techniques.add_argument("--lspr", action="store_true", help="LSPR perturbed copies in the ranker")
-    techniques.add_argument("--nonclick-keep-rate", type=float, default=1.0,
-                            help="class rebalancing: keep shown non-clicks at this rate, weight 1/rate")
-    techniques.add_argument("--low-loss-keep-rate", type=float, default=1.0,
-                            help="teacher-loss sampling: keep easy non-clicks at this rate, weight 1/rate")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("serve-check", help="load each pushed SavedModel and call every signature")
@@ -208,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_serve_check)
 
     kfp = sub.add_parser("compile-kubeflow", help="compile the pipeline to a Kubeflow V2 (KFP) JSON spec")
+    _add_pipeline_flags(kfp)
     kfp.add_argument("--out", required=True, help="output JSON path")
     kfp.add_argument("--image", default="gcr.io/my-project/cascade-ranking:latest",
                      help="container image with this package installed")

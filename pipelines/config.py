@@ -1,9 +1,10 @@
 """PipelineConfig: the one configuration object of a pipeline run, every switch named with a default.
 
 Each stage's own configuration is the dataclass its Trainer module reads from `custom_config`
-(`RankerConfig` for the teacher and the ranker, `RetrievalTrainerConfig`, `CascadeTrainerConfig`,
-`PrerankingTrainerConfig`), plus `SamplerConfig` for the NegativeSampler and `EvaluatorConfig` for
-the CascadeEvaluator; PipelineConfig holds one of each.
+(`RankerConfig` for the teacher and the ranker, `RetrievalTrainerConfig`, `CascadeTrainerConfig`
+for the joint pre-ranking + ranking training), plus `SamplerConfig` for the NegativeSampler and
+`EvaluatorConfig` for the evaluators and gates; PipelineConfig holds one of each. `cascade run`
+and `cascade compile-kubeflow` build it from the same flags (`pipelines.cli.pipeline_config`).
 """
 import dataclasses
 import json
@@ -15,20 +16,10 @@ from components.sampling import SamplerConfig
 from datasources.synthetic import SyntheticConfig
 from models.ranker_config import RankerConfig
 from models.trainers.cascade import CascadeTrainerConfig
-from models.trainers.preranking import PrerankingTrainerConfig
 from models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
 BEAM_MODES = ("in_process", "in_memory", "multi_processing")
-# How the pre-ranking stage is trained: jointly with a rank stage by LCRON ("cascade", the
-# `models.trainers.cascade` module, its `prerank` stage is served), or HAP on its own ("hap").
-PRERANKING_TRAINERS = ("cascade", "hap")
-
-
-def default_cascade() -> CascadeTrainerConfig:
-    """The joint cascade of the pipeline: pre-ranking + ranking by LCRON (retrieval is its own
-    Trainer), its rank stage distilled from the teacher's `teacher_logit`."""
-    return CascadeTrainerConfig(with_retrieval=False, distill_weight=0.5)
 
 
 def _installed_package_flag() -> List[str]:
@@ -57,11 +48,10 @@ class PipelineConfig:
     synthetic: SyntheticConfig = SyntheticConfig()
     # Stage models.
     teacher: RankerConfig = RankerConfig.teacher()  # the wider, deeper ranker of the teacher pass
-    ranker: RankerConfig = RankerConfig()  # the ranking stage (Factory Floor ranker), distilled
+    ranker: RankerConfig = RankerConfig.cascade_stage()  # the ranking stage (Factory Floor ranker), distilled
     retrieval: RetrievalTrainerConfig = dataclasses.field(default_factory=RetrievalTrainerConfig)
-    preranking_trainer: str = "cascade"
-    cascade: CascadeTrainerConfig = dataclasses.field(default_factory=default_cascade)
-    hap: PrerankingTrainerConfig = dataclasses.field(default_factory=PrerankingTrainerConfig)
+    # The joint training of pre-ranking and ranking (the ranker's own switches are `ranker`).
+    cascade: CascadeTrainerConfig = dataclasses.field(default_factory=CascadeTrainerConfig)
     sampler: SamplerConfig = SamplerConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
     # Beam: "multi_processing" runs DirectRunner with `beam_workers` processes (0 = one per core);
@@ -106,11 +96,6 @@ class PipelineConfig:
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:
             raise ValueError(f"unknown beam_mode {self.beam_mode!r}; choose one of {', '.join(BEAM_MODES)}")
-        if self.preranking_trainer not in PRERANKING_TRAINERS:
-            raise ValueError(f"unknown preranking_trainer {self.preranking_trainer!r}; "
-                             f"choose one of {', '.join(PRERANKING_TRAINERS)}")
-        if self.cascade.with_retrieval:
-            raise ValueError("the pipeline trains retrieval on its own: cascade.with_retrieval must be False")
         self.sampler.validate()
         if self.sampler.split != "keep":
             raise ValueError("the pipeline evaluates on the source's eval split: sampler.split must be 'keep'")
@@ -127,9 +112,10 @@ class PipelineConfig:
 
     def evaluator_config(self) -> EvaluatorConfig:
         """`evaluator`, told how each stage model scores a candidate unless it says so itself: the
-        two-tower model by its `score` signature (u·v), the joint cascade by its `score/prerank`."""
+        two-tower model by its `score` signature (u·v), the pre-ranker and the ranker by the `score`
+        output of `serving_default` (the ranker's cascade score; its CTR is `ctr`)."""
         if self.evaluator.score_outputs:
             return self.evaluator
-        preranking_output = "score/prerank" if self.preranking_trainer == "cascade" else "score"
         return dataclasses.replace(self.evaluator, score_outputs=(
-            ("retrieval_model", "score", "score"), ("preranking_model", "serving_default", preranking_output)))
+            ("retrieval_model", "score", "score"), ("preranking_model", "serving_default", "score"),
+            ("model", "serving_default", "score")))

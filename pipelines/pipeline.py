@@ -1,21 +1,31 @@
 """create_pipeline: the TFX graph of the cascade (DESIGN §6), independent of the orchestrator.
 
     example source ─► StatisticsGen ─► ExampleValidator ─► AnomalyGate   (anomalies stop the run)
-         │            ImportSchemaGen(schema/) ──┘
-         ├─► Trainer.teacher ─► TeacherInference (teacher_logit on every candidate row)
-         │                            │
-         │          ┌─────────────────┼───────────────────────────┐
-         │          ▼                 ▼                           ▼
-         │   NegativeSampler    Trainer.ranking (distilled)  CascadeEvaluator (eval rows)
-         │   (request lists)          │                           ▲
-         │     ├─► Trainer.retrieval ─┼───────────────────────────┤
-         │     └─► Trainer.preranking (LCRON joint cascade, or HAP)┘
-         └── every stage model ─► Pusher.<stage> (blessed by the CascadeEvaluator)
-                                  into <serving_dir>/<stage>/<version>/
+         │            ImportSchemaGen(schema/) ──┘  (the Schema artifact every Trainer, the sampler
+         │                                            and the evaluator read)
+         ├─► Trainer.teacher (candidate rows) ─► TeacherInference (teacher_logit on every row)
+         │                                              │
+         │                          NegativeSampler ◄───┘  request lists (train/eval) with the
+         │                          │      │               Factory Floor sampling weights, and
+         │                          │      │               the shown eval rows
+         │         Trainer.retrieval◄┘      └►Trainer.cascade: pre-ranking + the Factory Floor
+         │               │                         │   ranker trained as one network (LCRON)
+         │               │              StageModel.preranking (the light pre-ranker alone)
+         │   LatestBlessed.<stage> (Resolver, LatestBlessedModelStrategy): each stage's baseline
+         │               │                         │
+         │               │     Evaluator.ranking (TFMA on the shown eval rows: the ranker's CTR,
+         │               │                         │   value + change thresholds) ─┐
+         └── eval rows ─► CascadeEvaluator (cascade metrics on whole requests; one blessing per
+                          stage: value thresholds, change thresholds against the stage's
+                          baseline, and the TFMA blessing for the ranker)
+                               └─► Pusher.<stage>, each gated by its own stage's blessing,
+                                   into <serving_dir>/<stage>/<version>/
 
-Every Trainer runs a module of `models.trainers` with its stage config as JSON in custom_config.
-Nothing here depends on where the pipeline runs: LocalDagRunner, BeamDagRunner and Kubeflow V2
-compile the same `tfx.dsl.Pipeline`.
+Every per-request loss or metric reads request-grouped data: the Trainers read the
+NegativeSampler's request lists (one list per request), the CascadeEvaluator groups rows by
+request_id explicitly. Each Trainer runs a module of `models.trainers` with its configuration as
+JSON in custom_config. Nothing here depends on where the pipeline runs: LocalDagRunner,
+BeamDagRunner and Kubeflow V2 compile the same `tfx.dsl.Pipeline`.
 """
 import os
 
@@ -23,8 +33,9 @@ from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
 from components.anomaly_gate import AnomalyGate
-from components.cascade_evaluator import CascadeEvaluator
+from components.cascade_evaluator import CascadeEvaluator, tfma_eval_config
 from components.negative_sampler import NegativeSampler
+from components.stage_model import StageModel
 from components.synthetic_example_gen import SyntheticExampleGen
 from components.teacher_inference import TeacherInference
 from pipelines.config import PipelineConfig, to_json
@@ -32,12 +43,19 @@ from schema import features as F
 
 TRAINER_MODULES = {
     "teacher": "models.trainers.teacher.run_fn",
-    "ranking": "models.trainers.ranking.run_fn",
     "retrieval": "models.trainers.retrieval.run_fn",
     "cascade": "models.trainers.cascade.run_fn",
-    "hap": "models.trainers.preranking.run_fn",
 }
 STAGES = ("retrieval", "preranking", "ranking")  # the pushed stages, cascade order
+EVALUATOR_ID = "CascadeEvaluator"
+TFMA_EVALUATOR_ID = "Evaluator.ranking"
+# The CascadeEvaluator's blessing output of each stage, and its baseline input.
+BLESSING_KEYS = {"retrieval": "retrieval_blessing", "preranking": "preranking_blessing", "ranking": "blessing"}
+BASELINE_KEYS = {"retrieval": "baseline_retrieval_model", "preranking": "baseline_preranking_model",
+                 "ranking": "baseline_model"}
+# (node id, output key) of each stage's served Model.
+MODEL_SOURCES = {"retrieval": ("Trainer.retrieval", "model"), "preranking": ("StageModel.preranking", "stage_model"),
+                 "ranking": ("Trainer.cascade", "model")}
 
 
 def _absolute(path: str) -> str:
@@ -67,6 +85,19 @@ def _trainer(stage: str, examples, schema, custom_config: dict, after) -> tfx.co
     return trainer
 
 
+def latest_blessed(stage: str) -> tfx.dsl.Resolver:
+    """The latest model of `stage` that its blessing blessed (TFX `LatestBlessedModelStrategy`):
+    the stage's baseline. Its channels name their producers, so each stage resolves its own models
+    and blessings only (these queries add no edge to the graph); on the first run it is empty."""
+    node, output = MODEL_SOURCES[stage]
+    return tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model, producer_component_id=node, output_key=output),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+                                       producer_component_id=EVALUATOR_ID, output_key=BLESSING_KEYS[stage]),
+    ).with_id(f"LatestBlessed.{stage}")
+
+
 def _pusher(stage: str, model, blessing, config: PipelineConfig) -> tfx.components.Pusher:
     return tfx.components.Pusher(
         model=model,
@@ -91,32 +122,36 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     teacher = _trainer("teacher", rows, schema, {"ranker": config.teacher.to_json()}, after=anomaly_gate)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
-    sampler = NegativeSampler(examples=scored_rows, config=config.sampler)
+    sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler)
     request_lists = sampler.outputs["request_lists"]
 
-    ranking = _trainer("ranking", scored_rows, schema, {"ranker": config.ranker.to_json()}, after=anomaly_gate)
     retrieval = _trainer("retrieval", request_lists, schema, {"retrieval": to_json(config.retrieval)},
                          after=anomaly_gate)
-    if config.preranking_trainer == "cascade":
-        preranking = _trainer("cascade", request_lists, schema, {"cascade": to_json(config.cascade)},
-                              after=anomaly_gate)
-    else:
-        preranking = _trainer("hap", request_lists, schema, {"preranking": to_json(config.hap)}, after=anomaly_gate)
+    cascade = _trainer("cascade", request_lists, schema,
+                       {"cascade": to_json(config.cascade), "ranker": config.ranker.to_json()}, after=anomaly_gate)
+    preranking = StageModel(model=cascade.outputs["model"], stage="preranking").with_id("StageModel.preranking")
+    models = {"retrieval": retrieval.outputs["model"], "preranking": preranking.outputs["stage_model"],
+              "ranking": cascade.outputs["model"]}
+    baselines = {stage: latest_blessed(stage) for stage in STAGES}
 
+    tfma_evaluator = tfx.components.Evaluator(
+        examples=sampler.outputs["shown_rows"], model=models["ranking"],
+        baseline_model=baselines["ranking"].outputs["model"], eval_config=tfma_eval_config(config.evaluator),
+        example_splits=["eval"],
+    ).with_id(TFMA_EVALUATOR_ID)
     evaluator = CascadeEvaluator(
-        examples=scored_rows, model=ranking.outputs["model"], preranking_model=preranking.outputs["model"],
-        retrieval_model=retrieval.outputs["model"], config=config.evaluator_config(),
-    )
-    blessing = evaluator.outputs["blessing"]
-    pushers = [
-        _pusher(stage, trainer.outputs["model"], blessing, config)
-        for stage, trainer in zip(STAGES, (retrieval, preranking, ranking))
-    ]
+        examples=scored_rows, model=models["ranking"], preranking_model=models["preranking"],
+        retrieval_model=models["retrieval"], schema=schema, ctr_blessing=tfma_evaluator.outputs["blessing"],
+        config=config.evaluator_config(),
+        **{BASELINE_KEYS[stage]: baselines[stage].outputs["model"] for stage in STAGES},
+    ).with_id(EVALUATOR_ID)
+    pushers = [_pusher(stage, models[stage], evaluator.outputs[BLESSING_KEYS[stage]], config) for stage in STAGES]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
         components=[example_gen, statistics_gen, schema_gen, example_validator, anomaly_gate, teacher,
-                    teacher_inference, sampler, ranking, retrieval, preranking, evaluator, *pushers],
+                    teacher_inference, sampler, retrieval, cascade, preranking, *baselines.values(), tfma_evaluator,
+                    evaluator, *pushers],
         enable_cache=config.enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=config.beam_pipeline_args(),

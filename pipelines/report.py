@@ -1,9 +1,15 @@
 """Reads what a pipeline run produced from its MLMD store and prints it for a person.
 
-The newest ModelEvaluation of the CascadeEvaluator gives the metrics (its `metrics.json`) and the
-newest PushedModel of each `Pusher.<stage>` the serving paths. The table sets each metric of the
-served cascade beside the oracle's, i.e. the same metric computed with the synthetic data's
-`true_ctr` as every stage's score (n/a on data without it).
+From the newest artifacts of the run's nodes:
+  * the CascadeEvaluator's ModelEvaluation (`metrics.json`): the cascade metrics, the ranker's CTR
+    metrics on the shown eval rows, and each stage's blessing with its baseline;
+  * the standard Evaluator's (TFMA) ModelEvaluation of the ranker: its overall metrics on the
+    shown eval rows and whether its thresholds passed;
+  * the joint cascade Trainer's and the retrieval Trainer's ModelRun (`eval_metrics.json`): the
+    training data the ranker read and each served stage's FLOPs per candidate;
+  * the newest PushedModel of each `Pusher.<stage>`: where each stage is served.
+The table sets each metric of the served cascade beside the oracle's, i.e. the same metric computed
+with the synthetic data's `true_ctr` as every stage's score (n/a on data without it).
 """
 import json
 import os
@@ -14,10 +20,12 @@ import numpy as np
 from tfx.orchestration import metadata
 
 from components import record_io
+from models.trainers.common import EVAL_METRICS_FILE
 from pipelines.config import PipelineConfig
-from pipelines.pipeline import STAGES
+from pipelines.pipeline import EVALUATOR_ID, STAGES, TFMA_EVALUATOR_ID
 
-EVALUATOR_NODE = "CascadeEvaluator"
+STAGE_KEYS = {"retrieval": "retrieval_model", "preranking": "preranking_model", "ranking": "model"}
+STAGE_LABELS = {"retrieval_model": "retrieval", "preranking_model": "pre-ranking", "model": "ranking"}
 
 
 def _store(config: PipelineConfig) -> mlmd.MetadataStore:
@@ -44,15 +52,54 @@ def pushed_models(config: PipelineConfig) -> Dict[str, str]:
     return out
 
 
+def tfma_summary(uri: str) -> Dict:
+    """The TFMA Evaluator's overall metrics of the candidate ranker and whether it validated."""
+    import tensorflow_model_analysis as tfma
+
+    out: Dict = {"uri": uri}
+    result = tfma.load_eval_result(uri)
+    for slice_key, metrics in result.slicing_metrics:
+        if slice_key == ():
+            for metric_sets in metrics.values():  # {output name: {sub key: {metric: value}}}
+                for values in metric_sets.values():
+                    for name, value in values.items():
+                        if "doubleValue" in value:
+                            out[name] = value["doubleValue"]
+    validation = tfma.load_validation_result(uri)
+    out["validation_ok"] = bool(validation.validation_ok)
+    out["failures"] = sorted({f"{f.metric_key.name} = {f.metric_value.double_value.value:.4f}"
+                              + (" (vs baseline)" if f.metric_key.is_diff else "")
+                              for failure in validation.metric_validations_per_slice for f in failure.failures})
+    return out
+
+
+def _run_metrics(store: mlmd.MetadataStore, node_context: str) -> Optional[Dict]:
+    run = latest_artifact(store, "ModelRun", node_context)
+    path = os.path.join(run.uri, EVAL_METRICS_FILE) if run is not None else None
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def collect(config: PipelineConfig) -> Dict:
-    """{"evaluation": the CascadeEvaluator's metrics, "evaluation_uri", "pushed": {stage: path}}."""
+    """{"evaluation": the CascadeEvaluator's metrics, "evaluation_uri", "tfma": the TFMA summary,
+    "cascade_trainer" / "retrieval_trainer": their eval metrics, "pushed": {stage: path}}."""
     store = _store(config)
-    evaluation = latest_artifact(store, "ModelEvaluation", f"{config.pipeline_name}.{EVALUATOR_NODE}")
+    name = config.pipeline_name
     result = {"pushed": pushed_models(config)}
+    evaluation = latest_artifact(store, "ModelEvaluation", f"{name}.{EVALUATOR_ID}")
     if evaluation is not None:
         with open(os.path.join(evaluation.uri, record_io.METRICS_FILE)) as f:
             result["evaluation"] = json.load(f)
         result["evaluation_uri"] = evaluation.uri
+    tfma_evaluation = latest_artifact(store, "ModelEvaluation", f"{name}.{TFMA_EVALUATOR_ID}")
+    if tfma_evaluation is not None:
+        result["tfma"] = tfma_summary(tfma_evaluation.uri)
+    for key, node in (("cascade_trainer", "Trainer.cascade"), ("retrieval_trainer", "Trainer.retrieval")):
+        metrics = _run_metrics(store, f"{name}.{node}")
+        if metrics is not None:
+            result[key] = metrics
     return result
 
 
@@ -62,15 +109,26 @@ def _max_bucket_bias(section: Dict, min_count: int) -> Optional[float]:
     return max(biases) if biases else None
 
 
+def ranking_vs_preranking_at(evaluation: Dict) -> Tuple[int, float, float]:
+    """(k, the ranker's Recall@|GT|@k, the pre-ranker's) at the ranking stage's quota k, each stage
+    alone over the whole request (from `recall_at_k`)."""
+    cascade = evaluation["cascade"]
+    k = int(cascade["quotas"][-1])
+    curves = cascade["recall_at_k"]
+    return k, curves["model"][k - 1], curves["preranking_model"][k - 1]
+
+
 def table_rows(evaluation: Dict, min_bucket_count: int = 100) -> List[Tuple[str, Optional[float], Optional[float]]]:
     """(metric, model, oracle) rows of the run's table; None where a value does not exist."""
     cascade, oracle_cascade = evaluation["cascade"], evaluation.get("oracle_cascade", {})
     quotas = "/".join(str(q) for q in cascade["quotas"])
     rows = [(f"e2e recall (quotas {quotas})", cascade["e2e_recall"], oracle_cascade.get("e2e_recall"))]
-    stage_labels = {"retrieval_model": "retrieval", "preranking_model": "pre-ranking", "model": "ranking"}
     for key, quota in zip(cascade["stages"], cascade["quotas"]):
         name = f"recall_at_{quota}/{key}"
-        rows.append((f"{stage_labels.get(key, key)} Recall@|GT|@{quota}", cascade[name], oracle_cascade.get(name)))
+        rows.append((f"{STAGE_LABELS.get(key, key)} Recall@|GT|@{quota}", cascade[name], oracle_cascade.get(name)))
+    if "preranking_model" in cascade.get("recall_at_k", {}) and "model" in cascade["recall_at_k"]:
+        k, _, preranking = ranking_vs_preranking_at(evaluation)
+        rows.append((f"pre-ranking Recall@|GT|@{k}", preranking, None))
     model, oracle = evaluation["model"], evaluation.get("oracle")
     for key, label in (("auc", "ranking AUC"), ("per_query_auc", "ranking PerQueryAUC"), ("ne", "ranking NE")):
         rows.append((label, model[key], oracle[key] if oracle else None))
@@ -79,6 +137,8 @@ def table_rows(evaluation: Dict, min_bucket_count: int = 100) -> List[Tuple[str,
                  oracle["mean_prediction"] / click_rate if oracle else None))
     rows.append((f"max |bias| of CTR buckets ≥{min_bucket_count}", _max_bucket_bias(model, min_bucket_count),
                  _max_bucket_bias(oracle, min_bucket_count) if oracle else None))
+    if "pd_vs_baseline" in evaluation:
+        rows.append(("PD vs the baseline ranker", evaluation["pd_vs_baseline"], None))
     return rows
 
 
@@ -93,3 +153,52 @@ def format_table(evaluation: Dict, min_bucket_count: int = 100) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def blessing_lines(evaluation: Dict) -> List[str]:
+    """One line per stage: blessed or not (with the reasons), and its baseline or why it has none."""
+    lines = []
+    for stage in STAGES:
+        b = evaluation.get("blessings", {}).get(stage)
+        if b is None:
+            continue
+        verdict = "blessed" if b["blessed"] else "NOT blessed: " + "; ".join(b["reasons"])
+        baseline = f"baseline {b['baseline_uri']}" if b.get("baseline_uri") else "no baseline"
+        notes = f" ({'; '.join(b['notes'])})" if b.get("notes") else ""
+        lines.append(f"  {stage:<11} {verdict}; {baseline}{notes}")
+    return lines
+
+
+def tfma_line(tfma: Dict) -> str:
+    keys = (("example_count", "rows", "{:.0f}"), ("auc", "AUC", "{:.4f}"), ("calibration", "calibration", "{:.4f}"),
+            ("binary_crossentropy", "log loss", "{:.4f}"))
+    parts = [f"{label} {fmt.format(tfma[key])}" for key, label, fmt in keys if key in tfma]
+    verdict = "thresholds passed" if tfma["validation_ok"] else "thresholds FAILED: " + "; ".join(tfma["failures"])
+    return f"Evaluator.ranking (TFMA, the ranker's CTR on the shown eval rows): {', '.join(parts)}; {verdict}"
+
+
+def flops_line(result: Dict) -> Optional[str]:
+    parts = []
+    retrieval = result.get("retrieval_trainer", {}).get("flops")
+    if retrieval:
+        parts.append(f"retrieval {retrieval['per_candidate']:,} (query tower {retrieval['per_request']:,} per request)")
+    cascade = result.get("cascade_trainer", {}).get("flops", {})
+    if "preranking" in cascade:
+        p = cascade["preranking"]
+        parts.append(f"pre-ranking {p['per_candidate']:,} (query tower {p['per_request']:,} per request)")
+    if "ranking" in cascade:
+        r = cascade["ranking"]
+        extra = f"; U tower {r['per_ui_treatment']:,} per UI treatment, cached" if "per_ui_treatment" in r else ""
+        parts.append(f"ranking {r['per_candidate']:,} (cascade score {r['cascade_per_candidate']:,}, "
+                     f"CTR {r['ctr_per_candidate']:,}{extra})")
+    return "FLOPs per candidate of the served stages: " + "; ".join(parts) if parts else None
+
+
+def training_data_line(result: Dict) -> Optional[str]:
+    data = result.get("cascade_trainer", {}).get("train_data")
+    if not data:
+        return None
+    return (f"Ranker training data (the NegativeSampler's train lists): {data['lists']:,} requests, "
+            f"{data['candidate_rows']:,} candidate rows read; {data['shown_rows']:,} shown rows kept for the CTR "
+            f"losses ({data['reweighted_rows']:,} reweighted), Σ sample_weight {data['shown_weight_sum']:,.1f}, "
+            f"weighted click mean {data['weighted_click_mean']:.4f}")

@@ -8,7 +8,7 @@ training and serving are derived from the schema, so they cannot drift from it.
 import dataclasses
 import functools
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -89,8 +89,8 @@ OPTIONAL_STRING_DEFAULTS: Dict[str, str] = {"logging_policy": ""}
 
 @functools.lru_cache(maxsize=None)
 def load_schema(path: str = SCHEMA_PATH) -> schema_pb2.Schema:
-    """Reads the TFMD schema text proto."""
-    with open(path) as f:
+    """Reads a TFMD schema text proto (local, gs://, s3:// ... through tf.io.gfile)."""
+    with tf.io.gfile.GFile(path) as f:
         return text_format.Parse(f.read(), schema_pb2.Schema())
 
 
@@ -113,15 +113,16 @@ def _parse_spec_for(feature: schema_pb2.Feature):
     return tf.io.RaggedFeature(dtype, row_splits_dtype=tf.int64)
 
 
-def training_parse_spec() -> Dict[str, tf.io.FixedLenFeature]:
-    """Parse spec of every schema feature; optional ones take their defaults."""
-    return {f.name: _parse_spec_for(f) for f in load_schema().feature}
+def training_parse_spec(schema: Optional[schema_pb2.Schema] = None) -> Dict[str, tf.io.FixedLenFeature]:
+    """Parse spec of every feature of `schema` (default: the packaged one); optional ones take
+    their defaults. A pipeline passes its Schema artifact's schema (`load_schema(fn_args.schema_path)`)."""
+    return {f.name: _parse_spec_for(f) for f in (schema or load_schema()).feature}
 
 
-def serving_parse_spec() -> Dict[str, tf.io.FixedLenFeature]:
+def serving_parse_spec(schema: Optional[schema_pb2.Schema] = None) -> Dict[str, tf.io.FixedLenFeature]:
     """Parse spec of the model inputs only: what a serving request must carry."""
     return {
         f.name: _parse_spec_for(f)
-        for f in load_schema().feature
+        for f in (schema or load_schema()).feature
         if _is_serving_feature(f) and f.name in MODEL_INPUTS
     }

@@ -54,3 +54,25 @@ def request_list_splits(root, num_requests: int, seed: int, list_size: int):
         lists = LI.request_lists_from_candidates(str(root / "examples" / f"Split-{split}"), list_size, shuffle_seed=0)
         LI.write_request_lists(lists, str(root / "lists" / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"))
     return root / "lists"
+
+
+def candidate_blind_model(model_root: str) -> standard_artifacts.Model:
+    """A Model artifact that cannot rank: its `serving_default` scores a candidate by a hash of
+    (request_id, item_id), a random order of each request independent of relevance (outputs `score`
+    and `ctr` = 0.05 + 0.2·score). A hash of item_id alone would not do: popular items are the GT of
+    many requests, so one lucky hash of such an item lifts recall in all of them."""
+
+    class Blind(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export.SERVING_INPUT_KEY)])
+        def serve(self, examples):
+            ids = tf.io.parse_example(examples, {name: tf.io.FixedLenFeature([], tf.int64)
+                                                 for name in ("request_id", "item_id")})
+            key = tf.strings.join([tf.strings.as_string(ids["request_id"]), tf.strings.as_string(ids["item_id"])], ":")
+            score = tf.cast(tf.strings.to_hash_bucket_fast(key, 1 << 20), tf.float32) / (1 << 20)
+            return {"score": score, "ctr": 0.05 + 0.2 * score}
+
+    module = Blind()
+    tf.saved_model.save(module, os.path.join(model_root, "Format-Serving"), signatures={"serving_default": module.serve})
+    artifact = standard_artifacts.Model()
+    artifact.uri = model_root
+    return artifact

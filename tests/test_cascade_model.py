@@ -236,20 +236,13 @@ def test_distillation_trains_the_last_stage_towards_the_teacher(lists):
     assert kl_after >= -1e-6 and kl_after < 0.7 * kl_before, (kl_before, kl_after)
 
 
-def test_the_cascade_trainer_config_passes_distill_weight_to_the_model(lists):
-    from models.trainers import cascade as trainer
-    from models.config import config_from_dict
-    config = config_from_dict(trainer.CascadeTrainerConfig, {"distill_weight": 0.25, "embedding_dim": 4, "with_retrieval": False,
-                                                             "eval_quotas": [30, 20]})
-    model, quotas = trainer.build_model(config)
-    assert trainer.CascadeTrainerConfig().distill_weight == 0.0 and quotas == (30, 20)
-    batch, teacher = _teacher_batch(lists)
-    out = model.compute_losses(batch)
-    assert model.distill_weight == 0.25
-    off = dict(batch, teacher_logit=tf.fill([6, 50], np.float32(np.nan)))  # no teacher: the term is 0
-    np.testing.assert_allclose(float(out["loss"]) - float(model.compute_losses(off)["loss"]),
-                               0.25 * float(out["distill"]), rtol=1e-4)
-    assert float(out["distill"]) > 0
+def test_a_ranking_stage_distills_itself_so_the_cascade_term_is_refused():
+    from models.ranker import FactoryFloorRanker
+    from models.ranker_config import RankerConfig
+    from models.ranking_stage import RankingStage
+    stages = {"prerank": _small_stages()["prerank"], "rank": RankingStage(FactoryFloorRanker(RankerConfig(embedding_dim=4)))}
+    with pytest.raises(ValueError, match="distills on its shown rows itself"):
+        CM.CascadeModel(stages, method="lcron", distill_weight=0.5)
 
 
 def test_evaluate_cascade_counts_requests_without_gt_and_refuses_a_quota_above_the_list():

@@ -2,6 +2,7 @@
 import pytest
 
 from datasources import example_io
+from models.ranker_config import RankerConfig
 from pipelines import cli
 
 
@@ -27,7 +28,7 @@ def _run(capsys, *argv):
         (["run", "--source", "examples", "--examples-dir", "/no/such/dir"], "/no/such/dir"),
         (["run", "--source", "examples"], "examples_dir"),
         (["run", "--requests", "0"], "--requests"),
-        (["run", "--nonclick-keep-rate", "1.5"], "nonclick_keep_rate"),
+        (["run", "--nonclick-keep-rate", "1.5"], "--nonclick-keep-rate"),
         (["run", "--activation", "sigmoidish"], "sigmoidish"),
         (["run", "--orchestrator", "airflow"], "--orchestrator"),
         (["serve-check", "/no/such/dir"], "/no/such/dir"),
@@ -64,7 +65,7 @@ def test_every_subcommand_has_help(capsys, command):
 
 def test_run_flags_switch_the_named_techniques():
     args = cli.build_parser().parse_args([
-        "run", "--requests", "300", "--no-distill", "--preranking", "hap", "--cascade-method", "bce",
+        "run", "--requests", "300", "--no-distill", "--cascade-method", "hap", "--epochs", "2",
         "--rank-loss", "multi_task", "--activation", "smelu:0.5", "--lspr", "--no-bias-constraints",
         "--nonclick-keep-rate", "0.25", "--low-loss-keep-rate", "0.5", "--beam-mode", "in_process", "--workers", "3",
     ])
@@ -72,18 +73,28 @@ def test_run_flags_switch_the_named_techniques():
     config.validate()
     assert config.synthetic.num_requests == 300
     assert config.ranker.distill_weight == 0.0 and config.teacher.distill_weight == 0.0
-    assert config.cascade.distill_weight == 0.0
-    assert config.preranking_trainer == "hap" and config.cascade.method == "bce"
+    assert config.cascade.method == "hap" and config.cascade.epochs == 2
     assert (config.ranker.rank_loss, config.ranker.activation) == ("multi_task", "smelu:0.5")
     assert config.ranker.lspr and not config.ranker.bias_constraints
     assert (config.sampler.nonclick_keep_rate, config.sampler.low_loss_keep_rate) == (0.25, 0.5)
     assert config.beam_pipeline_args() == []
-    assert config.evaluator_config().score_output("preranking_model") == ("serving_default", "score")
 
     defaults = cli.run_config(cli.build_parser().parse_args(["run"]))
-    assert defaults.ranker.distill_weight > 0 and defaults.cascade.distill_weight > 0
-    assert defaults.preranking_trainer == "cascade" and not defaults.cascade.with_retrieval
-    assert defaults.evaluator_config().score_output("preranking_model") == ("serving_default", "score/prerank")
-    assert defaults.evaluator_config().score_output("retrieval_model") == ("score", "score")
+    assert defaults.ranker == RankerConfig.cascade_stage() and defaults.ranker.distill_weight > 0
+    assert defaults.cascade.method == "lcron"
+    for stage, signature in (("preranking_model", "serving_default"), ("model", "serving_default"),
+                             ("retrieval_model", "score")):
+        assert defaults.evaluator_config().score_output(stage) == (signature, "score")
     assert defaults.beam_pipeline_args()[0] == "--direct_running_mode=multi_processing"
     assert any(a.startswith("--setup_file=") and a.endswith("setup.py") for a in defaults.beam_pipeline_args())
+
+
+def test_run_and_compile_kubeflow_build_the_same_pipeline_config_from_the_same_flags():
+    flags = ["--requests", "300", "--cascade-method", "icc", "--rank-loss", "multi_task", "--lspr",
+             "--nonclick-keep-rate", "0.5", "--epochs", "2", "--no-distill"]
+    parser = cli.build_parser()
+    local = cli.run_config(parser.parse_args(["run", *flags]))
+    kubeflow = cli.compile_config(parser.parse_args(["compile-kubeflow", "--out", "p.json", *flags]))
+    for field in ("synthetic", "teacher", "ranker", "retrieval", "cascade", "sampler", "evaluator", "source"):
+        assert getattr(local, field) == getattr(kubeflow, field), field
+    assert kubeflow.ranker.rank_loss == "multi_task" and kubeflow.cascade.method == "icc"

@@ -1,4 +1,5 @@
-"""The Kubeflow V2 compile: the KFP JSON names every component and our executors' classes."""
+"""The Kubeflow V2 compile: the KFP JSON names every component and our executors' classes, and it
+carries the technique flags of `cascade compile-kubeflow` (the same flags as `cascade run`)."""
 import json
 
 from pipelines import kubeflow_v2_runner
@@ -13,8 +14,11 @@ def test_compiled_spec_names_every_component_and_custom_executor(tmp_path):
     spec = json.load(open(path))["pipelineSpec"]
     executors = spec["deploymentSpec"]["executors"]
     node_ids = {c.id for c in create_pipeline(config).components}
-    assert {f"{n}_executor" for n in node_ids} == set(executors)
-    args = {name: e["container"]["args"] for name, e in executors.items()}
+    resolvers = {n for n in node_ids if n.startswith("LatestBlessed.")}
+    # KFP v2 compiles each LatestBlessedModelStrategy Resolver into two queries (blessing, then model).
+    assert {f"{n}_executor" for n in node_ids - resolvers} | {
+        f"{n}-{part}-resolver_executor" for n in resolvers for part in ("model", "model-blessing")} == set(executors)
+    args = {name: e["container"]["args"] for name, e in executors.items() if "container" in e}
     assert args["SyntheticExampleGen_executor"][:2] == ["--executor_class_path", "components.synthetic_example_gen.Executor"]
     assert "components.anomaly_gate.AnomalyGate_Executor" in args["AnomalyGate_executor"]
     for node, executor_class in (("NegativeSampler", "components.negative_sampler.Executor"),
@@ -24,13 +28,30 @@ def test_compiled_spec_names_every_component_and_custom_executor(tmp_path):
         assert "--runner=DataflowRunner" in args[f"{node}_executor"], node
     # Each stage's Trainer runs its own module's run_fn.
     tasks = spec["root"]["dag"]["tasks"]
-    for stage in ("teacher", "ranking", "retrieval", "cascade"):
+    for stage in ("teacher", "retrieval", "cascade"):
         run_fn = tasks[f"Trainer.{stage}"]["inputs"]["parameters"]["run_fn"]["runtimeValue"]["constantValue"]
         assert run_fn["stringValue"] == f"models.trainers.{stage}.run_fn", stage
     assert {"Pusher.retrieval_executor", "Pusher.preranking_executor", "Pusher.ranking_executor"} <= set(executors)
     for name, a in args.items():
         assert executors[name]["container"]["image"] == "gcr.io/p/cascade:1"
+    for n in resolvers:  # each stage's baseline: the latest blessed ModelBlessing, then its model
+        assert "blessed.number_value=1" in json.dumps(executors[f"{n}-model-blessing-resolver_executor"])
     beam = args["StatisticsGen_executor"]
     assert "--runner=DataflowRunner" in beam and "--sdk_container_image=gcr.io/p/cascade:1" in beam
     assert "--region=europe-west4" in beam
     assert json.load(open(path))["runtimeConfig"]["gcsOutputDirectory"] == "gs://bucket/cascade/pipeline_root"
+
+
+def test_compile_kubeflow_carries_the_technique_flags_into_the_trainers_custom_config(tmp_path):
+    from pipelines import cli
+
+    out = tmp_path / "pipeline.json"
+    assert cli.main(["compile-kubeflow", "--out", str(out), "--rank-loss", "multi_task", "--cascade-method", "icc",
+                     "--nonclick-keep-rate", "0.5"]) == 0
+    tasks = json.load(open(out))["pipelineSpec"]["root"]["dag"]["tasks"]
+    value = tasks["Trainer.cascade"]["inputs"]["parameters"]["custom_config"]["runtimeValue"]["constantValue"]
+    custom_config = json.loads(value["stringValue"])
+    assert json.loads(custom_config["ranker"])["rank_loss"] == "multi_task"
+    assert json.loads(custom_config["cascade"])["method"] == "icc"
+    sampler = json.loads(tasks["NegativeSampler"]["inputs"]["parameters"]["config"]["runtimeValue"]["constantValue"]["stringValue"])
+    assert sampler["nonclick_keep_rate"] == 0.5

@@ -49,3 +49,31 @@ def test_normalized_entropy():
     assert metrics.normalized_entropy(y, p) == pytest.approx(logloss / entropy)
     # Predicting the base rate everywhere gives NE = 1.
     assert metrics.normalized_entropy(y, np.full(4, 0.25)) == pytest.approx(1.0)
+
+
+def _random_order_recall(gt, valid, q):
+    """Recall@|GT|@q averaged over every order of every request's real candidates (brute force)."""
+    recalls = []
+    for g, v in zip(gt, valid):
+        real = np.flatnonzero(v)
+        if not g[real].any():
+            continue  # no GT: left out, as stage_recall does
+        recalls.append(np.mean([g[list(order[:q])].sum() / g[real].sum() for order in itertools.permutations(real)]))
+    return np.mean(recalls)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 5])
+def test_chance_recall_is_the_mean_recall_of_every_order(q):
+    gt = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 1, 0]])
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=bool)
+    expected = _random_order_recall(gt, valid, q)
+    assert metrics.chance_recall(gt, q, mask=valid) == pytest.approx(expected, abs=1e-12)
+
+
+def test_recall_lift_is_zero_at_chance_and_one_when_perfect():
+    assert metrics.recall_lift(0.4, 0.4) == 0.0
+    assert metrics.recall_lift(1.0, 0.4) == 1.0
+    assert metrics.recall_lift(0.25, 0.4) == pytest.approx(-0.25)
+    assert np.isnan(metrics.recall_lift(1.0, 1.0))  # the quota keeps everything: no order to judge
+    assert np.isnan(metrics.recall_lift(float("nan"), 0.4))
+    assert np.isnan(metrics.chance_recall(np.zeros((2, 3)), 2))  # no request has GT

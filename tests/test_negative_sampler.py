@@ -8,27 +8,53 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.dsl.components.base import base_beam_executor
+from tfx.types import artifact_utils, standard_artifacts
 
 from components import negative_sampler, record_io, sampling
 from components.sampling import SamplerConfig
 from datasources import example_io
+from schema import features as F
 from schema import request_list as RL
 from tests.component_fixtures import examples_artifact, synthetic_examples
 
 GARBAGE = b"\x12\x34 definitely not a tf.Example"
 
 
-def _run(tmp_path, examples, config: SamplerConfig, beam_args=None, input_splits=("train", "eval")):
-    out = examples_artifact(str(tmp_path / "lists"), splits=())
+def _outputs(tmp_path):
+    """The executor's output artifacts under `tmp_path` (lists/, shown/, dead/)."""
     dead = record_io.DeadLetters()
     dead.uri = str(tmp_path / "dead")
+    return {"request_lists": [examples_artifact(str(tmp_path / "lists"), splits=())],
+            "shown_rows": [examples_artifact(str(tmp_path / "shown"), splits=())], "dead_letters": [dead]}
+
+
+def _run(tmp_path, examples, config: SamplerConfig, beam_args=None, input_splits=("train", "eval"), schema=None,
+         outputs=None):
+    """Runs the executor (with the Schema artifact `schema` if given) into `outputs` (default: new
+    ones under `tmp_path`); returns the request_lists and dead_letters artifacts."""
+    outputs = outputs or _outputs(tmp_path)
     context = base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=beam_args or [], tmp_dir=str(tmp_path / "tmp"))
+    inputs = {"examples": [examples]}
+    if schema is not None:
+        inputs["schema"] = [schema]
     negative_sampler.Executor(context).Do(
-        {"examples": [examples]}, {"request_lists": [out], "dead_letters": [dead]},
+        inputs, outputs,
         {"config": json.dumps(dataclasses.asdict(config)), "input_splits": json.dumps(list(input_splits))},
     )
-    return out, dead
+    return outputs["request_lists"][0], outputs["dead_letters"][0]
+
+
+def _raw_records(pattern):
+    """The records of the gzipped TFRecord files matching `pattern`, as stored (bytes)."""
+    return [raw for path in sorted(tf.io.gfile.glob(pattern))
+            for raw in tf.data.TFRecordDataset(path, compression_type="GZIP").as_numpy_iterator()]
+
+
+def _dead_letters(dead):
+    return [json.loads(l) for f in tf.io.gfile.glob(os.path.join(dead.uri, "*.jsonl")) for l in open(f)]
 
 
 def _lists(out, split):
@@ -128,8 +154,7 @@ def test_lists_keep_tiers_add_random_negatives_and_counters_match(small, tmp_pat
     assert metrics["candidates_dropped"] == metrics["dropped_class"] == 40 * 50 - kept_candidates
     assert metrics["records_parsed"] == 40 * 50 and metrics["records_bad"] == 1
     assert out.get_string_custom_property("layout") == "request_list"
-    dead_lines = [json.loads(l) for f in tf.io.gfile.glob(os.path.join(dead.uri, "*.jsonl")) for l in open(f)]
-    assert [bytes.fromhex(d["record_hex"]) for d in dead_lines] == [GARBAGE]
+    assert [bytes.fromhex(d["record_hex"]) for d in _dead_letters(dead)] == [GARBAGE]
 
 
 def test_teacher_loss_sampling_drops_easy_nonclicks(tmp_path):
@@ -171,6 +196,73 @@ def test_time_split_puts_the_latest_requests_in_eval(small, tmp_path):
     train, evals = _lists(out, "train"), _lists(out, "eval")
     assert train["request_time"].max() < evals["request_time"].min()
     assert len(evals["request_id"]) == pytest.approx(10, abs=2)
+
+
+@pytest.mark.parametrize("split", ["keep", "hash"])
+def test_shown_rows_are_the_raw_shown_rows_of_the_eval_requests(small, tmp_path, split):
+    """`shown_rows` holds, byte for byte, the rows with ui_position > 0 of the requests whose list
+    went to eval: under "keep" the input eval split's shown rows, under "hash" those of the
+    requests in the eval request-list split (drawn from both input splits)."""
+    outputs = _outputs(tmp_path)
+    out, _ = _run(tmp_path, small, SamplerConfig(split=split, nonclick_keep_rate=0.5, eval_fraction=0.3),
+                  outputs=outputs)
+    shown = outputs["shown_rows"][0]
+    eval_requests = set(_lists(out, "eval")["request_id"][:, 0].tolist())
+    input_splits = ("eval",) if split == "keep" else ("train", "eval")
+    expected = []
+    for input_split in input_splits:
+        for raw in _raw_records(os.path.join(small.uri, f"Split-{input_split}", "data_*")):
+            feature = tf.train.Example.FromString(raw).features.feature
+            if feature["request_id"].int64_list.value[0] in eval_requests and feature["ui_position"].int64_list.value[0] > 0:
+                expected.append(raw)
+    written = _raw_records(os.path.join(artifact_utils.get_split_uri([shown], "eval"), "data_tfrecord-*.gz"))
+    assert expected and sorted(written) == sorted(expected)
+    assert artifact_utils.decode_split_names(shown.split_names) == ["eval"]
+    assert out.get_int_custom_property("shown_rows_eval") == len(expected)
+    if split == "hash":
+        assert 0 < len(eval_requests) < 40  # both list splits, each with requests of both input splits
+        assert {r["request_id"] for r in _rows(small, "train")} & eval_requests
+
+
+def _schema_artifact(uri, schema) -> standard_artifacts.Schema:
+    """A Schema artifact whose directory holds `schema` as schema.pbtxt, as ImportSchemaGen writes it."""
+    tf.io.gfile.makedirs(uri)
+    with open(os.path.join(uri, "schema.pbtxt"), "w") as f:
+        f.write(text_format.MessageToString(schema))
+    artifact = standard_artifacts.Schema()
+    artifact.uri = uri
+    return artifact
+
+
+def test_schema_input_decides_the_required_features(small, tmp_path):
+    """With a Schema artifact that requires a feature the rows lack, every row is dead-lettered and
+    the executor fails on the bad fraction; without the schema channel the same data passes (with
+    the packaged schema). `schema_path` names the schema file read."""
+    strict = schema_pb2.Schema()
+    strict.CopyFrom(F.load_schema())
+    extra = strict.feature.add()
+    extra.name, extra.type = "required_extra", schema_pb2.INT
+    extra.value_count.min = extra.value_count.max = 1
+    extra.presence.min_fraction, extra.presence.min_count = 1.0, 1
+    schema = _schema_artifact(str(tmp_path / "schema"), strict)
+    outputs = _outputs(tmp_path / "strict")
+    with pytest.raises(record_io.BadInputError, match="NegativeSampler: 2001 of 2001 records are bad"):
+        _run(tmp_path / "strict", small, SamplerConfig(), schema=schema, outputs=outputs)
+    out, dead = outputs["request_lists"][0], outputs["dead_letters"][0]
+    assert out.get_string_custom_property("schema_path") == str(tmp_path / "schema" / "schema.pbtxt")
+    reasons = collections.Counter(d["reason"] for d in _dead_letters(dead) if bytes.fromhex(d["record_hex"]) != GARBAGE)
+    assert reasons == {"missing required feature(s): required_extra": 40 * 50}
+    assert _lists(out, "train") == {} and _lists(out, "eval") == {}
+
+    out, _ = _run(tmp_path / "packaged", small, SamplerConfig())
+    assert out.get_string_custom_property("schema_path") == F.SCHEMA_PATH
+    assert out.get_int_custom_property("lists_train") + out.get_int_custom_property("lists_eval") == 40
+
+    lacking = schema_pb2.Schema()
+    lacking.CopyFrom(F.load_schema())
+    del lacking.feature[[f.name for f in lacking.feature].index("teacher_logit")]
+    with pytest.raises(record_io.BadInputError, match="lacks or retypes features the NegativeSampler decodes: teacher_logit"):
+        _run(tmp_path / "lacking", small, SamplerConfig(), schema=_schema_artifact(str(tmp_path / "lacking_schema"), lacking))
 
 
 def test_missing_split_and_too_many_bad_records_are_clear_errors(small, tmp_path):
@@ -243,12 +335,13 @@ def test_bad_records_over_one_percent_fail_and_land_in_dead_letters(tmp_path):
             w.write(raw)
     config = SamplerConfig(list_size=45, random_negatives=0)
     assert config.max_bad_fraction == 0.01  # the default
+    outputs = _outputs(tmp_path)
     with pytest.raises(record_io.BadInputError) as error:
-        _run(tmp_path, examples, config)
+        _run(tmp_path, examples, config, outputs=outputs)
     message = str(error.value)
     assert "\n" not in message
     assert "NegativeSampler: 12 of 1012 records are bad (1.19% > 1.00%)" in message
-    letters = [json.loads(l) for f in tf.io.gfile.glob(str(tmp_path / "dead" / "*.jsonl")) for l in open(f)]
+    letters = _dead_letters(outputs["dead_letters"][0])
     records = {bytes.fromhex(d["record_hex"]): d["reason"] for d in letters if not d["reason"].startswith("50 candidates")}
     assert set(records) == set(garbage) | set(bad_rows)
     assert all(records[g].startswith("unparseable tf.Example") for g in garbage)
@@ -260,6 +353,9 @@ def test_bad_records_over_one_percent_fail_and_land_in_dead_letters(tmp_path):
         sorted({r["request_id"] for split in ("train", "eval") for r in _rows(examples, split)})
     metrics = json.load(open(tmp_path / "lists" / record_io.METRICS_FILE))
     assert metrics["records_bad"] == 12 and metrics["records_parsed"] == 1000 and metrics["requests_bad"] == 20
+    # No list was built, so no shown row reaches the eval shown rows.
+    assert _raw_records(os.path.join(outputs["shown_rows"][0].uri, "Split-eval", "*.gz")) == []
+    assert "shown_rows_eval" not in metrics
 
 
 def test_columnar_path_matches_the_row_reference(small):
@@ -268,7 +364,7 @@ def test_columnar_path_matches_the_row_reference(small):
     counts; the corpus's cached draw is numpy's `Generator.choice`."""
     config = SamplerConfig(nonclick_keep_rate=0.4, unseen_position_from=5, unseen_position_keep_rate=0.5, seed=9,
                            random_negatives=12)
-    decoder = negative_sampler.CandidateDecoder(negative_sampler._required_features())
+    decoder = negative_sampler.CandidateDecoder(F.load_schema())
     scalars = negative_sampler._scalar_features()
     examples = list(example_io.read_examples(os.path.join(small.uri, "Split-train", "data_*")))
     by_request = {}

@@ -1,8 +1,19 @@
-"""The whole cascade pipeline at a tiny scale on LocalDagRunner: killed during training and
-resumed, then read back — components, pushed models, the evaluation table, serve-check, the cache
-— plus one run on BeamDagRunner and anomalous data stopping the run before training."""
-import dataclasses
+"""The whole cascade pipeline at a small scale on LocalDagRunner, checked on its own artifacts.
+
+One output directory goes through four runs, in file order:
+  1. a run killed (SIGKILL) while the teacher trains, then rerun to the end: components, resume,
+     the contracts between the parts (whole requests, sampled weights, one schema), per-stage
+     blessings, pushes, serve-check and the report table;
+  2. a second run on the same data with the cache off: each stage is blessed against the first
+     run's model of that stage, and the evaluators name it;
+  3. cached reruns: every data and training node is answered by the cache;
+  4. a run on data whose training labels are shuffled: a model that cannot rank is not blessed,
+     not pushed, and the previous version stays the served one.
+Plus one run on BeamDagRunner, anomalous data stopping the run, and a missing data path.
+"""
 import glob
+import json
+import math
 import os
 import signal
 import subprocess
@@ -14,40 +25,103 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tfx.orchestration import metadata
+from tfx.utils import io_utils
 
+from components import sampling
+from components.evaluation import EvaluatorConfig
+from components.sampling import SamplerConfig
 from datasources import example_io, synthetic
+from models import list_inputs as LI
 from models.ranker_config import RankerConfig
+from models.trainers import common
+from models.trainers.cascade import CascadeTrainerConfig
 from models.trainers.retrieval import RetrievalTrainerConfig
 from pipelines import cli, local_runner, report, serve_check
-from pipelines.config import PipelineConfig, default_cascade
-from pipelines.pipeline import STAGES
+from pipelines.config import PipelineConfig
+from pipelines.pipeline import BLESSING_KEYS, MODEL_SOURCES, STAGES
+from schema import request_list as RL
 
 pytestmark = pytest.mark.slow
 
 NODES = ("SyntheticExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomalyGate",
-         "Trainer.teacher", "TeacherInference", "NegativeSampler", "Trainer.ranking", "Trainer.retrieval",
-         "Trainer.cascade", "CascadeEvaluator", "Pusher.retrieval", "Pusher.preranking", "Pusher.ranking")
+         "Trainer.teacher", "TeacherInference", "NegativeSampler", "Trainer.retrieval", "Trainer.cascade",
+         "StageModel.preranking", "LatestBlessed.retrieval", "LatestBlessed.preranking", "LatestBlessed.ranking",
+         "Evaluator.ranking", "CascadeEvaluator", "Pusher.retrieval", "Pusher.preranking", "Pusher.ranking")
+DATA_AND_TRAINING_NODES = NODES[:11]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER_EPOCHS = 12  # long enough on tiny data that the kill lands during the teacher's training
+TEACHER_EPOCHS = 12  # long enough on small data that the kill lands during the teacher's training
+REQUESTS = 200
+# Gates at this scale (40 eval requests): a stage must close a sixth of the gap between chance and
+# perfect recall (a random order's lift has a std of about 0.04 here), and may fall at most 0.2
+# below its baseline (the recalls of identical retrains differ by a few hundredths on 40 requests).
+# CTR gates are loose: a few hundred training steps do not calibrate a ranker.
+SMALL_SCALE_GATES = EvaluatorConfig(
+    thresholds=tuple((stage, "recall_lift", "min", 0.15) for stage in STAGES),
+    change_thresholds=tuple((stage, "recall", 0.2) for stage in STAGES),
+    tfma_min_auc=0.5, tfma_auc_tolerance=0.2, tfma_calibration_range=(0.05, 20.0),
+)
 
 
 def tiny_config(output_dir: str, **changes) -> PipelineConfig:
-    """The pipeline at test scale: 80 requests, one epoch per student, in-process Beam."""
+    """The pipeline at test scale: 200 requests, small models, Factory Floor sampling on, in-process Beam."""
     return PipelineConfig(
         output_dir=output_dir,
-        synthetic=synthetic.SyntheticConfig(num_requests=80, seed=2),
+        synthetic=synthetic.SyntheticConfig(num_requests=REQUESTS, seed=2),
         teacher=RankerConfig.teacher(epochs=TEACHER_EPOCHS, hidden_units=(32,), cross_layers=1),
-        ranker=RankerConfig(epochs=1),
-        retrieval=RetrievalTrainerConfig(epochs=1),
-        cascade=dataclasses.replace(default_cascade(), epochs=1),
+        ranker=RankerConfig.cascade_stage(hidden_units=(64,), cascade_head_units=(32,)),
+        retrieval=RetrievalTrainerConfig(epochs=5, batch_size=64),
+        cascade=CascadeTrainerConfig(epochs=3, batch_size=8),
+        sampler=SamplerConfig(nonclick_keep_rate=0.5, low_loss_keep_rate=0.5, low_loss_threshold=0.2),
+        evaluator=SMALL_SCALE_GATES,
         beam_mode="in_process",
     ).replace(**changes)
 
 
+# ---- MLMD and artifact helpers ----------------------------------------------------------------
+def _store(config):
+    return mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path)))
+
+
 def _executions_by_node(config):
-    store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path)))
+    store = _store(config)
     return {context.name.split(".", 1)[1]: store.get_executions_by_context(context.id)
             for context in store.get_contexts_by_type("node")}
+
+
+def _artifacts(config, node, key, event_type=mlmd.proto.Event.OUTPUT):
+    """The artifacts a node's executions produced (or read) under `key`, oldest first."""
+    store = _store(config)
+    context = next(c for c in store.get_contexts_by_type("node") if c.name == f"{config.pipeline_name}.{node}")
+    executions = store.get_executions_by_context(context.id)
+    events = store.get_events_by_execution_ids([e.id for e in executions])
+    ids = {e.artifact_id for e in events if e.type == event_type and e.path.steps[0].key == key}
+    return sorted(store.get_artifacts_by_id(list(ids)), key=lambda a: a.id)
+
+
+def _prop(artifact, name):
+    """A custom property of an MLMD artifact (int or string), None when absent."""
+    if name not in artifact.custom_properties:
+        return None
+    value = artifact.custom_properties[name]
+    return value.string_value if value.HasField("string_value") else value.int_value
+
+
+def _split_files(artifact, split):
+    return [os.path.join(artifact.uri, f"Split-{split}", "*")]
+
+
+def _rows(artifact, split):
+    return [tf.train.Example.FromString(raw) for raw in
+            tf.data.TFRecordDataset(glob.glob(_split_files(artifact, split)[0]), compression_type="GZIP").as_numpy_iterator()]
+
+
+def _value(example, name, default=None):
+    feature = example.features.feature.get(name)
+    if feature is None:
+        return default
+    kind = feature.WhichOneof("kind")
+    values = list(getattr(feature, kind).value) if kind else []
+    return values[0] if values else default
 
 
 def _teacher_backups(config):
@@ -66,6 +140,12 @@ def _first_logged_epoch(model_run_dir: str) -> int:
     return min(steps)
 
 
+def _served_versions(config):
+    return {stage: sorted(os.listdir(os.path.join(config.serving_dir, stage))) for stage in STAGES
+            if os.path.isdir(os.path.join(config.serving_dir, stage))}
+
+
+# ---- run 1: killed and resumed ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
     """A run killed (SIGKILL) while the teacher trains, then rerun to the end in this process."""
@@ -98,7 +178,7 @@ def test_every_component_runs_and_the_rerun_reuses_what_finished_before_the_kill
     assert "Trainer.teacher" not in finished_before
     assert {node for node, _, _ in timings} == set(NODES)
     cached = {node for node, _, was_cached in timings if was_cached}
-    assert finished_before <= cached
+    assert (finished_before - {n for n in NODES if n.startswith("LatestBlessed.")}) <= cached
     assert "Trainer.teacher" not in cached
     for node, runs in _executions_by_node(config).items():
         complete = [e for e in runs if e.last_known_state in (mlmd.proto.Execution.COMPLETE, mlmd.proto.Execution.CACHED)]
@@ -116,13 +196,124 @@ def test_the_killed_teacher_resumed_from_its_backup(resumed_run):
     assert 0 < _first_logged_epoch(rerun) < TEACHER_EPOCHS
 
 
-def test_each_stage_is_pushed_into_a_versioned_directory(resumed_run):
+def test_every_train_request_reaches_the_ranker_whole_once_per_epoch(resumed_run):
+    """DESIGN §11 request grouping, on the run's artifacts: the joint Trainer read the
+    NegativeSampler's request lists; each train request of the source is one list holding every
+    candidate the sampler kept of it, and one epoch of the Trainer's input yields each list once."""
     config, _, _ = resumed_run
+    (lists_artifact,) = _artifacts(config, "NegativeSampler", "request_lists")
+    assert [a.id for a in _artifacts(config, "Trainer.cascade", "examples", mlmd.proto.Event.INPUT)] == [lists_artifact.id]
+    (scored_rows,) = _artifacts(config, "TeacherInference", "output_examples")
+    kept = {}  # request id → item ids the sampler keeps (its own decision rule on the scored rows)
+    for row in _rows(scored_rows, "train"):
+        values = {name: _value(row, name) for name in ("request_id", "item_id", "ui_position", "click", "teacher_logit")}
+        if sampling.sampling_decision(values, config.sampler)[0]:
+            kept.setdefault(values["request_id"], []).append(values["item_id"])
+    source = {_value(r, "request_id") for r in _rows(_artifacts(config, "SyntheticExampleGen", "examples")[0], "train")}
+    assert set(kept) == source
+
+    lists = _rows(lists_artifact, "train")
+    seen = {}
+    random_neg = RL.TIER_INDEX[RL.RANDOM_NEG_TIER]
+    for example in lists:
+        f = example.features.feature
+        mask, stage = list(f["mask"].int64_list.value), list(f["stage"].int64_list.value)
+        items = [i for i, m, s in zip(f["item_id"].int64_list.value, mask, stage) if m and s != random_neg]
+        request_id = f["request_id"].int64_list.value[0]
+        assert request_id not in seen, f"request {request_id} is in two lists"
+        seen[request_id] = sorted(items)
+    assert seen == {r: sorted(items) for r, items in kept.items()}
+
+    trainer_config = config.cascade
+    epoch = LI.request_list_dataset(_split_files(lists_artifact, "train"), trainer_config.batch_size,
+                                    trainer_config.list_size, shuffle_seed=trainer_config.seed)
+    read = np.concatenate([b["request_id"].numpy().reshape(-1) for b in epoch])
+    assert sorted(read.tolist()) == sorted(seen)  # each train request exactly once per epoch
+    (run,) = _artifacts(config, "Trainer.cascade", "model_run")
+    logged = io_utils.read_string_file(os.path.join(run.uri, common.EVAL_METRICS_FILE))
+    assert f'"lists": {len(seen)}' in logged
+
+
+def test_the_ranker_trains_on_the_sampled_rows_and_their_weights_are_unbiased(resumed_run):
+    """Factory Floor §3.3 in the pipeline: the shown rows the ranker reads are the sampler's kept
+    rows with their importance weights; the weighted click mean equals the unsampled one within
+    sampling error, and the Trainer's log reports the same counts."""
+    config, _, _ = resumed_run
+    (scored_rows,) = _artifacts(config, "TeacherInference", "output_examples")
+    clicks, shown, variance = 0, 0, 0.0
+    for row in _rows(scored_rows, "train"):
+        values = {name: _value(row, name) for name in ("request_id", "item_id", "ui_position", "click", "teacher_logit")}
+        if values["ui_position"] <= 0:
+            continue
+        shown += 1
+        clicks += values["click"]
+        if not values["click"]:  # kept with probability p, weight 1/p: Var(Σw) = Σ (1 − p) / p
+            p = config.sampler.nonclick_keep_rate
+            if sampling.teacher_log_loss(values["teacher_logit"], 0) < config.sampler.low_loss_threshold:
+                p *= config.sampler.low_loss_keep_rate
+            variance += (1 - p) / p
+    (lists_artifact,) = _artifacts(config, "NegativeSampler", "request_lists")
+    weights, labels = [], []
+    for example in _rows(lists_artifact, "train"):
+        f = example.features.feature
+        for m, pos, click, w in zip(f["mask"].int64_list.value, f["ui_position"].int64_list.value,
+                                    f["click"].int64_list.value, f["sample_weight"].float_list.value):
+            if m and pos > 0:
+                weights.append(w)
+                labels.append(click)
+    weights, labels = np.asarray(weights, np.float64), np.asarray(labels)
+    assert len(weights) < shown and np.any(weights > 1.0)  # rows were dropped and the kept reweighted
+    assert (weights * labels).sum() == pytest.approx(clicks)  # clicks are always kept, weight 1
+    sd = math.sqrt(variance)
+    assert abs(weights.sum() - shown) < 4 * sd
+    assert abs((weights * labels).sum() / weights.sum() - clicks / shown) < 4 * sd * clicks / shown ** 2 + 1e-9
+    (run,) = _artifacts(config, "Trainer.cascade", "model_run")
+    data = json.loads(io_utils.read_string_file(os.path.join(run.uri, common.EVAL_METRICS_FILE)))["train_data"]
+    assert data["shown_rows"] == len(weights) and data["shown_clicks"] == clicks
+    assert data["shown_weight_sum"] == pytest.approx(weights.sum(), rel=1e-5)
+    assert data["weighted_click_mean"] == pytest.approx((weights * labels).sum() / weights.sum(), rel=1e-5)
+
+
+def test_trainers_sampler_and_evaluator_read_the_pipelines_schema_artifact(resumed_run):
+    config, _, _ = resumed_run
+    (schema,) = _artifacts(config, "ImportSchemaGen", "schema")
+    schema_file = io_utils.get_only_uri_in_dir(schema.uri)
+    for node in ("Trainer.teacher", "Trainer.retrieval", "Trainer.cascade", "CascadeEvaluator", "NegativeSampler"):
+        assert [a.id for a in _artifacts(config, node, "schema", mlmd.proto.Event.INPUT)] == [schema.id], node
+    for node in ("Trainer.teacher", "Trainer.retrieval", "Trainer.cascade"):
+        run = _artifacts(config, node, "model_run")[-1]
+        logged = json.loads(io_utils.read_string_file(os.path.join(run.uri, common.EVAL_METRICS_FILE)))
+        assert logged["schema_path"] == schema_file, node
+    (lists_artifact,) = _artifacts(config, "NegativeSampler", "request_lists")
+    assert _prop(lists_artifact, "schema_path") == schema_file
+
+
+def test_each_stage_is_blessed_by_its_own_gate_and_pushed_into_a_versioned_directory(resumed_run):
+    config, _, _ = resumed_run
+    evaluation = report.collect(config)["evaluation"]
+    for stage in STAGES:
+        (blessing,) = _artifacts(config, "CascadeEvaluator", BLESSING_KEYS[stage])
+        node, key = MODEL_SOURCES[stage]
+        (model,) = _artifacts(config, node, key)
+        assert _prop(blessing, "current_model_id") == model.id, stage
+        assert _prop(blessing, "blessed") == 1, (stage, evaluation["blessings"][stage])
+        assert any("no baseline" in note for note in evaluation["blessings"][stage]["notes"]), stage
+    assert _prop(_artifacts(config, "Evaluator.ranking", "blessing")[0], "blessed") == 1
     pushed = report.pushed_models(config)
     assert set(pushed) == set(STAGES)
     for stage, path in pushed.items():
         assert os.path.dirname(path) == os.path.join(os.path.abspath(config.serving_dir), stage)
         assert os.path.basename(path).isdigit()
+
+
+def test_the_served_preranker_is_the_light_model_alone(resumed_run):
+    config, _, _ = resumed_run
+    pushed = report.pushed_models(config)
+    preranker = tf.saved_model.load(pushed["preranking"])
+    ranker = tf.saved_model.load(pushed["ranking"])
+    size = lambda m: sum(int(tf.size(v)) for v in m.variables)  # noqa: E731
+    assert set(preranker.signatures) == {"serving_default"}
+    assert 3 * size(preranker) < size(ranker)  # no ranking tower inside the pre-ranker
 
 
 def test_serve_check_calls_every_signature_of_every_pushed_model(resumed_run, capsys):
@@ -131,8 +322,9 @@ def test_serve_check_calls_every_signature_of_every_pushed_model(resumed_run, ca
     assert set(checks) == set(STAGES)
     assert set(checks["ranking"].signatures) == {"serving_default", "quality", "ui", "score_ui_grid"}
     assert checks["ranking"].signatures["serving_default"]["ctr"] == (12,)
+    assert checks["ranking"].signatures["serving_default"]["score"] == (12,)
     assert set(checks["retrieval"].signatures) == {"serving_default", "query_embedding", "item_embeddings", "score"}
-    assert checks["preranking"].signatures["serving_default"]["score/prerank"] == (12,)
+    assert checks["preranking"].signatures["serving_default"]["score"] == (12,)
     assert checks["ranking"].warmup_requests == 4
     assert cli.main(["serve-check", config.output_dir]) == 0
     assert "serve-check passed: 3 models" in capsys.readouterr().out
@@ -155,33 +347,120 @@ def test_serve_check_fails_in_one_line_on_a_broken_warmup_file(resumed_run, tmp_
 
 def test_the_table_reports_the_evaluators_metrics_beside_the_oracle(resumed_run):
     config, _, _ = resumed_run
-    evaluation = report.collect(config)["evaluation"]
+    result = report.collect(config)
+    evaluation = result["evaluation"]
     rows = {name: (model, oracle) for name, model, oracle in report.table_rows(evaluation)}
     assert rows["e2e recall (quotas 40/30/20)"] == (evaluation["cascade"]["e2e_recall"],
                                                     evaluation["oracle_cascade"]["e2e_recall"])
     assert rows["ranking AUC"] == (evaluation["model"]["auc"], evaluation["oracle"]["auc"])
-    assert rows["ranking Recall@|GT|@30".replace("ranking", "pre-ranking")][0] == \
-        evaluation["cascade"]["recall_at_30/preranking_model"]
+    assert rows["pre-ranking Recall@|GT|@30"][0] == evaluation["cascade"]["recall_at_30/preranking_model"]
+    k, ranking, preranking = report.ranking_vs_preranking_at(evaluation)
+    assert k == 20 and rows["ranking Recall@|GT|@20"][0] == ranking and rows["pre-ranking Recall@|GT|@20"][0] == preranking
     model_calibration = rows["calibration Σŷ/Σy"][0]
     assert model_calibration == pytest.approx(evaluation["model"]["mean_prediction"] / evaluation["click_rate"])
     for name, (model, _) in rows.items():
         if "bucket" not in name:
             assert np.isfinite(model), name
-    assert 0.0 <= evaluation["cascade"]["e2e_recall"] <= 1.0
     text = report.format_table(evaluation)
     assert "e2e recall" in text and f"{evaluation['oracle']['auc']:.4f}" in text
+    assert result["tfma"]["validation_ok"] and result["tfma"]["example_count"] == evaluation["shown"]
+    assert "ranking" in report.flops_line(result) and "weighted click mean" in report.training_data_line(result)
 
 
-def test_a_rerun_on_the_same_inputs_is_answered_by_the_cache(resumed_run):
-    config, _, _ = resumed_run
+# ---- run 2: the same data again, cache off ------------------------------------------------------
+@pytest.fixture(scope="module")
+def second_run(resumed_run):
+    config = resumed_run[0].replace(enable_cache=False)
+    before = _served_versions(config)
+    local_runner.run(config, show_progress=False)
+    return config, before
+
+
+def test_a_second_run_is_blessed_against_the_first_and_the_evaluators_name_it(second_run, capsys):
+    config, before = second_run
+    evaluation = report.collect(config)["evaluation"]
+    for stage in STAGES:
+        node, key = MODEL_SOURCES[stage]
+        first, second = _artifacts(config, node, key)
+        blessing = _artifacts(config, "CascadeEvaluator", BLESSING_KEYS[stage])[-1]
+        assert _prop(blessing, "current_model_id") == second.id, stage
+        assert _prop(blessing, "baseline_model_id") == first.id, stage
+        assert evaluation["blessings"][stage]["baseline_uri"] == first.uri, stage
+        assert _prop(blessing, "blessed") == 1, (stage, evaluation["blessings"][stage])
+    tfma_blessing = _artifacts(config, "Evaluator.ranking", "blessing")[-1]
+    first_ranker = _artifacts(config, *MODEL_SOURCES["ranking"])[0]
+    assert _prop(tfma_blessing, "baseline_model_id") == first_ranker.id
+    assert "pd_vs_baseline" in evaluation and 0 < evaluation["pd_vs_baseline"] < 2
+    after = _served_versions(config)
+    assert all(len(after[stage]) == len(before[stage]) + 1 for stage in STAGES)  # each stage pushed again
+    assert all("baseline /" in line for line in report.blessing_lines(evaluation))
+
+
+# ---- run 3: cached reruns -----------------------------------------------------------------------
+def test_a_rerun_on_the_same_inputs_is_answered_by_the_cache(second_run):
+    """Data and training nodes are cached; the evaluators rerun once because their baseline (the
+    latest blessed model, a Resolver input) changed, and the rerun after that is all cached."""
+    config = second_run[0].replace(enable_cache=True)
+    _, timings = local_runner.run_with_timings(config, show_progress=False)
+    cached = {node for node, _, was_cached in timings if was_cached}
+    assert set(DATA_AND_TRAINING_NODES) <= cached
     seconds, timings = local_runner.run_with_timings(config, show_progress=False)
-    assert {node for node, _, cached in timings if cached} == set(NODES)
+    resolvers = {n for n in NODES if n.startswith("LatestBlessed.")}
+    assert {node for node, _, was_cached in timings if was_cached} == set(NODES) - resolvers
     assert seconds < 60
 
 
+# ---- run 4: a model that cannot rank ------------------------------------------------------------
+LABEL_FIELDS = ("stage", "click", "ui_position", "ui_format", "true_ctr")
+
+
+def _shuffle_train_labels(data_dir: str, seed: int = 0) -> None:
+    """Permutes the label fields (tier, click, UI treatment, true CTR) across the train rows: the
+    features say nothing about the labels any more. The eval split keeps its true labels."""
+    path = os.path.join(data_dir, "Split-train", example_io.RECORD_FILE)
+    rows = list(example_io.read_examples(path))
+    labels = [{name: tf.train.Feature().FromString(r.features.feature[name].SerializeToString()) for name in LABEL_FIELDS}
+              for r in rows]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    with tf.io.TFRecordWriter(path, options="GZIP") as w:
+        for row, k in zip(rows, order):
+            for name in LABEL_FIELDS:
+                row.features.feature[name].CopyFrom(labels[k][name])
+            w.write(row.SerializeToString())
+
+
+def test_a_model_that_cannot_rank_is_not_blessed_and_the_previous_version_stays_served(second_run, tmp_path):
+    config = second_run[0]
+    before_pushed = report.pushed_models(config)
+    before_versions = _served_versions(config)
+    data = tmp_path / "shuffled"
+    synthetic.write_dataset(config.synthetic, str(data))
+    _shuffle_train_labels(str(data))
+    broken = config.replace(source="examples", examples_dir=str(data), enable_cache=True)
+    local_runner.run(broken, show_progress=False)
+    evaluation = report.collect(broken)["evaluation"]
+    quotas = dict(zip(evaluation["cascade"]["stages"], evaluation["cascade"]["quotas"]))
+    for stage in ("preranking", "ranking"):
+        verdict = evaluation["blessings"][stage]
+        assert not verdict["blessed"], (stage, verdict)
+        assert any("recall_lift" in reason for reason in verdict["reasons"]), (stage, verdict)
+        key = report.STAGE_KEYS[stage]
+        assert abs(evaluation["cascade"][f"recall_lift_at_{quotas[key]}/{key}"]) < 0.15, stage
+        pushed = _artifacts(broken, f"Pusher.{stage}", "pushed_model")[-1]
+        assert _prop(pushed, "pushed") == 0, stage
+    assert report.pushed_models(broken)["ranking"] == before_pushed["ranking"]
+    after_versions = _served_versions(broken)
+    assert after_versions["ranking"] == before_versions["ranking"]
+    assert after_versions["preranking"] == before_versions["preranking"]
+
+
+# ---- other runs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("orchestrator", ["beam"])
 def test_the_same_pipeline_runs_on_beam_dag_runner(tmp_path, orchestrator):
-    config = tiny_config(str(tmp_path), teacher=RankerConfig.teacher(epochs=1, hidden_units=(32,), cross_layers=1))
+    config = tiny_config(str(tmp_path), teacher=RankerConfig.teacher(epochs=1, hidden_units=(32,), cross_layers=1),
+                         synthetic=synthetic.SyntheticConfig(num_requests=80, seed=2),
+                         evaluator=EvaluatorConfig(thresholds=(), change_thresholds=(), tfma_min_auc=0.0,
+                                                   tfma_calibration_range=(0.0, 1e9)))
     local_runner.run(config, orchestrator=orchestrator, show_progress=False)
     assert set(report.pushed_models(config)) == set(STAGES)
     assert all(runs for runs in _executions_by_node(config).values())
@@ -200,7 +479,7 @@ def test_anomalous_data_stops_before_training(tmp_path):
     with pytest.raises(Exception, match=r"train: click"):
         local_runner.run(config, show_progress=False)
     runs = _executions_by_node(config)
-    for node in ("Trainer.teacher", "Trainer.ranking", "NegativeSampler"):
+    for node in ("Trainer.teacher", "Trainer.cascade", "NegativeSampler"):
         assert not runs.get(node), node
 
 

@@ -104,20 +104,38 @@ def test_preranking_module(data, eval_examples, tmp_path):
     assert not np.allclose(light, strong)
 
 
-@pytest.mark.parametrize("method", ["lcron", "bce", "icc"])
+@pytest.mark.parametrize("method", ["lcron", "bce", "icc", "hap"])
 def test_cascade_module(data, eval_examples, tmp_path, method):
+    """The joint Trainer exports the ranker (Format-Serving) and the light pre-ranker alone
+    (stages/preranking); eval_metrics.json has the cascade recalls, the ranker's CTR on the shown
+    eval rows, the training data it read and both stages' FLOPs."""
     config = {"method": method, "epochs": 1, "batch_size": 8, "list_size": LIST_SIZE}
-    cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps(config)}))
-    metrics = _check_run(tmp_path)
+    ranker = {"hidden_units": [32], "cross_projection_dim": 8, "cascade_head_units": [16]}
+    out_dir = tmp_path / "model"
+    args = FnArgs(train_files=[str(data / "Split-train" / "*")], eval_files=[str(data / "Split-eval" / "*")],
+                  serving_model_dir=str(out_dir / "Format-Serving"), model_run_dir=str(tmp_path / "run"),
+                  custom_config={"cascade": json.dumps(config), "ranker": json.dumps(ranker)})
+    cascade.run_fn(args)
+    metrics = json.load(open(tmp_path / "run" / common.EVAL_METRICS_FILE))
     assert metrics["method"] == method
     assert metrics["requests_without_gt"] == 0 < metrics["requests"]
-    assert {"e2e_recall", "recall_retrieval@40", "recall_prerank@30", "recall_rank@20"} <= set(metrics)
-    serve = tf.saved_model.load(str(tmp_path / "serving")).signatures["serving_default"]
-    out = serve(examples=tf.constant(eval_examples))
-    assert set(out) == {"score", "score/retrieval", "score/prerank", "score/rank"}
+    assert {"e2e_recall", "recall_prerank@30", "recall_rank@20"} <= set(metrics)
+    assert 0.0 <= metrics["ranker"]["auc"] <= 1.0 and metrics["ranker"]["shown_rows"] > 0
+    data_read = metrics["train_data"]
+    assert data_read["shown_rows"] <= data_read["candidate_rows"] and data_read["lists"] > 0
+    assert metrics["flops"]["ranking"]["per_candidate"] > metrics["flops"]["preranking"]["per_candidate"] > 0
+    examples = tf.constant(eval_examples)
+    ranker_serve = tf.saved_model.load(str(out_dir / "Format-Serving"))
+    assert {"serving_default", "quality", "ui", "score_ui_grid"} <= set(ranker_serve.signatures)
+    out = ranker_serve.signatures["serving_default"](examples=examples)
+    assert set(out) == {"ctr", "logit", "score"}
     for value in out.values():
         _finite(value, len(eval_examples))
-    np.testing.assert_array_equal(out["score"].numpy(), out["score/rank"].numpy())
+    preranker = tf.saved_model.load(str(export_lib.stage_model_dir(args.serving_model_dir, "preranking")))
+    assert set(preranker.signatures) == {"serving_default"}
+    _finite(preranker.signatures["serving_default"](examples=examples)["score"], len(eval_examples))
+    # The light pre-ranker alone: far fewer variables than the ranker it was trained with.
+    assert sum(int(tf.size(v)) for v in preranker.variables) < sum(int(tf.size(v)) for v in ranker_serve.variables)
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):

@@ -1,4 +1,5 @@
-"""Trainer modules (run_fn) on small generated data: outputs, teacher defaults, resume after a kill."""
+"""Row-based Trainer modules (run_fn) on small generated data: outputs, the teacher's defaults,
+resume after a kill."""
 import json
 import os
 
@@ -9,7 +10,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 from datasources import synthetic
 from models.config import TrainerConfig
 from models.ranker_config import RankerConfig
-from models.trainers import baseline, common, ranking, teacher
+from models.trainers import baseline, common, teacher
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +40,19 @@ def test_baseline_module_trains_evaluates_and_exports(data, tmp_path):
     assert tf.io.gfile.glob(str(tmp_path / "run" / "logs" / "train" / "events.*"))  # TensorBoard logs
 
 
-def test_teacher_module_is_wider_and_deeper_than_the_ranker(data, tmp_path):
-    teacher.run_fn(_fn_args(data, tmp_path / "teacher", {"ranker": json.dumps({"epochs": 1})}))
-    ranking.run_fn(_fn_args(data, tmp_path / "ranker", {"ranker": json.dumps({"epochs": 1})}))
-    sizes = {}
-    for name in ("teacher", "ranker"):
-        loaded = tf.saved_model.load(str(tmp_path / name / "serving"))
-        sizes[name] = sum(int(tf.size(v)) for v in loaded.variables)
-        q = loaded.signatures["quality"].structured_outputs
-        assert q  # the Q·U signatures are exported for both
-    assert sizes["teacher"] > 1.5 * sizes["ranker"]
+def test_teacher_module_trains_on_rows_without_a_rank_loss_and_is_wider_than_the_ranker(data, tmp_path):
+    teacher.run_fn(_fn_args(data, tmp_path, {"ranker": json.dumps({"epochs": 1})}))
+    loaded = tf.saved_model.load(str(tmp_path / "serving"))
+    assert {"serving_default", "quality", "ui", "score_ui_grid"} <= set(loaded.signatures)
+    assert RankerConfig.teacher().rank_loss == "none"  # rows in any order: no per-request loss
     assert RankerConfig.teacher().hidden_units > RankerConfig().hidden_units
+    m = _metrics(tmp_path)
+    assert m["examples"] > 0 and 0 <= m["auc"] <= 1 and m["schema_path"].endswith("schema.pbtxt")
+
+
+def test_the_teacher_refuses_a_per_request_rank_loss(data, tmp_path):
+    with pytest.raises(ValueError, match="no per-request rank loss"):
+        teacher.run_fn(_fn_args(data, tmp_path, {"ranker": json.dumps({"rank_loss": "multi_objective"})}))
 
 
 class _KillAfterFirstEpoch(tf.keras.callbacks.Callback):
@@ -67,13 +70,13 @@ class _RecordEpochs(tf.keras.callbacks.Callback):
 
 def test_training_resumes_after_a_kill(data, tmp_path, monkeypatch):
     real = common.callbacks
-    args = _fn_args(data, tmp_path, {"ranker": json.dumps({"epochs": 3})})
+    args = _fn_args(data, tmp_path, {"ranker": json.dumps({"epochs": 3, "hidden_units": [32], "cross_layers": 1})})
     monkeypatch.setattr(common, "callbacks", lambda d: real(d) + [_KillAfterFirstEpoch()])
     with pytest.raises(KeyboardInterrupt):
-        ranking.run_fn(args)
+        teacher.run_fn(args)
     assert os.listdir(tmp_path / "run" / "backup")  # the epoch-0 checkpoint
     monkeypatch.setattr(common, "callbacks", lambda d: real(d) + [_RecordEpochs()])
     _RecordEpochs.seen = []
-    ranking.run_fn(args)
+    teacher.run_fn(args)
     assert _RecordEpochs.seen == [1, 2]  # epoch 0 was not trained again
     assert os.path.exists(tmp_path / "serving" / "saved_model.pb")

@@ -1,107 +1,193 @@
-"""Trainer module of the joint cascade (`models.cascade_model`): retrieval → pre-ranking → ranking
-stages trained together with LCRON (or the "bce" / "icc" baselines).
+"""Trainer module of the joint cascade: pre-ranking and ranking trained as one network (LCRON),
+the ranking stage being the Factory Floor ranker. It trains the two stages the pipeline serves
+after retrieval (DESIGN §11 "each stage is trained for what it does in serving"):
 
-Input: the NegativeSampler's request-list Examples, trained on as tf.data
-(`models.list_inputs.request_list_dataset`); the train lists are also read once into numpy to
-fit the dense normalisers, and the eval lists for the metrics.
+    prerank  `models.preranking.LightPreranker` (two towers + a small MLP): served alone
+    rank     `models.ranking_stage.RankingStage` around `models.ranker.FactoryFloorRanker`
+             (DCNv2 + ReZero, Q·U, RankNet + logistic, distillation, curriculum, bias constraints,
+             optional LSPR; `RankerConfig.cascade_stage()`): orders the pre-ranking survivors by
+             its cascade score (a DCN tower on its shared embeddings) and gives the calibrated CTR
+             of the shown rows (Q·U)
 
-custom_config: {"cascade": JSON object}, keys and defaults in `CascadeTrainerConfig`:
-    method "lcron" ("bce", "icc", "hap"), list_size 60, epochs 3, batch_size 64 (request lists),
-    learning_rate 2e-3 (Adam), quota 10 (LCRON's training quota, an int or one per stage),
-    tau 50.0, with_retrieval true (stages retrieval, prerank, rank; false: prerank, rank),
-    embedding_dim 16, label "gt" ("click"), eval_quotas [40, 30, 20] (the cascade quotas of the
-    e2e recall, DESIGN §8; the last len(stages) are used), seed 0, distill_weight 0.0 (λ of the
-    distillation term of `CascadeModel`: the last stage's logit against sigmoid(teacher_logit),
-    BCE over the real candidates with a finite teacher_logit; 0 = off; needs the TeacherInference
-    output's `teacher_logit`).
+Objective (`models.cascade_model.CascadeModel`): the cascade loss of `method` over the stages'
+scores on the request lists (LCRON: Σ_i L_single^i/(2w_i²) + L_e2e + log ∏ w_i; or "bce", "icc",
+"hap") plus the ranker's own losses on the shown rows of the same lists, weighted by the
+NegativeSampler's `sample_weight` (Factory Floor §3.3 sampling reaches the served ranker).
 
-Training: Keras `fit` of `CascadeModel` (its train_step) with TensorBoard + BackupAndRestore.
-(No per-epoch best-weights selection as `train_cascade(valid_lists=…)` does: the eval split is
-for reporting.)
-eval_metrics.json (`evaluate_cascade` on the eval lists): e2e_recall, recall_<stage>@<q> per
-stage, ndcg@10_<last stage>, requests and requests_without_gt (lists without a real GT
-candidate, left out of every recall), plus method, distill_weight and the quotas.
-Export (SavedModel + warmup file): serving_default on serialized candidate-row tf.Examples
-(input `examples`) → {score/<stage> [N] for every stage, score [N] = the last stage's}. The
-cascade's cut (each stage keeps its top q_i of a request) is done by the caller.
+Input: the NegativeSampler's request-list Examples (`fn_args.train_files` / `eval_files`), one
+list per request with every kept candidate: a request never arrives in pieces, and every train
+request is read once per epoch (`models.list_inputs.request_list_dataset`, shuffled by list). The
+train lists are also read once into numpy to fit the dense normalisers and count the training
+data, the eval lists for the metrics. The pipeline's Schema artifact (`fn_args.schema_path`)
+gives the serving parse specs.
+
+custom_config:
+    {"cascade": CascadeTrainerConfig JSON, "ranker": RankerConfig JSON (overrides RankerConfig.cascade_stage())}
+
+Outputs:
+    <model>/Format-Serving        the ranker (`models.ranker_export`): serving_default → ctr, logit,
+                                  score; quality, ui, score_ui_grid
+    <model>/stages/preranking     the light pre-ranker alone: serving_default → score
+                                  (`models.export.stage_model_dir`; the pipeline's
+                                  `components.stage_model.StageModel` publishes it as a Model)
+    <model_run>/eval_metrics.json evaluate_cascade on the eval lists (e2e recall of the two stages,
+                                  recall_<stage>@<q>), the ranker's CTR metrics on the shown eval
+                                  rows, the training data it read (`train_data_report`), each served
+                                  stage's FLOPs per candidate, the schema path, method and quotas.
 """
 import dataclasses
 import json
-from typing import Tuple, Union
+from typing import Dict, Mapping, Tuple, Union
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from models import export as export_lib
-from models import lcron
+from models import lcron, metrics, ranker_export
 from models import list_inputs as LI
-from models.cascade_model import CascadeModel, default_stages, evaluate_cascade
+from models.cascade_model import CascadeModel, evaluate_cascade
+from models.preranking import LightPreranker
+from models.ranker import FactoryFloorRanker
+from models.ranker_config import RankerConfig
+from models.ranking_stage import RankingStage
 from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
+from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, load_lists,
+                                      save_with_warmup)
+from schema import features as F
 from schema import request_list as RL
 
 CONFIG_KEY = "cascade"
+RANKER_KEY = "ranker"
+STAGES = ("prerank", "rank")
 
 
 @dataclasses.dataclass
 class CascadeTrainerConfig:
-    method: str = "lcron"
+    """The joint training; the ranker's own switches are its RankerConfig (custom_config "ranker")."""
+
+    method: str = "lcron"  # cascade loss: "lcron", "bce", "icc" or "hap" (`CascadeModel`)
     list_size: int = RL.LIST_SIZE
     epochs: int = 3
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    quota: Union[int, Tuple[int, ...]] = lcron.DEFAULT_QUOTA
+    batch_size: int = 16  # request lists per step (~160 shown rows for the ranker's row losses)
+    learning_rate: float = 2e-3  # Adam of the pre-ranker and of LCRON's w_i; the ranker steps with its own
+    quota: Union[int, Tuple[int, ...]] = lcron.DEFAULT_QUOTA  # LCRON's training quota (one, or per stage)
     tau: float = lcron.DEFAULT_TAU
-    with_retrieval: bool = True
-    embedding_dim: int = 16
-    label: str = "gt"
-    eval_quotas: Tuple[int, ...] = (40, 30, 20)
+    embedding_dim: int = 16  # the pre-ranker's
+    label: str = "gt"  # the cascade's positives: the GT tier ("click": clicked candidates)
+    eval_quotas: Tuple[int, ...] = (30, 20)  # pre-ranking and ranking quotas of the e2e recall (DESIGN §8)
     seed: int = 0
-    distill_weight: float = 0.0
 
 
-class CascadeServing(tf.Module):
-    def __init__(self, model: CascadeModel):
+class PrerankerServing(tf.Module):
+    """The served pre-ranker: the light model alone (no ranking tower)."""
+
+    def __init__(self, light: LightPreranker, schema=None):
         super().__init__()
-        self.stage_names = model.stage_names
-        self.stages = list(model.stage_models)
+        self.light = light
+        self._spec = candidate_parse_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):
-        lists = candidate_lists(examples)
-        out = {}
-        for name, stage in zip(self.stage_names, self.stages):
-            out[f"score/{name}"] = tf.reshape(stage(lists, training=False), [-1])
-        out["score"] = out[f"score/{self.stage_names[-1]}"]
-        return out
+        return {"score": tf.reshape(self.light(candidate_lists(examples, self._spec), training=False), [-1])}
 
 
-def build_model(config: CascadeTrainerConfig) -> Tuple[CascadeModel, Tuple[int, ...]]:
-    """(the CascadeModel of `config`, the eval quotas of its stages); seeds TF first."""
+class FinalizeRanker(tf.keras.callbacks.Callback):
+    """Writes the ranker's EMA weights into it when training ends (`RankingStage.finalize`)."""
+
+    def __init__(self, stage: RankingStage):
+        super().__init__()
+        self.stage = stage
+
+    def on_train_end(self, logs=None):
+        self.stage.finalize()
+
+
+def ranker_config_from(fn_args) -> RankerConfig:
+    """`RankerConfig.cascade_stage()` with the custom_config "ranker" overrides."""
+    return RankerConfig.from_dict({**RankerConfig.cascade_stage().to_dict(), **common.config_json(fn_args, RANKER_KEY)})
+
+
+def build_model(config: CascadeTrainerConfig, ranker_config: RankerConfig) -> CascadeModel:
+    """The two-stage CascadeModel of `config` (seeds TF first)."""
+    if len(config.eval_quotas) != len(STAGES):
+        raise ValueError(f"eval_quotas {config.eval_quotas} must give one quota per stage {STAGES}")
     tf.keras.utils.set_random_seed(config.seed)
-    stages = default_stages(config.with_retrieval, config.embedding_dim)
-    if len(config.eval_quotas) < len(stages):
-        raise ValueError(f"eval_quotas {config.eval_quotas} give fewer quotas than the {len(stages)} stages")
-    quotas = tuple(int(q) for q in config.eval_quotas)[-len(stages):]
-    model = CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label,
-                         distill_weight=config.distill_weight)
-    return model, quotas
+    stages = {
+        "prerank": LightPreranker(config.embedding_dim, tower_units=(64,), output_dim=32, head_units=(32,),
+                                  name="prerank"),
+        "rank": RankingStage(FactoryFloorRanker(ranker_config), name="rank"),
+    }
+    return CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label)
+
+
+def train_data_report(lists: Mapping[str, np.ndarray]) -> Dict[str, float]:
+    """What the Trainer reads: lists, candidate rows, the shown rows its CTR losses train on (those
+    the NegativeSampler kept), their clicks, Σ sample_weight over them, and the weighted click mean
+    Σw·y / Σw, an unbiased estimate of the unsampled shown click rate (Factory Floor §3.3)."""
+    real = np.asarray(lists["mask"]) > 0
+    shown = real & (np.asarray(lists["ui_position"]) > F.NOT_SHOWN_POSITION)
+    w = np.asarray(lists["sample_weight"], np.float64)[shown]
+    y = np.asarray(lists["click"], np.float64)[shown]
+    return {
+        "lists": int(real.shape[0]),
+        "candidate_rows": int(real.sum()),
+        "shown_rows": int(shown.sum()),
+        "shown_clicks": int(y.sum()),
+        "shown_weight_sum": float(w.sum()),
+        "weighted_click_mean": float((w * y).sum() / w.sum()) if w.size else float("nan"),
+        "reweighted_rows": int((w != 1.0).sum()),
+    }
+
+
+def ctr_metrics(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> Dict[str, float]:
+    """The ranker's CTR at the logged UI treatment on the shown eval rows of the lists: AUC,
+    PerQueryAUC (grouped by the list each row is in), NE and Σŷ/Σy (`models.metrics`)."""
+    stage = RankingStage(ranker)
+    y, p, q = [], [], []
+    for batch in LI.dataset_from_lists(lists, batch_size):
+        rows = stage.shown_rows(batch)
+        y.append(tf.reshape(rows[F.LABEL_KEY], [-1]).numpy())
+        p.append(tf.sigmoid(tf.reshape(ranker(rows, training=False), [-1])).numpy())
+        q.append(tf.reshape(rows[F.REQUEST_ID_KEY], [-1]).numpy())
+    y, p, q = (np.concatenate(a) for a in (y, p, q))
+    return {"shown_rows": int(y.size), "auc": metrics.auc(y, p), "per_query_auc": metrics.per_query_auc(y, p, q),
+            "ne": metrics.normalized_entropy(y, p), "calibration": float(p.sum() / max(y.sum(), 1e-12))}
 
 
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
     config = common.config_from(fn_args, CONFIG_KEY, CascadeTrainerConfig)
-    logging.info("Training the cascade with %s", config)
-    model, quotas = build_model(config)
-    model.adapt(load_lists(fn_args.train_files, config.list_size))
+    ranker_config = ranker_config_from(fn_args)
+    schema, schema_path = common.pipeline_schema(fn_args)
+    logging.info("Training the joint cascade with %s; ranker %s; schema %s", config, ranker_config, schema_path)
+    model = build_model(config, ranker_config)
+    train_lists = load_lists(fn_args.train_files, config.list_size)
+    data = train_data_report(train_lists)
+    logging.info("Training data: %d lists, %d candidate rows read; %d shown rows kept for the CTR losses "
+                 "(%d clicks), sample_weight sum %.1f, weighted click mean %.4f", data["lists"],
+                 data["candidate_rows"], data["shown_rows"], data["shown_clicks"], data["shown_weight_sum"],
+                 data["weighted_click_mean"])
+    model.adapt(train_lists)
+    del train_lists
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
+    ranking = model.ranking_stage
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args) + [FinalizeRanker(ranking)], verbose=2)
+
     evals = load_lists(fn_args.eval_files, config.list_size)
+    quotas = tuple(int(q) for q in config.eval_quotas)
     result = evaluate_cascade(model.predict_stage_scores(evals), evals, quotas, model.stage_names, config.label)
-    result.update(method=config.method, distill_weight=config.distill_weight,
-                  quotas={n: int(q) for n, q in zip(model.stage_names, quotas)})
+    light = model.stage_models[0]
+    result.update(
+        method=config.method, quotas=dict(zip(model.stage_names, quotas)), schema_path=schema_path,
+        train_data=data, ranker=ctr_metrics(ranking.ranker, evals),
+        flops={"preranking": light.flops(), "ranking": ranking.ranker.flops()},
+    )
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    module = CascadeServing(model)
-    save_with_warmup(module, fn_args.serving_model_dir, {"serving_default": module.serve}, candidate_examples(evals))
+    warmup = candidate_examples(evals)
+    ranker_export.export_ranker(ranking.ranker, fn_args.serving_model_dir, warmup, schema=schema)
+    preranker = PrerankerServing(light, schema)
+    save_with_warmup(preranker, export_lib.stage_model_dir(fn_args.serving_model_dir, "preranking"),
+                     {"serving_default": preranker.serve}, warmup)

@@ -36,6 +36,14 @@ def config_from(fn_args, key: str, cls):
     return config_from_dict(cls, config_json(fn_args, key))
 
 
+def pipeline_schema(fn_args):
+    """(schema, path): the pipeline's Schema artifact (`fn_args.schema_path`, given by the Trainer's
+    `schema` channel), or the packaged schema when the Trainer has none. Parse specs and serving
+    signatures are built from it, so the model reads what ExampleValidator checked."""
+    path = getattr(fn_args, "schema_path", None) or F.SCHEMA_PATH
+    return F.load_schema(path), path
+
+
 def backup_dir(fn_args) -> str:
     """The BackupAndRestore directory of a Trainer run (see the module docstring)."""
     model_run_dir = fn_args.model_run_dir.rstrip("/")
@@ -59,11 +67,11 @@ def callbacks(fn_args) -> List[tf.keras.callbacks.Callback]:
     ]
 
 
-def evaluate_ctr_model(model: tf.keras.Model, eval_files: Sequence[str]) -> Dict[str, float]:
-    """AUC, PerQueryAUC and NE over the eval split's shown candidates, next to the oracle
-    `true_ctr` when the data knows it (synthetic data)."""
+def evaluate_ctr_model(model: tf.keras.Model, eval_files: Sequence[str], schema=None) -> Dict[str, float]:
+    """AUC, PerQueryAUC (rows grouped by request_id explicitly) and NE over the eval split's shown
+    candidates, next to the oracle `true_ctr` when the data knows it (synthetic data)."""
     clicks, scores, oracle, requests = [], [], [], []
-    for batch in inputs.parsed_batches(eval_files, 4096, exposed_only=True):
+    for batch in inputs.parsed_batches(eval_files, 4096, parse_spec=F.training_parse_spec(schema), exposed_only=True):
         model_inputs, label, _ = inputs.to_model_io(batch)
         scores.append(tf.sigmoid(model(model_inputs, training=False)).numpy().reshape(-1))
         clicks.append(label.numpy().reshape(-1))

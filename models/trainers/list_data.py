@@ -57,15 +57,17 @@ def candidate_examples(lists: Mapping[str, np.ndarray], count: int = 8) -> list:
     return out
 
 
-def candidate_parse_spec() -> Dict:
-    spec = F.serving_parse_spec()
+def candidate_parse_spec(schema=None) -> Dict:
+    """Serving parse spec of the candidate features, from `schema` (default: the packaged one)."""
+    spec = F.serving_parse_spec(schema)
     return {name: spec[name] for name in CANDIDATE_FEATURES if name in spec}
 
 
-def candidate_lists(examples: tf.Tensor) -> Dict[str, tf.Tensor]:
+def candidate_lists(examples: tf.Tensor, spec: Dict = None) -> Dict[str, tf.Tensor]:
     """Serialized candidate-row tf.Examples [N] → N request lists of one candidate each (mask
-    [N, 1]), the input every stage layer reads; its [N, 1] scores are the candidates' scores."""
-    parsed = tf.io.parse_example(examples, candidate_parse_spec())
+    [N, 1]), the input every stage layer reads; its [N, 1] scores are the candidates' scores.
+    `spec`: `candidate_parse_spec(schema)` (default: of the packaged schema)."""
+    parsed = tf.io.parse_example(examples, spec or candidate_parse_spec())
     lists = dict(parsed)
     tags = parsed["item_tags"]
     if isinstance(tags, tf.RaggedTensor):

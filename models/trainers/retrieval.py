@@ -47,7 +47,8 @@ from models import retrieval as R
 from models.cascade_model import cascade_labels
 from models.metrics import requests_without_gt, stage_recall
 from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
+from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, load_lists,
+                                      save_with_warmup)
 from schema import request_list as RL
 
 CONFIG_KEY = "retrieval"
@@ -74,25 +75,28 @@ class RetrievalTrainerConfig:
 class ScoringRetrievalServing(R.RetrievalServing):
     """`RetrievalServing` plus `score`: u·v of serialized candidate-row tf.Examples."""
 
-    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index):
-        super().__init__(query_tower, index)
+    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index, schema=None):
+        super().__init__(query_tower, index, schema)
         self.item_tower = item_tower
+        self._candidate_spec = candidate_parse_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def score(self, examples):
-        lists = candidate_lists(examples)
+        lists = candidate_lists(examples, self._candidate_spec)
         u = self.query_tower(LI.request_features(lists), training=False)
         v = self.item_tower(LI.candidate_features(lists), training=False)
         return {"score": tf.reduce_sum(u * v, axis=-1)}
 
 
-def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmup: Sequence[bytes], k: int) -> str:
-    """`models.retrieval.export_retrieval` with the extra `score` signature (same layout)."""
+def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmup: Sequence[bytes], k: int,
+           schema=None) -> str:
+    """`models.retrieval.export_retrieval` with the extra `score` signature (same layout); requests
+    are parsed with `schema` (the pipeline's; default: the packaged one)."""
     k = min(int(k), corpus.size)
     index = tfrs.layers.factorized_top_k.BruteForce(model.query_tower, k=k)
     index.index(tf.constant(R.item_embeddings(model.item_tower, corpus)),
                 identifiers=tf.constant(corpus.item_id[:, 0].astype(np.int64)))
-    module = ScoringRetrievalServing(model.query_tower, model.item_tower, index)
+    module = ScoringRetrievalServing(model.query_tower, model.item_tower, index, schema)
     module.serve(tf.constant(list(warmup)))  # builds the index's graph before saving
     signatures = {"serving_default": module.serve, "query_embedding": module.query_embedding,
                   "item_embeddings": module.item_embeddings, "score": module.score}
@@ -142,10 +146,19 @@ def build_model(config: RetrievalTrainerConfig, train: Mapping[str, np.ndarray])
     return model, pairs, batch_size, negatives
 
 
+def flops(model: R.RetrievalModel) -> Dict[str, int]:
+    """FLOPs of the served retrieval stage (`models.retrieval.dense_flops` convention): per
+    candidate of the index, u·v (2·d, the item vectors are computed once at export); per request,
+    the query tower; per corpus item at export, the item tower."""
+    d = model.query_tower.units[-1]
+    return {"per_candidate": 2 * d, "per_request": model.query_tower.flops(), "per_item_at_export": model.item_tower.flops()}
+
+
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
     config = common.config_from(fn_args, CONFIG_KEY, RetrievalTrainerConfig)
-    logging.info("Training the retrieval model with %s", config)
+    schema, schema_path = common.pipeline_schema(fn_args)
+    logging.info("Training the retrieval model with %s (schema %s)", config, schema_path)
     tf.keras.utils.set_random_seed(config.seed)
     train = load_lists(fn_args.train_files, config.list_size)
     evals = load_lists(fn_args.eval_files, config.list_size)
@@ -154,6 +167,8 @@ def run_fn(fn_args) -> None:
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
     model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
+    result["flops"] = flops(model)
+    result["schema_path"] = schema_path
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    export(model, corpus, fn_args.serving_model_dir, candidate_examples(evals), config.top_k)
+    export(model, corpus, fn_args.serving_model_dir, candidate_examples(evals), config.top_k, schema)

@@ -1,12 +1,49 @@
-"""Trainer module of the teacher: the ranker made wider and deeper (`RankerConfig.teacher()`),
-whose predictions TeacherInference records for two-pass distillation (Factory Floor §4.1.2).
+"""Trainer module of the teacher: the Factory Floor ranker made wider and deeper
+(`RankerConfig.teacher()`), whose predictions TeacherInference records for two-pass distillation
+(Factory Floor §4.1.2).
 
-custom_config: {"ranker": RankerConfig JSON} overrides the teacher defaults.
+It trains on ExampleGen's candidate rows, before the NegativeSampler groups them into request
+lists, so it reads rows in any order (files and rows shuffled) and has no per-request loss: its
+default `rank_loss` is "none", and a config that turns a rank loss on is refused (the rows of a
+request are not together here; DESIGN §11 "request grouping"). Its job is the soft label
+σ(teacher_logit) of every shown row, which the logistic loss learns; the shown rows
+(ui_position > 0) are its training data, `batch_size` rows a batch.
+
+custom_config: {"ranker": RankerConfig JSON} overrides the teacher defaults. The pipeline's Schema
+artifact (`fn_args.schema_path`) gives the parse spec and the serving signatures. Exports
+`serving_default`, `quality`, `ui` and `score_ui_grid` with a warmup file (`models.ranker_export`).
 """
+import json
+
+import tensorflow as tf
+from absl import logging
+
+from models import inputs, ranker, ranker_export
 from models.ranker_config import RankerConfig
-from models.trainers import ranking
+from models.trainers import common
+from schema import features as F
+
+CONFIG_KEY = "ranker"
 
 
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
-    ranking.train_and_export(fn_args, RankerConfig.teacher())
+    config = RankerConfig.from_dict({**RankerConfig.teacher().to_dict(), **common.config_json(fn_args, CONFIG_KEY)})
+    if config.rank_loss != "none":
+        raise ValueError("the teacher trains on candidate rows in any order: it has no per-request rank loss "
+                         f"(rank_loss must be 'none', got {config.rank_loss!r})")
+    schema, schema_path = common.pipeline_schema(fn_args)
+    logging.info("Training the teacher with %s (schema %s)", config, schema_path)
+    tf.keras.utils.set_random_seed(config.lspr_seed)
+    train = inputs.parsed_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema),
+                                  shuffle_seed=0, exposed_only=True)
+    model = ranker.FactoryFloorRanker(config)
+    model.adapt(train)
+    model.compile()
+    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
+    result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)
+    result["schema_path"] = schema_path
+    logging.info("Eval metrics: %s", json.dumps(result))
+    common.write_eval_metrics(fn_args.model_run_dir, result)
+    ranker_export.export_ranker(model, fn_args.serving_model_dir, common.warmup_examples(fn_args.eval_files),
+                                schema=schema)

@@ -1,0 +1,132 @@
+"""The Factory Floor ranker as the last stage of a cascade trained as one network.
+
+DESIGN §11 "each stage is trained for what it does in serving": the ranking stage reorders the
+survivors of pre-ranking (candidates that have not been shown) and gives a calibrated CTR on the
+shown rows. One `models.ranker.FactoryFloorRanker` does both, from one batch of request lists:
+
+    cascade score   s_c = cascade_logit(x_c)     every real candidate c of a list (RankerConfig.
+                                                 cascade_score: the CTR logit at a reference UI
+                                                 treatment, a head on the quality body, or a DCN
+                                                 tower on the shared embeddings); the logged UI is
+                                                 never read: in logs it leaks the label
+    row losses      L_FF = (1 − α_t)·L_logistic + α_t·L_rank + w_d,t·L_distill + T_bias + λ·L_LSPR
+                                                 on the shown candidates (ui_position > 0) of the lists,
+                                                 at their logged UI treatment, weighted by the
+                                                 NegativeSampler's `sample_weight` (DESIGN §5; the
+                                                 ranker's own `loss_terms`, curriculum included)
+
+`models.cascade_model.CascadeModel` adds L_FF to its cascade objective (LCRON's L_e2e and
+L_single^i over the stages' scores s, the last stage's being s_c above). The RankNet term groups
+the shown rows of each list by the list they come from (LIST_INDEX_KEY / LIST_MASK_KEY), never by
+file order. Teacher logits of rows that were not shown are never distilled: the teacher only
+learned CTR on shown rows.
+
+Optimisation: the ranker keeps its own optimizer (`RankerConfig.optimizer`, Adagrad with an EMA
+of the weights by default, as the Factory Floor ranker trains); a cascade head or tower, which
+only the cascade loss trains, steps with the cascade's optimizer, as the other stages do.
+After each step the bias-constraint duals take their ascent step and the cross stack's ramp moves
+(`FactoryFloorRanker.after_step`). `finalize` writes the EMA weights into the ranker after training.
+
+Written here: the flattening of lists into the ranker's rows and the shown-row selection; the
+losses are the ranker's (TF-Ranking's RankNet, `models.losses`), the layers TFRS/Keras.
+"""
+from typing import Dict, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from models import losses
+from models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker, make_optimizer
+from schema import features as F
+from schema import request_list as RL
+
+ROW_EXTRAS = (F.LABEL_KEY, F.SAMPLE_WEIGHT_KEY, F.TEACHER_LOGIT_KEY, F.REQUEST_ID_KEY)
+
+
+def list_rows(lists: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """A batch of request lists [B, L] → candidate rows [B·L] in the candidate-row layout the
+    ranker reads (request features repeated per slot; `RL.flatten_to_candidates`)."""
+    return RL.flatten_to_candidates(lists, tf.shape(lists["mask"])[1])
+
+
+def shown_row_index(lists: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """[n] int64: the flat index (b·L + j) of every real, shown candidate of the lists."""
+    shown = (tf.convert_to_tensor(lists["mask"]) > 0) & (tf.convert_to_tensor(lists["ui_position"])
+                                                         > F.NOT_SHOWN_POSITION)
+    return tf.where(tf.reshape(shown, [-1]))[:, 0]
+
+
+class RankingStage(tf.keras.layers.Layer):
+    """A cascade stage layer (lists [B, L] → scores [B, L]) around a FactoryFloorRanker."""
+
+    def __init__(self, ranker: FactoryFloorRanker, **kwargs):
+        super().__init__(**kwargs)
+        self.ranker = ranker
+        self.optimizer = make_optimizer(ranker.config)
+
+    @property
+    def step(self) -> tf.Variable:
+        return self.optimizer.iterations
+
+    @property
+    def ranker_variables(self):
+        """The variables the ranker's optimizer(s) step: all but a cascade head's, which is trained by
+        the cascade loss alone and steps with the cascade's optimizer (`cascade_variables`)."""
+        head = {id(v) for v in self.cascade_variables}
+        return [v for v in self.trainable_variables if id(v) not in head]
+
+    @property
+    def cascade_variables(self):
+        head = self.ranker.cascade_head
+        return list(head.trainable_variables) if head is not None else []
+
+    def call(self, lists, training=None) -> tf.Tensor:
+        """[B, L] cascade scores of every slot (padding included; callers mask it)."""
+        scores = self.ranker.cascade_logit(list_rows(lists), training=training)
+        return tf.reshape(scores, tf.shape(lists["mask"]))
+
+    def shown_rows(self, lists, rows=None) -> Dict[str, tf.Tensor]:
+        """The shown candidates of the lists as a row batch for `FactoryFloorRanker.loss_terms`,
+        with their list layout (LIST_INDEX_KEY [R, M], LIST_MASK_KEY [R, M]) for the rank loss.
+        Teacher logits and weights of padded or unshown slots never enter."""
+        rows = list_rows(lists) if rows is None else rows
+        index = shown_row_index(lists)
+        names = tuple(self.ranker.feature_names) + tuple(n for n in ROW_EXTRAS if n in rows)
+        out = {name: tf.gather(rows[name], index) for name in names}
+        list_of_row = index // tf.cast(tf.shape(lists["mask"])[1], tf.int64)
+        (layout,), mask = losses.rows_to_lists(list_of_row, [tf.range(tf.size(index, out_type=tf.int64))])
+        out[LIST_INDEX_KEY], out[LIST_MASK_KEY] = layout, mask
+        return out
+
+    def training_terms(self, lists, training=True) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
+        """([B, L] cascade scores, the ranker's loss terms on the shown rows) at the ranker's step."""
+        rows = list_rows(lists)
+        step = self.step
+        scores = tf.reshape(self.ranker.cascade_logit(rows, training=training, step=step), tf.shape(lists["mask"]))
+        terms = self.ranker.loss_terms(self.shown_rows(lists, rows), step=step, training=training)
+        return scores, terms
+
+    def apply_gradients(self, grads_and_vars) -> None:
+        """The ranker's optimizer step on `ranker_variables`."""
+        self.optimizer.apply_gradients(grads_and_vars)
+
+    def after_step(self, terms: Dict[str, tf.Tensor]) -> None:
+        self.ranker.after_step(terms, self.optimizer.iterations)
+
+    def finalize(self) -> None:
+        """Writes the EMA of the ranker's weights into them (no-op without EMA), as Keras `fit`
+        does for a compiled model's own optimizer."""
+        if getattr(self.optimizer, "use_ema", False):
+            self.optimizer.finalize_variable_values(self.ranker_variables)
+
+    def adapt(self, lists) -> None:
+        """Fits the ranker's dense normalisers on the real candidates of training lists (numpy)."""
+        mask = np.asarray(lists["mask"]) > 0
+        size = mask.shape[1]
+        values = {
+            "user_dense": np.repeat(np.asarray(lists["user_dense"], np.float32), size, axis=0)[mask.reshape(-1)],
+            "item_dense": np.asarray(lists["item_dense"], np.float32).reshape(-1, RL.ITEM_DENSE_SIZE)[mask.reshape(-1)],
+        }
+        for name, normalizer in self.ranker.embedding.normalizers.items():
+            x = values[name]
+            normalizer.adapt(np.where(np.isnan(x), 0.0, x))
