@@ -17,7 +17,9 @@ are batched and every model input scores every row, each SavedModel loaded once 
 `ctr`, `scores`, `logit`), and a baseline by its stage's; the ranking model and its baseline also
 by their CTR, `config.ctr_output`, into the column `<input>/ctr`. The signatures are checked
 before the pipeline runs (from `saved_model.pb`, without loading the model): a stage model without
-its output fails the run, a baseline without it (an older architecture) is dropped with a note.
+its output fails the run; a baseline without it (an older architecture), or whose signatures are not
+those of the stage's model (another stage's model: on KFP v2 `LatestBlessedModelStrategy` resolves
+blessings without their producer), is dropped with a note.
 
 The scored rows are written to the ModelEvaluation artifact (`scored_rows-*.gz`, tf.Examples); the
 executor then computes the metrics and the per-stage verdicts of `components.evaluation` and writes
@@ -252,7 +254,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             path = path_utils.serving_model_path(model.uri)
             models[STAGE_INPUTS[stage]] = (path, score_columns(STAGE_INPUTS[stage], STAGE_INPUTS[stage], path, config))
             if baseline is not None:
-                path = path_utils.serving_model_path(baseline.uri)
+                baseline_path = path_utils.serving_model_path(baseline.uri)
+                mine, theirs = sorted(signature_outputs(path)), sorted(signature_outputs(baseline_path))
+                if mine != theirs:  # e.g. another stage's model (KFP v2 resolves blessings unscoped)
+                    notes[stage].append(f"baseline dropped, its signatures {theirs} are not this stage's {mine}")
+                    baselines[stage] = None
+                    continue
+                path = baseline_path
                 try:
                     models[BASELINE_INPUTS[stage]] = (path, score_columns(BASELINE_INPUTS[stage], STAGE_INPUTS[stage],
                                                                           path, config))

@@ -298,3 +298,25 @@ def test_tfma_eval_config_gates_the_ctr_against_the_baseline():
     assert len(first_run.model_specs) == 1 and not first_run.model_specs[0].is_baseline
     assert not tfma.utils.has_change_threshold(first_run)  # the AUC change threshold is dropped
     tfma.utils.verify_eval_config(tfma.utils.update_eval_config_with_defaults(config, has_baseline=True, rubber_stamp=True))
+
+
+def test_a_baseline_with_another_stages_signatures_is_dropped(setup, tmp_path):
+    """On KFP v2 a stage's Resolver can return another stage's blessed model: a baseline whose
+    signatures are not those of the stage's model is not compared, and the verdict says why."""
+    root, examples, model, baseline, blind = setup
+
+    class TwoSignatures(tf.Module):  # a retrieval-like interface: serving_default and `score`
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+        def serve(self, examples):
+            return {"ctr": tf.fill(tf.shape(examples), 0.1)}
+
+    module = TwoSignatures()
+    tf.saved_model.save(module, str(tmp_path / "other" / "Format-Serving"),
+                        signatures={"serving_default": module.serve, "score": module.serve})
+    other = standard_artifacts.Model()
+    other.uri, other.id = str(tmp_path / "other"), 3
+    metrics, _, blessings = _run(tmp_path, OPEN, examples, model=[model], baseline_model=[other])
+    verdict = metrics["blessings"]["ranking"]
+    assert verdict["baseline_uri"] is None and "baseline" not in metrics
+    assert any(note.startswith("baseline dropped, its signatures") for note in verdict["notes"]), verdict
+    assert verdict["blessed"]

@@ -309,11 +309,10 @@ def test_each_stage_is_blessed_by_its_own_gate_and_pushed_into_a_versioned_direc
 def test_the_served_preranker_is_the_light_model_alone(resumed_run):
     config, _, _ = resumed_run
     pushed = report.pushed_models(config)
-    preranker = tf.saved_model.load(pushed["preranking"])
-    ranker = tf.saved_model.load(pushed["ranking"])
-    size = lambda m: sum(int(tf.size(v)) for v in m.variables)  # noqa: E731
-    assert set(preranker.signatures) == {"serving_default"}
-    assert 3 * size(preranker) < size(ranker)  # no ranking tower inside the pre-ranker
+    assert set(tf.saved_model.load(pushed["preranking"]).signatures) == {"serving_default"}
+    names = [name for name, _ in tf.train.list_variables(os.path.join(pushed["preranking"], "variables", "variables"))
+             if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert names and all(name.startswith("light/") for name in names)  # the light model's variables only
 
 
 def test_serve_check_calls_every_signature_of_every_pushed_model(resumed_run, capsys):
@@ -410,22 +409,30 @@ def test_a_rerun_on_the_same_inputs_is_answered_by_the_cache(second_run):
     assert seconds < 60
 
 
-# ---- run 4: a model that cannot rank ------------------------------------------------------------
+# ---- run 4: models that cannot rank -------------------------------------------------------------
 LABEL_FIELDS = ("stage", "click", "ui_position", "ui_format", "true_ctr")
+ITEM_FIELDS = ("item_id", "item_category", "item_tags", "item_dense")
 
 
-def _shuffle_train_labels(data_dir: str, seed: int = 0) -> None:
-    """Permutes the label fields (tier, click, UI treatment, true CTR) across the train rows: the
-    features say nothing about the labels any more. The eval split keeps its true labels."""
+def _break_train_data(data_dir: str, seed: int = 0) -> None:
+    """Makes the train split unlearnable: the labels (tier, click, UI treatment, true CTR) and the
+    item features are each permuted across the train rows, independently. No feature says anything
+    about a label any more, and a request's candidates are random items, as the random negatives
+    are (shuffling the labels alone would not do: a request's logged candidates would still be
+    more relevant to it than random corpus items). The eval split keeps the true data."""
     path = os.path.join(data_dir, "Split-train", example_io.RECORD_FILE)
     rows = list(example_io.read_examples(path))
-    labels = [{name: tf.train.Feature().FromString(r.features.feature[name].SerializeToString()) for name in LABEL_FIELDS}
-              for r in rows]
-    order = np.random.default_rng(seed).permutation(len(rows))
+    rng = np.random.default_rng(seed)
+    copies = {}
+    for fields in (LABEL_FIELDS, ITEM_FIELDS):
+        order = rng.permutation(len(rows))
+        copies[fields] = [{name: tf.train.Feature.FromString(rows[k].features.feature[name].SerializeToString())
+                           for name in fields} for k in order]
     with tf.io.TFRecordWriter(path, options="GZIP") as w:
-        for row, k in zip(rows, order):
-            for name in LABEL_FIELDS:
-                row.features.feature[name].CopyFrom(labels[k][name])
+        for i, row in enumerate(rows):
+            for fields, values in copies.items():
+                for name in fields:
+                    row.features.feature[name].CopyFrom(values[i][name])
             w.write(row.SerializeToString())
 
 
@@ -435,23 +442,26 @@ def test_a_model_that_cannot_rank_is_not_blessed_and_the_previous_version_stays_
     before_versions = _served_versions(config)
     data = tmp_path / "shuffled"
     synthetic.write_dataset(config.synthetic, str(data))
-    _shuffle_train_labels(str(data))
+    _break_train_data(str(data))
     broken = config.replace(source="examples", examples_dir=str(data), enable_cache=True)
     local_runner.run(broken, show_progress=False)
     evaluation = report.collect(broken)["evaluation"]
     quotas = dict(zip(evaluation["cascade"]["stages"], evaluation["cascade"]["quotas"]))
-    for stage in ("preranking", "ranking"):
+    lift = lambda stage: evaluation["cascade"][  # noqa: E731
+        f"recall_lift_at_{quotas[report.STAGE_KEYS[stage]]}/{report.STAGE_KEYS[stage]}"]
+    for stage in ("preranking", "ranking"):  # trained on nothing learnable: they order at chance
         verdict = evaluation["blessings"][stage]
-        assert not verdict["blessed"], (stage, verdict)
+        assert abs(lift(stage)) < 0.15 and not verdict["blessed"], (stage, verdict)
         assert any("recall_lift" in reason for reason in verdict["reasons"]), (stage, verdict)
-        key = report.STAGE_KEYS[stage]
-        assert abs(evaluation["cascade"][f"recall_lift_at_{quotas[key]}/{key}"]) < 0.15, stage
         pushed = _artifacts(broken, f"Pusher.{stage}", "pushed_model")[-1]
         assert _prop(pushed, "pushed") == 0, stage
-    assert report.pushed_models(broken)["ranking"] == before_pushed["ranking"]
-    after_versions = _served_versions(broken)
-    assert after_versions["ranking"] == before_versions["ranking"]
-    assert after_versions["preranking"] == before_versions["preranking"]
+        assert report.pushed_models(broken)[stage] == before_pushed[stage]  # the previous version is served
+        assert _served_versions(broken)[stage] == before_versions[stage]
+    # Retrieval still learns item popularity from the broken data (positives are drawn in proportion
+    # to how often an item is logged, its sampled negatives uniformly), which orders the GT above
+    # chance: it can rank, and its gate judges it by the same rule.
+    retrieval = evaluation["blessings"]["retrieval"]
+    assert (lift("retrieval") < 0.15) == any("recall_lift" in reason for reason in retrieval["reasons"])
 
 
 # ---- other runs ---------------------------------------------------------------------------------

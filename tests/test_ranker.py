@@ -434,6 +434,26 @@ def test_request_batches_keep_requests_whole_and_shuffle_requests(tmp_path):
 
 
 # ---- behaviour ------------------------------------------------------------------------------------
+def test_request_batches_group_rows_by_request_id_whatever_the_file_order(tmp_path):
+    """Rows of a request scattered over files and shuffled (as ExampleGen, RunInference and Beam
+    leave them) still arrive together: the grouping is by request_id, never by file order."""
+    rows = make_rows(12, seed=4, rows_per_request=5)
+    order = np.random.default_rng(0).permutation(rows["click"].shape[0])
+    paths = [str(tmp_path / f"part-{k}.gz") for k in range(2)]
+    writers = [tf.io.TFRecordWriter(p, options="GZIP") for p in paths]
+    for n, i in enumerate(order):
+        writers[n % 2].write(serialize(rows, int(i)))
+    for w in writers:
+        w.close()
+    batches = list(ranker.request_batches(paths, requests_per_batch=3, exposed_only=False))
+    seen = []
+    for b in batches:
+        ids, counts = np.unique(b["request_id"].numpy()[:, 0], return_counts=True)
+        assert (counts == 5).all()  # whole requests
+        seen += ids.tolist()
+    assert sorted(seen) == sorted(set(rows["request_id"][:, 0].tolist()))  # each request once
+
+
 def test_training_a_few_hundred_steps_beats_the_constant_predictor():
     tf.keras.utils.set_random_seed(0)
     train_rows, test_rows = make_rows(600, seed=10), make_rows(200, seed=11)

@@ -1,0 +1,85 @@
+"""Benchmark: what `make demo` serves, from the pipeline's own artifacts, over several clean runs.
+
+    .venv/bin/python bench/pipeline_runs.py [--runs 3] [--requests 5000] [--json out.json]
+
+Each run is the demo's pipeline (`PipelineConfig()` defaults: built-in synthetic data, 5,000
+requests, seed 0; LocalDagRunner, Beam DirectRunner multi-processing) in a fresh output directory,
+so every run trains from scratch on the same data; the runs differ only by the nondeterminism of
+multi-threaded training. After each run the figures are read back from the run's MLMD store and
+artifacts by `pipelines.report.collect` — the CascadeEvaluator's metrics, the TFMA Evaluator's
+overall metrics, the joint Trainer's training data and FLOPs, the blessings — exactly what the
+run prints. Printed: every run's figures and their mean ± sample std (min–max for the spread),
+and each run's wall time with the per-component times. Dataset: synthetic (`SyntheticConfig()`).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from report import mean_std  # noqa: E402  (sample std over runs, as in BENCHMARKS.md)
+
+from datasources.synthetic import SyntheticConfig  # noqa: E402
+from pipelines import local_runner  # noqa: E402
+from pipelines import report as run_report  # noqa: E402
+from pipelines.config import PipelineConfig  # noqa: E402
+
+
+def figures(result) -> dict:
+    """The run's headline figures, from `pipelines.report.collect`."""
+    evaluation = result["evaluation"]
+    out = {name: value for name, value, _ in run_report.table_rows(evaluation) if value is not None}
+    k, ranking, preranking = run_report.ranking_vs_preranking_at(evaluation)
+    out[f"ranking − pre-ranking Recall@|GT|@{k}"] = ranking - preranking
+    out["TFMA AUC (shown eval rows)"] = result["tfma"].get("auc")
+    out["TFMA calibration"] = result["tfma"].get("calibration")
+    flops = result["cascade_trainer"]["flops"]
+    out["FLOPs/candidate pre-ranking"] = flops["preranking"]["per_candidate"]
+    out["FLOPs/candidate ranking"] = flops["ranking"]["per_candidate"]
+    out["FLOPs/candidate retrieval"] = result["retrieval_trainer"]["flops"]["per_candidate"]
+    for stage, verdict in evaluation["blessings"].items():
+        out[f"blessed {stage}"] = float(verdict["blessed"])
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=SyntheticConfig().num_requests)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    runs = []
+    for r in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="pipeline-run-") as tmp:
+            config = PipelineConfig(output_dir=os.path.join(tmp, "out"),
+                                    synthetic=dataclasses.replace(SyntheticConfig(), num_requests=args.requests))
+            seconds, timings = local_runner.run_with_timings(config, show_progress=False)
+            run = {"seconds": seconds, "components": [[n, s] for n, s, _ in timings],
+                   "figures": figures(run_report.collect(config))}
+        runs.append(run)
+        print(f"run {r + 1}: {seconds:.1f} s; " + json.dumps({k: round(v, 4) for k, v in run["figures"].items()}),
+              flush=True)
+    print(f"\ndemo pipeline, synthetic {args.requests} requests, {args.runs} runs from clean output dirs, "
+          f"{os.cpu_count()} cores")
+    for name in runs[0]["figures"]:
+        values = [run["figures"][name] for run in runs]
+        print(f"  {name:<40s} {mean_std(values):>18s}   (min {min(values):.4f}, max {max(values):.4f}, "
+              f"spread {max(values) - min(values):.4f})")
+    walls = [run["seconds"] for run in runs]
+    print(f"  {'pipeline wall time (s)':<40s} {mean_std(walls, 1):>18s}")
+    for name in dict(runs[0]["components"]):
+        print(f"    {name:<36s} {np.mean([dict(run['components'])[name] for run in runs]):6.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
