@@ -127,9 +127,10 @@ def _cmd_run(args) -> int:
         print("Blessings (each stage against the latest blessed model of that stage):")
         for line in report.blessing_lines(evaluation):
             print(line)
-    print("Pushed SavedModels:" if result["pushed"] else "Pushed SavedModels: none")
-    for stage, path in result["pushed"].items():
-        print(f"  {stage:<11} {path}")
+    served = report.served_models(config)
+    print("Served SavedModels:" if served else "Served SavedModels: none")
+    for stage, (path, pushed_now) in served.items():
+        print(f"  {stage:<11} {path}" + ("" if pushed_now else "  (this run's model was not blessed: not pushed)"))
     return 0
 
 

@@ -42,14 +42,24 @@ def latest_artifact(store: mlmd.MetadataStore, type_name: str, node_context: str
     return max(artifacts, key=lambda a: a.id) if artifacts else None
 
 
-def pushed_models(config: PipelineConfig) -> Dict[str, str]:
-    """{stage: pushed SavedModel directory} of the newest push of each stage."""
+def served_models(config: PipelineConfig) -> Dict[str, Tuple[str, bool]]:
+    """{stage: (the served SavedModel directory, whether the newest run of its Pusher pushed it)}:
+    the served version is the newest push; a Pusher whose blessing said no pushes nothing."""
     store, out = _store(config), {}
     for stage in STAGES:
-        pushed = latest_artifact(store, "PushedModel", f"{config.pipeline_name}.Pusher.{stage}")
-        if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:
-            out[stage] = pushed.custom_properties["pushed_destination"].string_value
+        node = f"{config.pipeline_name}.Pusher.{stage}"
+        contexts = [c for c in store.get_contexts_by_type("node") if c.name == node]
+        artifacts = sorted((a for c in contexts for a in store.get_artifacts_by_context(c.id)
+                            if a.type_id == store.get_artifact_type("PushedModel").id), key=lambda a: a.id)
+        pushed = [a for a in artifacts if a.custom_properties["pushed"].int_value == 1]
+        if pushed:
+            out[stage] = (pushed[-1].custom_properties["pushed_destination"].string_value, artifacts[-1].id == pushed[-1].id)
     return out
+
+
+def pushed_models(config: PipelineConfig) -> Dict[str, str]:
+    """{stage: the served SavedModel directory}: each stage's newest pushed version."""
+    return {stage: path for stage, (path, _) in served_models(config).items()}
 
 
 def tfma_summary(uri: str) -> Dict:

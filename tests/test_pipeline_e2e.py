@@ -455,7 +455,7 @@ def test_a_model_that_cannot_rank_is_not_blessed_and_the_previous_version_stays_
         assert any("recall_lift" in reason for reason in verdict["reasons"]), (stage, verdict)
         pushed = _artifacts(broken, f"Pusher.{stage}", "pushed_model")[-1]
         assert _prop(pushed, "pushed") == 0, stage
-        assert report.pushed_models(broken)[stage] == before_pushed[stage]  # the previous version is served
+        assert report.served_models(broken)[stage] == (before_pushed[stage], False)  # the previous one is served
         assert _served_versions(broken)[stage] == before_versions[stage]
     # Retrieval still learns item popularity from the broken data (positives are drawn in proportion
     # to how often an item is logged, its sampled negatives uniformly), which orders the GT above
