@@ -55,13 +55,21 @@ which passes the list layout of each batch's shown rows as LIST_INDEX_KEY / LIST
 
 Cascade score. A candidate that the ranking stage orders in serving has not been shown, so the
 score it is ordered by must not read its logged UI features (in logs, ui_position > 0 exactly when
-it was shown: reading it would leak the label). `cascade_logit` is the CTR logit at a reference
-UI treatment (`reference_ui_position`, `reference_ui_format`): τ(q·u_ref) for a Q·U model, the
-one-tower logit with the UI features set to the reference otherwise.
+it was shown: reading it would leak the label). `cascade_logit` (RankerConfig.cascade_score) is
+    "reference_ui"  the CTR logit at a reference UI treatment (`reference_ui_position`,
+                    `reference_ui_format`): τ(q·u_ref) with Q·U, else the one-tower logit with the UI
+                    features set to the reference;
+    "head"          an MLP on the quality body h (a second task on the shared body);
+    "tower"         its own DCNv2 cross stack and MLP on the shared quality embeddings x0 (a
+                    second task that shares the embeddings only; `RankerConfig.cascade_stage()`).
+A head or tower is trained by a cascade loss only (`models.ranking_stage`): `compile()`, which
+prepares training on rows, freezes it.
 
 Optimisation: `compile()` builds the config's optimizer (Adagrad by default, as in the paper);
 with `ema_momentum > 0` Keras keeps an exponential moving average of the weights and `fit` ends by
-writing it into the model (the served weights). `build_and_train` does adapt + compile + fit.
+writing it into the model (the served weights). The embedding tables learn at
+`embedding_lr_multiplier` × the learning rate (`models.embedding.FeatureEmbedding`).
+`build_and_train` does adapt + compile + fit.
 """
 import dataclasses
 from typing import Dict, Iterable, Optional, Sequence
