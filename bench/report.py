@@ -314,6 +314,36 @@ def demo_table(data):
             + markdown(["component", "seconds"], rows))
 
 
+# ---- the pipeline: what `cascade run` serves (bench/pipeline_runs.py, bench/ranker_variants.py) ----
+def pipeline_runs_table(data):
+    """Every figure of the runs: mean ± std, min and max over the clean runs; then the wall times."""
+    runs = data["runs"]
+    rows = []
+    for name in runs[0]["figures"]:
+        values = [r["figures"][name] for r in runs]
+        digits = 0 if name.startswith("FLOPs") else 4
+        rows.append([name.replace("|", "\\|"), mean_std(values, digits), f"{min(values):.{digits}f}",
+                     f"{max(values):.{digits}f}"])
+    walls = [r["seconds"] for r in runs]
+    rows.append(["pipeline wall time (s)", mean_std(walls, 1), f"{min(walls):.1f}", f"{max(walls):.1f}"])
+    components = {}
+    for r in runs:
+        for name, seconds in r["components"]:
+            components.setdefault(name, []).append(seconds)
+    slow = [[name, mean_std(v, 1)] for name, v in components.items() if np.mean(v) >= 1.0]
+    return (f"synthetic {data['args']['requests']:,} requests, {len(runs)} runs from clean output dirs\n\n"
+            + markdown(["figure", "mean ± std", "min", "max"], rows)
+            + "\n\ncomponents of ≥ 1 s (mean ± std over the runs, seconds)\n\n" + markdown(["component", "seconds"], slow))
+
+
+def ranker_variants_table(data):
+    results = data["results"]
+    keys = list(next(iter(results.values()))[0])
+    rows = [[name] + [mean_std([r[k] for r in runs], 1 if k == "train_seconds" else 4) for k in keys]
+            for name, runs in results.items()]
+    return f"seeds {data['args']['seeds']}\n\n" + markdown(["variant"] + keys, rows)
+
+
 def save(fig, plt, out_dir, name):
     """Lays the figure out, writes it as out_dir/name (PNG) and closes it; returns the path."""
     fig.tight_layout()
@@ -324,6 +354,8 @@ def save(fig, plt, out_dir, name):
 
 
 SECTIONS = {  # json name -> (table, plot or None)
+    "pipeline_runs": (pipeline_runs_table, ()),
+    "ranker_variants": (ranker_variants_table, ()),
     "ranking_ablations": (lambda d: ablation_tables(d) + "\n\nReproducibility\n\n" + reproducibility_table(d),
                           (plot_ablations, plot_reproducibility)),
     "data_sampling": (sampling_table, (plot_sampling,)),

@@ -18,7 +18,9 @@ Blessing (`bless_stages`), one verdict per stage, each against that stage's own 
 latest blessed model of the stage):
   - value thresholds `(stage, metric, "min"|"max", value)` on the stage's metrics: "recall"
     (Recall@|GT|@quota), "recall_lift", and for "ranking" also "auc", "per_query_auc", "ne" and
-    "calibration" = mean predicted CTR / click rate; a NaN metric fails its threshold;
+    "calibration" = mean predicted CTR / click rate; a NaN metric fails its threshold, except a
+    recall_lift of a stage whose quota keeps every candidate of every request (it cuts nothing on
+    this data, e.g. retrieval's 40 on MovieLens lists of ≤ 40): not applied, with a note;
   - change thresholds `(stage, metric, tolerance)`: the candidate may be worse than the stage's
     baseline by at most `tolerance` (absolute; "ne" lower is better, the others higher). A stage
     without a baseline is the first of its kind: nothing to compare with, which a note records;
@@ -254,6 +256,13 @@ def stage_metric(result: Mapping, stage: str, metric: str, baseline: bool = Fals
     return float(section[metric])
 
 
+def _cuts_nothing(result: Mapping, stage: str) -> bool:
+    """Whether the stage's quota keeps every candidate of every request (its chance recall is 1)."""
+    section, key = result["cascade"], STAGE_INPUTS[stage]
+    quota = section["quotas"][section["stages"].index(key)]
+    return float(section[f"chance_at_{quota}/{key}"]) >= 1.0 - 1e-9
+
+
 def bless_stages(result: Mapping, config: EvaluatorConfig, ctr_blessed: Optional[bool] = None, ctr_message: str = "",
                  notes: Mapping[str, Sequence[str]] = {}) -> Dict[str, Dict[str, object]]:
     """Stage → {"blessed", "reasons", "notes"} by the rules of the module docstring.
@@ -272,7 +281,10 @@ def bless_stages(result: Mapping, config: EvaluatorConfig, ctr_blessed: Optional
             continue
         for _, metric, bound, value in (t for t in config.thresholds if t[0] == stage):
             got = stage_metric(result, stage, metric)
-            if math.isnan(got):
+            if metric == "recall_lift" and _cuts_nothing(result, stage):
+                stage_notes.append(f"recall_lift not applied: the quota keeps every candidate of every request, "
+                                   f"so this stage cuts nothing on this data (chance recall 1)")
+            elif math.isnan(got):
                 reasons.append(f"{metric} is undefined (NaN) on this data, so it cannot pass {bound} {value}")
             elif (bound == "min" and got < value) or (bound == "max" and got > value):
                 reasons.append(f"{metric} = {got:.4f} fails {bound} {value}")

@@ -160,11 +160,11 @@ class RankerConfig:
         """The ranking stage of the joint cascade (`models.trainers.cascade`, the pipeline's ranker):
         the full model with a cascade tower on the shared embeddings, which learn 3× faster.
 
-        Measured on the demo's request lists (bench/ranker_variants.py, synthetic, 3 seeds): the
-        reference-UI logit as the cascade score leaves the ranker's Recall@|GT|@20 below the
-        pre-ranker's (0.854 vs 0.877) and costs CTR AUC (0.826); a head on the quality body
-        trades one for the other; the tower with `embedding_lr_multiplier` 3 beats the pre-ranker
-        and keeps the CTR (figures in BENCHMARKS.md)."""
+        Measured on the demo's request lists (bench/ranker_variants.py, synthetic, 3 seeds;
+        BENCHMARKS.md §0): with the reference-UI logit as the cascade score the ranker's
+        Recall@|GT|@20 stays below the pre-ranker's (0.852 vs 0.878) and the CTR AUC drops to
+        0.825; a head on the quality body keeps the CTR but not the ranking (0.855); the tower
+        with `embedding_lr_multiplier` 3 passes the pre-ranker (0.885 vs 0.879) at AUC 0.830."""
         values = dict(cascade_score="tower", cascade_head_units=(128, 64), embedding_lr_multiplier=3.0)
         values.update(overrides)
         return cls(**values)

@@ -10,6 +10,7 @@ Bad arguments exit with code 2 and one line that names the problem.
 """
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -254,11 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains one of `fragments` (known library noise)."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self._fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self._fragments)
+
+
 def _quiet_libraries() -> None:
-    """Keeps TensorFlow's C++ start-up chatter and Google client deprecation notices off the console."""
+    """Keeps TensorFlow's C++ start-up chatter, Google client deprecation notices and TFX's
+    per-resolution notice about its own Resolver queries off the console."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("absl").addFilter(_DropMessages("ArtifactQuery.property_predicate is not supported"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -320,3 +320,18 @@ def test_a_baseline_with_another_stages_signatures_is_dropped(setup, tmp_path):
     assert verdict["baseline_uri"] is None and "baseline" not in metrics
     assert any(note.startswith("baseline dropped, its signatures") for note in verdict["notes"]), verdict
     assert verdict["blessed"]
+
+
+def test_a_stage_whose_quota_keeps_every_candidate_is_not_judged_by_its_lift():
+    """Retrieval's quota 40 on lists of at most 40 candidates (MovieLens) cuts nothing: its chance
+    recall is 1 and its lift undefined, which is noted rather than failing the stage forever."""
+    cascade = {"stages": ["retrieval_model", "preranking_model", "model"], "quotas": [40, 30, 20]}
+    for key, q, recall, chance in (("retrieval_model", 40, 1.0, 1.0), ("preranking_model", 30, 0.9, 0.75),
+                                   ("model", 20, 0.5, 0.5)):
+        cascade.update({f"recall_at_{q}/{key}": recall, f"chance_at_{q}/{key}": chance,
+                        f"recall_lift_at_{q}/{key}": (recall - chance) / (1 - chance) if chance < 1 else float("nan")})
+    result = {"cascade": cascade, "baseline_cascade": {"stages": [], "quotas": []}}
+    verdicts = evaluation.bless_stages(result, EvaluatorConfig())
+    assert verdicts["retrieval"]["blessed"] and any("cuts nothing" in n for n in verdicts["retrieval"]["notes"])
+    assert verdicts["preranking"]["blessed"]  # lift 0.6
+    assert not verdicts["ranking"]["blessed"] and "recall_lift = 0.0000 fails min 0.25" in verdicts["ranking"]["reasons"]

@@ -274,6 +274,20 @@ def test_the_ranker_trains_on_the_sampled_rows_and_their_weights_are_unbiased(re
     assert data["weighted_click_mean"] == pytest.approx((weights * labels).sum() / weights.sum(), rel=1e-5)
 
 
+def test_the_ranker_variants_bench_reads_the_inputs_of_the_runs_joint_trainer(resumed_run):
+    """bench/ranker_variants.py keeps its own training loop, on the pipeline's inputs: the request
+    lists the run's Trainer.cascade read, and the run's retrieval model."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import ranker_variants
+
+    config, _, _ = resumed_run
+    train_files, eval_files, retrieval_dir = ranker_variants.pipeline_inputs(config.output_dir)
+    (lists,) = _artifacts(config, "Trainer.cascade", "examples", mlmd.proto.Event.INPUT)
+    assert train_files == _split_files(lists, "train") and eval_files == _split_files(lists, "eval")
+    (retrieval,) = _artifacts(config, "Trainer.retrieval", "model")
+    assert retrieval_dir == os.path.join(retrieval.uri, "Format-Serving")
+
+
 def test_trainers_sampler_and_evaluator_read_the_pipelines_schema_artifact(resumed_run):
     config, _, _ = resumed_run
     (schema,) = _artifacts(config, "ImportSchemaGen", "schema")
