@@ -282,8 +282,8 @@ def bless_stages(result: Mapping, config: EvaluatorConfig, ctr_blessed: Optional
         for _, metric, bound, value in (t for t in config.thresholds if t[0] == stage):
             got = stage_metric(result, stage, metric)
             if metric == "recall_lift" and _cuts_nothing(result, stage):
-                stage_notes.append(f"recall_lift not applied: the quota keeps every candidate of every request, "
-                                   f"so this stage cuts nothing on this data (chance recall 1)")
+                stage_notes.append("recall_lift not applied: the quota keeps every candidate of every request, "
+                                   "so this stage cuts nothing on this data (chance recall 1)")
             elif math.isnan(got):
                 reasons.append(f"{metric} is undefined (NaN) on this data, so it cannot pass {bound} {value}")
             elif (bound == "min" and got < value) or (bound == "max" and got > value):

@@ -30,6 +30,13 @@ Distillation (optional, any method; DESIGN §5, Factory Floor §4.1.2): with dis
 where s_m is the last stage's logit (`models.losses.distillation_loss`; NaN teacher logits and
 padded slots are left out of the sum and the count; no gradient reaches the teacher).
 
+Factory Floor ranker as the last stage (`models.ranking_stage.RankingStage`, what the pipeline
+trains): the stage's scores are its cascade score, and the ranker's own loss on the list's shown
+rows is added, L += L_FF (logistic, RankNet, distillation, bias constraints, LSPR; weighted by
+`sample_weight`). The ranker steps with its own optimizer (Adagrad + EMA by default), every other
+variable (the other stages, LCRON's w_i, the ranker's cascade tower) with the model's; after each
+step the ranker's duals and ramp move. Its distillation replaces the `distill_weight` term.
+
 `predict_stage_scores` gives every stage's scores on lists for the cascade metrics of
 `models.metrics` (e2e_recall, stage_recall, ndcg_at_k).
 """
@@ -111,8 +118,8 @@ class CascadeModel(tf.keras.Model):
 
     @property
     def metrics(self):
-        """None: train_step returns its loss terms itself (and a nested ranker's own loss trackers,
-        which it never updates here, must not be read by `fit`)."""
+        """No Keras metrics: train_step returns its loss terms itself (and a nested ranker's own loss
+        trackers, which nothing updates here, must not be read by `fit`)."""
         return []
 
     @property
