@@ -15,6 +15,14 @@ so E[Σ w·y] and E[Σ w] are those of the full data: weighted label means stay 
 Clicked candidates and candidates that were not shown (the cascade's negative tiers) are always
 kept with weight 1. Written by hand: neither TFX nor Beam has importance-weighted sampling.
 
+A candidate the sampling takes out stays in its request list with `sample_weight` 0: the sampling
+thins the rows the ranker learns CTR from (`models.ranking_stage` trains its CTR losses on the shown
+rows of weight > 0), not the candidates of the cascade losses, which need every candidate of a
+request — a shown non-click is a ground-truth candidate of the cascade. (Taking the rows out of the
+lists, as this module first did, cost the served cascade 0.028 e2e recall at keep rates 0.5 and
+0.25 on the synthetic demo: BENCHMARKS.md §0.) Counters: `candidates_kept` (written to the lists),
+`candidates_sampled_out` and `sampled_out_<purpose>` (weight 0), `candidates_reweighted` (1/rate).
+
 Random negatives (for retrieval's log-q correction) are drawn from the item corpus in proportion
 to item frequency q(i) = count(i)/Σ count, by a generator seeded with (seed, request_id); every
 candidate of a list records q(i) as `sampling_probability`.
@@ -212,7 +220,8 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
     """Applies the sampling decisions to one request's candidate rows and adds random negatives.
 
     Returns the rows of the request list, in a deterministic order (logged candidates by tier
-    then item id, then the random negatives). `counts` accumulates what was kept and dropped.
+    then item id, then the random negatives); a sampled-out row has sample_weight 0. `counts`
+    accumulates what was kept, sampled out and reweighted.
     """
     counts = counts if counts is not None else {}
 
@@ -223,11 +232,11 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
     for row in sorted(rows, key=lambda r: (RL.TIER_INDEX[r["stage"]], int(r["item_id"]))):
         keep, multiplier, dropped = sampling_decision(row, config)
         for purpose in dropped:
-            bump(f"dropped_{purpose}")
+            bump(f"sampled_out_{purpose}")
         if not keep:
-            bump("candidates_dropped")
-            continue
-        if multiplier != 1.0:
+            bump("candidates_sampled_out")
+            multiplier = 0.0
+        elif multiplier != 1.0:
             bump("candidates_reweighted")
         row = dict(row)
         row["sample_weight"] = float(row.get("sample_weight", 1.0)) * multiplier
@@ -264,8 +273,8 @@ def sample_request_columns(cols: Mapping[str, np.ndarray], corpus: ItemCorpus, c
     """One request's candidate rows as columns (`tier` = stage tier index; rows in a
     deterministic input order) → the request-list feature values of `RL.build_request_list`.
 
-    Applies the sampling decisions, adds the random negatives (drawn as `sample_request` draws
-    them) and packs the list. Raises ValueError, as `build_request_list` does, when the list would
+    Applies the sampling decisions (a sampled-out row keeps its slot with weight 0), adds the random
+    negatives (drawn as `sample_request` draws them) and packs the list. Raises ValueError, as `build_request_list` does, when the list would
     be empty or longer than `config.list_size`. `counts` accumulates kept/dropped counts.
     """
     counts = counts if counts is not None else {}
@@ -277,8 +286,7 @@ def sample_request_columns(cols: Mapping[str, np.ndarray], corpus: ItemCorpus, c
     request_id = int(cols["request_id"][0])
     order = np.lexsort((item_id, tier))  # by tier, then item id; stable, like sorted()
     position, click = cols["ui_position"][order], cols["click"][order]
-    keep = np.ones(order.size, dtype=bool)
-    multiplier = np.ones(order.size, dtype=np.float64)
+    multiplier = np.ones(order.size, dtype=np.float64)  # 0 for a sampled-out row (module docstring)
     teacher = cols["teacher_logit"]
     for k in np.flatnonzero((position > 0) & (click != 1)).tolist():
         i = order[k]
@@ -288,22 +296,22 @@ def sample_request_columns(cols: Mapping[str, np.ndarray], corpus: ItemCorpus, c
             row["teacher_logit"] = float(teacher[i])
         kept_row, weight, dropped = sampling_decision(row, config)
         for purpose in dropped:
-            bump(f"dropped_{purpose}")
+            bump(f"sampled_out_{purpose}")
         if not kept_row:
-            keep[k] = False
-            bump("candidates_dropped")
+            bump("candidates_sampled_out")
+            multiplier[k] = 0.0
             continue
         if weight != 1.0:
             bump("candidates_reweighted")
         multiplier[k] = weight
-    kept = order[keep]
+    kept = order
     bump("candidates_kept", int(kept.size))
     wanted = max(0, min(config.random_negatives, config.list_size - int(kept.size)))
     oracle_known = bool(np.all(cols["true_ctr"] >= 0))
     randoms = corpus.draw(request_id, wanted, set(item_id.tolist()), config.seed)
     if randoms:
         bump("random_negatives_added", len(randoms))
-    return pack_request_list(cols, kept, multiplier[keep], randoms, corpus, oracle_known, config.list_size)
+    return pack_request_list(cols, kept, multiplier, randoms, corpus, oracle_known, config.list_size)
 
 
 def pack_request_list(cols: Mapping[str, np.ndarray], kept: np.ndarray, multiplier: np.ndarray, randoms: List[int],

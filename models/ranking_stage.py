@@ -10,10 +10,11 @@ shown rows. One `models.ranker.FactoryFloorRanker` does both, from one batch of 
                                                  tower on the shared embeddings); the logged UI is
                                                  never read: in logs it leaks the label
     row losses      L_FF = (1 − α_t)·L_logistic + α_t·L_rank + w_d,t·L_distill + T_bias + λ·L_LSPR
-                                                 on the shown candidates (ui_position > 0) of the lists,
-                                                 at their logged UI treatment, weighted by the
-                                                 NegativeSampler's `sample_weight` (DESIGN §5; the
-                                                 ranker's own `loss_terms`, curriculum included)
+                                                 on the shown candidates (ui_position > 0) of the lists
+                                                 that the NegativeSampler kept (sample_weight > 0), at
+                                                 their logged UI treatment, weighted by `sample_weight`
+                                                 (DESIGN §5; the ranker's own `loss_terms`, curriculum
+                                                 included)
 
 `models.cascade_model.CascadeModel` adds L_FF to its cascade objective (LCRON's L_e2e and
 L_single^i over the stages' scores s, the last stage's being s_c above). The RankNet term groups
@@ -50,9 +51,13 @@ def list_rows(lists: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
 
 
 def shown_row_index(lists: Dict[str, tf.Tensor]) -> tf.Tensor:
-    """[n] int64: the flat index (b·L + j) of every real, shown candidate of the lists."""
+    """[n] int64: the flat index (b·L + j) of every real, shown candidate of the lists that the
+    NegativeSampler kept for the CTR losses (sample_weight > 0; a sampled-out row keeps its slot in
+    the list, for the cascade losses, with weight 0: `components.sampling`)."""
     shown = (tf.convert_to_tensor(lists["mask"]) > 0) & (tf.convert_to_tensor(lists["ui_position"])
                                                          > F.NOT_SHOWN_POSITION)
+    if F.SAMPLE_WEIGHT_KEY in lists:
+        shown &= tf.convert_to_tensor(lists[F.SAMPLE_WEIGHT_KEY]) > 0
     return tf.where(tf.reshape(shown, [-1]))[:, 0]
 
 

@@ -210,5 +210,6 @@ def training_data_line(result: Dict) -> Optional[str]:
         return None
     return (f"Ranker training data (the NegativeSampler's train lists): {data['lists']:,} requests, "
             f"{data['candidate_rows']:,} candidate rows read; {data['shown_rows']:,} shown rows kept for the CTR "
-            f"losses ({data['reweighted_rows']:,} reweighted), Σ sample_weight {data['shown_weight_sum']:,.1f}, "
+            f"losses ({data['reweighted_rows']:,} reweighted, {data['sampled_out_rows']:,} sampled out), "
+            f"Σ sample_weight {data['shown_weight_sum']:,.1f}, "
             f"weighted click mean {data['weighted_click_mean']:.4f}")

@@ -118,7 +118,7 @@ def test_lists_keep_tiers_add_random_negatives_and_counters_match(small, tmp_pat
     counts = collections.Counter(r["item_id"] for r in all_rows)
     total = sum(counts.values())
     n_lists = 0
-    kept_candidates = random_added = 0
+    kept_candidates = random_added = dropped = 0
     for split in ("train", "eval"):
         lists = _lists(out, split)
         source = {}
@@ -138,20 +138,23 @@ def test_lists_keep_tiers_add_random_negatives_and_counters_match(small, tmp_pat
             randoms = items[stage == RL.TIER_INDEX["random_neg"]]
             assert not set(randoms) & logged_items
             np.testing.assert_allclose(lists["sampling_probability"][i][mask], [counts[x] / total for x in items], rtol=1e-6)
-            # Shown non-clicks: kept ones weigh 1/0.5, clicks weigh 1.
+            # Shown non-clicks: kept ones weigh 1/0.5, sampled-out ones stay in the list with weight 0
+            # (out of the CTR losses, still candidates of the cascade), clicks weigh 1.
             shown = lists["ui_position"][i][mask] > 0
             clicks = lists["click"][i][mask] == 1
             weights = lists["sample_weight"][i][mask]
-            assert np.all(weights[shown & ~clicks] == 2.0) and np.all(weights[clicks] == 1.0)
-            expected_kept = sum(1 for r in source[request_id] if not (r["ui_position"] > 0 and r["click"] == 0)
-                                or sampling.uniform_hash(3, "class", request_id, r["item_id"]) < 0.5)
-            assert mask.sum() == expected_kept + 10
-            kept_candidates += expected_kept
+            assert set(weights[shown & ~clicks].tolist()) <= {0.0, 2.0} and np.all(weights[clicks] == 1.0)
+            sampled_out = sum(1 for r in source[request_id] if r["ui_position"] > 0 and r["click"] == 0
+                              and not sampling.uniform_hash(3, "class", request_id, r["item_id"]) < 0.5)
+            assert (weights[shown & ~clicks] == 0).sum() == sampled_out
+            assert mask.sum() == len(source[request_id]) + 10  # every logged candidate, and the randoms
+            kept_candidates += len(source[request_id])
+            dropped += sampled_out
             random_added += 10
     assert metrics["lists_train"] + metrics["lists_eval"] == n_lists == 40
-    assert metrics["candidates_kept"] == kept_candidates
+    assert metrics["candidates_kept"] == kept_candidates == 40 * 50
     assert metrics["random_negatives_added"] == random_added
-    assert metrics["candidates_dropped"] == metrics["dropped_class"] == 40 * 50 - kept_candidates
+    assert metrics["candidates_sampled_out"] == metrics["sampled_out_class"] == dropped > 0
     assert metrics["records_parsed"] == 40 * 50 and metrics["records_bad"] == 1
     assert out.get_string_custom_property("layout") == "request_list"
     assert [bytes.fromhex(d["record_hex"]) for d in _dead_letters(dead)] == [GARBAGE]
@@ -183,9 +186,10 @@ def test_teacher_loss_sampling_drops_easy_nonclicks(tmp_path):
         mask = lists["mask"].astype(bool)
         shown_nonclick = mask & (lists["ui_position"] > 0) & (lists["click"] == 0)
         odd = lists["item_id"] % 2 == 1
-        kept_easy += int((shown_nonclick & odd).sum())
-        kept_hard += int((shown_nonclick & ~odd).sum())
-        assert np.all(lists["sample_weight"][shown_nonclick & odd] == pytest.approx(5.0))
+        kept = lists["sample_weight"] > 0  # a sampled-out row stays in its list with weight 0
+        kept_easy += int((shown_nonclick & odd & kept).sum())
+        kept_hard += int((shown_nonclick & ~odd & kept).sum())
+        assert np.all(lists["sample_weight"][shown_nonclick & odd & kept] == pytest.approx(5.0))
         assert np.all(lists["sample_weight"][shown_nonclick & ~odd] == 1.0)
     assert kept_hard == hard
     assert 0.08 < kept_easy / easy < 0.35

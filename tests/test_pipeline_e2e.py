@@ -199,30 +199,37 @@ def test_the_killed_teacher_resumed_from_its_backup(resumed_run):
 def test_every_train_request_reaches_the_ranker_whole_once_per_epoch(resumed_run):
     """DESIGN §11 request grouping, on the run's artifacts: the joint Trainer read the
     NegativeSampler's request lists; each train request of the source is one list holding every
-    candidate the sampler kept of it, and one epoch of the Trainer's input yields each list once."""
+    logged candidate of it, those the sampling took out of the CTR rows with weight 0, and one
+    epoch of the Trainer's input yields each list once."""
     config, _, _ = resumed_run
     (lists_artifact,) = _artifacts(config, "NegativeSampler", "request_lists")
     assert [a.id for a in _artifacts(config, "Trainer.cascade", "examples", mlmd.proto.Event.INPUT)] == [lists_artifact.id]
     (scored_rows,) = _artifacts(config, "TeacherInference", "output_examples")
-    kept = {}  # request id → item ids the sampler keeps (its own decision rule on the scored rows)
+    logged, sampled_out = {}, {}  # request id → its item ids / those the sampler's own rule takes out
     for row in _rows(scored_rows, "train"):
         values = {name: _value(row, name) for name in ("request_id", "item_id", "ui_position", "click", "teacher_logit")}
-        if sampling.sampling_decision(values, config.sampler)[0]:
-            kept.setdefault(values["request_id"], []).append(values["item_id"])
+        logged.setdefault(values["request_id"], []).append(values["item_id"])
+        if not sampling.sampling_decision(values, config.sampler)[0]:
+            sampled_out.setdefault(values["request_id"], []).append(values["item_id"])
     source = {_value(r, "request_id") for r in _rows(_artifacts(config, "SyntheticExampleGen", "examples")[0], "train")}
-    assert set(kept) == source
+    assert set(logged) == source and sampled_out
 
     lists = _rows(lists_artifact, "train")
-    seen = {}
+    seen, zero_weight = {}, {}
     random_neg = RL.TIER_INDEX[RL.RANDOM_NEG_TIER]
     for example in lists:
         f = example.features.feature
         mask, stage = list(f["mask"].int64_list.value), list(f["stage"].int64_list.value)
-        items = [i for i, m, s in zip(f["item_id"].int64_list.value, mask, stage) if m and s != random_neg]
+        slots = [(i, w) for i, m, s, w in zip(f["item_id"].int64_list.value, mask, stage,
+                                               f["sample_weight"].float_list.value) if m and s != random_neg]
         request_id = f["request_id"].int64_list.value[0]
         assert request_id not in seen, f"request {request_id} is in two lists"
-        seen[request_id] = sorted(items)
-    assert seen == {r: sorted(items) for r, items in kept.items()}
+        seen[request_id] = sorted(i for i, _ in slots)
+        zero = sorted(i for i, w in slots if w == 0)
+        if zero:
+            zero_weight[request_id] = zero
+    assert seen == {r: sorted(items) for r, items in logged.items()}  # whole requests
+    assert zero_weight == {r: sorted(items) for r, items in sampled_out.items()}
 
     trainer_config = config.cascade
     epoch = LI.request_list_dataset(_split_files(lists_artifact, "train"), trainer_config.batch_size,
@@ -235,9 +242,9 @@ def test_every_train_request_reaches_the_ranker_whole_once_per_epoch(resumed_run
 
 
 def test_the_ranker_trains_on_the_sampled_rows_and_their_weights_are_unbiased(resumed_run):
-    """Factory Floor §3.3 in the pipeline: the shown rows the ranker reads are the sampler's kept
-    rows with their importance weights; the weighted click mean equals the unsampled one within
-    sampling error, and the Trainer's log reports the same counts."""
+    """Factory Floor §3.3 in the pipeline: the shown rows the ranker's CTR losses read are the
+    sampler's kept rows (weight > 0) with their importance weights; the weighted click mean equals
+    the unsampled one within sampling error, and the Trainer's log reports the same counts."""
     config, _, _ = resumed_run
     (scored_rows,) = _artifacts(config, "TeacherInference", "output_examples")
     clicks, shown, variance = 0, 0, 0.0
@@ -262,14 +269,15 @@ def test_the_ranker_trains_on_the_sampled_rows_and_their_weights_are_unbiased(re
                 weights.append(w)
                 labels.append(click)
     weights, labels = np.asarray(weights, np.float64), np.asarray(labels)
-    assert len(weights) < shown and np.any(weights > 1.0)  # rows were dropped and the kept reweighted
+    assert np.any(weights == 0) and np.any(weights > 1.0)  # rows were sampled out and the kept reweighted
     assert (weights * labels).sum() == pytest.approx(clicks)  # clicks are always kept, weight 1
     sd = math.sqrt(variance)
     assert abs(weights.sum() - shown) < 4 * sd
     assert abs((weights * labels).sum() / weights.sum() - clicks / shown) < 4 * sd * clicks / shown ** 2 + 1e-9
     (run,) = _artifacts(config, "Trainer.cascade", "model_run")
     data = json.loads(io_utils.read_string_file(os.path.join(run.uri, common.EVAL_METRICS_FILE)))["train_data"]
-    assert data["shown_rows"] == len(weights) and data["shown_clicks"] == clicks
+    assert data["shown_rows"] == int((weights > 0).sum()) and data["shown_clicks"] == clicks
+    assert data["sampled_out_rows"] == int((weights == 0).sum())
     assert data["shown_weight_sum"] == pytest.approx(weights.sum(), rel=1e-5)
     assert data["weighted_click_mean"] == pytest.approx((weights * labels).sum() / weights.sum(), rel=1e-5)
 

@@ -149,3 +149,18 @@ def test_ranking_stage_flops_add_the_tower_to_the_ctr_path():
     assert flops["ctr_per_candidate"] == body + q + 2 * c.qu_dim + 2
     assert flops["per_candidate"] == flops["ctr_per_candidate"] + flops["cascade_per_candidate"]
     assert FactoryFloorRanker(RankerConfig(**SMALL)).flops()["cascade_per_candidate"] == 0  # reference UI
+
+
+def test_a_sampled_out_row_trains_the_cascade_but_not_the_ctr(lists):
+    """The NegativeSampler keeps a sampled-out shown row in its list with weight 0: it is not a row
+    of the CTR losses, and it still is a candidate of the cascade score."""
+    weights = lists["sample_weight"].numpy().copy()
+    shown = (lists["mask"].numpy() > 0) & (lists["ui_position"].numpy() > 0)
+    b, j = np.nonzero(shown)
+    weights[b[::2], j[::2]] = 0.0  # every other shown row sampled out
+    sampled = dict(lists, sample_weight=tf.constant(weights))
+    stage = _stage()
+    rows = stage.shown_rows(sampled)
+    np.testing.assert_array_equal(rows["item_id"].numpy().reshape(-1), lists["item_id"].numpy()[b[1::2], j[1::2]])
+    assert np.all(rows["sample_weight"].numpy() > 0)
+    np.testing.assert_allclose(stage(sampled).numpy(), stage(lists).numpy())  # the cascade sees every candidate

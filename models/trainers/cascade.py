@@ -122,17 +122,21 @@ def build_model(config: CascadeTrainerConfig, ranker_config: RankerConfig) -> Ca
 
 
 def train_data_report(lists: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    """What the Trainer reads: lists, candidate rows, the shown rows its CTR losses train on (those
-    the NegativeSampler kept), their clicks, Σ sample_weight over them, and the weighted click mean
-    Σw·y / Σw, an unbiased estimate of the unsampled shown click rate (Factory Floor §3.3)."""
+    """What the Trainer reads: lists, candidate rows (every one trains the cascade losses), the shown
+    rows its CTR losses train on (those the NegativeSampler kept: weight > 0) and those it sampled
+    out (weight 0), their clicks, Σ sample_weight, and the weighted click mean Σw·y / Σw, an
+    unbiased estimate of the unsampled shown click rate (Factory Floor §3.3)."""
     real = np.asarray(lists["mask"]) > 0
-    shown = real & (np.asarray(lists["ui_position"]) > F.NOT_SHOWN_POSITION)
-    w = np.asarray(lists["sample_weight"], np.float64)[shown]
+    weights = np.asarray(lists["sample_weight"], np.float64)
+    all_shown = real & (np.asarray(lists["ui_position"]) > F.NOT_SHOWN_POSITION)
+    shown = all_shown & (weights > 0)  # a sampled-out row keeps its slot with weight 0
+    w = weights[shown]
     y = np.asarray(lists["click"], np.float64)[shown]
     return {
         "lists": int(real.shape[0]),
         "candidate_rows": int(real.sum()),
         "shown_rows": int(shown.sum()),
+        "sampled_out_rows": int((all_shown & (weights == 0)).sum()),
         "shown_clicks": int(y.sum()),
         "shown_weight_sum": float(w.sum()),
         "weighted_click_mean": float((w * y).sum() / w.sum()) if w.size else float("nan"),
@@ -141,12 +145,13 @@ def train_data_report(lists: Mapping[str, np.ndarray]) -> Dict[str, float]:
 
 
 def ctr_metrics(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> Dict[str, float]:
-    """The ranker's CTR at the logged UI treatment on the shown eval rows of the lists: AUC,
-    PerQueryAUC (grouped by the list each row is in), NE and Σŷ/Σy (`models.metrics`)."""
+    """The ranker's CTR at the logged UI treatment on every shown eval row of the lists (sampled out
+    or not: the metric is of the data, not of the sample): AUC, PerQueryAUC (grouped by the list each
+    row is in), NE and Σŷ/Σy (`models.metrics`)."""
     stage = RankingStage(ranker)
     y, p, q = [], [], []
     for batch in LI.dataset_from_lists(lists, batch_size):
-        rows = stage.shown_rows(batch)
+        rows = stage.shown_rows({**batch, F.SAMPLE_WEIGHT_KEY: tf.ones_like(batch[F.SAMPLE_WEIGHT_KEY])})
         y.append(tf.reshape(rows[F.LABEL_KEY], [-1]).numpy())
         p.append(tf.sigmoid(tf.reshape(ranker(rows, training=False), [-1])).numpy())
         q.append(tf.reshape(rows[F.REQUEST_ID_KEY], [-1]).numpy())
