@@ -327,6 +327,12 @@ class _DecodeRequests(beam.DoFn):
         self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
         self._requests = beam.metrics.Metrics.counter(NAMESPACE, "requests")
         self._requests_bad = beam.metrics.Metrics.counter(NAMESPACE, "requests_bad")
+        self._counters: Dict[str, beam.metrics.metricbase.Counter] = {}
+
+    def _inc(self, name: str, n: int = 1):
+        if name not in self._counters:
+            self._counters[name] = beam.metrics.Metrics.counter(NAMESPACE, name)
+        self._counters[name].inc(n)
 
     def setup(self):
         self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes))
@@ -359,14 +365,29 @@ class _DecodeRequests(beam.DoFn):
             request_splits = all_splits[a:b]
             order = np.lexsort((request["item_id"], request_splits))  # stable: ties keep the raw-bytes order
             request, request_splits = select_rows(request, order), request_splits[order]
-            shown = [good_raws[a + i] for i in order[request["ui_position"] > 0].tolist()]
+            raws_of = [good_raws[a + i] for i in order.tolist()]  # the request's raw rows, in its order
             self._requests.inc()
             if self._config.split == "keep" and np.unique(request_splits).size != 1:
                 self._requests_bad.inc()
                 names = sorted({self._split_names[s] for s in request_splits.tolist()})
-                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
-                    json.dumps({"request_id": request_id}).encode(), f"request spans input splits {names}"))
+                self._inc("candidates_diverted_split", len(raws_of))
+                for raw in raws_of:  # the rows themselves, so nothing is lost
+                    yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
+                        raw, f"request {request_id} spans input splits {names}"))
                 continue
+            if request["item_id"].size > self._config.list_size:
+                keep = truncation_order(request)[:self._config.list_size]
+                cut = np.setdiff1d(np.arange(request["item_id"].size), keep)
+                self._inc("requests_truncated")
+                self._inc("candidates_truncated", int(cut.size))
+                reason = (f"request {request_id} has {request['item_id'].size} candidates, more than the list size "
+                          f"{self._config.list_size}: cut ({TRUNCATION_RULE})")
+                for i in cut.tolist():
+                    yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws_of[i], reason))
+                keep = np.sort(keep)  # the kept rows stay in the request's order
+                request, raws_of = select_rows(request, keep), [raws_of[i] for i in keep.tolist()]
+                request_splits = request_splits[keep]
+            shown = [raw for raw, position in zip(raws_of, request["ui_position"].tolist()) if position > 0]
             request["input_split"] = request_splits[:1]
             tag_offsets = request["item_tags_offsets"].tolist()
             tags = request["item_tags_values"].tolist()
@@ -387,6 +408,32 @@ class _DecodeRequests(beam.DoFn):
 
 
 ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
+TRUNCATION_RULE = "keeps the shown rows by position, then the best tiers first, by item id within a tier"
+
+
+def truncation_order(request: Dict[str, np.ndarray]) -> np.ndarray:
+    """The order in which an over-long request keeps its rows (`TRUNCATION_RULE`): shown rows by
+    ui_position, then the unshown ones by tier (best first) and item id."""
+    position = request["ui_position"]
+    shown = position > 0
+    return np.lexsort((request["item_id"], request["tier"], np.where(shown, position, np.iinfo(np.int64).max), ~shown))
+
+
+# The counters of rows a run read but did not turn into list candidates, each with its dead letters:
+# records that do not parse or miss a feature, rows of a request that spans input splits, rows cut
+# from a request longer than the list. They count against `max_bad_fraction`.
+DIVERTED_COUNTERS = ("records_bad", "candidates_diverted_split", "candidates_truncated")
+
+
+def check_diverted_fraction(counters: Dict[str, int], max_bad_fraction: float) -> None:
+    """`record_io.check_bad_fraction` over every diverted row (`DIVERTED_COUNTERS`)."""
+    diverted = sum(counters.get(name, 0) for name in DIVERTED_COUNTERS)
+    total = counters.get("records_bad", 0) + counters.get("records_parsed", 0)
+    if total and diverted / total > max_bad_fraction:
+        reasons = ", ".join(f"{name} {counters[name]}" for name in DIVERTED_COUNTERS if counters.get(name))
+        raise record_io.BadInputError(
+            f"NegativeSampler: {diverted} of {total} records were diverted ({diverted / total:.2%} > "
+            f"{max_bad_fraction:.2%}: {reasons}); see the dead-letter output")
 KEY_BATCH = 512  # records whose request ids are decoded together
 DECODE_BATCH = 64  # requests decoded together (the decoder's per-call cost is then negligible)
 
@@ -587,7 +634,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
         output.set_string_custom_property(SCHEMA_PATH_PROPERTY, schema_path)
         output.set_int_custom_property("list_size", config.list_size)
-        record_io.check_bad_fraction(counters, config.max_bad_fraction, "NegativeSampler")
+        if counters.get("requests_truncated"):
+            print(f"NegativeSampler: {counters['requests_truncated']} requests had more candidates than the list "
+                  f"size {config.list_size}: {counters['candidates_truncated']} rows cut ({TRUNCATION_RULE}), "
+                  f"in the dead letters at {dead.uri}", flush=True)
+        check_diverted_fraction(counters, config.max_bad_fraction)
 
 
 class NegativeSampler(base_beam_component.BaseBeamComponent):

@@ -121,7 +121,8 @@ def _cmd_run(args) -> int:
         evaluation = result["evaluation"]
         print(report.format_table(evaluation, config.evaluator.min_bucket_count))
         print(f"Plots: {result['evaluation_uri']}/calibration.png, recall_at_k.png")
-        for line in filter(None, (report.training_data_line(result), report.flops_line(result))):
+        for line in filter(None, (report.data_line(result), report.training_data_line(result),
+                                  report.flops_line(result))):
             print(line)
         if "tfma" in result:
             print(report.tfma_line(result["tfma"]))
@@ -280,10 +281,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from datasources.example_io import InputError
+    from pipelines.run_lock import OutputDirInUse
 
     try:
         return args.func(args)
-    except (InputError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError, OutputDirInUse) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cascade {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -10,6 +10,7 @@ from tfx import v1 as tfx
 from pipelines.config import PipelineConfig
 from pipelines.pipeline import create_pipeline
 from pipelines.progress import ComponentProgress
+from pipelines.run_lock import RunLock
 
 ORCHESTRATORS = ("local", "beam")
 
@@ -32,13 +33,15 @@ def run(config: PipelineConfig, orchestrator: str = "local", show_progress: bool
 
 def run_with_timings(config: PipelineConfig, orchestrator: str = "local",
                      show_progress: bool = True) -> Tuple[float, List[Tuple[str, float, bool]]]:
-    """As `run`, plus each component's (id, seconds, cached) in the order they finished."""
+    """As `run`, plus each component's (id, seconds, cached) in the order they finished. The output
+    directory is locked for the run (`pipelines.run_lock`): a second run into it refuses."""
     runner = _dag_runner(orchestrator)
     os.makedirs(config.output_dir, exist_ok=True)
     metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path))
     pipeline = create_pipeline(config, metadata)
-    start = time.time()
     progress = ComponentProgress() if show_progress else ComponentProgress(stream=io.StringIO())
-    with progress:
-        runner.run(pipeline)
-    return time.time() - start, progress.timings
+    with RunLock(config.output_dir, report=print if show_progress else lambda line: None):
+        start = time.time()
+        with progress:
+            runner.run(pipeline)
+        return time.time() - start, progress.timings

@@ -106,6 +106,10 @@ def collect(config: PipelineConfig) -> Dict:
     tfma_evaluation = latest_artifact(store, "ModelEvaluation", f"{name}.{TFMA_EVALUATOR_ID}")
     if tfma_evaluation is not None:
         result["tfma"] = tfma_summary(tfma_evaluation.uri)
+    lists = latest_artifact(store, "Examples", f"{name}.NegativeSampler")
+    if lists is not None and os.path.exists(os.path.join(lists.uri, record_io.METRICS_FILE)):
+        with open(os.path.join(lists.uri, record_io.METRICS_FILE)) as f:
+            result["sampler"] = json.load(f)
     for key, node in (("cascade_trainer", "Trainer.cascade"), ("retrieval_trainer", "Trainer.retrieval")):
         metrics = _run_metrics(store, f"{name}.{node}")
         if metrics is not None:
@@ -202,6 +206,21 @@ def flops_line(result: Dict) -> Optional[str]:
         parts.append(f"ranking {r['per_candidate']:,} (cascade score {r['cascade_per_candidate']:,}, "
                      f"CTR {r['ctr_per_candidate']:,}{extra})")
     return "FLOPs per candidate of the served stages: " + "; ".join(parts) if parts else None
+
+
+def data_line(result: Dict) -> Optional[str]:
+    """What the NegativeSampler read, and what it diverted to its dead letters, by reason."""
+    from components.negative_sampler import DIVERTED_COUNTERS
+
+    counters = result.get("sampler")
+    if not counters:
+        return None
+    read = counters.get("records_parsed", 0) + counters.get("records_bad", 0)
+    labels = {"records_bad": "bad records", "candidates_diverted_split": "rows of requests spanning splits",
+              "candidates_truncated": "rows cut from over-long requests"}
+    diverted = sum(counters.get(name, 0) for name in DIVERTED_COUNTERS)
+    reasons = ", ".join(f"{labels[name]} {counters.get(name, 0):,}" for name in DIVERTED_COUNTERS)
+    return f"Data (NegativeSampler): {read:,} rows read; {diverted:,} diverted to its dead letters ({reasons})"
 
 
 def training_data_line(result: Dict) -> Optional[str]:

@@ -250,7 +250,7 @@ def test_schema_input_decides_the_required_features(small, tmp_path):
     extra.presence.min_fraction, extra.presence.min_count = 1.0, 1
     schema = _schema_artifact(str(tmp_path / "schema"), strict)
     outputs = _outputs(tmp_path / "strict")
-    with pytest.raises(record_io.BadInputError, match="NegativeSampler: 2001 of 2001 records are bad"):
+    with pytest.raises(record_io.BadInputError, match="NegativeSampler: 2001 of 2001 records were diverted"):
         _run(tmp_path / "strict", small, SamplerConfig(), schema=schema, outputs=outputs)
     out, dead = outputs["request_lists"][0], outputs["dead_letters"][0]
     assert out.get_string_custom_property("schema_path") == str(tmp_path / "schema" / "schema.pbtxt")
@@ -273,7 +273,7 @@ def test_missing_split_and_too_many_bad_records_are_clear_errors(small, tmp_path
     with pytest.raises(record_io.BadInputError, match="required split 'test' is missing") as error:
         _run(tmp_path / "a", small, SamplerConfig(), input_splits=("train", "test"))
     assert "\n" not in str(error.value)
-    with pytest.raises(record_io.BadInputError, match="1 of 2001 records are bad"):
+    with pytest.raises(record_io.BadInputError, match="1 of 2001 records were diverted"):
         _run(tmp_path / "b", small, SamplerConfig(max_bad_fraction=0.0001))
 
 
@@ -318,11 +318,12 @@ def _variant(example: tf.train.Example, drop=(), **replace) -> bytes:
     return e.SerializeToString()
 
 
-def test_bad_records_over_one_percent_fail_and_land_in_dead_letters(tmp_path):
-    """20 requests (1000 rows) plus 12 bad records (1.19% > the default 1%): unparseable bytes, and
-    rows of request 0 without request_id, without item_id, with a float item_id and with 3
-    user_dense values. With list_size 45 every request (50 candidates) is also too long for a list:
-    those go to the dead letters as requests, not as bad records."""
+def test_bad_records_and_cut_rows_over_one_percent_fail_and_land_in_dead_letters(tmp_path):
+    """20 requests (1000 rows) plus 12 bad records: unparseable bytes, and rows of request 0 without
+    request_id, without item_id, with a float item_id and with 3 user_dense values. With list_size
+    45 every request (50 candidates) is too long for a list: it keeps its shown rows and best tiers
+    (`truncation_order`) and its 5 worst rows go to the dead letters, bytes and all. Every diverted
+    row counts against the bad fraction: 112 of 1012 > 1 %."""
     root = tmp_path / "examples"
     examples = synthetic_examples(str(root), num_requests=20, seed=2)
     first = next(iter(example_io.read_examples(str(root / "Split-train" / "data_*"))))
@@ -344,22 +345,50 @@ def test_bad_records_over_one_percent_fail_and_land_in_dead_letters(tmp_path):
         _run(tmp_path, examples, config, outputs=outputs)
     message = str(error.value)
     assert "\n" not in message
-    assert "NegativeSampler: 12 of 1012 records are bad (1.19% > 1.00%)" in message
+    assert "NegativeSampler: 112 of 1012 records were diverted (11.07% > 1.00%" in message
+    assert "records_bad 12" in message and "candidates_truncated 100" in message
     letters = _dead_letters(outputs["dead_letters"][0])
-    records = {bytes.fromhex(d["record_hex"]): d["reason"] for d in letters if not d["reason"].startswith("50 candidates")}
+    cut = [d for d in letters if "more than the list size 45: cut" in d["reason"]]
+    records = {bytes.fromhex(d["record_hex"]): d["reason"] for d in letters if d not in cut}
     assert set(records) == set(garbage) | set(bad_rows)
     assert all(records[g].startswith("unparseable tf.Example") for g in garbage)
     for raw, reason in bad_rows.items():
         assert reason in records[raw], (reason, records[raw])
-    too_long = [d for d in letters if d["reason"].startswith("50 candidates")]
-    assert all(d["reason"] == "50 candidates do not fit a list of size 45" for d in too_long)
-    assert sorted(json.loads(bytes.fromhex(d["record_hex"]))["request_id"] for d in too_long) == \
-        sorted({r["request_id"] for split in ("train", "eval") for r in _rows(examples, split)})
+    # The cut rows are real rows: per request, its 5 worst by the rule (unshown, worst tier, top item ids).
+    source = {}
+    for split in ("train", "eval"):
+        for r in _rows(examples, split):
+            source.setdefault(r["request_id"], []).append(r)
+    cut_rows = [tf.train.Example.FromString(bytes.fromhex(d["record_hex"])) for d in cut]
+    by_request = collections.defaultdict(list)
+    for e in cut_rows:
+        by_request[e.features.feature["request_id"].int64_list.value[0]].append(e.features.feature["item_id"].int64_list.value[0])
+    assert set(by_request) == set(source)
+    for request_id, items in by_request.items():
+        ranked = sorted(source[request_id], key=lambda r: (r["ui_position"] == 0, r["ui_position"] or 0,
+                                                            RL.TIER_INDEX[r["stage"]], r["item_id"]))
+        assert sorted(items) == sorted(r["item_id"] for r in ranked[45:])
     metrics = json.load(open(tmp_path / "lists" / record_io.METRICS_FILE))
-    assert metrics["records_bad"] == 12 and metrics["records_parsed"] == 1000 and metrics["requests_bad"] == 20
-    # No list was built, so no shown row reaches the eval shown rows.
-    assert _raw_records(os.path.join(outputs["shown_rows"][0].uri, "Split-eval", "*.gz")) == []
-    assert "shown_rows_eval" not in metrics
+    assert metrics["records_bad"] == 12 and metrics["records_parsed"] == 1000
+    assert metrics["requests_truncated"] == 20 and metrics["candidates_truncated"] == 100
+    assert metrics["candidates_kept"] == 20 * 45  # the kept counter counts what the lists hold
+
+
+def test_a_request_that_spans_input_splits_is_diverted_with_its_rows(tmp_path):
+    root = tmp_path / "examples"
+    examples = synthetic_examples(str(root), num_requests=10, seed=4)
+    train = list(example_io.read_examples(str(root / "Split-train" / "data_*")))
+    moved = train[0]  # one row of a train request written to eval as well
+    request_id = moved.features.feature["request_id"].int64_list.value[0]
+    with tf.io.TFRecordWriter(str(root / "Split-eval" / "extra.gz"), options="GZIP") as w:
+        w.write(moved.SerializeToString())
+    outputs = _outputs(tmp_path)
+    _run(tmp_path, examples, SamplerConfig(random_negatives=0, max_bad_fraction=1.0), outputs=outputs)
+    letters = [d for d in _dead_letters(outputs["dead_letters"][0]) if "spans input splits" in d["reason"]]
+    rows = [tf.train.Example.FromString(bytes.fromhex(d["record_hex"])) for d in letters]
+    assert len(rows) == 51 and {r.features.feature["request_id"].int64_list.value[0] for r in rows} == {request_id}
+    metrics = json.load(open(tmp_path / "lists" / record_io.METRICS_FILE))
+    assert metrics["candidates_diverted_split"] == 51 and metrics["requests_bad"] == 1
 
 
 def test_columnar_path_matches_the_row_reference(small):

@@ -39,6 +39,7 @@ from models.trainers.retrieval import RetrievalTrainerConfig
 from pipelines import cli, local_runner, report, serve_check
 from pipelines.config import PipelineConfig
 from pipelines.pipeline import BLESSING_KEYS, MODEL_SOURCES, STAGES
+from pipelines.run_lock import LOCK_FILE, read_lock
 from schema import request_list as RL
 
 pytestmark = pytest.mark.slow
@@ -167,7 +168,10 @@ def resumed_run(tmp_path_factory):
     before_kill = {node: [e.id for e in runs if e.last_known_state == mlmd.proto.Execution.COMPLETE]
                    for node, runs in _executions_by_node(config).items()}
     assert _teacher_backups(config), "the teacher finished before the kill"
-    seconds, timings = local_runner.run_with_timings(config, show_progress=False)
+    lock = os.path.join(config.output_dir, LOCK_FILE)
+    assert read_lock(lock)["pid"] == process.pid  # the killed run's lock is left behind, stale
+    seconds, timings = local_runner.run_with_timings(config, show_progress=False)  # takes it over
+    assert not os.path.exists(lock)
     return config, before_kill, timings
 
 
@@ -386,6 +390,7 @@ def test_the_table_reports_the_evaluators_metrics_beside_the_oracle(resumed_run)
     assert "e2e recall" in text and f"{evaluation['oracle']['auc']:.4f}" in text
     assert result["tfma"]["validation_ok"] and result["tfma"]["example_count"] == evaluation["shown"]
     assert "ranking" in report.flops_line(result) and "weighted click mean" in report.training_data_line(result)
+    assert report.data_line(result).startswith(f"Data (NegativeSampler): {REQUESTS * 50:,} rows read; 0 diverted")
 
 
 # ---- run 2: the same data again, cache off ------------------------------------------------------
