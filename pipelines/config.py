@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 from components.evaluation import EvaluatorConfig
 from components.sampling import SamplerConfig
+from datasources.example_io import check_split_readable
 from datasources.synthetic import SyntheticConfig
 from models.ranker_config import RankerConfig
 from models.trainers.cascade import CascadeTrainerConfig
@@ -92,6 +93,7 @@ class PipelineConfig:
                 path = os.path.join(self.examples_dir, f"Split-{split}")
                 if not os.path.isdir(path):
                     raise FileNotFoundError(f"data path {path} does not exist (expected Split-train/ and Split-eval/)")
+                check_split_readable(path)
         if self.source == "synthetic":
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:

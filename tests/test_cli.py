@@ -98,3 +98,34 @@ def test_run_and_compile_kubeflow_build_the_same_pipeline_config_from_the_same_f
     for field in ("synthetic", "teacher", "ranker", "retrieval", "cascade", "sampler", "evaluator", "source"):
         assert getattr(local, field) == getattr(kubeflow, field), field
     assert kubeflow.ranker.rank_loss == "multi_task" and kubeflow.cascade.method == "icc"
+
+
+@pytest.mark.parametrize("case", ["empty_split_dir", "split_without_records", "truncated_gzip"])
+def test_unreadable_or_empty_splits_are_one_line_naming_the_split_or_file(capsys, tmp_path, case):
+    """Caught before the pipeline starts (`datasources.example_io.check_split_readable`): exit 2, one
+    line naming the split directory or the file."""
+    import tensorflow as tf
+
+    from datasources import synthetic
+
+    data = tmp_path / "data"
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=20, seed=1), str(data))
+    eval_file = data / "Split-eval" / example_io.RECORD_FILE
+    if case == "empty_split_dir":
+        eval_file.unlink()
+        named = str(data / "Split-eval")
+    elif case == "split_without_records":
+        eval_file.unlink()
+        with tf.io.TFRecordWriter(str(eval_file), options="GZIP"):
+            pass
+        named = "has no records"
+    else:
+        content = eval_file.read_bytes()
+        eval_file.write_bytes(content[: len(content) // 2])
+        named = str(eval_file)
+    code, _, err = _run(capsys, "run", "--source", "examples", "--examples-dir", str(data),
+                        "--output-dir", str(tmp_path / "out"))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Split-eval" in lines[0], err
+    assert not (tmp_path / "out").exists()
