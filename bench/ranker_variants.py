@@ -68,12 +68,12 @@ QUOTAS = (40, 30, 20)
 def pipeline_inputs(run_dir: str):
     """(train files, eval files, retrieval SavedModel dir) that the run's Trainer.cascade and
     Trainer.retrieval used: the newest artifacts of the run's MLMD store."""
-    from pipelines.report import _store, latest_artifact
+    from pipelines.report import _store, latest_output
 
     config = PipelineConfig(output_dir=run_dir)
     store = _store(config)
-    lists = latest_artifact(store, "Examples", f"{config.pipeline_name}.NegativeSampler")
-    retrieval = latest_artifact(store, "Model", f"{config.pipeline_name}.Trainer.retrieval")
+    lists = latest_output(store, f"{config.pipeline_name}.NegativeSampler", "request_lists")
+    retrieval = latest_output(store, f"{config.pipeline_name}.Trainer.retrieval", "model")
     if lists is None or retrieval is None:
         raise SystemExit(f"{run_dir} has no NegativeSampler request lists or retrieval model: run `cascade run` first")
     split = lambda name: [os.path.join(lists.uri, f"Split-{name}", "*")]  # noqa: E731

@@ -57,6 +57,17 @@ def served_models(config: PipelineConfig) -> Dict[str, Tuple[str, bool]]:
     return out
 
 
+def latest_output(store: mlmd.MetadataStore, node_context: str, output_key: str):
+    """The newest artifact a pipeline node output under `output_key` (a node may output several
+    artifacts of one type, e.g. the NegativeSampler's `request_lists` and `shown_rows` Examples)."""
+    contexts = [c for c in store.get_contexts_by_type("node") if c.name == node_context]
+    executions = [e for c in contexts for e in store.get_executions_by_context(c.id)]
+    events = store.get_events_by_execution_ids([e.id for e in executions]) if executions else []
+    ids = [e.artifact_id for e in events if e.type == mlmd.proto.Event.OUTPUT and e.path.steps
+           and e.path.steps[0].key == output_key]
+    return store.get_artifacts_by_id([max(ids)])[0] if ids else None
+
+
 def pushed_models(config: PipelineConfig) -> Dict[str, str]:
     """{stage: the served SavedModel directory}: each stage's newest pushed version."""
     return {stage: path for stage, (path, _) in served_models(config).items()}
@@ -106,7 +117,7 @@ def collect(config: PipelineConfig) -> Dict:
     tfma_evaluation = latest_artifact(store, "ModelEvaluation", f"{name}.{TFMA_EVALUATOR_ID}")
     if tfma_evaluation is not None:
         result["tfma"] = tfma_summary(tfma_evaluation.uri)
-    lists = latest_artifact(store, "Examples", f"{name}.NegativeSampler")
+    lists = latest_output(store, f"{name}.NegativeSampler", "request_lists")
     if lists is not None and os.path.exists(os.path.join(lists.uri, record_io.METRICS_FILE)):
         with open(os.path.join(lists.uri, record_io.METRICS_FILE)) as f:
             result["sampler"] = json.load(f)
