@@ -53,12 +53,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_EPOCHS = 12  # long enough on small data that the kill lands during the teacher's training
 REQUESTS = 200
 # Gates at this scale (40 eval requests): a stage must close a sixth of the gap between chance and
-# perfect recall (a random order's lift has a std of about 0.04 here), and may fall at most 0.2
-# below its baseline (the recalls of identical retrains differ by a few hundredths on 40 requests).
+# perfect recall (a random order's lift has a std of about 0.04 here; the runs' models reach
+# 0.6–0.8), and may fall at most 0.1 below its baseline (the recalls of identical retrains differ by
+# a few hundredths on 40 requests; models trained on unlearnable data fall by 0.2–0.35).
 # CTR gates are loose: a few hundred training steps do not calibrate a ranker.
 SMALL_SCALE_GATES = EvaluatorConfig(
     thresholds=tuple((stage, "recall_lift", "min", 0.15) for stage in STAGES),
-    change_thresholds=tuple((stage, "recall", 0.2) for stage in STAGES),
+    change_thresholds=tuple((stage, "recall", 0.1) for stage in STAGES),
     tfma_min_auc=0.5, tfma_auc_tolerance=0.2, tfma_calibration_range=(0.05, 20.0),
 )
 
