@@ -5,8 +5,12 @@ parses them with the serving parse spec derived from the schema, and returns `ct
 probability) and `logit`. A missing required feature or a wrong dtype fails with an error that
 names the feature: `tf.io.parse_example` does this for fixed-length features, and
 `parse_examples` adds the check for required variable-length ones (such as `query_tokens`, which
-would otherwise parse as an empty list). Every exporter (this one, `models.ranker_export`) parses
-through `parse_examples`.
+would otherwise parse as an empty list). It also rejects what the schema's domains exclude, where
+the model would otherwise change it silently: an int value outside the feature's `int_domain`
+(`ui_position = 99` would be folded into bucket 99 mod 11; a negative id would be folded too) and a
+NaN in a float feature with `disallow_nan` (it would become 0). The error names the feature and
+its domain. A feature whose schema allows NaN (no `disallow_nan`) still maps NaN to 0, as in
+training. Every exporter (this one, `models.ranker_export`) parses through `parse_examples`.
 
 TF Serving warms a model up from `assets.extra/tf_serving_warmup_requests`, a TFRecord file of
 `PredictionLog`s; `write_warmup_requests` writes one from real examples.
@@ -40,13 +44,49 @@ def required_values(name: str, schema=None) -> int:
     return max(int(feature.value_count.min), 1)
 
 
+def domain_checks(name: str, schema=None) -> Dict[str, object]:
+    """What serving checks of a feature's values, from the schema: {"min": m, "max": M} of an
+    int_domain (either bound may be absent) and {"disallow_nan": True} of a float_domain."""
+    feature = next((f for f in (schema or F.load_schema()).feature if f.name == name), None)
+    checks: Dict[str, object] = {}
+    if feature is None:
+        return checks
+    if feature.HasField("int_domain"):
+        for bound in ("min", "max"):
+            if feature.int_domain.HasField(bound):
+                checks[bound] = int(getattr(feature.int_domain, bound))
+    if feature.HasField("float_domain") and feature.float_domain.disallow_nan:
+        checks["disallow_nan"] = True
+    return checks
+
+
+def check_domain(name: str, values: tf.Tensor, checks: Dict[str, object]) -> None:
+    """Asserts (stateful, so it runs inside a tf.function) that `values` of feature `name` lie in its
+    schema domain (`domain_checks`); the message names the feature and the rule."""
+    values = values.flat_values if isinstance(values, tf.RaggedTensor) else values
+    if "min" in checks or "max" in checks:
+        low, high = checks.get("min"), checks.get("max")
+        ok = tf.constant(True)
+        if low is not None:
+            ok = tf.logical_and(ok, tf.reduce_all(values >= low))
+        if high is not None:
+            ok = tf.logical_and(ok, tf.reduce_all(values <= high))
+        domain = f"[{'' if low is None else low}, {'' if high is None else high}]"
+        tf.debugging.Assert(ok, [f"Feature: {name} has a value outside its schema domain {domain}:",
+                                 tf.reduce_min(values), tf.reduce_max(values)])
+    if checks.get("disallow_nan"):
+        tf.debugging.Assert(tf.logical_not(tf.reduce_any(tf.math.is_nan(values))), [
+            f"Feature: {name} has a NaN value and its schema says disallow_nan"])
+
+
 def parse_examples(serialized: tf.Tensor, spec: Dict, schema=None) -> Dict[str, tf.Tensor]:
-    """`tf.io.parse_example`, plus a presence check on required variable-length features.
+    """`tf.io.parse_example`, plus a presence check on required variable-length features and the
+    schema's domain checks (`check_domain`).
 
     Fixed-length features already fail in `parse_example` with an error naming them; a missing
     variable-length (ragged) feature would parse as an empty list, so each required one gets an
-    Assert `row_length >= required_values(name)` whose message names it. The Assert is stateful:
-    inside a tf.function the automatic control dependencies run it before the function returns.
+    Assert `row_length >= required_values(name)` whose message names it. The Asserts are stateful:
+    inside a tf.function the automatic control dependencies run them before the function returns.
     """
     features = tf.io.parse_example(serialized, spec)
     for name, value in features.items():
@@ -55,6 +95,8 @@ def parse_examples(serialized: tf.Tensor, spec: Dict, schema=None) -> Dict[str, 
             lengths = value.row_splits[1:] - value.row_splits[:-1]
             tf.debugging.Assert(tf.reduce_all(lengths >= needed), [
                 f"Feature: {name} is required (at least {needed} value(s)) but could not be found"])
+        if name in F.MODEL_INPUTS:
+            check_domain(name, value, domain_checks(name, schema))
     return features
 
 

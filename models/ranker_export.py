@@ -121,6 +121,8 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=AD_INPUT_KEY)]
                  + [tf.TensorSpec([None], tf.int64, name=name) for name in model.ui_names])
     def score_ui_grid(ad_examples, *ui_ids):
+        for name, ids in zip(model.ui_names, ui_ids):
+            export.check_domain(name, ids, export.domain_checks(name, schema))
         q = model.quality(parse_examples(ad_examples, q_spec, schema))
         if table is None:
             u = model.ui({name: ids[:, tf.newaxis] for name, ids in zip(model.ui_names, ui_ids)})

@@ -297,16 +297,17 @@ class RetrievalServing(tf.Module):
         super().__init__()
         self.query_tower = query_tower
         self.index = index
+        self._schema = schema
         self._spec = request_context_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):
-        scores, ids = self.index(tf.io.parse_example(examples, self._spec))
+        scores, ids = self.index(export_lib.parse_examples(examples, self._spec, self._schema))
         return {"scores": scores, "item_ids": ids}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def query_embedding(self, examples):
-        return {"embedding": self.query_tower(tf.io.parse_example(examples, self._spec), training=False)}
+        return {"embedding": self.query_tower(export_lib.parse_examples(examples, self._spec, self._schema), training=False)}
 
     @tf.function(input_signature=[])
     def item_embeddings(self):

@@ -101,9 +101,8 @@ def grid(loaded, ad_examples, treatments):
 def test_score_ui_grid_equals_serving_default_per_pair(exported, rows):
     _, loaded, _ = exported
     ads = rows[:7]
-    # Every position and format, plus ids outside the vocabularies (folded: 11 -> 0, 13 -> 2, format 4 -> 1).
+    # Every position and format of the schema's domains (values outside them are rejected: see below).
     treatments = [(p, f) for p in range(F.MAX_UI_POSITION + 1) for f in range(F.NUM_UI_FORMATS)]
-    treatments += [(11, 4), (13, 0), (-1, 2)]
     grid_out = grid(loaded, [serialize(a) for a in ads], treatments)
     assert grid_out["ctr"].shape == (len(ads), len(treatments))
     pairs = [serialize(a, ui_position=[p], ui_format=[f]) for a in ads for p, f in treatments]
@@ -148,7 +147,7 @@ def test_ui_table_rows_are_the_u_tower_on_folded_ids(exported):
 def test_grid_without_the_ui_cache_runs_the_u_tower_and_agrees(exported, rows, monkeypatch):
     model, _, _ = exported
     ads = tf.constant([serialize(r) for r in rows[:5]])
-    pos, fmt = tf.constant([1, 4, 12], tf.int64), tf.constant([0, 2, 1], tf.int64)
+    pos, fmt = tf.constant([1, 4, 10], tf.int64), tf.constant([0, 2, 1], tf.int64)
     cached = ranker_export.ranker_signatures(model)["score_ui_grid"](ads, pos, fmt)
     monkeypatch.setattr(ranker_export, "MAX_UI_TABLE_ROWS", 0)
     assert ranker_export.ui_table(model) is None
@@ -156,13 +155,48 @@ def test_grid_without_the_ui_cache_runs_the_u_tower_and_agrees(exported, rows, m
     np.testing.assert_allclose(tower["logit"].numpy(), cached["logit"].numpy(), atol=1e-5)
 
 
-def test_nan_dense_input_gives_finite_served_output(exported, rows):
-    _, loaded, _ = exported
-    nan_rows = [serialize(r, user_dense=[float("nan")] * 4, item_dense=[1.0, float("nan"), 0.0, 2.0]) for r in rows[:5]]
+def _schema_allowing_nan():
+    """The packaged schema with disallow_nan dropped from every feature (a user's --schema-file)."""
+    schema = F.load_schema().__deepcopy__()
+    for feature in schema.feature:
+        if feature.HasField("float_domain"):
+            feature.float_domain.ClearField("disallow_nan")
+    return schema
+
+
+def test_nan_dense_input_is_rejected_naming_the_feature_unless_the_schema_allows_nan(exported, rows):
+    model, loaded, _ = exported
+    nan_rows = [serialize(r, user_dense=[float("nan")] * 4) for r in rows[:5]]
     for signature, key in (("serving_default", "examples"), ("quality", "examples")):
-        out = loaded.signatures[signature](**{key: tf.constant(nan_rows)})
-        assert all(np.isfinite(t.numpy()).all() for t in out.values())
-    assert np.isfinite(grid(loaded, nan_rows, [(1, 0), (2, 1)])["ctr"].numpy()).all()
+        with pytest.raises(tf.errors.InvalidArgumentError, match="user_dense has a NaN value"):
+            loaded.signatures[signature](**{key: tf.constant(nan_rows)})
+    with pytest.raises(tf.errors.InvalidArgumentError, match="user_dense has a NaN value"):
+        grid(loaded, nan_rows, [(1, 0)])
+    # A schema without disallow_nan: NaN becomes 0, as in training, and the output is finite.
+    allowing = ranker_export.ranker_signatures(model, schema=_schema_allowing_nan())
+    nan_rows = [serialize(r, user_dense=[float("nan")] * 4, item_dense=[1.0, float("nan"), 0.0, 2.0]) for r in rows[:5]]
+    out = allowing["serving_default"](tf.constant(nan_rows))
+    assert all(np.isfinite(t.numpy()).all() for t in out.values())
+    zeros = [serialize(r, user_dense=[0.0] * 4, item_dense=[1.0, 0.0, 0.0, 2.0]) for r in rows[:5]]
+    np.testing.assert_allclose(out["logit"].numpy(), allowing["serving_default"](tf.constant(zeros))["logit"].numpy(),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("feature,value", [("ui_position", 99), ("ui_position", -1), ("ui_format", 3), ("hour", 24),
+                                           ("item_id", -5)])
+def test_a_value_outside_the_schema_domain_is_rejected_naming_the_feature(exported, rows, feature, value):
+    _, loaded, _ = exported
+    good, bad = serialize(rows[0]), serialize(rows[1], **{feature: [value]})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{feature} has a value outside its schema domain"):
+        loaded.signatures["serving_default"](examples=tf.constant([good, bad]))
+    loaded.signatures["serving_default"](examples=tf.constant([good]))  # in-domain requests still serve
+
+
+@pytest.mark.parametrize("position,fmt,feature", [(99, 0, "ui_position"), (1, 7, "ui_format")])
+def test_the_grid_rejects_ui_treatments_outside_the_schema_domain(exported, rows, position, fmt, feature):
+    _, loaded, _ = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{feature} has a value outside its schema domain"):
+        grid(loaded, [serialize(rows[0])], [(1, 0), (position, fmt)])
 
 
 @pytest.mark.parametrize("signature,key,feature", [

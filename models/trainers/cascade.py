@@ -85,11 +85,12 @@ class PrerankerServing(tf.Module):
     def __init__(self, light: LightPreranker, schema=None):
         super().__init__()
         self.light = light
+        self._schema = schema
         self._spec = candidate_parse_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):
-        return {"score": tf.reshape(self.light(candidate_lists(examples, self._spec), training=False), [-1])}
+        return {"score": tf.reshape(self.light(candidate_lists(examples, self._spec, self._schema), training=False), [-1])}
 
 
 class FinalizeRanker(tf.keras.callbacks.Callback):

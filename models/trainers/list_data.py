@@ -63,11 +63,12 @@ def candidate_parse_spec(schema=None) -> Dict:
     return {name: spec[name] for name in CANDIDATE_FEATURES if name in spec}
 
 
-def candidate_lists(examples: tf.Tensor, spec: Dict = None) -> Dict[str, tf.Tensor]:
+def candidate_lists(examples: tf.Tensor, spec: Dict = None, schema=None) -> Dict[str, tf.Tensor]:
     """Serialized candidate-row tf.Examples [N] → N request lists of one candidate each (mask
     [N, 1]), the input every stage layer reads; its [N, 1] scores are the candidates' scores.
-    `spec`: `candidate_parse_spec(schema)` (default: of the packaged schema)."""
-    parsed = tf.io.parse_example(examples, spec or candidate_parse_spec())
+    `spec`: `candidate_parse_spec(schema)` (default: of the packaged schema). Parsed by
+    `models.export.parse_examples`, so serving rejects values outside the schema's domains."""
+    parsed = export_lib.parse_examples(examples, spec or candidate_parse_spec(schema), schema)
     lists = dict(parsed)
     tags = parsed["item_tags"]
     if isinstance(tags, tf.RaggedTensor):

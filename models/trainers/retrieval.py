@@ -78,11 +78,12 @@ class ScoringRetrievalServing(R.RetrievalServing):
     def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index, schema=None):
         super().__init__(query_tower, index, schema)
         self.item_tower = item_tower
+        self._schema = schema
         self._candidate_spec = candidate_parse_spec(schema)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def score(self, examples):
-        lists = candidate_lists(examples, self._candidate_spec)
+        lists = candidate_lists(examples, self._candidate_spec, self._schema)
         u = self.query_tower(LI.request_features(lists), training=False)
         v = self.item_tower(LI.candidate_features(lists), training=False)
         return {"score": tf.reduce_sum(u * v, axis=-1)}
