@@ -51,6 +51,7 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from tfx.utils import io_utils, path_utils
 
 from components import evaluation, record_io
+from components.negative_sampler import data_counts
 from components.evaluation import BASELINE_INPUTS, RANKING_INPUT, STAGE_INPUTS, STAGES, EvaluatorConfig
 from schema import features as F
 
@@ -228,6 +229,8 @@ class CascadeEvaluatorSpec(ComponentSpec):
         "baseline_retrieval_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
         "ctr_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
         "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
+        # The NegativeSampler's request lists: their counters become the evaluation's data_counts.
+        "request_lists": ChannelParameter(type=standard_artifacts.Examples, optional=True),
     }
     OUTPUTS = {
         "evaluation": ChannelParameter(type=standard_artifacts.ModelEvaluation),
@@ -292,6 +295,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         metrics = evaluation.evaluate(rows, stage_keys, config, baselines={
             STAGE_INPUTS[stage]: BASELINE_INPUTS[stage] for stage in STAGES if baselines[stage] is not None})
         metrics["counters"] = counters
+        lists = _present(input_dict, "request_lists")
+        if lists is not None:
+            metrics["data_counts"] = data_counts(record_io.read_metrics(lists.uri))
         ctr_blessed, ctr_message = ctr_verdict(_present(input_dict, "ctr_blessing"), stage_models["ranking"])
         verdicts = evaluation.bless_stages(metrics, config, ctr_blessed, ctr_message, notes)
         for stage, verdict in verdicts.items():
@@ -319,12 +325,12 @@ class CascadeEvaluator(base_beam_component.BaseBeamComponent):
                  baseline_preranking_model: Optional[types.BaseChannel] = None,
                  baseline_retrieval_model: Optional[types.BaseChannel] = None,
                  ctr_blessing: Optional[types.BaseChannel] = None, schema: Optional[types.BaseChannel] = None,
-                 config: EvaluatorConfig = EvaluatorConfig()):
+                 request_lists: Optional[types.BaseChannel] = None, config: EvaluatorConfig = EvaluatorConfig()):
         spec = CascadeEvaluatorSpec(
             examples=examples, model=model, preranking_model=preranking_model, retrieval_model=retrieval_model,
             baseline_model=baseline_model, baseline_preranking_model=baseline_preranking_model,
             baseline_retrieval_model=baseline_retrieval_model, ctr_blessing=ctr_blessing, schema=schema,
-            config=config.to_json(),
+            request_lists=request_lists, config=config.to_json(),
             evaluation=types.Channel(type=standard_artifacts.ModelEvaluation),
             **{key: types.Channel(type=standard_artifacts.ModelBlessing) for key in BLESSING_OUTPUTS.values()},
             dead_letters=types.Channel(type=record_io.DeadLetters),

@@ -26,7 +26,10 @@ unknown stage go to the dead-letter output, as do requests with more candidates 
 holds; the component fails when bad records exceed `max_bad_fraction`. Beam counters (namespace
 `negative_sampler`) count what was read, kept, dropped (per reason), reweighted and written; they
 are saved in `metrics.json` and as custom properties of the `request_lists` artifact;
-`shown_rows_eval` counts the rows written to `shown_rows`.
+`shown_rows_eval` counts the rows written to `shown_rows`. Counters of what the models will change
+without a trace in the data: `nan_values_<dense feature>` (read as 0), `ids_folded_<sparse
+feature>` (ids outside [0, num_buckets)), and `requests_without_ground_truth` (also per input
+split); `data_counts` gathers them into the block a run prints.
 
 Pipeline, laid out for DirectRunner's multi-processing mode, where each split's (gzipped, so
 unsplittable) file is read by a single worker and only the stages after a shuffle are spread
@@ -274,6 +277,26 @@ class CandidateDecoder:
 
 
 TIER_BY_NAME = {name.encode(): index for name, index in RL.TIER_INDEX.items() if name != RL.RANDOM_NEG_TIER}
+GROUND_TRUTH_TIER_INDEX = RL.TIER_INDEX[F.GROUND_TRUTH_TIER]
+REQUESTS_WITHOUT_GROUND_TRUTH = "requests_without_ground_truth"  # also per input split: ..._<split>
+NAN_PREFIX = "nan_values_"  # + a dense feature: its NaN values, which the models read as 0
+FOLDED_PREFIX = "ids_folded_"  # + a sparse feature: its ids outside [0, num_buckets), folded by id mod num_buckets
+
+
+def value_counts(cols: Dict[str, np.ndarray]) -> Dict[str, int]:
+    """What the models will change in the decoded rows `cols`, per feature: NaN values of each dense
+    feature (`NAN_PREFIX`; the embedding reads them as 0, `models.embedding`) and ids outside
+    [0, num_buckets) of each sparse feature (`FOLDED_PREFIX`; folded into the buckets, so two ids
+    share an embedding). `schema.features` names the features and their bucket counts."""
+    out = {}
+    for feature in F.DENSE_FEATURES:
+        if feature.name in cols:
+            out[NAN_PREFIX + feature.name] = int(np.isnan(cols[feature.name]).sum())
+    for feature in F.SPARSE_FEATURES:
+        values = cols.get(f"{feature.name}_values" if feature.multivalent else feature.name)
+        if values is not None:
+            out[FOLDED_PREFIX + feature.name] = int(((values < 0) | (values >= feature.num_buckets)).sum())
+    return out
 
 
 def select_rows(cols: Dict[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
@@ -353,6 +376,9 @@ class _DecodeRequests(beam.DoFn):
             self._bad.inc()
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws[i], reason))
         self._parsed.inc(int(rows.size))
+        for name, count in value_counts(cols).items():
+            if count:
+                self._inc(name, count)
         bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
         all_splits = np.asarray(splits, dtype=np.int64)[rows]
         good_raws = [raws[i] for i in rows.tolist()]
@@ -367,6 +393,9 @@ class _DecodeRequests(beam.DoFn):
             request, request_splits = select_rows(request, order), request_splits[order]
             raws_of = [good_raws[a + i] for i in order.tolist()]  # the request's raw rows, in its order
             self._requests.inc()
+            if not (request["tier"] == GROUND_TRUTH_TIER_INDEX).any():
+                self._inc(REQUESTS_WITHOUT_GROUND_TRUTH)
+                self._inc(f"{REQUESTS_WITHOUT_GROUND_TRUTH}_{self._split_names[int(request_splits[0])]}")
             if self._config.split == "keep" and np.unique(request_splits).size != 1:
                 self._requests_bad.inc()
                 names = sorted({self._split_names[s] for s in request_splits.tolist()})
@@ -434,6 +463,44 @@ def check_diverted_fraction(counters: Dict[str, int], max_bad_fraction: float) -
         raise record_io.BadInputError(
             f"NegativeSampler: {diverted} of {total} records were diverted ({diverted / total:.2%} > "
             f"{max_bad_fraction:.2%}: {reasons}); see the dead-letter output")
+
+
+DIVERTED_LABELS = {"records_bad": "bad records", "candidates_diverted_split": "rows of requests spanning splits",
+                   "candidates_truncated": "rows cut from over-long requests"}
+
+
+def data_counts(counters: Dict[str, int]) -> Dict[str, Any]:
+    """The counts a user sees at the end of a run (`pipelines.report.counts_block`) and that the
+    CascadeEvaluator writes into its evaluation, from the sampler's counters: rows read, used in the
+    request lists and diverted (by reason), requests without a ground-truth candidate (per input
+    split; the recall metrics leave them out), NaN values read as 0 per dense feature, and ids
+    folded per sparse feature with its bucket count. rows_read = rows_used + Σ rows_diverted."""
+    splits = {name[len(REQUESTS_WITHOUT_GROUND_TRUTH) + 1:]: value for name, value in sorted(counters.items())
+              if name.startswith(REQUESTS_WITHOUT_GROUND_TRUTH + "_")}
+    return {
+        "rows_read": counters.get("records_parsed", 0) + counters.get("records_bad", 0),
+        "rows_used": counters.get("candidates_kept", 0),
+        "rows_diverted": {name: counters.get(name, 0) for name in DIVERTED_COUNTERS},
+        "requests": counters.get("requests", 0),
+        "requests_without_ground_truth": {"total": counters.get(REQUESTS_WITHOUT_GROUND_TRUTH, 0), **splits},
+        "nan_values_read_as_0": {f.name: counters.get(NAN_PREFIX + f.name, 0) for f in F.DENSE_FEATURES},
+        "ids_folded": {f.name: {"ids": counters.get(FOLDED_PREFIX + f.name, 0), "buckets": f.num_buckets}
+                       for f in F.SPARSE_FEATURES},
+    }
+
+
+def data_warnings(counts: Dict[str, Any]) -> List[str]:
+    """One phrase per thing `data_counts` says was diverted or will be changed, none when the data
+    went through whole: what the run prints as its last line."""
+    out = [f"{n:,} {DIVERTED_LABELS[name]}" for name, n in counts["rows_diverted"].items() if n]
+    if counts["requests_without_ground_truth"]["total"]:
+        out.append(f"{counts['requests_without_ground_truth']['total']:,} requests without ground truth")
+    out += [f"{n:,} NaN values of {name} read as 0" for name, n in counts["nan_values_read_as_0"].items() if n]
+    out += [f"{v['ids']:,} ids of {name} folded into its {v['buckets']:,} buckets"
+            for name, v in counts["ids_folded"].items() if v["ids"]]
+    return out
+
+
 KEY_BATCH = 512  # records whose request ids are decoded together
 DECODE_BATCH = 64  # requests decoded together (the decoder's per-call cost is then negligible)
 
@@ -638,6 +705,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             print(f"NegativeSampler: {counters['requests_truncated']} requests had more candidates than the list "
                   f"size {config.list_size}: {counters['candidates_truncated']} rows cut ({TRUNCATION_RULE}), "
                   f"in the dead letters at {dead.uri}", flush=True)
+        warnings = data_warnings(data_counts(counters))
+        if warnings:
+            print(f"NegativeSampler: warning: {'; '.join(warnings)} (dead letters: {dead.uri})", flush=True)
         check_diverted_fraction(counters, config.max_bad_fraction)
 
 

@@ -146,3 +146,12 @@ def write_metrics(uri: str, counters: Dict[str, int]) -> None:
     fileio.makedirs(uri)
     with fileio.open(os.path.join(uri, METRICS_FILE), "w") as f:
         f.write(json.dumps(counters, indent=2, sort_keys=True))
+
+
+def read_metrics(uri: str) -> Dict[str, int]:
+    """The counters `write_metrics` saved in an artifact ({} when it saved none)."""
+    path = os.path.join(uri, METRICS_FILE)
+    if not fileio.exists(path):
+        return {}
+    with fileio.open(path, "r") as f:
+        return json.loads(f.read())

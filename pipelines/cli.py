@@ -121,8 +121,7 @@ def _cmd_run(args) -> int:
         evaluation = result["evaluation"]
         print(report.format_table(evaluation, config.evaluator.min_bucket_count))
         print(f"Plots: {result['evaluation_uri']}/calibration.png, recall_at_k.png")
-        for line in filter(None, (report.data_line(result), report.training_data_line(result),
-                                  report.flops_line(result))):
+        for line in filter(None, (report.training_data_line(result), report.flops_line(result))):
             print(line)
         if "tfma" in result:
             print(report.tfma_line(result["tfma"]))
@@ -133,6 +132,8 @@ def _cmd_run(args) -> int:
     print("Served SavedModels:" if served else "Served SavedModels: none")
     for stage, (path, pushed_now) in served.items():
         print(f"  {stage:<11} {path}" + ("" if pushed_now else "  (this run's model was not blessed: not pushed)"))
+    for block in filter(None, (report.counts_block(result), report.data_warning_line(result))):
+        print(block)
     return 0
 
 

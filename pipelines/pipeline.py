@@ -142,6 +142,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     evaluator = CascadeEvaluator(
         examples=scored_rows, model=models["ranking"], preranking_model=models["preranking"],
         retrieval_model=models["retrieval"], schema=schema, ctr_blessing=tfma_evaluator.outputs["blessing"],
+        request_lists=request_lists,
         config=config.evaluator_config(),
         **{BASELINE_KEYS[stage]: baselines[stage].outputs["model"] for stage in STAGES},
     ).with_id(EVALUATOR_ID)

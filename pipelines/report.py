@@ -219,19 +219,55 @@ def flops_line(result: Dict) -> Optional[str]:
     return "FLOPs per candidate of the served stages: " + "; ".join(parts) if parts else None
 
 
-def data_line(result: Dict) -> Optional[str]:
-    """What the NegativeSampler read, and what it diverted to its dead letters, by reason."""
-    from components.negative_sampler import DIVERTED_COUNTERS
+def data_counts(result: Dict) -> Optional[Dict]:
+    """The run's data counts: the CascadeEvaluator's (in its evaluation), else the NegativeSampler's."""
+    from components.negative_sampler import data_counts as from_counters
 
-    counters = result.get("sampler")
-    if not counters:
+    if "data_counts" in result.get("evaluation", {}):
+        return result["evaluation"]["data_counts"]
+    return from_counters(result["sampler"]) if result.get("sampler") else None
+
+
+def counts_block(result: Dict) -> Optional[str]:
+    """The block every run prints at its end (issue "No silent loss"): rows read, used and diverted
+    by reason, requests without ground truth, NaN values read as 0, ids folded into the buckets."""
+    from components.negative_sampler import DIVERTED_LABELS
+
+    counts = data_counts(result)
+    if counts is None:
         return None
-    read = counters.get("records_parsed", 0) + counters.get("records_bad", 0)
-    labels = {"records_bad": "bad records", "candidates_diverted_split": "rows of requests spanning splits",
-              "candidates_truncated": "rows cut from over-long requests"}
-    diverted = sum(counters.get(name, 0) for name in DIVERTED_COUNTERS)
-    reasons = ", ".join(f"{labels[name]} {counters.get(name, 0):,}" for name in DIVERTED_COUNTERS)
-    return f"Data (NegativeSampler): {read:,} rows read; {diverted:,} diverted to its dead letters ({reasons})"
+    diverted = counts["rows_diverted"]
+    no_gt = counts["requests_without_ground_truth"]
+    splits = ", ".join(f"{split} {n:,}" for split, n in no_gt.items() if split != "total")
+    nan = {name: n for name, n in counts["nan_values_read_as_0"].items() if n}
+    folded = {name: v for name, v in counts["ids_folded"].items() if v["ids"]}
+    where = f" (also in {result['evaluation_uri']}/metrics.json, \"data_counts\")" if "evaluation_uri" in result else ""
+    rows = [
+        ("rows read", f"{counts['rows_read']:,}"),
+        ("rows used in the request lists", f"{counts['rows_used']:,}"),
+        ("rows diverted (dead letters)", f"{sum(diverted.values()):,}: " + ", ".join(
+            f"{DIVERTED_LABELS[name]} {n:,}" for name, n in diverted.items())),
+        ("requests without ground truth", f"{no_gt['total']:,} of {counts['requests']:,}"
+         + (f" ({splits})" if splits else "") + ": no rerank_pos candidate, left out of the recall metrics"),
+        ("NaN values read as 0", ", ".join(f"{name} {n:,}" for name, n in nan.items()) or "none"),
+        ("ids folded into the buckets", ", ".join(f"{name} {v['ids']:,} (outside [0, {v['buckets']:,}))"
+                                                  for name, v in folded.items()) or "none"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([f"Data counts{where}:"] + [f"  {label:<{width}}  {value}" for label, value in rows])
+
+
+def data_warning_line(result: Dict) -> Optional[str]:
+    """The run's last line: what it diverted or changed in the data, or that it did neither."""
+    from components.negative_sampler import data_warnings
+
+    counts = data_counts(result)
+    if counts is None:
+        return None
+    warnings = data_warnings(counts)
+    if not warnings:
+        return "Data: every row read was used, none changed."
+    return "Data warning: " + "; ".join(warnings) + " (see the counts above and the NegativeSampler's dead letters)"
 
 
 def training_data_line(result: Dict) -> Optional[str]:

@@ -423,3 +423,43 @@ def test_columnar_path_matches_the_row_reference(small):
         assert {k: v for k, v in counts_fast.items() if v} == {k: v for k, v in counts_ref.items() if v}
     rng_a, rng_b = np.random.default_rng([4, 2]), np.random.default_rng([4, 2])
     np.testing.assert_array_equal(corpus._choice(rng_a, 200), rng_b.choice(corpus.item_ids, size=200, p=corpus.probabilities))
+
+
+def test_nan_values_folded_ids_and_requests_without_ground_truth_are_counted_and_printed(tmp_path, capsys):
+    """What the models would change without a trace is counted per feature, from the rows themselves
+    (an independent count over the written input here), and the executor prints one warning line."""
+    root = tmp_path / "examples"
+    examples = synthetic_examples(str(root), num_requests=10, seed=5)
+    rows = list(example_io.read_examples(str(root / "Split-train" / "data_*")))
+    by_request = collections.defaultdict(list)
+    for e in rows:
+        by_request[e.features.feature["request_id"].int64_list.value[0]].append(e)
+    first, second = sorted(by_request)[:2]
+    for e in by_request[first][:3]:  # NaN in 3 rows: 2 values each
+        e.features.feature["user_dense"].float_list.value[1] = float("nan")
+        e.features.feature["user_dense"].float_list.value[3] = float("nan")
+    for e in by_request[first][:4]:  # item ids above the 10,000 buckets, and one tag above 512
+        e.features.feature["item_id"].int64_list.value[0] = 10_000 + e.features.feature["item_id"].int64_list.value[0]
+    by_request[first][0].features.feature["item_tags"].int64_list.value.append(700)
+    for e in by_request[second]:  # no ground truth: its rerank_pos rows become rerank_neg
+        if e.features.feature["stage"].bytes_list.value[0] == b"rerank_pos":
+            e.features.feature["stage"].bytes_list.value[0] = b"rerank_neg"
+    path = root / "Split-train" / example_io.RECORD_FILE
+    with tf.io.TFRecordWriter(str(path), options="GZIP") as w:
+        for e in rows:
+            w.write(e.SerializeToString())
+    _run(tmp_path, examples, SamplerConfig(random_negatives=0))
+    metrics = json.load(open(tmp_path / "lists" / record_io.METRICS_FILE))
+    counts = negative_sampler.data_counts(metrics)
+    every_row = rows + list(example_io.read_examples(str(root / "Split-eval" / "data_*")))
+    nan = sum(int(np.isnan(list(e.features.feature["user_dense"].float_list.value)).sum()) for e in every_row)
+    folded = sum(e.features.feature["item_id"].int64_list.value[0] >= 10_000 for e in every_row)
+    assert (nan, folded) == (6, 4)
+    assert counts["nan_values_read_as_0"] == {"user_dense": nan, "item_dense": 0}
+    assert counts["ids_folded"]["item_id"] == {"ids": folded, "buckets": 10_000}
+    assert counts["ids_folded"]["item_tags"]["ids"] == 1 and counts["ids_folded"]["user_id"]["ids"] == 0
+    assert counts["requests_without_ground_truth"] == {"total": 1, "train": 1}
+    assert counts["rows_read"] == len(every_row) == counts["rows_used"] + sum(counts["rows_diverted"].values())
+    out = capsys.readouterr().out
+    assert ("NegativeSampler: warning: 1 requests without ground truth; 6 NaN values of user_dense read as 0; "
+            "4 ids of item_id folded into its 10,000 buckets; 1 ids of item_tags folded into its 512 buckets") in out

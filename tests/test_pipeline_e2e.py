@@ -15,6 +15,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -391,7 +392,10 @@ def test_the_table_reports_the_evaluators_metrics_beside_the_oracle(resumed_run)
     assert "e2e recall" in text and f"{evaluation['oracle']['auc']:.4f}" in text
     assert result["tfma"]["validation_ok"] and result["tfma"]["example_count"] == evaluation["shown"]
     assert "ranking" in report.flops_line(result) and "weighted click mean" in report.training_data_line(result)
-    assert report.data_line(result).startswith(f"Data (NegativeSampler): {REQUESTS * 50:,} rows read; 0 diverted")
+    counts = result["evaluation"]["data_counts"]
+    assert counts["rows_read"] == REQUESTS * 50 == counts["rows_used"] and not any(counts["rows_diverted"].values())
+    block = report.counts_block(result)
+    assert re.search(rf"rows read +{REQUESTS * 50:,}\n", block) and re.search(r"NaN values read as 0 +none\n", block)
 
 
 # ---- run 2: the same data again, cache off ------------------------------------------------------
