@@ -492,7 +492,8 @@ def data_counts(counters: Dict[str, int]) -> Dict[str, Any]:
 def data_warnings(counts: Dict[str, Any]) -> List[str]:
     """One phrase per thing `data_counts` says was diverted or will be changed, none when the data
     went through whole: what the run prints as its last line."""
-    out = [f"{n:,} {DIVERTED_LABELS[name]}" for name, n in counts["rows_diverted"].items() if n]
+    diverted = counts["rows_diverted"]
+    out = [f"{diverted[name]:,} {label}" for name, label in DIVERTED_LABELS.items() if diverted.get(name)]
     if counts["requests_without_ground_truth"]["total"]:
         out.append(f"{counts['requests_without_ground_truth']['total']:,} requests without ground truth")
     out += [f"{n:,} NaN values of {name} read as 0" for name, n in counts["nan_values_read_as_0"].items() if n]

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -149,25 +149,86 @@ def read_examples(split_dir_or_glob: str) -> Iterator[tf.train.Example]:
             yield tf.train.Example.FromString(raw)
 
 
-def check_split_readable(split_dir: str) -> int:
+PREFLIGHT_RECORDS = 10_000  # records of each file whose types `check_split_readable` checks against the schema
+
+
+def _split_files(split_dir: str):
+    return sorted(f for f in tf.io.gfile.glob(os.path.join(split_dir, "*")) if not tf.io.gfile.isdir(f))
+
+
+def _records(path: str, batch_size: int = 4096):
+    """Batches of raw records of one TFRecord file (gzip by a `.gz` name, as ImportExampleGen reads
+    it); raises InputError naming the file when it does not read to its end."""
+    compression = "GZIP" if path.endswith(".gz") else ""
+    try:
+        for batch in tf.data.TFRecordDataset(path, compression_type=compression).batch(batch_size).as_numpy_iterator():
+            yield list(batch)
+    except tf.errors.OpError as e:
+        raise InputError(f"{path}: not a readable {'gzipped ' if compression else ''}TFRecord file "
+                         f"({e.message.splitlines()[0]})") from None
+
+
+class _TypeChecker:
+    """Decodes raw tf.Examples with tfx_bsl's C++ decoder typed by `schema` (the features of its
+    default environment): a record that is not a tf.Example, or a feature whose values are of
+    another type than the schema says, is an InputError naming the file, the record and the feature."""
+
+    def __init__(self, schema):
+        from tfx_bsl.coders import example_coder
+
+        self._schema = schema.SerializeToString()
+        self._coder = example_coder
+        self._decoder = self._coder.ExamplesToRecordBatchDecoder(self._schema)
+
+    def check(self, path: str, first_index: int, raws) -> None:
+        try:
+            self._decoder.DecodeBatch(raws)
+            return
+        except RuntimeError:
+            pass
+        for i, raw in enumerate(raws):  # find the record, and the decoder's own words for it
+            self._decoder = self._coder.ExamplesToRecordBatchDecoder(self._schema)  # a failed decode spoils it
+            try:
+                self._decoder.DecodeBatch([raw])
+            except RuntimeError as e:
+                text = str(e).splitlines()[0]
+                if "Unable to parse" in text:
+                    raise InputError(f"{path}: record {first_index + i} is not a tf.Example") from None
+                text = text.split(": ", 1)[-1]  # drop the status code
+                if "wrong type" in text:
+                    text = text.replace("Feature had wrong type", "a feature of the wrong type")
+                raise InputError(f"{path}: record {first_index + i}: {text} (schema type rule)") from None
+
+
+def check_split_readable(split_dir: str, schema=None, type_check_records: Optional[int] = None) -> int:
     """Checks an Examples split directory before a pipeline reads it: it has files, every file reads
-    to its end as TFRecords (gzip by a `.gz` name, as ImportExampleGen reads it), and the split
-    holds at least one record. Returns the number of records. Raises InputError naming the split
+    to its end as TFRecords (gzip by a `.gz` name, as ImportExampleGen reads it), the split holds at
+    least one record, and (with a `schema`) the first `type_check_records` records of each file
+    (default `PREFLIGHT_RECORDS`; None in `find_type_errors` checks all) are tf.Examples whose features
+    have the schema's types. Returns the number of records. Raises InputError naming the split
     directory or the file (an empty split would pass validation and fail later, in a Trainer; a
-    truncated gzip file would fail in Beam with a traceback that does not name it). The records are
-    counted in TensorFlow's C++ reader, about a million a second here."""
-    files = sorted(f for f in tf.io.gfile.glob(os.path.join(split_dir, "*")) if not tf.io.gfile.isdir(f))
+    truncated gzip file would fail in Beam with a traceback that does not name it; a float in an
+    int feature would fail in StatisticsGen with three chained tracebacks)."""
+    files = _split_files(split_dir)
     if not files:
         raise InputError(f"split {os.path.basename(split_dir.rstrip('/'))} has no files: {split_dir}")
+    limit = PREFLIGHT_RECORDS if type_check_records is None else type_check_records
+    checker = _TypeChecker(schema) if schema is not None and limit else None
     records = 0
     for path in files:
-        compression = "GZIP" if path.endswith(".gz") else ""
-        try:
-            records += int(tf.data.TFRecordDataset(path, compression_type=compression).reduce(
-                tf.constant(0, tf.int64), lambda n, _: n + 1))
-        except tf.errors.OpError as e:
-            raise InputError(f"{path}: not a readable {'gzipped ' if compression else ''}TFRecord file "
-                             f"({e.message.splitlines()[0]})") from None
+        seen = 0
+        for raws in _records(path):
+            if checker is not None and seen < limit:
+                checker.check(path, seen, raws[:limit - seen])
+            seen += len(raws)
+        records += seen
     if not records:
         raise InputError(f"split {os.path.basename(split_dir.rstrip('/'))} has no records: {split_dir}")
     return records
+
+
+def find_type_errors(examples_dir: str, schema, splits=("train", "eval")) -> None:
+    """`check_split_readable` over every record of every split (after a pipeline failed on a record
+    beyond the pre-flight sample): raises the InputError naming the file, record and feature."""
+    for split in splits:
+        check_split_readable(os.path.join(examples_dir, f"Split-{split}"), schema, type_check_records=2 ** 62)

@@ -94,27 +94,38 @@ def pipeline_config(args, **where):
     )
     sampler = dataclasses.replace(config.sampler, nonclick_keep_rate=args.nonclick_keep_rate,
                                   low_loss_keep_rate=args.low_loss_keep_rate)
+    evaluator = config.evaluator
+    if args.max_bad_fraction is not None:
+        sampler = dataclasses.replace(sampler, max_bad_fraction=args.max_bad_fraction)
+        evaluator = dataclasses.replace(evaluator, max_bad_fraction=args.max_bad_fraction)
     cascade = dataclasses.replace(config.cascade, method=args.cascade_method)
     if args.epochs is not None:
         cascade = dataclasses.replace(cascade, epochs=args.epochs)
-    return config.replace(synthetic=synthetic_config, ranker=ranker, sampler=sampler, cascade=cascade)
+    return config.replace(synthetic=synthetic_config, ranker=ranker, sampler=sampler, cascade=cascade,
+                          evaluator=evaluator)
 
 
 def run_config(args):
     """The PipelineConfig of `cascade run`'s flags."""
     return pipeline_config(args, output_dir=args.output_dir, beam_mode=args.beam_mode, beam_workers=args.workers,
-                           enable_cache=not args.no_cache)
+                           enable_cache=not args.no_cache, schema_file=args.schema_file)
 
 
 def _cmd_run(args) -> int:
-    from pipelines import local_runner, report
+    from pipelines import local_runner, report, run_log
 
     config = run_config(args)
     config.validate()
-    print(f"Running pipeline {config.pipeline_name} ({args.source} data, orchestrator {args.orchestrator}, "
-          f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}")
-    seconds = local_runner.run(config, orchestrator=args.orchestrator)
-    result = report.collect(config)
+    config.check_inputs()
+    run_log.check_writable(config.output_dir)
+    with run_log.RunLog(config.output_dir, startup=args.startup_output) as log:
+        print(f"Running pipeline {config.pipeline_name} ({args.source} data, orchestrator {args.orchestrator}, "
+              f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
+        try:
+            seconds = local_runner.run(config, orchestrator=args.orchestrator, check_inputs=False)
+            result = report.collect(config)
+        except Exception as error:
+            raise run_log.explain_failure(error, config, log.path) from error
     print()
     print(f"Pipeline {config.pipeline_name} finished in {seconds:.1f}s.")
     if "evaluation" in result:
@@ -177,6 +188,16 @@ def _keep_rate(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value}")
+    return value
+
+
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     """The data and technique flags of the pipeline: one set for `run` and `compile-kubeflow`, so
     the compiled pipeline is the one a user tried locally (`pipeline_config`)."""
@@ -186,6 +207,10 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--examples-dir", help="Examples directory for --source examples")
     data.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
     data.add_argument("--seed", type=_non_negative_int, default=0, help="synthetic data seed")
+    data.add_argument("--max-bad-fraction", type=_fraction, default=None,
+                      help="the run fails when more than this fraction of the rows is diverted to the dead letters "
+                           "(bad records, rows of requests spanning splits, rows cut from over-long requests; "
+                           "default: SamplerConfig.max_bad_fraction, 0.01)")
     techniques = parser.add_argument_group("techniques")
     techniques.add_argument("--epochs", type=_positive_int,
                             help="epochs of the joint pre-ranking + ranking training (default: CascadeTrainerConfig.epochs)")
@@ -235,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DirectRunner mode of the Beam components")
     run.add_argument("--workers", type=_non_negative_int, default=0, help="DirectRunner workers (0 = one per core)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
+    run.add_argument("--schema-file", help="your schema.pbtxt (default: the packaged schema/schema.pbtxt); e.g. one "
+                                           "without disallow_nan on a feature whose NaN may be read as 0")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("serve-check", help="load each pushed SavedModel and call every signature")
@@ -281,11 +308,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from datasources.example_io import InputError
-    from pipelines.run_lock import OutputDirInUse
+    from pipelines.run_log import RunFailed, StartupOutput
+
+    with StartupOutput() as startup:  # TensorFlow's C++ start-up lines: into the run log, not the console
+        import tensorflow  # noqa: F401
+
+        from datasources.example_io import InputError
+        from pipelines.run_lock import OutputDirInUse
+    args.startup_output = startup.text
 
     try:
         return args.func(args)
+    except RunFailed as e:  # `cascade run`: explained in one line, the traceback is in the run log
+        print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except (InputError, FileNotFoundError, ValueError, OutputDirInUse) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cascade {args.command}: error: {message}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 from components.evaluation import EvaluatorConfig
 from components.sampling import SamplerConfig
-from datasources.example_io import check_split_readable
+from datasources.example_io import InputError, check_split_readable
 from datasources.synthetic import SyntheticConfig
 from models.ranker_config import RankerConfig
 from models.trainers.cascade import CascadeTrainerConfig
@@ -84,6 +84,7 @@ class PipelineConfig:
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        self.local_schema()
         if self.source == "examples":
             if not self.examples_dir:
                 raise ValueError("source 'examples' needs examples_dir")
@@ -93,7 +94,6 @@ class PipelineConfig:
                 path = os.path.join(self.examples_dir, f"Split-{split}")
                 if not os.path.isdir(path):
                     raise FileNotFoundError(f"data path {path} does not exist (expected Split-train/ and Split-eval/)")
-                check_split_readable(path)
         if self.source == "synthetic":
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:
@@ -101,6 +101,37 @@ class PipelineConfig:
         self.sampler.validate()
         if self.sampler.split != "keep":
             raise ValueError("the pipeline evaluates on the source's eval split: sampler.split must be 'keep'")
+
+    def check_inputs(self) -> None:
+        """Reads a local --source examples directory before a run (`check_split_readable`): every
+        split has records, every file reads to its end, and the first records of each file have the
+        schema's types; a problem is one line naming the split or the file. `validate` does not read
+        the data; the local runner calls this once per run."""
+        if self.source != "examples" or "://" in (self.examples_dir or ""):
+            return
+        schema = self.local_schema()
+        for split in ("train", "eval"):
+            check_split_readable(os.path.join(self.examples_dir, f"Split-{split}"), schema)
+
+    def local_schema(self):
+        """The run's schema (`schema_file`, default the packaged one) when it is a local file, else
+        None (a Kubeflow path inside the image); a file that is missing or does not parse as a TFMD
+        schema is one line naming it."""
+        from google.protobuf import text_format
+
+        from schema import features as F
+
+        path = self.schema_file or F.SCHEMA_PATH
+        if "://" in path:
+            return None
+        if not os.path.isfile(path):
+            if "://" in self.output_dir:
+                return None  # compile-kubeflow: a path inside the container image
+            raise FileNotFoundError(f"schema file {path} does not exist")
+        try:
+            return F.load_schema(os.path.abspath(path))
+        except text_format.ParseError as e:
+            raise InputError(f"schema file {path} is not a TFMD schema text proto: {e}") from None
 
     def beam_pipeline_args(self) -> List[str]:
         if self.beam_args_override:

@@ -25,17 +25,23 @@ def _dag_runner(orchestrator: str):
     raise ValueError(f"unknown orchestrator {orchestrator!r}; choose one of {', '.join(ORCHESTRATORS)}")
 
 
-def run(config: PipelineConfig, orchestrator: str = "local", show_progress: bool = True) -> float:
+def run(config: PipelineConfig, orchestrator: str = "local", show_progress: bool = True,
+        check_inputs: bool = True) -> float:
     """Runs the pipeline to completion and returns its wall time in seconds."""
-    seconds, _ = run_with_timings(config, orchestrator, show_progress)
+    seconds, _ = run_with_timings(config, orchestrator, show_progress, check_inputs)
     return seconds
 
 
-def run_with_timings(config: PipelineConfig, orchestrator: str = "local",
-                     show_progress: bool = True) -> Tuple[float, List[Tuple[str, float, bool]]]:
-    """As `run`, plus each component's (id, seconds, cached) in the order they finished. The output
-    directory is locked for the run (`pipelines.run_lock`): a second run into it refuses."""
+def run_with_timings(config: PipelineConfig, orchestrator: str = "local", show_progress: bool = True,
+                     check_inputs: bool = True) -> Tuple[float, List[Tuple[str, float, bool]]]:
+    """As `run`, plus each component's (id, seconds, cached) in the order they finished. The config
+    is validated and (unless `check_inputs` is False: the caller did it) its input data read first
+    (`PipelineConfig.check_inputs`). The output directory is locked for the run
+    (`pipelines.run_lock`): a second run into it refuses."""
     runner = _dag_runner(orchestrator)
+    config.validate()
+    if check_inputs:
+        config.check_inputs()
     os.makedirs(config.output_dir, exist_ok=True)
     metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path))
     pipeline = create_pipeline(config, metadata)

@@ -246,7 +246,7 @@ def counts_block(result: Dict) -> Optional[str]:
         ("rows read", f"{counts['rows_read']:,}"),
         ("rows used in the request lists", f"{counts['rows_used']:,}"),
         ("rows diverted (dead letters)", f"{sum(diverted.values()):,}: " + ", ".join(
-            f"{DIVERTED_LABELS[name]} {n:,}" for name, n in diverted.items())),
+            f"{label} {diverted.get(name, 0):,}" for name, label in DIVERTED_LABELS.items())),
         ("requests without ground truth", f"{no_gt['total']:,} of {counts['requests']:,}"
          + (f" ({splits})" if splits else "") + ": no rerank_pos candidate, left out of the recall metrics"),
         ("NaN values read as 0", ", ".join(f"{name} {n:,}" for name, n in nan.items()) or "none"),
