@@ -57,13 +57,27 @@ def check_new_output_dir(out_dir: str, overwrite: bool = False) -> None:
         raise InputError(f"output directory {out_dir} exists and is not empty (pass --overwrite)")
 
 
+def why_not_writable(path: str, error: OSError) -> str:
+    """The reason a directory could not be made or written, in the user's terms: a file in the way
+    (which makedirs reports as "File exists"), else the OS's words."""
+    ancestor = os.path.abspath(path)
+    while ancestor and not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if ancestor and os.path.isfile(ancestor):
+        return f"{ancestor} is a file, not a directory"
+    return error.strerror or str(error)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary directory that replaces `out_dir` only if the block succeeds."""
     check_new_output_dir(out_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    except OSError as e:  # named by the user's path, not the temporary one
+        raise InputError(f"output directory {out_dir} is not writable: {why_not_writable(out_dir, e)}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be

@@ -41,14 +41,14 @@ class RunFailed(Exception):
 def check_writable(output_dir: str) -> None:
     """Raises InputError naming `output_dir` (the user's path, not a temporary one) when it cannot be
     created or written."""
-    from datasources.example_io import InputError
+    from datasources.example_io import InputError, why_not_writable
 
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as e:
-        raise InputError(f"output dir {output_dir} is not writable: {e.strerror or e}") from None
+        raise InputError(f"output dir {output_dir} is not writable: {why_not_writable(output_dir, e)}") from None
 
 
 class StartupOutput:
@@ -140,7 +140,10 @@ def explain_failure(error: BaseException, config, log_path: str) -> RunFailed:
     user_errors = (DataAnomaliesError, BadInputError, InputError, OutputDirInUse)
     for link in _chain(error):
         if isinstance(link, user_errors):
-            return RunFailed(f"{_first_line(link)} (log: {log_path})", EXIT_USER_ERROR)
+            where = ""
+            if isinstance(link, DataAnomaliesError) and config.source == "examples":
+                where = f" (data: {config.examples_dir})"
+            return RunFailed(f"{_first_line(link)}{where} (log: {log_path})", EXIT_USER_ERROR)
     text = "\n".join(str(link) for link in _chain(error))
     if any(marker in text for marker in TYPE_ERROR_MARKERS) and config.source == "examples":
         try:

@@ -161,7 +161,14 @@ def _unparseable_schema_file(data, tmp):
 
 def _unwritable_output_dir(data, tmp):
     (tmp / "a_file").write_text("")
-    return _run_args(data, tmp / "a_file" / "out"), [re.escape(f"output dir {tmp / 'a_file' / 'out'} is not writable")]
+    return _run_args(data, tmp / "a_file" / "out"), [re.escape(f"output dir {tmp / 'a_file' / 'out'} is not writable: "
+                                                               f"{tmp / 'a_file'} is a file, not a directory")]
+
+
+def _generate_into_unwritable_out(data, tmp):
+    (tmp / "a_file").write_text("")
+    return ("generate", "--out", str(tmp / "a_file" / "data"), "--requests", "5"), [
+        re.escape(f"output directory {tmp / 'a_file' / 'data'} is not writable: {tmp / 'a_file'} is a file")]
 
 
 def _bad_flag_value(data, tmp):
@@ -194,6 +201,7 @@ ERROR_CASES = {
     "missing_schema_file": _missing_schema_file,
     "unparseable_schema_file": _unparseable_schema_file,
     "unwritable_output_dir": _unwritable_output_dir,
+    "generate_into_unwritable_out": _generate_into_unwritable_out,
     "bad_flag_value": _bad_flag_value,
     "unknown_activation": _unknown_activation,
     "output_dir_in_use": _output_dir_in_use,
@@ -292,7 +300,8 @@ def test_anomalous_data_stops_the_run_naming_every_feature_and_its_kind(case, tm
     change, patterns = ANOMALY_CASES[case]
     _mutate(data, "train", change)
     code, out, err = _cascade(capsys, *_run_args(data, tmp_path / "out"))
-    _assert_one_line_error(code, out, err, [r"data anomalies, training stopped", *patterns], tmp_path / "out")
+    _assert_one_line_error(code, out, err, [r"data anomalies, training stopped", *patterns,
+                                            re.escape(f"(data: {data})")], tmp_path / "out")
     assert "✗ AnomalyGate failed" in out
 
 
