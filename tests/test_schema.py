@@ -5,7 +5,7 @@ import re
 import pytest
 import tensorflow as tf
 import tensorflow_data_validation as tfdv
-from tensorflow_metadata.proto.v0 import anomalies_pb2
+from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
 
 from datasources import synthetic
 from schema import features as F
@@ -98,6 +98,13 @@ def test_model_inputs_are_schema_features_and_never_labels_or_oracles():
         assert never not in F.MODEL_INPUTS
         assert never not in F.serving_parse_spec()
     assert set(F.serving_parse_spec()) == set(F.MODEL_INPUTS)
+
+
+def test_every_float_feature_but_the_teacher_logit_disallows_nan():
+    """So ExampleValidator flags NaN and serving rejects it (a user's schema may allow it)."""
+    floats = {f.name: f for f in F.load_schema().feature if f.type == schema_pb2.FLOAT}
+    assert {name for name, f in floats.items() if not f.float_domain.disallow_nan} == {F.TEACHER_LOGIT_KEY}
+    assert {"user_dense", "item_dense"} <= set(floats)
 
 
 def test_schema_readme_documents_every_feature():
