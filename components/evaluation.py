@@ -36,6 +36,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from models import metrics
+from models.config import config_from_dict, to_dict
 from schema import features as F
 
 GT_TIER = F.GROUND_TRUTH_TIER
@@ -120,16 +121,12 @@ class EvaluatorConfig:
         return "serving_default", None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(to_dict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "EvaluatorConfig":
-        """The inverse of `to_json`: JSON lists become the tuples of the fields."""
-        return cls(**{k: _tuples(v) for k, v in json.loads(text).items()})
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+        """The inverse of `to_json` (`models.config.config_from_dict`)."""
+        return config_from_dict(cls, json.loads(text))
 
 
 def request_lists(request_ids: np.ndarray, columns: Mapping[str, np.ndarray], pad) -> Tuple[Dict[str, np.ndarray], np.ndarray]:

@@ -67,6 +67,7 @@ from tfx_bsl.coders import example_coder
 from components import record_io
 from components.sampling import (FLOAT_COLUMNS, ITEM_FEATURES, ROW_DEFAULTS, ItemCorpus, SamplerConfig,
                                  request_split_by_hash, sample_request_columns)
+from models.config import config_from_dict
 from schema import features as F
 from schema import request_list as RL
 
@@ -640,7 +641,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
            exec_properties: Dict[str, Any]) -> None:
         self._log_startup(input_dict, output_dict, exec_properties)
-        config = SamplerConfig(**json.loads(exec_properties["config"]))
+        config = config_from_dict(SamplerConfig, json.loads(exec_properties["config"]))
         config.validate()
         input_uris = record_io.required_split_uris(input_dict["examples"], json.loads(exec_properties["input_splits"]))
         output_splits = tuple(sorted(input_uris)) if config.split == "keep" else ("eval", "train")

@@ -18,6 +18,7 @@ from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
 from datasources import synthetic
+from models.config import config_from_dict
 
 DEFAULT_SPLITS: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1))
 REQUESTS_PER_SHARD = 250
@@ -32,8 +33,7 @@ def encode_query(config: synthetic.SyntheticConfig, split: str, split_buckets: S
 
 def decode_query(query: str) -> Tuple[synthetic.SyntheticConfig, str, Tuple[Tuple[str, int], ...]]:
     q = json.loads(query)
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in q["config"].items()}
-    return synthetic.SyntheticConfig(**fields), q["split"], tuple((n, int(b)) for n, b in q["split_buckets"])
+    return config_from_dict(synthetic.SyntheticConfig, q["config"]), q["split"], tuple((n, int(b)) for n, b in q["split_buckets"])
 
 
 class _GenerateShard(beam.DoFn):

@@ -19,7 +19,7 @@ import dataclasses
 import json
 from typing import Any, Dict, Tuple
 
-from models.config import config_from_dict
+from models.config import config_from_dict, to_dict
 
 RANK_LOSSES = ("none", "multi_objective", "multi_task")
 CASCADE_SCORES = ("reference_ui", "head", "tower")
@@ -183,7 +183,7 @@ class RankerConfig:
 
     # ---- JSON round trip ----------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "RankerConfig":

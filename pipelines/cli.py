@@ -2,14 +2,19 @@
 
     cascade generate --out DIR --requests N --seed S      synthetic candidate rows
     cascade convert {movielens,obd} --src DIR --out DIR   real data into the same schema
-    cascade run [--source synthetic|examples] ...         the cascade TFX pipeline, run locally
+    cascade run [--config FILE] [--set K=V] [flags]       the cascade TFX pipeline, run locally
+    cascade config [--config FILE] [--set K=V] [flags]    the effective PipelineConfig, as YAML
     cascade serve-check DIR                               load and call every pushed SavedModel
     cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
+
+`run`, `config` and `compile-kubeflow` build one PipelineConfig the same way: its defaults, then a
+YAML or JSON `--config` file, then each `--set a.b=value`, then the flags given (`pipeline_config`).
 
 Bad arguments exit with code 2 and one line that names the problem.
 """
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -75,40 +80,52 @@ def _cmd_convert(args) -> int:
 
 
 def pipeline_config(args, **where):
-    """The PipelineConfig of the shared data and technique flags (`_add_pipeline_flags`), the same
-    for `cascade run` and `cascade compile-kubeflow`; `where` sets the runner's own fields
-    (output_dir, beam_mode, ...). Every other switch keeps its default."""
-    from datasources.synthetic import SyntheticConfig
+    """The PipelineConfig of `--config FILE` and `--set KEY=VALUE` (`pipelines.config.load_config`),
+    then of the data and technique flags the user gave (`_add_pipeline_flags`), the same for
+    `cascade run`, `cascade compile-kubeflow` and `cascade config`; `where` sets the runner's own
+    fields (output_dir, beam_mode, ...) that are not None. Precedence: defaults < file < --set <
+    flags."""
     from models.activations import get_activation
-    from pipelines.config import PipelineConfig
+    from pipelines.config import load_config
 
-    get_activation(args.activation)  # an unknown name fails here, in one line, not in the Trainer
-    config = PipelineConfig(source=args.source, examples_dir=args.examples_dir, **where)
-    synthetic_config = SyntheticConfig(seed=args.seed)
+    config = load_config(args.config, args.set or ())
+    changes = {"source": args.source, "examples_dir": args.examples_dir}
+    synthetic = config.synthetic
+    if args.seed is not None:
+        synthetic = dataclasses.replace(synthetic, seed=args.seed)
     if args.requests is not None:
-        synthetic_config = dataclasses.replace(synthetic_config, num_requests=args.requests)
-    ranker = config.ranker.replace(
-        rank_loss=args.rank_loss, activation=args.activation, lspr=args.lspr,
-        bias_constraints=not args.no_bias_constraints,
-        distill_weight=0.0 if args.no_distill else config.ranker.distill_weight,
-    )
-    sampler = dataclasses.replace(config.sampler, nonclick_keep_rate=args.nonclick_keep_rate,
-                                  low_loss_keep_rate=args.low_loss_keep_rate)
-    evaluator = config.evaluator
+        synthetic = dataclasses.replace(synthetic, num_requests=args.requests)
+    ranker = config.ranker
+    if args.activation is not None:
+        get_activation(args.activation)  # an unknown name fails here, in one line, not in the Trainer
+        ranker = ranker.replace(activation=args.activation)
+    if args.rank_loss is not None:
+        ranker = ranker.replace(rank_loss=args.rank_loss)
+    if args.lspr:
+        ranker = ranker.replace(lspr=True)
+    if args.no_bias_constraints:
+        ranker = ranker.replace(bias_constraints=False)
+    if args.no_distill:
+        ranker = ranker.replace(distill_weight=0.0)
+    sampler, evaluator, cascade = config.sampler, config.evaluator, config.cascade
+    for name in ("nonclick_keep_rate", "low_loss_keep_rate", "max_bad_fraction"):
+        if getattr(args, name) is not None:
+            sampler = dataclasses.replace(sampler, **{name: getattr(args, name)})
     if args.max_bad_fraction is not None:
-        sampler = dataclasses.replace(sampler, max_bad_fraction=args.max_bad_fraction)
         evaluator = dataclasses.replace(evaluator, max_bad_fraction=args.max_bad_fraction)
-    cascade = dataclasses.replace(config.cascade, method=args.cascade_method)
+    if args.cascade_method is not None:
+        cascade = dataclasses.replace(cascade, method=args.cascade_method)
     if args.epochs is not None:
         cascade = dataclasses.replace(cascade, epochs=args.epochs)
-    return config.replace(synthetic=synthetic_config, ranker=ranker, sampler=sampler, cascade=cascade,
-                          evaluator=evaluator)
+    changes.update(where)
+    return config.replace(synthetic=synthetic, ranker=ranker, sampler=sampler, cascade=cascade, evaluator=evaluator,
+                          **{name: value for name, value in changes.items() if value is not None})
 
 
 def run_config(args):
-    """The PipelineConfig of `cascade run`'s flags."""
+    """The PipelineConfig of `cascade run`'s flags (and of `cascade config`'s, the same)."""
     return pipeline_config(args, output_dir=args.output_dir, beam_mode=args.beam_mode, beam_workers=args.workers,
-                           enable_cache=not args.no_cache, schema_file=args.schema_file)
+                           enable_cache=False if args.no_cache else None, schema_file=args.schema_file)
 
 
 def _cmd_run(args) -> int:
@@ -119,7 +136,7 @@ def _cmd_run(args) -> int:
     config.check_inputs()
     run_log.check_writable(config.output_dir)
     with run_log.RunLog(config.output_dir, startup=args.startup_output) as log:
-        print(f"Running pipeline {config.pipeline_name} ({args.source} data, orchestrator {args.orchestrator}, "
+        print(f"Running pipeline {config.pipeline_name} ({config.source} data, orchestrator {args.orchestrator}, "
               f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
         try:
             seconds = local_runner.run(config, orchestrator=args.orchestrator, check_inputs=False)
@@ -201,12 +218,17 @@ def _fraction(text: str) -> float:
 def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     """The data and technique flags of the pipeline: one set for `run` and `compile-kubeflow`, so
     the compiled pipeline is the one a user tried locally (`pipeline_config`)."""
+    files = parser.add_argument_group("config (defaults < --config < --set < the flags below)")
+    files.add_argument("--config", help="YAML or JSON file with any PipelineConfig fields (`cascade config --show` "
+                                        "prints them all)")
+    files.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one field, e.g. --set ranker.epochs=2 --set sampler.list_size=80 (repeatable)")
     data = parser.add_argument_group("data")
-    data.add_argument("--source", choices=("synthetic", "examples"), default="synthetic",
-                      help="built-in synthetic data, or an Examples dir of candidate rows (cascade generate/convert)")
+    data.add_argument("--source", choices=("synthetic", "examples"),
+                      help="built-in synthetic data (default), or an Examples dir of candidate rows (cascade generate/convert)")
     data.add_argument("--examples-dir", help="Examples directory for --source examples")
     data.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
-    data.add_argument("--seed", type=_non_negative_int, default=0, help="synthetic data seed")
+    data.add_argument("--seed", type=_non_negative_int, help="synthetic data seed (default 0)")
     data.add_argument("--max-bad-fraction", type=_fraction, default=None,
                       help="the run fails when more than this fraction of the rows is diverted to the dead letters "
                            "(bad records, rows of requests spanning splits, rows cut from over-long requests; "
@@ -214,19 +236,40 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     techniques = parser.add_argument_group("techniques")
     techniques.add_argument("--epochs", type=_positive_int,
                             help="epochs of the joint pre-ranking + ranking training (default: CascadeTrainerConfig.epochs)")
-    techniques.add_argument("--cascade-method", choices=("lcron", "bce", "icc", "hap"), default="lcron",
+    techniques.add_argument("--cascade-method", choices=("lcron", "bce", "icc", "hap"),
                             help="cascade loss of the joint pre-ranking + ranking training (LCRON, the independent-BCE / "
                                  "ICC baselines, or HAP's group-wise losses: light model on all groups, ranker on the hard ones)")
-    techniques.add_argument("--rank-loss", choices=("multi_objective", "multi_task", "none"), default="multi_objective",
-                            help="RankNet loss of the ranker")
-    techniques.add_argument("--activation", default="relu", help="ranker activation: relu, smelu, smelu:<beta>, gelu")
+    techniques.add_argument("--rank-loss", choices=("multi_objective", "multi_task", "none"),
+                            help="RankNet loss of the ranker (default multi_objective)")
+    techniques.add_argument("--activation", help="ranker activation: relu (default), smelu, smelu:<beta>, gelu")
     techniques.add_argument("--no-distill", action="store_true", help="no distillation from the teacher")
     techniques.add_argument("--no-bias-constraints", action="store_true", help="no calibration duals in the ranker")
     techniques.add_argument("--lspr", action="store_true", help="LSPR perturbed copies in the ranker")
-    techniques.add_argument("--nonclick-keep-rate", type=_keep_rate, default=1.0,
-                            help="class rebalancing: keep shown non-clicks at this rate, weight 1/rate")
-    techniques.add_argument("--low-loss-keep-rate", type=_keep_rate, default=1.0,
-                            help="teacher-loss sampling: keep easy non-clicks at this rate, weight 1/rate")
+    techniques.add_argument("--nonclick-keep-rate", type=_keep_rate,
+                            help="class rebalancing: keep shown non-clicks at this rate, weight 1/rate (default 1)")
+    techniques.add_argument("--low-loss-keep-rate", type=_keep_rate,
+                            help="teacher-loss sampling: keep easy non-clicks at this rate, weight 1/rate (default 1)")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The local run's own flags (`run_config`); each defaults to the config's value."""
+    run = parser.add_argument_group("local run")
+    run.add_argument("--output-dir", help="pipeline root, MLMD store and serving dir (default cascade_output)")
+    run.add_argument("--beam-mode", choices=("multi_processing", "in_process", "in_memory"),
+                     help="DirectRunner mode of the Beam components (default multi_processing)")
+    run.add_argument("--workers", type=_non_negative_int, help="DirectRunner workers (default 0: one per core)")
+    run.add_argument("--no-cache", action="store_true", help="rerun every component")
+    run.add_argument("--schema-file", help="your schema.pbtxt (default: the packaged schema/schema.pbtxt); e.g. one "
+                                           "without disallow_nan on a feature whose NaN may be read as 0")
+
+
+def _cmd_config(args) -> int:
+    from pipelines.config import dump_config
+
+    config = run_config(args)
+    config.validate()
+    print(dump_config(config), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,16 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the cascade TFX pipeline locally")
     _add_pipeline_flags(run)
-    run.add_argument("--output-dir", default="cascade_output", help="pipeline root, MLMD store and serving dir")
+    _add_run_flags(run)
     run.add_argument("--orchestrator", choices=("local", "beam"), default="local",
                      help="TFX LocalDagRunner, or BeamDagRunner (the whole pipeline as a Beam pipeline)")
-    run.add_argument("--beam-mode", choices=("multi_processing", "in_process", "in_memory"), default="multi_processing",
-                     help="DirectRunner mode of the Beam components")
-    run.add_argument("--workers", type=_non_negative_int, default=0, help="DirectRunner workers (0 = one per core)")
-    run.add_argument("--no-cache", action="store_true", help="rerun every component")
-    run.add_argument("--schema-file", help="your schema.pbtxt (default: the packaged schema/schema.pbtxt); e.g. one "
-                                           "without disallow_nan on a feature whose NaN may be read as 0")
     run.set_defaults(func=_cmd_run)
+
+    show = sub.add_parser("config", help="print the effective PipelineConfig of a run's --config, --set and flags")
+    _add_pipeline_flags(show)
+    _add_run_flags(show)
+    show.add_argument("--show", action="store_true", help="print it as YAML (the default action)")
+    show.set_defaults(func=_cmd_config)
 
     check = sub.add_parser("serve-check", help="load each pushed SavedModel and call every signature")
     check.add_argument("dir", help="pipeline output dir (with serving/ and metadata.sqlite) or a serving dir")
@@ -311,8 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipelines.run_log import RunFailed, StartupOutput
 
     with StartupOutput() as startup:  # TensorFlow's C++ start-up lines: into the run log, not the console
-        import tensorflow  # noqa: F401
-
+        importlib.import_module("tensorflow")
         from datasources.example_io import InputError
         from pipelines.run_lock import OutputDirInUse
     args.startup_output = startup.text

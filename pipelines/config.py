@@ -9,12 +9,13 @@ and `cascade compile-kubeflow` build it from the same flags (`pipelines.cli.pipe
 import dataclasses
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from components.evaluation import EvaluatorConfig
 from components.sampling import SamplerConfig
 from datasources.example_io import InputError, check_split_readable
 from datasources.synthetic import SyntheticConfig
+from models.config import ConfigError, merge, to_dict
 from models.ranker_config import RankerConfig
 from models.trainers.cascade import CascadeTrainerConfig
 from models.trainers.retrieval import RetrievalTrainerConfig
@@ -33,7 +34,7 @@ def _installed_package_flag() -> List[str]:
 
 def to_json(config) -> str:
     """A stage config dataclass as the JSON its Trainer module reads (`config_from_dict`)."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    return json.dumps(to_dict(config), sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,3 +153,58 @@ class PipelineConfig:
         return dataclasses.replace(self.evaluator, score_outputs=(
             ("retrieval_model", "score", "score"), ("preranking_model", "serving_default", "score"),
             ("model", "serving_default", "score")))
+
+
+# ---- the config file ------------------------------------------------------------------------------
+def parse_override(text: str) -> Dict:
+    """`--set a.b.c=value` as the nested dict {"a": {"b": {"c": value}}}; the value is read as YAML
+    (`3`, `0.5`, `true`, `[64, 32]`, `multi_task`)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ranker.epochs=2")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
+    out: Dict = parsed
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> "PipelineConfig":
+    """The PipelineConfig of a YAML or JSON file (any subset of its fields, nested as `to_dict`
+    writes them; `cascade config --show` prints a complete one), then each `--set KEY=VALUE`
+    override in order, over the defaults. Untrusted input: read with `yaml.safe_load`, every key and
+    type checked (`models.config.merge`), errors in one line naming the file or the override."""
+    import yaml
+
+    config = PipelineConfig()
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not YAML or JSON: {' '.join(str(e).split())}") from None
+        if values is not None:
+            try:
+                config = merge(config, values)
+            except ConfigError as e:
+                raise ConfigError(f"config file {path}: {e}") from None
+    for text in overrides:
+        try:
+            config = merge(config, parse_override(text))
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}" if not str(e).startswith("--set") else str(e)) from None
+    return config
+
+
+def dump_config(config: "PipelineConfig") -> str:
+    """The whole config as YAML: what `cascade config --show` prints and `load_config` reads back."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

@@ -142,5 +142,5 @@ def test_cascade_module(data, eval_examples, tmp_path, method):
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):
-    with pytest.raises(ValueError, match="unknown CascadeTrainerConfig fields: epoch;"):
+    with pytest.raises(ValueError, match=r"unknown CascadeTrainerConfig field\(s\) epoch;"):
         cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps({"epoch": 1})}))
