@@ -94,11 +94,11 @@ def retrieval_scores(model_dir: str, lists, mask) -> np.ndarray:
 
 def fit(model: CascadeModel, train_files, config, lists_in_memory=None):
     """Adapts, compiles and fits like the Trainer (EMA of the ranker written in at the end)."""
-    model.adapt(lists_in_memory if lists_in_memory is not None else load_lists(train_files, config.list_size))
+    model.adapt(lists_in_memory if lists_in_memory is not None else load_lists(train_files, LI.list_size_in(train_files)))
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     data = (LI.dataset_from_lists(lists_in_memory, config.batch_size, shuffle_seed=config.seed)
             if lists_in_memory is not None else
-            LI.request_list_dataset(train_files, config.batch_size, config.list_size, shuffle_seed=config.seed))
+            LI.request_list_dataset(train_files, config.batch_size, LI.list_size_in(train_files), shuffle_seed=config.seed))
     callbacks = [cascade_trainer.FinalizeRanker(model.ranking_stage)] if model.ranking_stage is not None else []
     model.fit(data, epochs=config.epochs, verbose=0, callbacks=callbacks)
     return model
@@ -123,7 +123,7 @@ def train_variant(name: str, seed: int, train_files, config) -> tuple:
     light = cascade_trainer.build_model(config, VARIANTS[name]).stage_models[0]
     prerank = fit(CascadeModel({"prerank": light}, method=config.method, quota=config.quota, tau=config.tau),
                   train_files, config)
-    train = load_lists(train_files, config.list_size)
+    train = load_lists(train_files, LI.list_size_in(train_files))
     scores = prerank.predict_stage_scores(train)[0]
     survivors = top_k_mask(scores, np.asarray(train["mask"]) > 0, QUOTAS[1])
     cut = {**train, "mask": survivors.astype(np.int64)}
@@ -156,7 +156,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     train_files, eval_files, retrieval_dir = pipeline_inputs(args.run)
     config = cascade_trainer.CascadeTrainerConfig()
-    evals = load_lists(eval_files, config.list_size)
+    evals = load_lists(eval_files, LI.list_size_in(eval_files))
     mask = (np.asarray(evals["mask"]) > 0) & (np.asarray(evals["stage"]) != RL.TIER_INDEX[RL.RANDOM_NEG_TIER])
     retrieval_grid = retrieval_scores(retrieval_dir, evals, mask)
     results = {}

@@ -87,6 +87,7 @@ from models.trainers import preranking as preranking_trainer  # noqa: E402
 from models.trainers import retrieval as retrieval_trainer  # noqa: E402
 from ranking_speed import PlainDCN  # noqa: E402
 from schema import features as F  # noqa: E402
+from schema import request_list as RL  # noqa: E402
 
 REFERENCE = "plain_dcn"
 FLOOR, FLOOR_LISTS = "read_floor", "read_floor_lists"
@@ -109,7 +110,7 @@ def make_data(requests: int, root: str):
     data_dir = os.path.join(root, "synthetic")
     synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=requests, seed=0), data_dir)
     train_dir = os.path.join(data_dir, "Split-train")
-    list_size = cascade_trainer.CascadeTrainerConfig().list_size
+    list_size = RL.LIST_SIZE  # the NegativeSampler's default
     lists = LI.request_lists_from_candidates(train_dir, list_size=list_size)
     list_file = LI.write_request_lists(lists, os.path.join(root, "request_lists", "train.tfrecord.gz"))
     real = int(np.asarray(lists["mask"]).sum())
@@ -155,17 +156,17 @@ def build_models(train_dir, list_file, lists):
     model = preranking_trainer.build_model(cfg)
     R.adapt_towers(model.light.towers() + [model.strong], lists)
     model.compile(optimizer=tf.keras.optimizers.Adam(cfg.learning_rate))
-    ds, counts = cache_batches(LI.request_list_dataset(list_file, cfg.batch_size, cfg.list_size, shuffle_seed=cfg.seed),
+    ds, counts = cache_batches(LI.request_list_dataset(list_file, cfg.batch_size, RL.LIST_SIZE, shuffle_seed=cfg.seed),
                                real_candidates_of)
-    out["prerank_hap"] = (model, ds, counts, LIST_DEFINITION, f"{cfg.batch_size} lists × {cfg.list_size} slots")
+    out["prerank_hap"] = (model, ds, counts, LIST_DEFINITION, f"{cfg.batch_size} lists × {RL.LIST_SIZE} slots")
 
     cfg = cascade_trainer.CascadeTrainerConfig()
     model, _ = cascade_trainer.build_model(cfg)
     model.adapt(lists)
     model.compile(optimizer=tf.keras.optimizers.Adam(cfg.learning_rate))
-    ds, counts = cache_batches(LI.request_list_dataset(list_file, cfg.batch_size, cfg.list_size, shuffle_seed=cfg.seed),
+    ds, counts = cache_batches(LI.request_list_dataset(list_file, cfg.batch_size, RL.LIST_SIZE, shuffle_seed=cfg.seed),
                                real_candidates_of)
-    out["cascade_lcron"] = (model, ds, counts, LIST_DEFINITION, f"{cfg.batch_size} lists × {cfg.list_size} slots")
+    out["cascade_lcron"] = (model, ds, counts, LIST_DEFINITION, f"{cfg.batch_size} lists × {RL.LIST_SIZE} slots")
 
     config = RankerConfig()
     rows, counts = cache_batches(ranker.request_batches([train_dir], config.requests_per_batch, shuffle_seed=0),
@@ -246,7 +247,7 @@ def input_pipelines(train_dir, list_file):
             files, RankerConfig().requests_per_batch, shuffle_seed=0), rows_of), FLOOR),
         FLOOR_LISTS: (lambda: read_floor([list_file]), FLOOR_LISTS),
         "request_lists": (lambda: count_in_graph(LI.request_list_dataset(
-            list_file, list_cfg.batch_size, list_cfg.list_size, shuffle_seed=list_cfg.seed), real_candidates_of),
+            list_file, list_cfg.batch_size, RL.LIST_SIZE, shuffle_seed=list_cfg.seed), real_candidates_of),
             FLOOR_LISTS),
     }
 

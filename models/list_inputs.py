@@ -157,6 +157,16 @@ def write_request_lists(lists: Mapping[str, np.ndarray], path: str) -> str:
     return path
 
 
+def list_size_in(file_patterns) -> int:
+    """The list size of request-list TFRecords, read from their first record (the slots of its
+    `item_id`): the NegativeSampler's `list_size` is the one place it is set, and every reader takes
+    it from the data. Raises ValueError naming the files when they hold no list."""
+    files = _files(file_patterns)
+    for raw in tf.data.TFRecordDataset(files, compression_type="GZIP").take(1).as_numpy_iterator():
+        return len(tf.train.Example.FromString(raw).features.feature["item_id"].int64_list.value)
+    raise ValueError(f"no request lists in {file_patterns}")
+
+
 def request_list_dataset(file_patterns, batch_size: int, list_size: int = RL.LIST_SIZE,
                          shuffle_seed: Optional[int] = None, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
     """Batches of parsed request lists from gzipped TFRecords of request-list Examples."""

@@ -102,6 +102,27 @@ class PipelineConfig:
         self.sampler.validate()
         if self.sampler.split != "keep":
             raise ValueError("the pipeline evaluates on the source's eval split: sampler.split must be 'keep'")
+        self.check_quotas()
+
+    def check_quotas(self) -> None:
+        """Cross-field rules of the cascade's sizes. The list size is set once, `sampler.list_size`
+        (the Trainers read it from the lists). The stage quotas: `evaluator.quotas` (retrieval,
+        pre-ranking, ranking) are positive and decreasing, the Trainers' own recall quotas are the
+        same numbers, and LCRON's training quota fits in a list. A ConfigError names the fields."""
+        quotas = tuple(self.evaluator.quotas)
+        if len(quotas) < 3 or any(q <= 0 for q in quotas) or any(a <= b for a, b in zip(quotas, quotas[1:])):
+            raise ConfigError(f"evaluator.quotas {list(quotas)}: need one positive quota per stage (retrieval, "
+                              f"pre-ranking, ranking), each smaller than the one before")
+        if tuple(self.cascade.eval_quotas) != quotas[-2:]:
+            raise ConfigError(f"cascade.eval_quotas {list(self.cascade.eval_quotas)} must be the pre-ranking and ranking "
+                              f"quotas of evaluator.quotas {list(quotas)}: {list(quotas[-2:])}")
+        if self.retrieval.eval_quota != quotas[-3]:
+            raise ConfigError(f"retrieval.eval_quota {self.retrieval.eval_quota} must be the retrieval quota of "
+                              f"evaluator.quotas {list(quotas)}: {quotas[-3]}")
+        training = self.cascade.quota if isinstance(self.cascade.quota, tuple) else (self.cascade.quota,)
+        if any(not 0 < q < self.sampler.list_size for q in training):
+            raise ConfigError(f"cascade.quota {self.cascade.quota} must be positive and below sampler.list_size "
+                              f"{self.sampler.list_size}")
 
     def check_inputs(self) -> None:
         """Reads a local --source examples directory before a run (`check_split_readable`): every

@@ -142,3 +142,20 @@ def test_compile_kubeflow_reads_the_same_config_file(tmp_path, capsys):
     assert json.loads(custom_config["cascade"])["epochs"] == 3
     sampler = json.loads(tasks["NegativeSampler"]["inputs"]["parameters"]["config"]["runtimeValue"]["constantValue"]["stringValue"])
     assert sampler["low_loss_keep_rate"] == 0.5
+
+
+# ---- cross-field rules --------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,named", [
+    (["evaluator.quotas=[40, 20, 30]"], r"evaluator.quotas \[40, 20, 30\]: need one positive quota per stage"),
+    (["evaluator.quotas=[50, 30, 20]"], r"retrieval.eval_quota 40 must be the retrieval quota of evaluator.quotas \[50, 30, 20\]: 50"),
+    (["evaluator.quotas=[40, 25, 20]"], r"cascade.eval_quotas \[30, 20\] must be the pre-ranking and ranking quotas"),
+    (["cascade.quota=70"], r"cascade.quota 70 must be positive and below sampler.list_size 60"),
+])
+def test_sizes_and_quotas_that_do_not_fit_are_one_line_naming_the_fields(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides).validate()
+
+
+def test_quotas_and_list_size_that_fit_together_validate():
+    load_config(None, ["evaluator.quotas=[50, 25, 10]", "retrieval.eval_quota=50", "cascade.eval_quotas=[25, 10]",
+                       "sampler.list_size=80", "cascade.quota=70"]).validate()

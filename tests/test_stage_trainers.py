@@ -14,7 +14,7 @@ from models.trainers import cascade, common, preranking, retrieval
 from tests.component_fixtures import request_list_splits
 
 pytestmark = pytest.mark.slow
-LIST_SIZE = 60  # the NegativeSampler's default list size
+LIST_SIZE = 64  # not the default 60: the Trainers take the list size from the data
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def _finite(x, n):
 
 
 def test_retrieval_module(data, eval_examples, tmp_path):
-    config = {"epochs": 1, "batch_size": 16, "num_negatives": 16, "top_k": 10, "list_size": LIST_SIZE}
+    config = {"epochs": 1, "batch_size": 16, "num_negatives": 16, "top_k": 10}
     retrieval.run_fn(_fn_args(data, tmp_path, {"retrieval": json.dumps(config)}))
     metrics = _check_run(tmp_path)
     assert {"recall_retrieval@|GT|", "recall_retrieval@40", "index_recall@10"} <= set(metrics)
@@ -87,7 +87,7 @@ def test_retrieval_module(data, eval_examples, tmp_path):
 
 
 def test_preranking_module(data, eval_examples, tmp_path):
-    config = {"epochs": 1, "batch_size": 8, "top_m": 25, "list_size": LIST_SIZE}
+    config = {"epochs": 1, "batch_size": 8, "top_m": 25}
     preranking.run_fn(_fn_args(data, tmp_path, {"preranking": json.dumps(config)}))
     metrics = _check_run(tmp_path)
     assert {"e2e_recall", "recall_light@20", "recall_routed@20"} <= set(metrics)
@@ -109,7 +109,7 @@ def test_cascade_module(data, eval_examples, tmp_path, method):
     """The joint Trainer exports the ranker (Format-Serving) and the light pre-ranker alone
     (stages/preranking); eval_metrics.json has the cascade recalls, the ranker's CTR on the shown
     eval rows, the training data it read and both stages' FLOPs."""
-    config = {"method": method, "epochs": 1, "batch_size": 8, "list_size": LIST_SIZE}
+    config = {"method": method, "epochs": 1, "batch_size": 8}
     ranker = {"hidden_units": [32], "cross_projection_dim": 8, "cascade_head_units": [16]}
     out_dir = tmp_path / "model"
     args = FnArgs(train_files=[str(data / "Split-train" / "*")], eval_files=[str(data / "Split-eval" / "*")],

@@ -99,10 +99,9 @@ def _fn_args(data, node_dir, execution_id, custom_config):
 
 
 MODULES = {
-    "retrieval": (retrieval, {"epochs": EPOCHS, "batch_size": 64, "num_negatives": 16, "top_k": 10,
-                              "list_size": LIST_SIZE}),
-    "preranking": (preranking, {"epochs": EPOCHS, "batch_size": 8, "top_m": 25, "list_size": LIST_SIZE}),
-    "cascade": (cascade, {"epochs": EPOCHS, "batch_size": 8, "list_size": LIST_SIZE}),
+    "retrieval": (retrieval, {"epochs": EPOCHS, "batch_size": 64, "num_negatives": 16, "top_k": 10}),
+    "preranking": (preranking, {"epochs": EPOCHS, "batch_size": 8, "top_m": 25}),
+    "cascade": (cascade, {"epochs": EPOCHS, "batch_size": 8}),
 }
 
 

@@ -52,10 +52,9 @@ from models.ranker import FactoryFloorRanker
 from models.ranker_config import RankerConfig
 from models.ranking_stage import RankingStage
 from models.trainers import common
-from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, load_lists,
-                                      save_with_warmup)
+from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
+                                      load_lists, save_with_warmup)
 from schema import features as F
-from schema import request_list as RL
 
 CONFIG_KEY = "cascade"
 RANKER_KEY = "ranker"
@@ -67,7 +66,6 @@ class CascadeTrainerConfig:
     """The joint training; the ranker's own switches are its RankerConfig (custom_config "ranker")."""
 
     method: str = "lcron"  # cascade loss: "lcron", "bce", "icc" or "hap" (`CascadeModel`)
-    list_size: int = RL.LIST_SIZE
     epochs: int = 3
     batch_size: int = 16  # request lists per step (~160 shown rows for the ranker's row losses)
     learning_rate: float = 2e-3  # Adam of the pre-ranker and of LCRON's w_i; the ranker steps with its own
@@ -168,7 +166,8 @@ def run_fn(fn_args) -> None:
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the joint cascade with %s; ranker %s; schema %s", config, ranker_config, schema_path)
     model = build_model(config, ranker_config)
-    train_lists = load_lists(fn_args.train_files, config.list_size)
+    list_size = list_size_of_splits(fn_args)
+    train_lists = load_lists(fn_args.train_files, list_size)
     data = train_data_report(train_lists)
     logging.info("Training data: %d lists, %d candidate rows read; %d shown rows kept for the CTR losses "
                  "(%d clicks), sample_weight sum %.1f, weighted click mean %.4f", data["lists"],
@@ -177,11 +176,11 @@ def run_fn(fn_args) -> None:
     model.adapt(train_lists)
     del train_lists
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
-    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
+    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed)
     ranking = model.ranking_stage
     model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args) + [FinalizeRanker(ranking)], verbose=2)
 
-    evals = load_lists(fn_args.eval_files, config.list_size)
+    evals = load_lists(fn_args.eval_files, list_size)
     quotas = tuple(int(q) for q in config.eval_quotas)
     result = evaluate_cascade(model.predict_stage_scores(evals), evals, quotas, model.stage_names, config.label)
     light = model.stage_models[0]

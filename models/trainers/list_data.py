@@ -16,6 +16,16 @@ from schema import request_list as RL
 CANDIDATE_FEATURES = LI.QUERY_FEATURES + LI.ITEM_FEATURES + ("ui_position", "ui_format")
 
 
+def list_size_of_splits(fn_args) -> int:
+    """The list size of a Trainer's request lists (`models.list_inputs.list_size_in`), the same in
+    its train and eval files, or a ValueError naming both."""
+    train, evals = LI.list_size_in(fn_args.train_files), LI.list_size_in(fn_args.eval_files)
+    if train != evals:
+        raise ValueError(f"train lists have {train} slots and eval lists {evals}: "
+                         f"{fn_args.train_files} / {fn_args.eval_files}")
+    return train
+
+
 def load_lists(file_patterns, list_size: int, batch_size: int = 1024) -> Dict[str, np.ndarray]:
     """Request-list TFRecords → numpy lists (the layout of `models.list_inputs`, query_tokens
     0-padded to [R, 8])."""

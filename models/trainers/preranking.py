@@ -5,8 +5,9 @@ Input: the NegativeSampler's request-list Examples. Training reads them as tf.da
 has its request's positive); the train lists are also read once into numpy to fit the dense
 normalisers, and the eval lists for the metrics.
 
+The list size is the data's (`list_data.list_size_of_splits`: the NegativeSampler's `list_size`).
 custom_config: {"preranking": JSON object}, keys and defaults in `PrerankingTrainerConfig`:
-    list_size 60, epochs 3, batch_size 32 (request lists per batch), learning_rate 2e-3 (Adam),
+    epochs 3, batch_size 32 (request lists per batch), learning_rate 2e-3 (Adam),
     kind "softmax" ("pairwise"), top_m 30 (the light top M that the strong model rescores),
     embedding_dim 16, light_tower_units [64], light_output_dim 32, light_head_units [32],
     strong_cross_layers 2, strong_projection_dim 16, strong_hidden_units [128, 64],
@@ -43,15 +44,13 @@ from models.metrics import e2e_recall, requests_without_gt, stage_recall
 from models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_flops, route
 from models.retrieval import adapt_towers
 from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, load_lists, save_with_warmup
-from schema import request_list as RL
+from models.trainers.list_data import candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
 
 CONFIG_KEY = "preranking"
 
 
 @dataclasses.dataclass
 class PrerankingTrainerConfig:
-    list_size: int = RL.LIST_SIZE
     epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -118,13 +117,14 @@ def run_fn(fn_args) -> None:
     logging.info("Training HAP with %s", config)
     tf.keras.utils.set_random_seed(config.seed)
     model = build_model(config)
-    adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, config.list_size))
+    list_size = list_size_of_splits(fn_args)
+    adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, list_size))
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
-    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, config.list_size, shuffle_seed=config.seed)
+    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed)
     model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
-    evals = load_lists(fn_args.eval_files, config.list_size)
+    evals = load_lists(fn_args.eval_files, list_size)
     result = evaluate(model, evals, config.eval_quota)
-    result["flops"] = hap_flops(model.light, model.strong, model.top_m, config.list_size)
+    result["flops"] = hap_flops(model.light, model.strong, model.top_m, list_size)
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     module = PrerankingServing(model.light, model.strong)

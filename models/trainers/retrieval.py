@@ -6,8 +6,9 @@ need the lists in memory, so the train and eval splits are read with
 `models.list_inputs.request_list_dataset` into numpy (`load_lists`); this fits the synthetic and
 MovieLens sizes, not a production log.
 
+The list size is the data's (`list_data.list_size_of_splits`: the NegativeSampler's `list_size`).
 custom_config: {"retrieval": JSON object}, keys and defaults in `RetrievalTrainerConfig`:
-    list_size 60 (the NegativeSampler's list size), epochs 3, batch_size 256 (capped at the number
+    epochs 3, batch_size 256 (capped at the number
     of training pairs), num_negatives 256 (uniform corpus negatives per batch, 0 = in-batch only),
     learning_rate 0.05 (Adagrad), embedding_dim 16, hidden_units [64], output_dim 32,
     top_k 100 (index size of serving_default, capped at the corpus), eval_quota 40 (the stage's
@@ -47,16 +48,14 @@ from models import retrieval as R
 from models.cascade_model import cascade_labels
 from models.metrics import requests_without_gt, stage_recall
 from models.trainers import common
-from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, load_lists,
-                                      save_with_warmup)
-from schema import request_list as RL
+from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
+                                      load_lists, save_with_warmup)
 
 CONFIG_KEY = "retrieval"
 
 
 @dataclasses.dataclass
 class RetrievalTrainerConfig:
-    list_size: int = RL.LIST_SIZE
     epochs: int = 3
     batch_size: int = 256
     num_negatives: int = 256
@@ -161,8 +160,9 @@ def run_fn(fn_args) -> None:
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the retrieval model with %s (schema %s)", config, schema_path)
     tf.keras.utils.set_random_seed(config.seed)
-    train = load_lists(fn_args.train_files, config.list_size)
-    evals = load_lists(fn_args.eval_files, config.list_size)
+    list_size = list_size_of_splits(fn_args)
+    train = load_lists(fn_args.train_files, list_size)
+    evals = load_lists(fn_args.eval_files, list_size)
     corpus = R.item_corpus_from_lists(train, evals)
     model, pairs, batch_size, negatives = build_model(config, train)
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
