@@ -4,6 +4,7 @@
     cascade convert {movielens,obd} --src DIR --out DIR   real data into the same schema
     cascade run [--config FILE] [--set K=V] [flags]       the cascade TFX pipeline, run locally
     cascade config [--config FILE] [--set K=V] [flags]    the effective PipelineConfig, as YAML
+    cascade init --examples-dir DIR --out DIR             a starter schema and config from your data
     cascade serve-check DIR                               load and call every pushed SavedModel
     cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
 
@@ -263,6 +264,21 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                                            "without disallow_nan on a feature whose NaN may be read as 0")
 
 
+def _cmd_init(args) -> int:
+    from pipelines.init_config import CONFIG_FILE, SCHEMA_FILE, check_inputs_and_outputs, infer
+    from pipelines.run_log import RunLog
+
+    check_inputs_and_outputs(args.examples_dir, args.out, args.overwrite)
+    with RunLog(args.out, startup=args.startup_output) as log:  # TFDV's and Beam's output
+        print(f"computing TFDV statistics of {args.examples_dir}/Split-train (library log: {log.path})")
+        report = infer(args.examples_dir, args.out, overwrite=args.overwrite)
+    for line in report.lines():
+        print(line)
+    print(f"wrote {os.path.join(args.out, SCHEMA_FILE)} and {os.path.join(args.out, CONFIG_FILE)}; "
+          f"run: cascade run --config {os.path.join(args.out, CONFIG_FILE)}")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from pipelines.config import dump_config
 
@@ -300,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--orchestrator", choices=("local", "beam"), default="local",
                      help="TFX LocalDagRunner, or BeamDagRunner (the whole pipeline as a Beam pipeline)")
     run.set_defaults(func=_cmd_run)
+
+    init = sub.add_parser("init", help="infer a starter schema and config from your own Examples dir (TFDV)")
+    init.add_argument("--examples-dir", required=True, help="Examples directory (Split-train/, Split-eval/)")
+    init.add_argument("--out", required=True, help="where to write schema.pbtxt and cascade.yaml")
+    init.add_argument("--overwrite", action="store_true", help="replace existing files")
+    init.set_defaults(func=_cmd_init)
 
     show = sub.add_parser("config", help="print the effective PipelineConfig of a run's --config, --set and flags")
     _add_pipeline_flags(show)

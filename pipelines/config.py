@@ -151,9 +151,14 @@ class PipelineConfig:
                 return None  # compile-kubeflow: a path inside the container image
             raise FileNotFoundError(f"schema file {path} does not exist")
         try:
-            return F.load_schema(os.path.abspath(path))
+            schema = F.load_schema(os.path.abspath(path))
         except text_format.ParseError as e:
             raise InputError(f"schema file {path} is not a TFMD schema text proto: {e}") from None
+        missing = F.missing_pipeline_features(schema)
+        if missing:
+            raise InputError(f"schema file {path} lacks the optional features the pipeline's components add and read: "
+                             f"{', '.join(missing)} (copy them from {F.SCHEMA_PATH}; `cascade init` adds them)")
+        return schema
 
     def beam_pipeline_args(self) -> List[str]:
         if self.beam_args_override:

@@ -85,6 +85,15 @@ OPTIONAL_DEFAULTS: Dict[str, float] = {
     SAMPLING_PROBABILITY_KEY: 1.0,
 }
 OPTIONAL_STRING_DEFAULTS: Dict[str, str] = {"logging_policy": ""}
+# The optional features every schema of a pipeline run declares: the components add some
+# (teacher_logit, sample_weight, sampling_probability) and read all of them with their defaults.
+PIPELINE_OPTIONAL_FEATURES: Tuple[str, ...] = tuple(OPTIONAL_DEFAULTS) + tuple(OPTIONAL_STRING_DEFAULTS)
+
+
+def missing_pipeline_features(schema: schema_pb2.Schema) -> Tuple[str, ...]:
+    """The optional features of `PIPELINE_OPTIONAL_FEATURES` that `schema` does not declare."""
+    names = {f.name for f in schema.feature}
+    return tuple(name for name in PIPELINE_OPTIONAL_FEATURES if name not in names)
 
 
 @functools.lru_cache(maxsize=None)

@@ -159,6 +159,16 @@ def _unparseable_schema_file(data, tmp):
     return _run_args(data, tmp / "out", "--schema-file", str(tmp / "bad.pbtxt")), [r"bad.pbtxt is not a TFMD schema"]
 
 
+def _schema_file_without_the_pipelines_features(data, tmp):
+    schema = F.load_schema().__deepcopy__()
+    keep = [f for f in schema.feature if f.name not in ("sample_weight", "teacher_logit")]
+    del schema.feature[:]
+    schema.feature.extend(keep)
+    (tmp / "mine.pbtxt").write_text(text_format.MessageToString(schema))
+    return _run_args(data, tmp / "out", "--schema-file", str(tmp / "mine.pbtxt")), [
+        r"mine.pbtxt lacks the optional features the pipeline's components add and read: teacher_logit, sample_weight"]
+
+
 def _unwritable_output_dir(data, tmp):
     (tmp / "a_file").write_text("")
     return _run_args(data, tmp / "a_file" / "out"), [re.escape(f"output dir {tmp / 'a_file' / 'out'} is not writable: "
@@ -200,6 +210,7 @@ ERROR_CASES = {
     "string_in_float_feature": _string_in_float_feature,
     "missing_schema_file": _missing_schema_file,
     "unparseable_schema_file": _unparseable_schema_file,
+    "schema_file_without_the_pipelines_features": _schema_file_without_the_pipelines_features,
     "unwritable_output_dir": _unwritable_output_dir,
     "generate_into_unwritable_out": _generate_into_unwritable_out,
     "bad_flag_value": _bad_flag_value,
