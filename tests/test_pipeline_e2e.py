@@ -238,8 +238,10 @@ def test_every_train_request_reaches_the_ranker_whole_once_per_epoch(resumed_run
     assert zero_weight == {r: sorted(items) for r, items in sampled_out.items()}
 
     trainer_config = config.cascade
+    list_size = LI.list_size_in(_split_files(lists_artifact, "train"))
+    assert list_size == config.sampler.list_size  # the one place the list size is set, read back from the data
     epoch = LI.request_list_dataset(_split_files(lists_artifact, "train"), trainer_config.batch_size,
-                                    trainer_config.list_size, shuffle_seed=trainer_config.seed)
+                                    list_size, shuffle_seed=trainer_config.seed)
     read = np.concatenate([b["request_id"].numpy().reshape(-1) for b in epoch])
     assert sorted(read.tolist()) == sorted(seen)  # each train request exactly once per epoch
     (run,) = _artifacts(config, "Trainer.cascade", "model_run")
