@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import traceback
-import warnings
 from typing import Iterator, Optional
 
 EXIT_USER_ERROR = 2
@@ -94,7 +93,6 @@ class RunLog:
         root.addHandler(self._handler)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
-        self._showwarning = warnings.showwarning
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         os.dup2(self._file.fileno(), 2)
@@ -108,7 +106,6 @@ class RunLog:
         os.dup2(self._saved_fd, 2)
         os.close(self._saved_fd)
         logging.captureWarnings(False)
-        warnings.showwarning = self._showwarning
         root = logging.getLogger()
         root.removeHandler(self._handler)
         for handler in self._handlers:
