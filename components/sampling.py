@@ -57,6 +57,9 @@ class SamplerConfig:
     seed: int = 0
     max_bad_fraction: float = 0.01
 
+    def __post_init__(self):
+        self.validate()  # a config that exists is valid (`models.config`)
+
     def validate(self) -> None:
         for name in ("nonclick_keep_rate", "low_loss_keep_rate", "unseen_position_keep_rate"):
             rate = getattr(self, name)

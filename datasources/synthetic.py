@@ -68,6 +68,9 @@ class SyntheticConfig:
     format_effect: Tuple[float, ...] = (0.75, 1.0, 0.9)
     seconds_between_requests: int = 30
 
+    def __post_init__(self):
+        self.validate()  # a config that exists is valid (`models.config`)
+
     def validate(self) -> None:
         if self.num_requests <= 0:
             raise InputError(f"num_requests must be positive, got {self.num_requests}")

@@ -109,6 +109,14 @@ def merge(config: C, values: Dict[str, Any], where: str = "") -> C:
         raise ConfigError(f"{where or type(config).__name__}: {e}") from None
 
 
+def check_positive(config, *names: str) -> None:
+    """Raises ValueError naming the first of the fields `names` of `config` that is not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
 def config_from_dict(cls: Type[C], values: Dict[str, Any], where: str = "") -> C:
     """The dataclass `cls` with its defaults overridden by `values` (`merge`)."""
     return merge(cls(), values, where)

@@ -110,7 +110,10 @@ def test_cascade_config_prints_a_config_that_reads_back_to_the_same_run(tmp_path
     ("- 1\n- 2\n", (), r"PipelineConfig: expected a mapping"),
     ("", ("--set", "ranker.epochs"), r"--set 'ranker.epochs': expected KEY=VALUE"),
     ("", ("--set", "sampler.list_sise=3"), r"--set sampler.list_sise=3: unknown SamplerConfig field\(s\) sampler.list_sise"),
-    ("sampler: {nonclick_keep_rate: 2.0}\n", (), r"nonclick_keep_rate"),  # SamplerConfig.validate
+    ("sampler: {nonclick_keep_rate: 2.0}\n", (), r"sampler: nonclick_keep_rate must be in \(0, 1\], got 2.0"),
+    ("cascade: {method: lcronn}\n", (), r"cascade: method must be one of"),
+    ("", ("--set", "retrieval.epochs=0"), r"retrieval: epochs must be > 0, got 0"),
+    ("synthetic: {num_requests: -3}\n", (), r"synthetic: num_requests must be positive"),
 ])
 def test_a_bad_config_is_one_line_naming_the_file_or_override_and_the_key(tmp_path, capsys, content, argv, named):
     path = tmp_path / "bad.yaml"

@@ -46,9 +46,10 @@ from absl import logging
 from models import export as export_lib
 from models import lcron, metrics, ranker_export
 from models import list_inputs as LI
-from models.cascade_model import CascadeModel, evaluate_cascade
+from models.cascade_model import METHODS, CascadeModel, evaluate_cascade
 from models.preranking import LightPreranker
 from models.ranker import FactoryFloorRanker
+from models.config import check_positive
 from models.ranker_config import RankerConfig
 from models.ranking_stage import RankingStage
 from models.trainers import common
@@ -75,6 +76,13 @@ class CascadeTrainerConfig:
     label: str = "gt"  # the cascade's positives: the GT tier ("click": clicked candidates)
     eval_quotas: Tuple[int, ...] = (30, 20)  # pre-ranking and ranking quotas of the e2e recall (DESIGN §8)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.label not in ("gt", "click"):
+            raise ValueError(f"label must be 'gt' or 'click', got {self.label!r}")
+        check_positive(self, "epochs", "batch_size", "learning_rate", "tau", "embedding_dim")
 
 
 class PrerankerServing(tf.Module):

@@ -46,6 +46,7 @@ from models import export as export_lib
 from models import list_inputs as LI
 from models import retrieval as R
 from models.cascade_model import cascade_labels
+from models.config import check_positive
 from models.metrics import requests_without_gt, stage_recall
 from models.trainers import common
 from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
@@ -66,6 +67,11 @@ class RetrievalTrainerConfig:
     top_k: int = 100
     eval_quota: int = 40
     seed: int = 0
+
+    def __post_init__(self):
+        check_positive(self, "epochs", "batch_size", "learning_rate", "embedding_dim", "output_dim", "top_k", "eval_quota")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
 
 
 # ---------------------------------------------------------------------------------------------
