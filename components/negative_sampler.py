@@ -49,7 +49,6 @@ The output is the same bytes as the row-based reference (`sampling.sample_reques
 every order is fixed by sorting (input split, item id, raw bytes), never by arrival order.
 `bench/component_throughput.py` measures its rows/s in each runner mode.
 """
-import dataclasses
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -67,7 +66,7 @@ from tfx_bsl.coders import example_coder
 from components import record_io
 from components.sampling import (FLOAT_COLUMNS, ITEM_FEATURES, ROW_DEFAULTS, ItemCorpus, SamplerConfig,
                                  request_split_by_hash, sample_request_columns)
-from models.config import config_from_dict
+from models.config import config_from_dict, to_dict
 from schema import features as F
 from schema import request_list as RL
 
@@ -281,10 +280,12 @@ TIER_BY_NAME = {name.encode(): index for name, index in RL.TIER_INDEX.items() if
 GROUND_TRUTH_TIER_INDEX = RL.TIER_INDEX[F.GROUND_TRUTH_TIER]
 REQUESTS_WITHOUT_GROUND_TRUTH = "requests_without_ground_truth"  # also per input split: ..._<split>
 NAN_PREFIX = "nan_values_"  # + a dense feature: its NaN values, which the models read as 0
+BUCKETS_PREFIX = "buckets_"  # + a sparse feature: the bucket count the run's models embed it with
 FOLDED_PREFIX = "ids_folded_"  # + a sparse feature: its ids outside [0, num_buckets), folded by id mod num_buckets
 
 
-def value_counts(cols: Dict[str, np.ndarray]) -> Dict[str, int]:
+def value_counts(cols: Dict[str, np.ndarray],
+                 sparse_features: Tuple[F.SparseFeature, ...] = F.SPARSE_FEATURES) -> Dict[str, int]:
     """What the models will change in the decoded rows `cols`, per feature: NaN values of each dense
     feature (`NAN_PREFIX`; the embedding reads them as 0, `models.embedding`) and ids outside
     [0, num_buckets) of each sparse feature (`FOLDED_PREFIX`; folded into the buckets, so two ids
@@ -293,7 +294,7 @@ def value_counts(cols: Dict[str, np.ndarray]) -> Dict[str, int]:
     for feature in F.DENSE_FEATURES:
         if feature.name in cols:
             out[NAN_PREFIX + feature.name] = int(np.isnan(cols[feature.name]).sum())
-    for feature in F.SPARSE_FEATURES:
+    for feature in sparse_features:
         values = cols.get(f"{feature.name}_values" if feature.multivalent else feature.name)
         if values is not None:
             out[FOLDED_PREFIX + feature.name] = int(((values < 0) | (values >= feature.num_buckets)).sum())
@@ -342,10 +343,12 @@ class _DecodeRequests(beam.DoFn):
     dead-letter output; so does, under split="keep", a request that spans input splits. A batch is
     decoded by one call of the C++ decoder, built in `setup` from the serialized schema `schema`."""
 
-    def __init__(self, schema: bytes, config: SamplerConfig, split_names: Tuple[str, ...]):
+    def __init__(self, schema: bytes, config: SamplerConfig, split_names: Tuple[str, ...],
+                 sparse_features: Tuple[F.SparseFeature, ...] = F.SPARSE_FEATURES):
         self._schema_bytes = schema
         self._config = config
         self._split_names = split_names
+        self._sparse_features = tuple(sparse_features)
         self._decoder = None
         self._parsed = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
         self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
@@ -377,7 +380,7 @@ class _DecodeRequests(beam.DoFn):
             self._bad.inc()
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws[i], reason))
         self._parsed.inc(int(rows.size))
-        for name, count in value_counts(cols).items():
+        for name, count in value_counts(cols, self._sparse_features).items():
             if count:
                 self._inc(name, count)
         bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
@@ -485,7 +488,8 @@ def data_counts(counters: Dict[str, int]) -> Dict[str, Any]:
         "requests": counters.get("requests", 0),
         "requests_without_ground_truth": {"total": counters.get(REQUESTS_WITHOUT_GROUND_TRUTH, 0), **splits},
         "nan_values_read_as_0": {f.name: counters.get(NAN_PREFIX + f.name, 0) for f in F.DENSE_FEATURES},
-        "ids_folded": {f.name: {"ids": counters.get(FOLDED_PREFIX + f.name, 0), "buckets": f.num_buckets}
+        "ids_folded": {f.name: {"ids": counters.get(FOLDED_PREFIX + f.name, 0),
+                                "buckets": counters.get(BUCKETS_PREFIX + f.name, f.num_buckets)}
                        for f in F.SPARSE_FEATURES},
     }
 
@@ -625,6 +629,7 @@ class NegativeSamplerSpec(ComponentSpec):
     PARAMETERS = {
         "config": ExecutionParameter(type=str),  # SamplerConfig as JSON
         "input_splits": ExecutionParameter(type=str),  # JSON list of the input splits to read
+        "features": ExecutionParameter(type=str, optional=True),  # schema.features.FeatureConfig as JSON
     }
     INPUTS = {
         "examples": ChannelParameter(type=standard_artifacts.Examples),
@@ -642,7 +647,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
            exec_properties: Dict[str, Any]) -> None:
         self._log_startup(input_dict, output_dict, exec_properties)
         config = config_from_dict(SamplerConfig, json.loads(exec_properties["config"]))
-        config.validate()
+        features = config_from_dict(F.FeatureConfig, json.loads(exec_properties.get("features") or "{}"))
         input_uris = record_io.required_split_uris(input_dict["examples"], json.loads(exec_properties["input_splits"]))
         output_splits = tuple(sorted(input_uris)) if config.split == "keep" else ("eval", "train")
         output = artifact_utils.get_single_instance(output_dict["request_lists"])
@@ -670,7 +675,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             | "AllSplits" >> beam.Flatten()
             | "GroupRequests" >> beam.GroupByKey()
             | "BatchRequests" >> beam.BatchElements(min_batch_size=DECODE_BATCH, max_batch_size=DECODE_BATCH)
-            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(schema_bytes, config, split_names)).with_outputs(
+            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(schema_bytes, config, split_names,
+                                                             features.sparse_features())).with_outputs(
                 record_io.DEAD_LETTER_TAG, ITEMS_TAG, TIMES_TAG, main="requests")
         )
         record_io.write_dead_letters(requests[record_io.DEAD_LETTER_TAG], dead.uri, "candidates")
@@ -699,6 +705,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         record_io.write_split(lists[SHOWN_ROWS_TAG], artifact_utils.get_split_uri([shown_rows], SHOWN_ROWS_SPLIT),
                               f"shown_rows-{SHOWN_ROWS_SPLIT}")
         counters = record_io.run_and_count(pipeline, NAMESPACE)
+        counters.update({BUCKETS_PREFIX + f.name: f.num_buckets for f in features.sparse_features()})
         record_io.record_counters(output, counters)
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
         output.set_string_custom_property(SCHEMA_PATH_PROPERTY, schema_path)
@@ -722,13 +729,14 @@ class NegativeSampler(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
     def __init__(self, examples: types.BaseChannel, schema: types.BaseChannel = None,
-                 config: SamplerConfig = SamplerConfig(), input_splits: Iterable[str] = ("train", "eval")):
-        config.validate()
+                 config: SamplerConfig = SamplerConfig(), input_splits: Iterable[str] = ("train", "eval"),
+                 features: F.FeatureConfig = F.FeatureConfig()):
         spec = NegativeSamplerSpec(
             examples=examples,
             schema=schema,
-            config=json.dumps(dataclasses.asdict(config), sort_keys=True),
+            config=json.dumps(to_dict(config), sort_keys=True),
             input_splits=json.dumps(list(input_splits)),
+            features=json.dumps(to_dict(features), sort_keys=True),
             request_lists=types.Channel(type=standard_artifacts.Examples),
             shown_rows=types.Channel(type=standard_artifacts.Examples),
             dead_letters=types.Channel(type=record_io.DeadLetters),

@@ -128,11 +128,14 @@ class LightPreranker(tf.keras.layers.Layer):
     """Two towers plus a small MLP head on [u, v, u ⊙ v]; scores [B, L]."""
 
     def __init__(self, embedding_dim: int = 16, tower_units: Sequence[int] = (64,), output_dim: int = 32,
-                 head_units: Sequence[int] = (32,), **kwargs):
+                 head_units: Sequence[int] = (32,), sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES,
+                 **kwargs):
         super().__init__(**kwargs)
         self.output_dim = output_dim
-        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, tower_units, output_dim, name="query_tower")
-        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, tower_units, output_dim, name="item_tower")
+        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, tower_units, output_dim, sparse_features,
+                                 name="query_tower")
+        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, tower_units, output_dim, sparse_features,
+                                name="item_tower")
         self.head_units = tuple(head_units) + (1,)
         self.head = build_mlp(self.head_units, name="head")
 
@@ -164,10 +167,11 @@ class StrongRanker(tf.keras.layers.Layer):
     """DCNv2: embeddings of the request and item features → CrossStack → MLP; scores [B, L]."""
 
     def __init__(self, embedding_dim: int = 16, num_cross_layers: int = 2, projection_dim: int = 16,
-                 hidden_units: Sequence[int] = (128, 64), **kwargs):
+                 hidden_units: Sequence[int] = (128, 64), sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES,
+                 **kwargs):
         super().__init__(**kwargs)
         names = LI.QUERY_FEATURES + LI.ITEM_FEATURES
-        sparse = [f for f in F.SPARSE_FEATURES if f.name in names]
+        sparse = [f for f in sparse_features if f.name in names]
         dense = [f for f in F.DENSE_FEATURES if f.name in names]
         self.query_names = LI.QUERY_FEATURES
         self.embedding = FeatureEmbedding(embedding_dim, sparse, dense, name="embedding")

@@ -72,6 +72,7 @@ writing it into the model (the served weights). The embedding tables learn at
 `build_and_train` does adapt + compile + fit.
 """
 import dataclasses
+import json
 from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
@@ -79,6 +80,7 @@ import tensorflow as tf
 
 from models import activations, bias_constraints, curriculum, inputs, losses, lspr
 from models.bottleneck import LowRankDense
+from models.config import config_from_dict, to_dict
 from models.cross import CrossStack
 from models.embedding import FeatureEmbedding
 from models.ranker_config import RankerConfig
@@ -127,11 +129,13 @@ class FactoryFloorRanker(tf.keras.Model):
     `quality`, `ui` and `score_grid` are the Q·U serving paths.
     """
 
-    def __init__(self, config: RankerConfig = RankerConfig(), **kwargs):
+    def __init__(self, config: RankerConfig = RankerConfig(), features: F.FeatureConfig = F.FeatureConfig(), **kwargs):
         super().__init__(**kwargs)
         self.config = config
+        self.features = features
         c = config
-        self.embedding = FeatureEmbedding(c.embedding_dim, lr_multiplier=c.embedding_lr_multiplier, name="embedding")
+        self.embedding = FeatureEmbedding(c.embedding_dim, features.sparse_features(), lr_multiplier=c.embedding_lr_multiplier,
+                                          name="embedding")
         self.factorized = c.qu_dim > 0
         self.quality_names = QUALITY_FEATURES if self.factorized else tuple(F.MODEL_INPUTS)
         self.ui_names = tuple(F.UI_FEATURES)
@@ -181,11 +185,12 @@ class FactoryFloorRanker(tf.keras.Model):
 
     # ---- Keras plumbing ------------------------------------------------------------------------
     def get_config(self):
-        return {"config": self.config.to_json()}
+        return {"config": self.config.to_json(), "features": json.dumps(to_dict(self.features))}
 
     @classmethod
     def from_config(cls, config):
-        return cls(RankerConfig.from_json(config["config"]))
+        features = config_from_dict(F.FeatureConfig, json.loads(config.get("features", "{}")))
+        return cls(RankerConfig.from_json(config["config"]), features)
 
     def compile(self, optimizer=None, **kwargs):
         """Compiles with the config's optimizer unless one is given; losses are built in. Compiling

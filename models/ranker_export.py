@@ -64,8 +64,9 @@ def ui_parse_spec(model: FactoryFloorRanker, schema=None) -> Dict:
 
 
 def _ui_buckets(model: FactoryFloorRanker) -> Sequence[int]:
-    """num_buckets of each UI feature (in `model.ui_names` order); all must be univalent ids."""
-    by_name = {f.name: f for f in F.SPARSE_FEATURES}
+    """num_buckets of each UI feature (in `model.ui_names` order, the model's own bucket counts);
+    all must be univalent ids."""
+    by_name = {f.name: f for f in model.embedding.sparse_features}
     features = [by_name.get(name) for name in model.ui_names]
     if any(f is None or f.multivalent for f in features):
         raise ValueError(f"the UI grid needs univalent sparse UI features, got {model.ui_names}")

@@ -63,10 +63,11 @@ class Tower(tf.keras.layers.Layer):
     """
 
     def __init__(self, feature_names: Sequence[str], embedding_dim: int = 16,
-                 hidden_units: Sequence[int] = (64,), output_dim: int = 32, **kwargs):
+                 hidden_units: Sequence[int] = (64,), output_dim: int = 32,
+                 sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES, **kwargs):
         super().__init__(**kwargs)
         self.feature_names = tuple(feature_names)
-        sparse = [f for f in F.SPARSE_FEATURES if f.name in self.feature_names]
+        sparse = [f for f in sparse_features if f.name in self.feature_names]
         dense = [f for f in F.DENSE_FEATURES if f.name in self.feature_names]
         self.embedding = FeatureEmbedding(embedding_dim, sparse, dense, name="embedding")
         self.input_dim = embedding_dim * len(sparse) + sum(f.size for f in dense)
@@ -238,10 +239,13 @@ class RetrievalModel(tfrs.Model):
     """Two towers + `tfrs.tasks.Retrieval` (in-batch softmax, sampled negatives, log-q)."""
 
     def __init__(self, embedding_dim: int = 16, hidden_units: Sequence[int] = (64,), output_dim: int = 32,
-                 temperature: Optional[float] = None, remove_accidental_hits: bool = True):
+                 temperature: Optional[float] = None, remove_accidental_hits: bool = True,
+                 sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES):
         super().__init__()
-        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, hidden_units, output_dim, name="query_tower")
-        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, hidden_units, output_dim, name="item_tower")
+        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, hidden_units, output_dim, sparse_features,
+                                 name="query_tower")
+        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, hidden_units, output_dim, sparse_features,
+                                name="item_tower")
         self.task = tfrs.tasks.Retrieval(temperature=temperature, remove_accidental_hits=remove_accidental_hits)
 
     def call(self, features, training=None):

@@ -17,6 +17,7 @@ from datasources.example_io import InputError, check_split_readable
 from datasources.synthetic import SyntheticConfig
 from models.config import ConfigError, merge, to_dict
 from models.ranker_config import RankerConfig
+from schema.features import FeatureConfig
 from models.trainers.cascade import CascadeTrainerConfig
 from models.trainers.retrieval import RetrievalTrainerConfig
 
@@ -56,6 +57,9 @@ class PipelineConfig:
     cascade: CascadeTrainerConfig = dataclasses.field(default_factory=CascadeTrainerConfig)
     sampler: SamplerConfig = SamplerConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
+    # How the model inputs are embedded, set once for every Trainer and the NegativeSampler (e.g.
+    # features.buckets: [[item_id, 1000000]]): the first part of the feature registry.
+    features: FeatureConfig = FeatureConfig()
     # Beam: "multi_processing" runs DirectRunner with `beam_workers` processes (0 = one per core);
     # "in_process" passes no Beam args (one process, the fastest for tiny data, as in tests).
     beam_mode: str = "multi_processing"

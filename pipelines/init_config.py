@@ -20,7 +20,8 @@ features with the model inputs the package reads today (`schema.features.MODEL_I
 missing one is named, an extra one is listed as not read.
 
 It writes DIR/schema.pbtxt and DIR/cascade.yaml (a `cascade run --config` file: source examples,
-this directory, this schema), each to a temporary name renamed at the end. Nothing is guessed
+this directory, this schema, and `features.buckets` sized for every id-like model input whose values
+span more than its default buckets), each to a temporary name renamed at the end. Nothing is guessed
 silently: the report, printed and written as the YAML's leading comments, says what was inferred.
 """
 import dataclasses
@@ -117,6 +118,17 @@ def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatis
                                 and n not in (F.REQUEST_ID_KEY, F.REQUEST_TIME_KEY)])
 
 
+def bucket_config(report: InitReport):
+    """The starter's FeatureConfig: an id-like model input whose values span more than its default
+    buckets gets the next power of two above its span, so that its ids are not folded together."""
+    from schema import features as F
+
+    defaults = {f.name: f.num_buckets for f in F.SPARSE_FEATURES}
+    buckets = tuple((name, 1 << (span - 1).bit_length()) for name, span in sorted(report.id_like.items())
+                    if name in defaults and span > defaults[name])
+    return F.FeatureConfig(buckets=buckets)
+
+
 def _write_atomically(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -157,7 +169,7 @@ def infer(examples_dir: str, out_dir: str, overwrite: bool = False) -> InitRepor
     report = refine(schema, stats)
     _write_atomically(paths[SCHEMA_FILE], text_format.MessageToString(schema))
     config = PipelineConfig(source="examples", examples_dir=os.path.abspath(examples_dir),
-                            schema_file=os.path.abspath(paths[SCHEMA_FILE]))
+                            schema_file=os.path.abspath(paths[SCHEMA_FILE]), features=bucket_config(report))
     header = "".join(f"# {line}\n" for line in
                      [f"cascade init --examples-dir {examples_dir}: a starter config (cascade run --config this file)"]
                      + report.lines())

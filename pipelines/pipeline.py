@@ -38,6 +38,7 @@ from components.negative_sampler import NegativeSampler
 from components.stage_model import StageModel
 from components.synthetic_example_gen import SyntheticExampleGen
 from components.teacher_inference import TeacherInference
+from models.trainers.common import FEATURES_KEY
 from pipelines.config import PipelineConfig, to_json
 from schema import features as F
 
@@ -77,7 +78,9 @@ def example_source(config: PipelineConfig):
     )
 
 
-def _trainer(stage: str, examples, schema, custom_config: dict, after) -> tfx.components.Trainer:
+def _trainer(stage: str, examples, schema, custom_config: dict, after, features) -> tfx.components.Trainer:
+    """A Trainer of `stage`; every one gets the run's FeatureConfig under custom_config "features"."""
+    custom_config = {**custom_config, FEATURES_KEY: to_json(features)}
     trainer = tfx.components.Trainer(
         run_fn=TRAINER_MODULES[stage], examples=examples, schema=schema, custom_config=custom_config,
     ).with_id(f"Trainer.{stage}")
@@ -119,16 +122,18 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     example_validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
     anomaly_gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"])
 
-    teacher = _trainer("teacher", rows, schema, {"ranker": config.teacher.to_json()}, after=anomaly_gate)
+    teacher = _trainer("teacher", rows, schema, {"ranker": config.teacher.to_json()}, after=anomaly_gate,
+                       features=config.features)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
-    sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler)
+    sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
     request_lists = sampler.outputs["request_lists"]
 
     retrieval = _trainer("retrieval", request_lists, schema, {"retrieval": to_json(config.retrieval)},
-                         after=anomaly_gate)
+                         after=anomaly_gate, features=config.features)
     cascade = _trainer("cascade", request_lists, schema,
-                       {"cascade": to_json(config.cascade), "ranker": config.ranker.to_json()}, after=anomaly_gate)
+                       {"cascade": to_json(config.cascade), "ranker": config.ranker.to_json()}, after=anomaly_gate,
+                       features=config.features)
     preranking = StageModel(model=cascade.outputs["model"], stage="preranking").with_id("StageModel.preranking")
     models = {"retrieval": retrieval.outputs["model"], "preranking": preranking.outputs["stage_model"],
               "ranking": cascade.outputs["model"]}

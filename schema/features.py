@@ -71,6 +71,32 @@ DENSE_FEATURES: Tuple[DenseFeature, ...] = (
     DenseFeature("user_dense", 4),
     DenseFeature("item_dense", 4),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """How the model inputs are embedded, set once per run (`PipelineConfig.features`, passed to
+    every Trainer as custom_config "features" and to the NegativeSampler). Today: the embedding
+    buckets of each sparse feature (id mod buckets), overriding `SPARSE_FEATURES`' defaults, e.g.
+    `(("item_id", 1_000_000),)` for a catalogue of a million items without 10k-fold collisions.
+    The rest of the feature registry (roles, dtypes, widths, hashing or vocabularies) is to come."""
+
+    buckets: Tuple[Tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        known = {f.name for f in SPARSE_FEATURES}
+        for name, count in self.buckets:
+            if name not in known:
+                raise ValueError(f"buckets: {name!r} is not a sparse model input; known: {', '.join(sorted(known))}")
+            if not isinstance(count, int) or count <= 0:
+                raise ValueError(f"buckets: {name} needs a positive bucket count, got {count!r}")
+
+    def sparse_features(self) -> Tuple[SparseFeature, ...]:
+        """`SPARSE_FEATURES` with this config's bucket counts."""
+        counts = dict(self.buckets)
+        return tuple(dataclasses.replace(f, num_buckets=counts.get(f.name, f.num_buckets)) for f in SPARSE_FEATURES)
+
+
 UI_FEATURES: Tuple[str, ...] = tuple(f.name for f in SPARSE_FEATURES if f.tower == "ui")
 MODEL_INPUTS: Tuple[str, ...] = tuple(f.name for f in SPARSE_FEATURES) + tuple(
     f.name for f in DENSE_FEATURES

@@ -96,3 +96,21 @@ def test_init_refuses_to_replace_files_and_names_a_bad_data_path(data, tmp_path,
     code, _, err = _main(capsys, "init", "--examples-dir", str(tmp_path / "none"), "--out", str(tmp_path / "t"))
     assert code == 2 and "none does not exist" in err
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_an_id_wider_than_its_default_buckets_gets_buckets_in_the_starter_config(tmp_path, capsys):
+    wide = tmp_path / "wide"
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=20, seed=4), str(wide))
+    for split in ("train", "eval"):
+        path = wide / f"Split-{split}" / example_io.RECORD_FILE
+        examples = list(example_io.read_examples(str(path)))
+        for e in examples:  # item ids up to ~50,000: five times the default 10,000 buckets
+            e.features.feature["item_id"].int64_list.value[0] *= 5
+        with tf.io.TFRecordWriter(str(path), options="GZIP") as w:
+            for e in examples:
+                w.write(e.SerializeToString())
+    assert _main(capsys, "init", "--examples-dir", str(wide), "--out", str(tmp_path / "s"))[0] == 0
+    config = load_config(str(tmp_path / "s" / "cascade.yaml"))
+    (name, buckets), = config.features.buckets
+    assert name == "item_id" and buckets == 65_536  # the next power of two above the span
+    assert dict((f.name, f.num_buckets) for f in config.features.sparse_features())["user_id"] == 5_000

@@ -32,7 +32,7 @@ def _outputs(tmp_path):
 
 
 def _run(tmp_path, examples, config: SamplerConfig, beam_args=None, input_splits=("train", "eval"), schema=None,
-         outputs=None):
+         outputs=None, features=None):
     """Runs the executor (with the Schema artifact `schema` if given) into `outputs` (default: new
     ones under `tmp_path`); returns the request_lists and dead_letters artifacts."""
     outputs = outputs or _outputs(tmp_path)
@@ -42,7 +42,8 @@ def _run(tmp_path, examples, config: SamplerConfig, beam_args=None, input_splits
         inputs["schema"] = [schema]
     negative_sampler.Executor(context).Do(
         inputs, outputs,
-        {"config": json.dumps(dataclasses.asdict(config)), "input_splits": json.dumps(list(input_splits))},
+        {"config": json.dumps(dataclasses.asdict(config)), "input_splits": json.dumps(list(input_splits)),
+         **({"features": json.dumps(features)} if features is not None else {})},
     )
     return outputs["request_lists"][0], outputs["dead_letters"][0]
 
@@ -463,3 +464,8 @@ def test_nan_values_folded_ids_and_requests_without_ground_truth_are_counted_and
     out = capsys.readouterr().out
     assert ("NegativeSampler: warning: 1 requests without ground truth; 6 NaN values of user_dense read as 0; "
             "4 ids of item_id folded into its 10,000 buckets; 1 ids of item_tags folded into its 512 buckets") in out
+    # With the run's FeatureConfig giving item_id 20,000 buckets, those ids are no longer folded.
+    _run(tmp_path / "wide", examples, SamplerConfig(random_negatives=0), features={"buckets": [["item_id", 20_000]]})
+    wide = negative_sampler.data_counts(json.load(open(tmp_path / "wide" / "lists" / record_io.METRICS_FILE)))
+    assert wide["ids_folded"]["item_id"] == {"ids": 0, "buckets": 20_000}
+    assert wide["ids_folded"]["item_tags"] == {"ids": 1, "buckets": 512}

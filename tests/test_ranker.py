@@ -475,3 +475,21 @@ def test_training_a_few_hundred_steps_beats_the_constant_predictor():
     assert metrics.normalized_entropy(y, p) < 0.9  # beats the base rate by > 10%
     assert metrics.auc(y, p) > 0.75
     assert history.history["logistic"][-1] < history.history["logistic"][0]
+
+
+def test_the_feature_configs_buckets_stop_the_fold_and_survive_get_config():
+    from schema import features as F
+
+    features = F.FeatureConfig(buckets=(("item_id", 20_000),))
+    wide = ranker.FactoryFloorRanker(RankerConfig(hidden_units=(8,), cross_projection_dim=4), features)
+    narrow = ranker.FactoryFloorRanker(RankerConfig(hidden_units=(8,), cross_projection_dim=4))
+    ids = tf.constant([5, 10_005], tf.int64)
+    np.testing.assert_array_equal(*narrow.embedding.embed_sparse("item_id", ids).numpy())  # folded: the same row
+    a, b = wide.embedding.embed_sparse("item_id", ids).numpy()
+    assert np.abs(a - b).max() > 0
+    assert wide.embedding.tables["item_id"].input_dim == 20_000 and wide.embedding.tables["user_id"].input_dim == 5_000
+    assert ranker.FactoryFloorRanker.from_config(wide.get_config()).features == features
+    with pytest.raises(ValueError, match="'itemid' is not a sparse model input"):
+        F.FeatureConfig(buckets=(("itemid", 10),))
+    with pytest.raises(ValueError, match="item_id needs a positive bucket count"):
+        F.FeatureConfig(buckets=(("item_id", 0),))

@@ -144,3 +144,35 @@ def test_cascade_module(data, eval_examples, tmp_path, method):
 def test_unknown_config_key_is_an_error(data, tmp_path):
     with pytest.raises(ValueError, match=r"unknown CascadeTrainerConfig field\(s\) epoch;"):
         cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps({"epoch": 1})}))
+
+
+def _table_rows(saved_model_dir, name):
+    """Rows of the embedding table(s) `name` of a SavedModel (a Keras model, or a serving module
+    holding the light pre-ranker or the two towers)."""
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    variables = list(getattr(loaded, "variables", None) or [])
+    for child in ("light", "query_tower", "item_tower"):
+        if hasattr(loaded, child):
+            variables += list(getattr(loaded, child).variables)
+    rows = {int(v.shape[0]) for v in variables if f"{name}_embedding" in v.name}
+    assert rows, (name, sorted(v.name for v in variables))
+    return rows
+
+
+def test_the_runs_bucket_counts_reach_every_trainers_embeddings(data, tmp_path):
+    """custom_config "features" (the run's FeatureConfig) sets the item_id buckets of the ranker, the
+    light pre-ranker and the two towers: ids 5 and 10,005 no longer share an embedding."""
+    features = json.dumps({"buckets": [["item_id", 50_000]]})
+    out_dir = tmp_path / "model"
+    cascade.run_fn(FnArgs(train_files=[str(data / "Split-train" / "*")], eval_files=[str(data / "Split-eval" / "*")],
+                          serving_model_dir=str(out_dir / "Format-Serving"), model_run_dir=str(tmp_path / "run"),
+                          custom_config={"cascade": json.dumps({"epochs": 1, "batch_size": 8}),
+                                         "ranker": json.dumps({"hidden_units": [16], "cascade_head_units": [8]}),
+                                         common.FEATURES_KEY: features}))
+    assert _table_rows(out_dir / "Format-Serving", "item_id") == {50_000}
+    assert _table_rows(out_dir / "stages" / "preranking", "item_id") == {50_000}
+    retrieval.run_fn(_fn_args(data, tmp_path / "retrieval", {
+        "retrieval": json.dumps({"epochs": 1, "batch_size": 16, "num_negatives": 0, "top_k": 10}),
+        common.FEATURES_KEY: features}))
+    assert _table_rows(tmp_path / "retrieval" / "serving", "item_id") == {50_000}
+    assert _table_rows(out_dir / "Format-Serving", "user_id") == {5_000}  # the others keep their defaults

@@ -115,15 +115,16 @@ def ranker_config_from(fn_args) -> RankerConfig:
     return RankerConfig.from_dict({**RankerConfig.cascade_stage().to_dict(), **common.config_json(fn_args, RANKER_KEY)})
 
 
-def build_model(config: CascadeTrainerConfig, ranker_config: RankerConfig) -> CascadeModel:
-    """The two-stage CascadeModel of `config` (seeds TF first)."""
+def build_model(config: CascadeTrainerConfig, ranker_config: RankerConfig,
+                features: F.FeatureConfig = F.FeatureConfig()) -> CascadeModel:
+    """The two-stage CascadeModel of `config` (seeds TF first); `features` embeds both stages' inputs."""
     if len(config.eval_quotas) != len(STAGES):
         raise ValueError(f"eval_quotas {config.eval_quotas} must give one quota per stage {STAGES}")
     tf.keras.utils.set_random_seed(config.seed)
     stages = {
         "prerank": LightPreranker(config.embedding_dim, tower_units=(64,), output_dim=32, head_units=(32,),
-                                  name="prerank"),
-        "rank": RankingStage(FactoryFloorRanker(ranker_config), name="rank"),
+                                  sparse_features=features.sparse_features(), name="prerank"),
+        "rank": RankingStage(FactoryFloorRanker(ranker_config, features), name="rank"),
     }
     return CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label)
 
@@ -173,7 +174,7 @@ def run_fn(fn_args) -> None:
     ranker_config = ranker_config_from(fn_args)
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the joint cascade with %s; ranker %s; schema %s", config, ranker_config, schema_path)
-    model = build_model(config, ranker_config)
+    model = build_model(config, ranker_config, common.feature_config(fn_args))
     list_size = list_size_of_splits(fn_args)
     train_lists = load_lists(fn_args.train_files, list_size)
     data = train_data_report(train_lists)

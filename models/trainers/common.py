@@ -36,6 +36,14 @@ def config_from(fn_args, key: str, cls):
     return config_from_dict(cls, config_json(fn_args, key))
 
 
+FEATURES_KEY = "features"  # custom_config key of the run's `schema.features.FeatureConfig`, the same for every Trainer
+
+
+def feature_config(fn_args) -> F.FeatureConfig:
+    """The run's FeatureConfig (custom_config "features"; the defaults when absent)."""
+    return config_from(fn_args, FEATURES_KEY, F.FeatureConfig)
+
+
 def pipeline_schema(fn_args):
     """(schema, path): the pipeline's Schema artifact (`fn_args.schema_path`, given by the Trainer's
     `schema` channel), or the packaged schema when the Trainer has none. Parse specs and serving

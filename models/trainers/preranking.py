@@ -45,6 +45,7 @@ from models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_fl
 from models.retrieval import adapt_towers
 from models.trainers import common
 from models.trainers.list_data import candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
+from schema import features as F
 
 CONFIG_KEY = "preranking"
 
@@ -67,11 +68,11 @@ class PrerankingTrainerConfig:
     seed: int = 0
 
 
-def build_model(config: PrerankingTrainerConfig) -> HAPPreranker:
+def build_model(config: PrerankingTrainerConfig, features: F.FeatureConfig = F.FeatureConfig()) -> HAPPreranker:
     light = LightPreranker(config.embedding_dim, config.light_tower_units, config.light_output_dim,
-                           config.light_head_units, name="light")
+                           config.light_head_units, features.sparse_features(), name="light")
     strong = StrongRanker(config.embedding_dim, config.strong_cross_layers, config.strong_projection_dim,
-                          config.strong_hidden_units, name="strong")
+                          config.strong_hidden_units, features.sparse_features(), name="strong")
     return HAPPreranker(light, strong, top_m=config.top_m, kind=config.kind)
 
 
@@ -116,7 +117,7 @@ def run_fn(fn_args) -> None:
     config = common.config_from(fn_args, CONFIG_KEY, PrerankingTrainerConfig)
     logging.info("Training HAP with %s", config)
     tf.keras.utils.set_random_seed(config.seed)
-    model = build_model(config)
+    model = build_model(config, common.feature_config(fn_args))
     list_size = list_size_of_splits(fn_args)
     adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, list_size))
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))

@@ -51,6 +51,7 @@ from models.metrics import requests_without_gt, stage_recall
 from models.trainers import common
 from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       load_lists, save_with_warmup)
+from schema import features as F
 
 CONFIG_KEY = "retrieval"
 
@@ -137,14 +138,16 @@ def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, 
     }
 
 
-def build_model(config: RetrievalTrainerConfig, train: Mapping[str, np.ndarray]):
+def build_model(config: RetrievalTrainerConfig, train: Mapping[str, np.ndarray],
+                features: F.FeatureConfig = F.FeatureConfig()):
     """(compiled model with adapted towers, training pairs, batch size, sampled negatives or None) for
     the train request lists: what `run_fn` fits, and what bench/stage_throughput.py times."""
     pairs = R.retrieval_pairs(train, config.batch_size)
     batch_size = min(config.batch_size, len(pairs["sampling_probability"]))
     if batch_size != config.batch_size:
         pairs = R.retrieval_pairs(train, batch_size)
-    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim)
+    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim,
+                             sparse_features=features.sparse_features())
     R.adapt_towers([model.query_tower, model.item_tower], train)
     negatives = (R.UniformNegatives(R.item_corpus_from_lists(train), config.num_negatives, config.seed)
                  if config.num_negatives else None)
@@ -170,7 +173,7 @@ def run_fn(fn_args) -> None:
     train = load_lists(fn_args.train_files, list_size)
     evals = load_lists(fn_args.eval_files, list_size)
     corpus = R.item_corpus_from_lists(train, evals)
-    model, pairs, batch_size, negatives = build_model(config, train)
+    model, pairs, batch_size, negatives = build_model(config, train, common.feature_config(fn_args))
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
     model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)

@@ -37,7 +37,7 @@ def run_fn(fn_args) -> None:
     tf.keras.utils.set_random_seed(config.lspr_seed)
     train = inputs.parsed_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema),
                                   shuffle_seed=0, exposed_only=True)
-    model = ranker.FactoryFloorRanker(config)
+    model = ranker.FactoryFloorRanker(config, common.feature_config(fn_args))
     model.adapt(train)
     model.compile()
     model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
