@@ -41,7 +41,8 @@ class InitReport:
     """What `infer` inferred and found, for the console and the config's comments."""
 
     rows: int
-    features: List[str]
+    features: List[str]  # the data's own
+    added: List[str]  # the optional features the components add, declared as the packaged schema does
     id_like: Dict[str, int]  # feature → its value range (ints) or distinct values (bytes)
     nan_features: List[str]  # float features with NaN in the data (left allowed)
     missing_model_inputs: List[str]
@@ -49,6 +50,8 @@ class InitReport:
 
     def lines(self) -> List[str]:
         out = [f"{self.rows:,} train rows, {len(self.features)} features: {', '.join(self.features)}"]
+        if self.added:
+            out.append("declared for the pipeline's components (not in the data): " + ", ".join(self.added))
         if self.id_like:
             out.append("look like ids (embed by hashing or a vocabulary): " + ", ".join(
                 f"{name} ({n:,} values)" for name, n in sorted(self.id_like.items())))
@@ -107,12 +110,13 @@ def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatis
             id_like[feature.name] = _id_span(feature, st)
         if feature.name in labels and "SERVING" not in feature.not_in_environment:
             feature.not_in_environment.append("SERVING")
+    names = [f.name for f in schema.feature]  # the data's own features
     packaged = {f.name: f for f in F.load_schema().feature}
-    for name in F.missing_pipeline_features(schema):  # the features the components add, as the package declares them
+    added = list(F.missing_pipeline_features(schema))
+    for name in added:  # the features the components add, as the package declares them
         schema.feature.add().CopyFrom(packaged[name])
-    names = [f.name for f in schema.feature]
     rows = int(stats.datasets[0].num_examples)
-    return InitReport(rows=rows, features=names, id_like=id_like, nan_features=nan_features,
+    return InitReport(rows=rows, features=names, added=added, id_like=id_like, nan_features=nan_features,
                       missing_model_inputs=[n for n in F.MODEL_INPUTS if n not in names],
                       not_read=[n for n in names if n not in F.MODEL_INPUTS and n not in labels
                                 and n not in (F.REQUEST_ID_KEY, F.REQUEST_TIME_KEY)])

@@ -52,6 +52,9 @@ def test_init_infers_a_schema_with_the_packages_types_domains_and_environments(d
     for name in ("hour", "device", "ui_position", "ui_format", "item_category", "request_id", "request_time"):
         assert f"{name} (" not in id_line, name
     assert "every one is disallow_nan" in out and "wrote" in out.strip().splitlines()[-1]
+    first = out.splitlines()[1]  # after the "computing TFDV statistics" line
+    assert "teacher_logit" not in first and "true_ctr" in first  # the data's own features
+    assert "declared for the pipeline's components (not in the data): propensity_score, teacher_logit" in out
 
 
 def test_the_starter_config_runs_the_pipeline_inputs_check_and_the_schema_accepts_the_eval_split(data, tmp_path, capsys):
