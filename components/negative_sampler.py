@@ -710,10 +710,6 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
         output.set_string_custom_property(SCHEMA_PATH_PROPERTY, schema_path)
         output.set_int_custom_property("list_size", config.list_size)
-        if counters.get("requests_truncated"):
-            print(f"NegativeSampler: {counters['requests_truncated']} requests had more candidates than the list "
-                  f"size {config.list_size}: {counters['candidates_truncated']} rows cut ({TRUNCATION_RULE}), "
-                  f"in the dead letters at {dead.uri}", flush=True)
         warnings = data_warnings(data_counts(counters))
         if warnings:
             print(f"NegativeSampler: warning: {'; '.join(warnings)} (dead letters: {dead.uri})", flush=True)

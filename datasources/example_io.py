@@ -241,8 +241,14 @@ def check_split_readable(split_dir: str, schema=None, type_check_records: Option
     return records
 
 
-def find_type_errors(examples_dir: str, schema, splits=("train", "eval")) -> None:
-    """`check_split_readable` over every record of every split (after a pipeline failed on a record
-    beyond the pre-flight sample): raises the InputError naming the file, record and feature."""
+def check_examples_dir(examples_dir: str, schema=None, type_check_records: Optional[int] = None,
+                       splits=("train", "eval")) -> None:
+    """`check_split_readable` on each split of an Examples directory."""
     for split in splits:
-        check_split_readable(os.path.join(examples_dir, f"Split-{split}"), schema, type_check_records=2 ** 62)
+        check_split_readable(os.path.join(examples_dir, f"Split-{split}"), schema, type_check_records)
+
+
+def find_type_errors(examples_dir: str, schema) -> None:
+    """`check_examples_dir` over every record (after a pipeline failed on a record beyond the
+    pre-flight sample): raises the InputError naming the file, record and feature."""
+    check_examples_dir(examples_dir, schema, type_check_records=2 ** 62)

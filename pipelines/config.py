@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from components.evaluation import EvaluatorConfig
 from components.sampling import SamplerConfig
-from datasources.example_io import InputError, check_split_readable
+from datasources.example_io import InputError, check_examples_dir
 from datasources.synthetic import SyntheticConfig
 from models.config import ConfigError, merge, to_dict
 from models.ranker_config import RankerConfig
@@ -135,9 +135,7 @@ class PipelineConfig:
         the data; the local runner calls this once per run."""
         if self.source != "examples" or "://" in (self.examples_dir or ""):
             return
-        schema = self.local_schema()
-        for split in ("train", "eval"):
-            check_split_readable(os.path.join(self.examples_dir, f"Split-{split}"), schema)
+        check_examples_dir(self.examples_dir, self.local_schema())
 
     def local_schema(self):
         """The run's schema (`schema_file`, default the packaged one) when it is a local file, else

@@ -143,20 +143,17 @@ def _write_atomically(path: str, text: str) -> None:
 def check_inputs_and_outputs(examples_dir: str, out_dir: str, overwrite: bool = False) -> Dict[str, str]:
     """Checks the Examples directory (`check_split_readable`) and that the output files may be
     written; returns their paths. Raises InputError naming the problem."""
-    from datasources.example_io import InputError, check_split_readable, why_not_writable
+    from datasources.example_io import InputError, check_examples_dir
+    from pipelines.run_log import check_writable
 
     if not os.path.isdir(examples_dir):
         raise InputError(f"data path {examples_dir} does not exist")
-    for split in ("train", "eval"):
-        check_split_readable(os.path.join(examples_dir, f"Split-{split}"))
+    check_examples_dir(examples_dir)
     paths = {name: os.path.join(out_dir, name) for name in (SCHEMA_FILE, CONFIG_FILE)}
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise InputError(f"{', '.join(existing)} exist (pass --overwrite)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"output directory {out_dir} is not writable: {why_not_writable(out_dir, e)}") from None
+    check_writable(out_dir)
     return paths
 
 
