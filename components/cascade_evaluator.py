@@ -51,7 +51,8 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from tfx.utils import io_utils, path_utils
 
 from components import evaluation, record_io
-from components.negative_sampler import data_counts
+from components.negative_sampler import FEATURES_PROPERTY, data_counts
+from models.config import config_from_dict
 from components.evaluation import BASELINE_INPUTS, RANKING_INPUT, STAGE_INPUTS, STAGES, EvaluatorConfig
 from schema import features as F
 
@@ -60,8 +61,8 @@ SCORED_ROWS_PREFIX = "scored_rows"
 SCORE_OUTPUT_KEYS = ("score", "ctr", "scores", "logit")
 # The component output with each stage's ModelBlessing.
 BLESSING_OUTPUTS = {"retrieval": "retrieval_blessing", "preranking": "preranking_blessing", "ranking": "blessing"}
-_ROW_FIELDS = ("request_id", "item_id", "click", "ui_position", "stage", "true_ctr")
-_REQUIRED_ROW_FIELDS = _ROW_FIELDS[:-1]  # true_ctr is optional
+_ROW_FIELDS = ("request_id", "click", "ui_position", "stage", "true_ctr")  # the metrics' keys, whatever the registry
+_REQUIRED_ROW_FIELDS = (F.REQUEST_ID_KEY, F.LABEL_KEY)  # stage, ui_position and true_ctr are optional
 
 # (scored column, signature, output key): what one model input contributes to a scored row.
 ScoreColumn = Tuple[str, str, str]
@@ -72,10 +73,14 @@ class MissingOutputError(ValueError):
 
 
 def _row_spec(shape) -> Dict[str, tf.io.FixedLenFeature]:
-    """Parse spec of the row fields (true_ctr −1 when the data does not know it)."""
+    """Parse spec of the row fields (true_ctr −1 when the data does not know it; logs without tiers
+    have no stage, "" here, and may have no ui_position: `F.SHOWN_WITHOUT_POSITION`)."""
     dtypes = {"stage": tf.string, "true_ctr": tf.float32}
     spec = {name: tf.io.FixedLenFeature(shape, dtypes.get(name, tf.int64)) for name in _ROW_FIELDS}
     spec["true_ctr"] = tf.io.FixedLenFeature(shape, tf.float32, default_value=np.full(shape, -1.0).tolist())
+    spec["stage"] = tf.io.FixedLenFeature(shape, tf.string, default_value=np.full(shape, "", dtype=object).tolist())
+    spec[F.SHOWN_KEY] = tf.io.FixedLenFeature(shape, tf.int64, default_value=np.full(
+        shape, F.SHOWN_WITHOUT_POSITION, dtype=np.int64).tolist())
     return spec
 
 
@@ -142,6 +147,8 @@ class _ScoreBatch(beam.DoFn):
         for i in range(len(batch)):
             self._scored.inc()
             feature = {k: rows[k][i] for k in _ROW_FIELDS}
+            if not feature["stage"]:  # a log without tiers: the ground truth is the click
+                feature["stage"] = F.tier_without_stage(feature["click"]).encode()
             feature.update({f"score/{column}": float(values[i]) for column, values in scores.items()})
             yield _scored_example(feature).SerializeToString(deterministic=True)
 
@@ -297,7 +304,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         metrics["counters"] = counters
         lists = _present(input_dict, "request_lists")
         if lists is not None:
-            metrics["data_counts"] = data_counts(record_io.read_metrics(lists.uri))
+            registry = (config_from_dict(F.FeatureConfig, json.loads(lists.get_string_custom_property(FEATURES_PROPERTY)))
+                        if lists.has_custom_property(FEATURES_PROPERTY) else F.DEFAULT)
+            metrics["data_counts"] = data_counts(record_io.read_metrics(lists.uri), registry)
         ctr_blessed, ctr_message = ctr_verdict(_present(input_dict, "ctr_blessing"), stage_models["ranking"])
         verdicts = evaluation.bless_stages(metrics, config, ctr_blessed, ctr_message, notes)
         for stage, verdict in verdicts.items():
@@ -338,7 +347,7 @@ class CascadeEvaluator(base_beam_component.BaseBeamComponent):
         super().__init__(spec=spec)
 
 
-def tfma_eval_config(config: EvaluatorConfig = EvaluatorConfig()) -> tfma.EvalConfig:
+def tfma_eval_config(config: EvaluatorConfig = EvaluatorConfig(), features: F.FeatureConfig = F.DEFAULT) -> tfma.EvalConfig:
     """The standard TFX Evaluator's EvalConfig for the ranker's CTR on the shown eval rows.
 
     Model specs `candidate` and `baseline` (is_baseline), both scored by `config.ctr_output`
@@ -366,8 +375,10 @@ reported, not gated). Without a baseline model TFX's Evaluator
                 preprocessing_function_names=[])
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(name="candidate", **spec), tfma.ModelSpec(name="baseline", is_baseline=True, **spec)],
-        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=["ui_position"]),
-                       tfma.SlicingSpec(feature_keys=["ui_format"]), tfma.SlicingSpec(feature_keys=["stage"])],
+        # Slices: overall, each univalent UI id of the registry, and the tier (rows without one,
+        # a log without tiers, fall in no tier slice).
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f.name]) for f in features.of_role("ui")
+                                              if f.kind == "id"] + [tfma.SlicingSpec(feature_keys=[F.STAGE_KEY])],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[overall(auc)]),

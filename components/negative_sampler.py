@@ -9,6 +9,16 @@ A Beam component (DESIGN §6 step 3). For each request it
   5. writes it to the `train` or `eval` split: the input's split ("keep"), a hash of the
      request id ("hash"), or the latest `eval_fraction` of requests by time ("time").
 
+The columns it decodes and packs derive from the run's feature registry (`schema.features.
+FeatureConfig`, the exec param "features"): the request-level features of a list are the registry's
+query-side inputs, its candidate features the item-side and UI inputs, of any number and kind (id
+int64 or string, multivalent ids up to `width`, dense of `width` floats); the item corpus keys on
+`features.item_key` and stores the other item-side inputs. Besides them it reads request_id,
+request_time, click, ui_position (`F.SHOWN_KEY`: > 0 = shown), stage and the float columns by
+name. stage and ui_position are optional (a log without tiers, an impression log): a row without a
+stage is ground truth when clicked (`F.tier_without_stage`), a row without ui_position was shown. The registry must match the schema
+(`FeatureConfig.check_schema`; the component fails with its one-line message).
+
 The features are typed, and the required ones (presence min_fraction 1.0) named, by the pipeline's
 Schema artifact (the optional `schema` input; without it, the packaged `schema/schema.pbtxt`). The
 schema travels to the Beam workers inside the DoFns (serialized), and the path read is recorded as
@@ -27,9 +37,10 @@ holds; the component fails when bad records exceed `max_bad_fraction`. Beam coun
 `negative_sampler`) count what was read, kept, dropped (per reason), reweighted and written; they
 are saved in `metrics.json` and as custom properties of the `request_lists` artifact;
 `shown_rows_eval` counts the rows written to `shown_rows`. Counters of what the models will change
-without a trace in the data: `nan_values_<dense feature>` (read as 0), `ids_folded_<sparse
-feature>` (ids outside [0, num_buckets)), and `requests_without_ground_truth` (also per input
-split); `data_counts` gathers them into the block a run prints.
+without a trace in the data: `nan_values_<dense feature>` (read as 0), `ids_folded_<int64 id
+feature>` (ids outside [0, num_buckets)), `values_cut_<multivalent feature>` (values beyond its
+width, cut in the lists), and `requests_without_ground_truth` (also per input split);
+`data_counts` gathers them into the block a run prints.
 
 Pipeline, laid out for DirectRunner's multi-processing mode, where each split's (gzipped, so
 unsplittable) file is read by a single worker and only the stages after a shuffle are spread
@@ -49,6 +60,7 @@ The output is the same bytes as the row-based reference (`sampling.sample_reques
 every order is fixed by sorting (input split, item id, raw bytes), never by arrival order.
 `bench/component_throughput.py` measures its rows/s in each runner mode.
 """
+import functools
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -64,7 +76,7 @@ from tfx.utils import io_utils
 from tfx_bsl.coders import example_coder
 
 from components import record_io
-from components.sampling import (FLOAT_COLUMNS, ITEM_FEATURES, ROW_DEFAULTS, ItemCorpus, SamplerConfig,
+from components.sampling import (FLOAT_COLUMNS, ROW_DEFAULTS, ItemCorpus, SamplerConfig, item_features,
                                  request_split_by_hash, sample_request_columns)
 from models.config import config_from_dict, to_dict
 from schema import features as F
@@ -74,6 +86,7 @@ NAMESPACE = "negative_sampler"
 LAYOUT_PROPERTY = "layout"
 REQUEST_LIST_LAYOUT = "request_list"
 SCHEMA_PATH_PROPERTY = "schema_path"
+FEATURES_PROPERTY = "features"  # the registry the lists were packed with (FeatureConfig as JSON)
 SHOWN_ROWS_SPLIT = "eval"
 
 
@@ -163,26 +176,69 @@ class _KeyByRequest(beam.DoFn):
                 yield request_id, (self._split_index, raw)
 
 
-SCALAR_INT_COLUMNS = RL.REQUEST_INT_FEATURES + ("item_id", "item_category", "ui_position", "ui_format", "click")
-FIXED_SIZE_COLUMNS = {"user_dense": 4, "item_dense": RL.ITEM_DENSE_SIZE}
-RAGGED_COLUMNS = {"query_tokens": 1, "item_tags": 0}  # name → fewest values a row may have
-DECODED_FEATURES = SCALAR_INT_COLUMNS + tuple(FIXED_SIZE_COLUMNS) + tuple(RAGGED_COLUMNS) + ("stage",) + FLOAT_COLUMNS
+def decoded_keys(features: F.FeatureConfig = F.DEFAULT) -> Tuple[str, ...]:
+    """The features the sampler decodes beside the registry's inputs: the request keys, ui_position
+    (when not an input), click, stage and the float columns (typed as the packaged schema types them)."""
+    shown = () if F.SHOWN_KEY in features.model_inputs else (F.SHOWN_KEY,)
+    return RL.REQUEST_KEYS + shown + (F.LABEL_KEY, F.STAGE_KEY) + FLOAT_COLUMNS
+
+
+def decoded_features(features: F.FeatureConfig = F.DEFAULT) -> Tuple[str, ...]:
+    """Every feature the sampler decodes: the registry's inputs and `decoded_keys`."""
+    return features.model_inputs + decoded_keys(features)
+
+
+DECODED_FEATURES = decoded_features(F.DEFAULT)
+INTERNAL_COLUMNS = ("tier", "input_split")  # columns of a decoded request beside the features
+
+
+def check_registry(features: F.FeatureConfig) -> None:
+    """Raises ValueError (one line) for a registry the sampler cannot decode: ui_position declared
+    other than as an int64 id (the shown indicator), or a name that clashes with a column of the
+    decoded requests (`INTERNAL_COLUMNS`, the `<name>_values`/`<name>_offsets` of a multivalent input)."""
+    inputs = features.resolved()
+    if F.SHOWN_KEY in features.model_inputs:
+        shown = features.feature(F.SHOWN_KEY)
+        if shown.kind != "id" or shown.is_string:
+            raise ValueError(f"features: {F.SHOWN_KEY} is the shown indicator, an int64 id; declared {shown.kind} "
+                             f"{shown.dtype}")
+    taken = set(INTERNAL_COLUMNS) | {f"{f.name}{suffix}" for f in inputs if f.multivalent
+                                     for suffix in ("_values", "_offsets")}
+    clashes = sorted(f.name for f in inputs if f.name in taken)
+    if clashes:
+        raise ValueError(f"features: {', '.join(clashes)} clashes with a column the NegativeSampler decodes")
 
 
 class CandidateDecoder:
     """Serialized candidate rows → numpy columns (`components.sampling`'s columnar layout) with
     tfx_bsl's C++ Example→Arrow decoder, and the reasons of the rows that cannot be used.
 
-    `schema` types the features and names the required ones (`_required_features`); the decoder
-    reads `DECODED_FEATURES` and the required features beyond them. A row is bad when it does not
-    decode, misses a required feature, has the wrong number of values for a scalar or fixed-size
-    feature, or names an unknown stage tier.
+    The columns derive from the registry `features`: each id input (int64, or bytes for a string
+    id), each dense input [n, width] float32, each multivalent input as `<name>_values` (all of a
+    row's values: `pack_request_list` cuts them to the width) and `<name>_offsets`, besides the
+    `decoded_keys`. `schema` types the features and names the required ones
+    (`_required_features`); the decoder reads `decoded_features(features)` and the required
+    features beyond them. A row is bad when it does not decode, misses a required feature, has the
+    wrong number of values for a scalar or dense feature (the reason names it), has no value for
+    a query-side multivalent feature, or names an unknown stage tier.
     """
 
-    def __init__(self, schema: schema_pb2.Schema):
+    def __init__(self, schema: schema_pb2.Schema, features: F.FeatureConfig = F.DEFAULT):
+        check_registry(features)
         self._schema = schema
         self._required = _required_features(schema)
-        self._features = DECODED_FEATURES + tuple(name for name in self._required if name not in DECODED_FEATURES)
+        inputs = features.resolved()
+        # A row without ui_position was shown (a log without positions: `F.SHOWN_WITHOUT_POSITION`).
+        defaults = {F.SHOWN_KEY: F.SHOWN_WITHOUT_POSITION}
+        self._scalars = ([(name, 0) for name in RL.REQUEST_KEYS]
+                         + [(f.name, defaults.get(f.name, f.pad_value)) for f in inputs if f.kind == "id"]
+                         + [(name, defaults.get(name, 0)) for name in decoded_keys(features)
+                            if name in (F.SHOWN_KEY, F.LABEL_KEY)])
+        self._dense = {f.name: f.width for f in inputs if f.is_dense}
+        # name → (fewest values a row may have, dtype): a query-side list has at least one value
+        self._ragged = {f.name: (1 if f.role == "query" else 0, f.np_dtype) for f in inputs if f.multivalent}
+        decoded = decoded_features(features)
+        self._features = decoded + tuple(name for name in self._required if name not in decoded)
         self._decoder = _decoder_of(schema, self._features)
 
     def _decode(self, raws: List[bytes]):
@@ -214,8 +270,9 @@ class CandidateDecoder:
 
         cols: Dict[str, np.ndarray] = {}
         lists = {}
+        names = set(batch.schema.names) if batch is not None else set()
         for name in self._features:
-            column = batch.column(name) if batch is not None else None
+            column = batch.column(name) if name in names else None  # a feature the schema lacks: absent
             offsets = column.offsets.to_numpy() if column is not None else np.zeros(n + 1, dtype=np.int64)
             values = column.values.to_numpy(zero_copy_only=False) if column is not None else np.zeros(0)
             if column is None:
@@ -239,17 +296,18 @@ class CandidateDecoder:
             offsets, values, present, lengths = lists[name]
             ok = present & (lengths > 0)
             if not values.size:
-                return np.full(n, default, dtype=np.float64 if isinstance(default, float) else np.int64), ok
+                dtype = np.float64 if isinstance(default, float) else object if isinstance(default, bytes) else np.int64
+                return np.full(n, default, dtype=dtype), ok
             return np.where(ok, values[np.where(ok, offsets[:-1], 0)], default), ok
 
-        for name in SCALAR_INT_COLUMNS:
-            cols[name], ok = first_values(name, 0)
-            cols[name] = cols[name].astype(np.int64)
+        for name, default in self._scalars:
+            value, ok = first_values(name, default)
+            cols[name] = value.astype(object if isinstance(default, bytes) else np.int64)
             flag(lists[name][2] & ~ok, f"{name} has no value")
         for name in FLOAT_COLUMNS:
             value, _ = first_values(name, ROW_DEFAULTS[name])
             cols[name] = value.astype(np.float64)
-        for name, size in FIXED_SIZE_COLUMNS.items():
+        for name, size in self._dense.items():
             offsets, values, present, lengths = lists[name]
             wrong = present & (lengths != size)
             flag(wrong, f"{name} needs {size} values")
@@ -258,13 +316,15 @@ class CandidateDecoder:
             if ok.size:
                 dense[ok] = values[offsets[ok][:, None] + np.arange(size)]
             cols[name] = dense
-        for name, fewest in RAGGED_COLUMNS.items():
+        for name, (fewest, dtype) in self._ragged.items():
             offsets, values, present, lengths = lists[name]
             flag(present & (lengths < fewest), f"{name} has no value")
-            cols[f"{name}_values"] = values.astype(np.int64)
+            cols[f"{name}_values"] = values.astype(dtype)
             cols[f"{name}_offsets"] = offsets.astype(np.int64)
         offsets, values, present, lengths = lists["stage"]
-        tier = np.full(n, -1, dtype=np.int64)
+        # A row without a stage (a log without tiers) is ground truth when clicked (`F.tier_without_stage`).
+        tier = np.where(cols[F.LABEL_KEY] > 0, RL.TIER_INDEX[F.tier_without_stage(1)],
+                        RL.TIER_INDEX[F.tier_without_stage(0)]).astype(np.int64)
         for k in np.flatnonzero(present & (lengths > 0)).tolist():
             tier[k] = TIER_BY_NAME.get(values[offsets[k]], -1)
         flag(present & (tier < 0), "unknown stage tier")
@@ -284,36 +344,53 @@ BUCKETS_PREFIX = "buckets_"  # + a sparse feature: the bucket count the run's mo
 FOLDED_PREFIX = "ids_folded_"  # + a sparse feature: its ids outside [0, num_buckets), folded by id mod num_buckets
 
 
-def value_counts(cols: Dict[str, np.ndarray],
-                 sparse_features: Tuple[F.SparseFeature, ...] = F.SPARSE_FEATURES) -> Dict[str, int]:
-    """What the models will change in the decoded rows `cols`, per feature: NaN values of each dense
-    feature (`NAN_PREFIX`; the embedding reads them as 0, `models.embedding`) and ids outside
-    [0, num_buckets) of each sparse feature (`FOLDED_PREFIX`; folded into the buckets, so two ids
-    share an embedding). `schema.features` names the features and their bucket counts."""
+CUT_PREFIX = "values_cut_"  # + a multivalent feature: values beyond its width, cut when packed
+
+
+def value_counts(cols: Dict[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, int]:
+    """What the models will change in the decoded rows `cols`, per feature of the registry
+    `features`: NaN values of each dense feature (`NAN_PREFIX`; the embedding reads them as 0,
+    `models.embedding`), ids outside [0, buckets) of each int64 id feature (`FOLDED_PREFIX`; folded
+    into the buckets, so two ids share an embedding; string ids are hashed, never folded) and the
+    values of each multivalent feature beyond its width (`CUT_PREFIX`; request lists cut them)."""
     out = {}
-    for feature in F.DENSE_FEATURES:
-        if feature.name in cols:
-            out[NAN_PREFIX + feature.name] = int(np.isnan(cols[feature.name]).sum())
-    for feature in sparse_features:
-        values = cols.get(f"{feature.name}_values" if feature.multivalent else feature.name)
-        if values is not None:
-            out[FOLDED_PREFIX + feature.name] = int(((values < 0) | (values >= feature.num_buckets)).sum())
+    for f in features.resolved():
+        if f.is_dense:
+            if f.name in cols:
+                out[NAN_PREFIX + f.name] = int(np.isnan(cols[f.name]).sum())
+            continue
+        values = cols.get(f"{f.name}_values" if f.multivalent else f.name)
+        if values is None:
+            continue
+        if not f.is_string:
+            out[FOLDED_PREFIX + f.name] = int(((values < 0) | (values >= f.buckets)).sum())
+        if f.multivalent:
+            out[CUT_PREFIX + f.name] = int(np.maximum(np.diff(cols[f"{f.name}_offsets"]) - f.width, 0).sum())
     return out
+
+
+def _is_values(cols: Dict[str, np.ndarray], name: str) -> bool:
+    """Whether column `name` is the values of a multivalent feature (beside its `_offsets`)."""
+    return name.endswith("_values") and f"{name[:-len('_values')]}_offsets" in cols
+
+
+def _is_offsets(cols: Dict[str, np.ndarray], name: str) -> bool:
+    return name.endswith("_offsets") and f"{name[:-len('_offsets')]}_values" in cols
 
 
 def select_rows(cols: Dict[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
     """The rows `index` (in that order) of a columnar request."""
     out = {}
     for name, value in cols.items():
-        if name.endswith("_offsets"):
+        if _is_offsets(cols, name):
             continue
-        if name.endswith("_values"):
+        if _is_values(cols, name):
             base = name[: -len("_values")]
             offsets = cols[f"{base}_offsets"]
             starts, ends = offsets[index], offsets[index + 1]
             out[f"{base}_offsets"] = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
             out[name] = (np.concatenate([value[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
-                         if index.size else value[:0]).astype(np.int64)
+                         if index.size else value[:0]).astype(value.dtype, copy=False)
         else:
             out[name] = value[index]
     return out
@@ -323,9 +400,9 @@ def slice_rows(cols: Dict[str, np.ndarray], start: int, stop: int) -> Dict[str, 
     """The contiguous rows [start, stop) of a columnar batch (cheap: views, offsets rebased)."""
     out = {}
     for name, value in cols.items():
-        if name.endswith("_offsets"):
+        if _is_offsets(cols, name):
             continue
-        if name.endswith("_values"):
+        if _is_values(cols, name):
             base = name[: -len("_values")]
             offsets = cols[f"{base}_offsets"][start:stop + 1]
             out[name] = value[offsets[0]:offsets[-1]]
@@ -338,17 +415,18 @@ def slice_rows(cols: Dict[str, np.ndarray], start: int, stop: int) -> Dict[str, 
 class _DecodeRequests(beam.DoFn):
     """Batches of requests' raw rows (after the shuffle, so this runs on every worker) → one
     element per request: (request_id, (its columns, the raw bytes of its shown rows)), both in a
-    deterministic order (input split, item id, raw bytes). Also emits, per batch, (item_id, (count,
-    features)) for the item corpus, and each request's time for the time split. Bad rows go to the
-    dead-letter output; so does, under split="keep", a request that spans input splits. A batch is
-    decoded by one call of the C++ decoder, built in `setup` from the serialized schema `schema`."""
+    deterministic order (input split, item id, raw bytes). Also emits, per batch, (item id, (count,
+    item features)) for the item corpus (the registry's `item_features`, in its order), and each
+    request's time for the time split. Bad rows go to the dead-letter output; so does, under
+    split="keep", a request that spans input splits. A batch is decoded by one call of the C++
+    decoder, built in `setup` from the serialized schema `schema` and the registry `features`."""
 
     def __init__(self, schema: bytes, config: SamplerConfig, split_names: Tuple[str, ...],
-                 sparse_features: Tuple[F.SparseFeature, ...] = F.SPARSE_FEATURES):
+                 features: F.FeatureConfig = F.DEFAULT):
         self._schema_bytes = schema
         self._config = config
         self._split_names = split_names
-        self._sparse_features = tuple(sparse_features)
+        self._features = features
         self._decoder = None
         self._parsed = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
         self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
@@ -362,7 +440,21 @@ class _DecodeRequests(beam.DoFn):
         self._counters[name].inc(n)
 
     def setup(self):
-        self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes))
+        self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes), self._features)
+
+    def _item_features(self, request: Dict[str, np.ndarray]) -> List[Tuple]:
+        """Each row's item features (`item_features` of the registry, in its order) as a tuple:
+        an id as it is, a list of ids (all of them) or a dense vector as a tuple."""
+        per_feature = []
+        for f in item_features(self._features):
+            if f.multivalent:
+                offsets, values = request[f"{f.name}_offsets"].tolist(), request[f"{f.name}_values"].tolist()
+                per_feature.append([tuple(values[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+            elif f.is_dense:
+                per_feature.append([tuple(v) for v in request[f.name].tolist()])
+            else:
+                per_feature.append(request[f.name].tolist())
+        return list(zip(*per_feature)) if per_feature else [()] * int(request["tier"].size)
 
     def process(self, batch):
         raws: List[bytes] = []
@@ -380,20 +472,21 @@ class _DecodeRequests(beam.DoFn):
             self._bad.inc()
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws[i], reason))
         self._parsed.inc(int(rows.size))
-        for name, count in value_counts(cols, self._sparse_features).items():
+        for name, count in value_counts(cols, self._features).items():
             if count:
                 self._inc(name, count)
         bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
         all_splits = np.asarray(splits, dtype=np.int64)[rows]
         good_raws = [raws[i] for i in rows.tolist()]
-        items: Dict[int, list] = {}
+        items: Dict[Any, list] = {}
+        key = self._features.item_key
         for k, request_id in enumerate(request_ids):
             a, b = bounds[k], bounds[k + 1]
             if a == b:
                 continue
             request = slice_rows(cols, a, b)
             request_splits = all_splits[a:b]
-            order = np.lexsort((request["item_id"], request_splits))  # stable: ties keep the raw-bytes order
+            order = np.lexsort((request[key], request_splits))  # stable: ties keep the raw-bytes order
             request, request_splits = select_rows(request, order), request_splits[order]
             raws_of = [good_raws[a + i] for i in order.tolist()]  # the request's raw rows, in its order
             self._requests.inc()
@@ -408,25 +501,22 @@ class _DecodeRequests(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
                         raw, f"request {request_id} spans input splits {names}"))
                 continue
-            if request["item_id"].size > self._config.list_size:
-                keep = truncation_order(request)[:self._config.list_size]
-                cut = np.setdiff1d(np.arange(request["item_id"].size), keep)
+            size = int(request["tier"].size)
+            if size > self._config.list_size:
+                keep = truncation_order(request, key)[:self._config.list_size]
+                cut = np.setdiff1d(np.arange(size), keep)
                 self._inc("requests_truncated")
                 self._inc("candidates_truncated", int(cut.size))
-                reason = (f"request {request_id} has {request['item_id'].size} candidates, more than the list size "
+                reason = (f"request {request_id} has {size} candidates, more than the list size "
                           f"{self._config.list_size}: cut ({TRUNCATION_RULE})")
                 for i in cut.tolist():
                     yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws_of[i], reason))
                 keep = np.sort(keep)  # the kept rows stay in the request's order
                 request, raws_of = select_rows(request, keep), [raws_of[i] for i in keep.tolist()]
                 request_splits = request_splits[keep]
-            shown = [raw for raw, position in zip(raws_of, request["ui_position"].tolist()) if position > 0]
+            shown = [raw for raw, position in zip(raws_of, request[F.SHOWN_KEY].tolist()) if position > 0]
             request["input_split"] = request_splits[:1]
-            tag_offsets = request["item_tags_offsets"].tolist()
-            tags = request["item_tags_values"].tolist()
-            for j, (item, category, dense) in enumerate(zip(request["item_id"].tolist(), request["item_category"].tolist(),
-                                                            request["item_dense"].tolist())):
-                features = (category, tuple(tags[tag_offsets[j]:tag_offsets[j + 1]]), tuple(dense))
+            for item, features in zip(request[key].tolist(), self._item_features(request)):
                 entry = items.get(item)
                 if entry is None:
                     items[item] = [1, features]
@@ -444,12 +534,13 @@ ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
 TRUNCATION_RULE = "keeps the shown rows by position, then the best tiers first, by item id within a tier"
 
 
-def truncation_order(request: Dict[str, np.ndarray]) -> np.ndarray:
+def truncation_order(request: Dict[str, np.ndarray], item_key: str = F.ITEM_KEY) -> np.ndarray:
     """The order in which an over-long request keeps its rows (`TRUNCATION_RULE`): shown rows by
-    ui_position, then the unshown ones by tier (best first) and item id."""
-    position = request["ui_position"]
+    ui_position (`F.SHOWN_KEY`), then the unshown ones by tier (best first) and item id (the
+    column `item_key`: int64 or bytes)."""
+    position = request[F.SHOWN_KEY]
     shown = position > 0
-    return np.lexsort((request["item_id"], request["tier"], np.where(shown, position, np.iinfo(np.int64).max), ~shown))
+    return np.lexsort((request[item_key], request["tier"], np.where(shown, position, np.iinfo(np.int64).max), ~shown))
 
 
 # The counters of rows a run read but did not turn into list candidates, each with its dead letters:
@@ -473,25 +564,33 @@ DIVERTED_LABELS = {"records_bad": "bad records", "candidates_diverted_split": "r
                    "candidates_truncated": "rows cut from over-long requests"}
 
 
-def data_counts(counters: Dict[str, int]) -> Dict[str, Any]:
+def data_counts(counters: Dict[str, int], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, Any]:
     """The counts a user sees at the end of a run (`pipelines.report.counts_block`) and that the
     CascadeEvaluator writes into its evaluation, from the sampler's counters: rows read, used in the
     request lists and diverted (by reason), requests without a ground-truth candidate (per input
-    split; the recall metrics leave them out), NaN values read as 0 per dense feature, and ids
-    folded per sparse feature with its bucket count. rows_read = rows_used + Σ rows_diverted."""
+    split; the recall metrics leave them out), NaN values read as 0 per dense feature, ids folded
+    per sparse feature with its bucket count (features of the run's registry `features`), and
+    values cut per multivalent feature with its width (only those with cuts: "values_cut").
+    rows_read = rows_used + Σ rows_diverted."""
     splits = {name[len(REQUESTS_WITHOUT_GROUND_TRUTH) + 1:]: value for name, value in sorted(counters.items())
               if name.startswith(REQUESTS_WITHOUT_GROUND_TRUTH + "_")}
-    return {
+    inputs = features.resolved()
+    counts = {
         "rows_read": counters.get("records_parsed", 0) + counters.get("records_bad", 0),
         "rows_used": counters.get("candidates_kept", 0),
         "rows_diverted": {name: counters.get(name, 0) for name in DIVERTED_COUNTERS},
         "requests": counters.get("requests", 0),
         "requests_without_ground_truth": {"total": counters.get(REQUESTS_WITHOUT_GROUND_TRUTH, 0), **splits},
-        "nan_values_read_as_0": {f.name: counters.get(NAN_PREFIX + f.name, 0) for f in F.DENSE_FEATURES},
+        "nan_values_read_as_0": {f.name: counters.get(NAN_PREFIX + f.name, 0) for f in inputs if f.is_dense},
         "ids_folded": {f.name: {"ids": counters.get(FOLDED_PREFIX + f.name, 0),
-                                "buckets": counters.get(BUCKETS_PREFIX + f.name, f.num_buckets)}
-                       for f in F.SPARSE_FEATURES},
+                                "buckets": counters.get(BUCKETS_PREFIX + f.name, f.buckets)}
+                       for f in inputs if not f.is_dense and not f.is_string},  # strings are hashed
     }
+    cut = {f.name: {"values": counters[CUT_PREFIX + f.name], "width": f.width}
+           for f in inputs if f.multivalent and counters.get(CUT_PREFIX + f.name)}
+    if cut:  # only then, so the counts of data without long lists read as they always did
+        counts["values_cut"] = cut
+    return counts
 
 
 def data_warnings(counts: Dict[str, Any]) -> List[str]:
@@ -504,6 +603,8 @@ def data_warnings(counts: Dict[str, Any]) -> List[str]:
     out += [f"{n:,} NaN values of {name} read as 0" for name, n in counts["nan_values_read_as_0"].items() if n]
     out += [f"{v['ids']:,} ids of {name} folded into its {v['buckets']:,} buckets"
             for name, v in counts["ids_folded"].items() if v["ids"]]
+    out += [f"{v['values']:,} values of {name} cut to its width {v['width']:,}"
+            for name, v in counts.get("values_cut", {}).items() if v["values"]]
     return out
 
 
@@ -534,27 +635,36 @@ class _CountAndPickFeatures(beam.CombineFn):
         return acc
 
 
-def _to_corpus(items: List[Tuple[int, Tuple[int, Tuple]]]) -> ItemCorpus:
-    """(item_id, (count, (item_category, item_tags, item_dense))) → the compact (numpy-only) corpus."""
-    return ItemCorpus.from_items(
-        [(item, count, dict(zip(ITEM_FEATURES, (category, list(tags), list(dense)))))
-         for item, (count, (category, tags, dense)) in items],
-        keep_features=False,
-    )
+def _to_corpus(items: List[Tuple[Any, Tuple[int, Tuple]]], features: F.FeatureConfig = F.DEFAULT) -> ItemCorpus:
+    """(item id, (count, item features in the order of `item_features(features)`)) → the compact
+    (numpy-only) corpus."""
+    names = [f.name for f in item_features(features)]
+    return ItemCorpus.from_items([(item, count, dict(zip(names, values))) for item, (count, values) in items],
+                                 keep_features=False, features=features)
 
 
-FLOAT_FEATURES = frozenset(RL.CANDIDATE_FLOAT_FEATURES + ("user_dense", "item_dense"))
+@functools.lru_cache(maxsize=None)
+def _value_kinds(features: F.FeatureConfig) -> Tuple[frozenset, frozenset]:
+    """(float features, bytes features) of a request list of the registry `features`."""
+    inputs = features.resolved()
+    return (frozenset(RL.CANDIDATE_FLOAT_FEATURES + tuple(f.name for f in inputs if f.is_dense)),
+            frozenset(f.name for f in inputs if f.is_string))
 
 
-def packed_example(packed: Dict[str, List]) -> tf.train.Example:
-    """`make_example` for packed request-list values (python lists typed by feature name)."""
+def packed_example(packed: Dict[str, List], features: F.FeatureConfig = F.DEFAULT) -> tf.train.Example:
+    """`make_example` for packed request-list values (python lists typed by the registry
+    `features`: float for its dense inputs and the float columns, bytes for its string ids, int64
+    otherwise)."""
+    floats, strings = _value_kinds(features)
     example = tf.train.Example()
-    features = example.features.feature
+    out = example.features.feature
     for name, values in packed.items():
-        if name in FLOAT_FEATURES:
-            features[name].float_list.value.extend(values)
+        if name in floats:
+            out[name].float_list.value.extend(values)
+        elif name in strings:
+            out[name].bytes_list.value.extend(values)
         else:
-            features[name].int64_list.value.extend(values)
+            out[name].int64_list.value.extend(values)
     return example
 
 
@@ -562,9 +672,10 @@ class _BuildRequestLists(beam.DoFn):
     """One request's columns → a serialized request list, tagged with its output split; when that
     split is eval, also the raw bytes of the request's shown rows (tagged `SHOWN_ROWS_TAG`)."""
 
-    def __init__(self, config: SamplerConfig, split_names: Tuple[str, ...]):
+    def __init__(self, config: SamplerConfig, split_names: Tuple[str, ...], features: F.FeatureConfig = F.DEFAULT):
         self._config = config
         self._split_names = split_names
+        self._features = features
         self._counters: Dict[str, beam.metrics.metricbase.Counter] = {}
 
     def _inc(self, name: str, n: int = 1):
@@ -582,7 +693,7 @@ class _BuildRequestLists(beam.DoFn):
             split = "eval" if int(cols["request_time"][0]) > time_cutoff else "train"
         counts: Dict[str, int] = {}
         try:
-            packed = sample_request_columns(cols, corpus, self._config, counts)
+            packed = sample_request_columns(cols, corpus, self._config, counts, self._features)
         except ValueError as e:
             packed, error = None, e
         for name, n in counts.items():
@@ -590,10 +701,11 @@ class _BuildRequestLists(beam.DoFn):
         if packed is None:
             self._inc("requests_bad")
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (
-                json.dumps({"request_id": request_id, "candidates": int(cols["item_id"].size)}).encode(), str(error)))
+                json.dumps({"request_id": request_id, "candidates": int(cols["tier"].size)}).encode(), str(error)))
             return
         self._inc(f"lists_{split}")
-        yield beam.pvalue.TaggedOutput(split, packed_example(packed).SerializeToString(deterministic=True))
+        example = packed_example(packed, self._features)
+        yield beam.pvalue.TaggedOutput(split, example.SerializeToString(deterministic=True))
         if split == SHOWN_ROWS_SPLIT:
             self._inc("shown_rows_eval", len(shown))
             for raw in shown:
@@ -608,17 +720,29 @@ def _time_cutoff(quantiles: List[int], eval_fraction: float) -> int:
     return quantiles[index]
 
 
-def _load_schema(schemas: Optional[List[types.Artifact]]) -> Tuple[schema_pb2.Schema, str]:
+def _load_schema(schemas: Optional[List[types.Artifact]],
+                 features: F.FeatureConfig = F.DEFAULT) -> Tuple[schema_pb2.Schema, str]:
     """(schema, path read): the Schema artifact's file, or the packaged schema without one. Fails
-    when the schema lacks a feature the sampler decodes or types it unlike the packaged schema."""
+    (BadInputError, one line) when the sampler cannot decode the registry `features`
+    (`check_registry`), the schema lacks one of its inputs or types it unlike its declaration
+    (`FeatureConfig.check_schema`), or lacks one of the `decoded_keys` or types it unlike the
+    packaged schema."""
     if schemas:
         path = io_utils.get_only_uri_in_dir(artifact_utils.get_single_instance(list(schemas)).uri)
         schema = io_utils.parse_pbtxt_file(path, schema_pb2.Schema())
     else:
         path, schema = F.SCHEMA_PATH, F.load_schema()
+    try:
+        check_registry(features)
+        features.check_schema(schema)
+    except ValueError as e:
+        raise record_io.BadInputError(str(e)) from None
     types_in = {f.name: f.type for f in schema.feature}
-    expected = {f.name: f.type for f in F.load_schema().feature if f.name in DECODED_FEATURES}
-    wrong = sorted(name for name, kind in expected.items() if types_in.get(name) != kind)
+    keys = decoded_keys(features)
+    expected = {f.name: f.type for f in F.load_schema().feature if f.name in keys}
+    optional = (F.STAGE_KEY, F.SHOWN_KEY)  # a log without tiers or positions (`F.tier_without_stage`)
+    wrong = sorted(name for name, kind in expected.items()
+                   if types_in.get(name) != kind and not (name in optional and name not in types_in))
     if wrong:
         raise record_io.BadInputError(
             f"schema {path} lacks or retypes features the NegativeSampler decodes: {', '.join(wrong)}")
@@ -655,7 +779,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         shown_rows = artifact_utils.get_single_instance(output_dict["shown_rows"])
         shown_rows.split_names = artifact_utils.encode_split_names([SHOWN_ROWS_SPLIT])
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
-        schema, schema_path = _load_schema(input_dict.get("schema"))
+        schema, schema_path = _load_schema(input_dict.get("schema"), features)
         schema_bytes = schema.SerializeToString()
 
         split_names = tuple(sorted(input_uris))
@@ -675,8 +799,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             | "AllSplits" >> beam.Flatten()
             | "GroupRequests" >> beam.GroupByKey()
             | "BatchRequests" >> beam.BatchElements(min_batch_size=DECODE_BATCH, max_batch_size=DECODE_BATCH)
-            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(schema_bytes, config, split_names,
-                                                             features.sparse_features())).with_outputs(
+            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(schema_bytes, config, split_names, features)).with_outputs(
                 record_io.DEAD_LETTER_TAG, ITEMS_TAG, TIMES_TAG, main="requests")
         )
         record_io.write_dead_letters(requests[record_io.DEAD_LETTER_TAG], dead.uri, "candidates")
@@ -684,7 +807,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             requests[ITEMS_TAG]
             | "PerItem" >> beam.CombinePerKey(_CountAndPickFeatures())
             | "CorpusList" >> beam.combiners.ToList()
-            | "Corpus" >> beam.Map(_to_corpus)
+            | "Corpus" >> beam.Map(_to_corpus, features)
         )
         request_times = (
             requests[TIMES_TAG]
@@ -694,7 +817,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         lists = (
             requests.requests
             | "BuildLists" >> beam.ParDo(
-                _BuildRequestLists(config, split_names),
+                _BuildRequestLists(config, split_names, features),
                 corpus=beam.pvalue.AsSingleton(corpus),
                 time_cutoff=beam.pvalue.AsSingleton(request_times),
             ).with_outputs(record_io.DEAD_LETTER_TAG, SHOWN_ROWS_TAG, *output_splits)
@@ -709,8 +832,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         record_io.record_counters(output, counters)
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
         output.set_string_custom_property(SCHEMA_PATH_PROPERTY, schema_path)
+        output.set_string_custom_property(FEATURES_PROPERTY, json.dumps(to_dict(features), sort_keys=True))
         output.set_int_custom_property("list_size", config.list_size)
-        warnings = data_warnings(data_counts(counters))
+        warnings = data_warnings(data_counts(counters, features))
         if warnings:
             print(f"NegativeSampler: warning: {'; '.join(warnings)} (dead letters: {dead.uri})", flush=True)
         check_diverted_fraction(counters, config.max_bad_fraction)

@@ -30,14 +30,23 @@ candidate of a list records q(i) as `sampling_probability`.
 Two implementations of one request's sampling, which give the same lists byte for byte (tested):
 `sample_request` on row dicts (the readable reference), and `sample_request_columns` on numpy
 columns, which packs the request list directly and is what the NegativeSampler runs.
+
+Every model-input column derives from the run's feature registry (`schema.features.FeatureConfig`,
+the `features` argument, default `F.DEFAULT`): the request-level columns are its query-side inputs,
+the candidate columns its item-side and UI inputs, the item id is `features.item_key` (int64, or a
+string: bytes), and a random negative takes its item-side features from the corpus, the pad value
+for its UI features and ui_position 0 (not shown). The decisions read `ui_position`
+(`F.SHOWN_KEY`: > 0 = shown), `click` and `teacher_logit` by name.
 """
 import dataclasses
+import functools
 import hashlib
 import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from schema import features as F
 from schema import request_list as RL
 
 
@@ -75,9 +84,27 @@ class SamplerConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
-def uniform_hash(seed: int, purpose: str, *keys: int) -> float:
-    """A deterministic number in [0, 1) from the seed, the decision's purpose and the keys."""
-    digest = hashlib.blake2b(f"{seed}|{purpose}|{'|'.join(map(str, keys))}".encode(), digest_size=8).digest()
+def id_value(value):
+    """An id as the sampler keys and hashes it: an int, or bytes for a string id (str is encoded)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value)
+    return int(value)
+
+
+def _key_text(key) -> str:
+    """An int key as its decimal digits (the hashes of int ids are those of the default registry);
+    a bytes (or str) key as "b" + its hex digits, which no int key and no other bytes key spells."""
+    if isinstance(key, (bytes, str)):  # np.bytes_ is bytes
+        return "b" + id_value(key).hex()
+    return str(key)
+
+
+def uniform_hash(seed: int, purpose: str, *keys) -> float:
+    """A deterministic number in [0, 1) from the seed, the decision's purpose and the keys (ints,
+    or bytes: string item ids)."""
+    digest = hashlib.blake2b(f"{seed}|{purpose}|{'|'.join(map(_key_text, keys))}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 
@@ -87,15 +114,17 @@ def teacher_log_loss(teacher_logit: float, click: int) -> float:
     return math.log1p(math.exp(-z)) if z > -30 else -z
 
 
-def sampling_decision(row: Mapping, config: SamplerConfig) -> Tuple[bool, float, List[str]]:
-    """(keep, weight multiplier, names of the decisions that dropped it) for one candidate row."""
-    shown = int(row["ui_position"]) > 0
+def sampling_decision(row: Mapping, config: SamplerConfig,
+                      item_key: str = F.ITEM_KEY) -> Tuple[bool, float, List[str]]:
+    """(keep, weight multiplier, names of the decisions that dropped it) for one candidate row;
+    `item_key` names its item id (`FeatureConfig.item_key`)."""
+    shown = int(row[F.SHOWN_KEY]) > 0
     if not shown or int(row["click"]) == 1:
         return True, 1.0, []
-    request_id, item_id = int(row["request_id"]), int(row["item_id"])
+    request_id, item_id = int(row["request_id"]), id_value(row[item_key])
     weight, dropped = 1.0, []
     tests = []
-    if config.unseen_position_from and int(row["ui_position"]) >= config.unseen_position_from:
+    if config.unseen_position_from and int(row[F.SHOWN_KEY]) >= config.unseen_position_from:
         tests.append(("position", config.unseen_position_keep_rate))
     teacher = row.get("teacher_logit")
     if teacher is not None and not math.isnan(teacher) and teacher_log_loss(teacher, 0) < config.low_loss_threshold:
@@ -111,23 +140,33 @@ def sampling_decision(row: Mapping, config: SamplerConfig) -> Tuple[bool, float,
     return not dropped, weight, dropped
 
 
+def item_features(features: F.FeatureConfig = F.DEFAULT) -> Tuple[F.InputFeature, ...]:
+    """The registry's item-side inputs besides the item id: what the item corpus stores per item."""
+    return tuple(f for f in features.of_role("item") if f.name != features.item_key)
+
+
+def item_key_dtype(features: F.FeatureConfig = F.DEFAULT):
+    """numpy dtype of an item-id array: int64, or object (bytes) for a string item key."""
+    return object if features.item_key_is_string else np.int64
+
+
 @dataclasses.dataclass
 class ItemCorpus:
     """Items with their frequency and features, for drawing random negatives.
 
-    `features` (item id → feature dict) serves the row-based reference path (`sample_request`);
-    the columnar path (`sample_request_columns`, used by the NegativeSampler) reads the compact
-    arrays `item_category` [I], `item_tags` [I, MAX_ITEM_TAGS] (0-padded, truncated as request
-    lists store them) and `item_dense` [I, ITEM_DENSE_SIZE], aligned with `item_ids`. A corpus
-    built with `keep_features=False` is only numpy arrays: cheap to pickle as a Beam side input.
+    `item_ids` are sorted: int64, or an object array of bytes for a string item key. `features`
+    (item id → feature dict) serves the row-based reference path (`sample_request`); the columnar
+    path (`sample_request_columns`, used by the NegativeSampler) reads the compact arrays
+    `columns`, one per item-side input of the registry besides the item id (`item_features`),
+    aligned with `item_ids`: id [I], ids [I, width] (cut and padded as request lists store them),
+    dense [I, width] float32. A corpus built with `keep_features=False` is only numpy arrays:
+    cheap to pickle as a Beam side input.
     """
 
     item_ids: np.ndarray
     probabilities: np.ndarray
-    features: Dict[int, Dict[str, object]] = dataclasses.field(default_factory=dict)
-    item_category: Optional[np.ndarray] = None
-    item_tags: Optional[np.ndarray] = None
-    item_dense: Optional[np.ndarray] = None
+    features: Dict[object, Dict[str, object]] = dataclasses.field(default_factory=dict)
+    columns: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self._cdf = None
@@ -138,38 +177,38 @@ class ItemCorpus:
         return state
 
     @classmethod
-    def from_items(cls, items: Sequence[Tuple[int, int, Dict[str, object]]], keep_features: bool = True) -> "ItemCorpus":
-        """From (item_id, count, item features) triples; sorted by id so the result is deterministic.
-        The compact arrays are filled when every item has the three item features."""
-        items = sorted(items, key=lambda t: t[0])
-        ids = np.array([i for i, _, _ in items], dtype=np.int64)
+    def from_items(cls, items: Sequence[Tuple[object, int, Dict[str, object]]], keep_features: bool = True,
+                   features: F.FeatureConfig = F.DEFAULT) -> "ItemCorpus":
+        """From (item_id, count, item features) triples (ids int, or str/bytes for a string item
+        key of `features`); sorted by id so the result is deterministic. The compact `columns` are
+        filled when every item has every item-side feature of `features`."""
+        items = sorted(((id_value(i), c, f) for i, c, f in items), key=lambda t: t[0])
+        ids = np.array([i for i, _, _ in items], dtype=item_key_dtype(features))
         counts = np.array([c for _, c, _ in items], dtype=np.float64)
-        category = tags = dense = None
-        if items and all(all(name in f for name in ITEM_FEATURES) for _, _, f in items):
-            category = np.array([int(f["item_category"]) for _, _, f in items], dtype=np.int64)
-            tags = np.zeros((len(items), RL.MAX_ITEM_TAGS), dtype=np.int64)
-            dense = np.zeros((len(items), RL.ITEM_DENSE_SIZE), dtype=np.float32)
-            for k, (_, _, f) in enumerate(items):
-                t = np.asarray(f["item_tags"], dtype=np.int64).reshape(-1)[:RL.MAX_ITEM_TAGS]
-                tags[k, :t.size] = t
-                dense[k] = np.asarray(f["item_dense"], dtype=np.float32).reshape(-1)
-        features = {i: f for i, _, f in items} if keep_features else {}
-        return cls(ids, counts / counts.sum(), features, category, tags, dense)
+        columns = {}
+        wanted = item_features(features)
+        if items and all(all(f.name in values for f in wanted) for _, _, values in items):
+            for f in wanted:
+                column = np.empty((len(items), f.width), dtype=f.np_dtype)
+                for k, (_, _, values) in enumerate(items):
+                    column[k] = RL.fixed_width(f, values[f.name])
+                columns[f.name] = column[:, 0] if f.kind == "id" else column
+        kept = {i: f for i, _, f in items} if keep_features else {}
+        return cls(ids, counts / counts.sum(), kept, columns)
 
-    def index_of(self, item_ids: np.ndarray) -> np.ndarray:
+    def index_of(self, item_ids) -> np.ndarray:
         """Positions of `item_ids` in the corpus, −1 for unknown items."""
-        item_ids = np.asarray(item_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=self.item_ids.dtype)
+        if not self.item_ids.size:
+            return np.full(item_ids.shape, -1, dtype=np.int64)
         index = np.searchsorted(self.item_ids, item_ids)
-        clipped = np.minimum(index, max(self.item_ids.size - 1, 0))
-        found = (index < self.item_ids.size) & (self.item_ids[clipped] == item_ids) if self.item_ids.size else \
-            np.zeros(item_ids.shape, dtype=bool)
+        clipped = np.minimum(index, self.item_ids.size - 1)
+        found = (index < self.item_ids.size) & (self.item_ids[clipped] == item_ids)
         return np.where(found, clipped, -1)
 
-    def probability(self, item_id: int) -> float:
-        index = np.searchsorted(self.item_ids, item_id)
-        if index < self.item_ids.size and self.item_ids[index] == item_id:
-            return float(self.probabilities[index])
-        return 0.0
+    def probability(self, item_id) -> float:
+        index = int(self.index_of([item_id])[0])
+        return float(self.probabilities[index]) if index >= 0 else 0.0
 
     def probabilities_of(self, item_ids: np.ndarray) -> np.ndarray:
         """q(i) of each item (0 for items not in the corpus), as float64."""
@@ -186,12 +225,12 @@ class ItemCorpus:
             self._cdf = cdf
         return self.item_ids[self._cdf.searchsorted(rng.random(size), side="right")]
 
-    def draw(self, request_id: int, count: int, exclude: set, seed: int) -> List[int]:
+    def draw(self, request_id: int, count: int, exclude: set, seed: int) -> List:
         """`count` distinct items ∝ frequency, none of them in `exclude`, seeded by the request."""
         if count <= 0 or self.item_ids.size == 0:
             return []
         rng = np.random.default_rng([seed, request_id])
-        chosen: List[int] = []
+        chosen: List = []
         for _ in range(8):  # rejection rounds; a popular excluded item is simply drawn again
             for item in self._choice(rng, 4 * count).tolist():
                 if item not in exclude and item not in chosen:
@@ -201,16 +240,19 @@ class ItemCorpus:
         return chosen
 
 
-ITEM_FEATURES = ("item_category", "item_tags", "item_dense")
-REQUEST_FEATURES = ("request_id", "request_time", "user_id", "user_dense", "query_tokens", "hour", "device")
+ITEM_FEATURES = tuple(f.name for f in item_features(F.DEFAULT))  # the default registry's corpus features
 
 
-def random_negative_row(request_row: Mapping, item_id: int, item_features: Mapping, probability: float,
-                        oracle_known: bool) -> Dict[str, object]:
-    row = {k: request_row[k] for k in REQUEST_FEATURES}
+def random_negative_row(request_row: Mapping, item_id, item_features: Mapping, probability: float,
+                        oracle_known: bool, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
+    """A random negative's candidate row: the request's keys and query-side inputs, the item's
+    features, the pad value for each UI input, not shown (ui_position 0), no click."""
+    row = {k: request_row[k] for k in RL.REQUEST_KEYS + features.query_names}
     row.update(item_features)
-    row.update(item_id=item_id, ui_position=0, ui_format=0, click=0, stage=RL.RANDOM_NEG_TIER,
-               sampling_probability=probability, true_ctr=0.0 if oracle_known else -1.0)
+    row.update({f.name: [f.pad_value] * f.width for f in features.of_role("ui")})
+    row.update({features.item_key: item_id, F.SHOWN_KEY: F.NOT_SHOWN_POSITION, "click": 0,
+                "stage": RL.RANDOM_NEG_TIER, "sampling_probability": probability,
+                "true_ctr": 0.0 if oracle_known else -1.0})
     return row
 
 
@@ -219,21 +261,23 @@ def request_split_by_hash(request_id: int, eval_fraction: float, seed: int) -> s
 
 
 def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConfig,
-                   counts: Optional[Dict[str, int]] = None) -> List[Dict]:
+                   counts: Optional[Dict[str, int]] = None, features: F.FeatureConfig = F.DEFAULT) -> List[Dict]:
     """Applies the sampling decisions to one request's candidate rows and adds random negatives.
 
-    Returns the rows of the request list, in a deterministic order (logged candidates by tier
-    then item id, then the random negatives); a sampled-out row has sample_weight 0. `counts`
-    accumulates what was kept, sampled out and reweighted.
+    Returns the rows of the request list (for `RL.build_request_list(rows, list_size, features)`),
+    in a deterministic order (logged candidates by tier then item id, then the random negatives);
+    a sampled-out row has sample_weight 0. `counts` accumulates what was kept, sampled out and
+    reweighted. The corpus must be built with the same `features` (`ItemCorpus.from_items`).
     """
     counts = counts if counts is not None else {}
+    key = features.item_key
 
     def bump(name, n=1):
         counts[name] = counts.get(name, 0) + n
 
     kept = []
-    for row in sorted(rows, key=lambda r: (RL.TIER_INDEX[r["stage"]], int(r["item_id"]))):
-        keep, multiplier, dropped = sampling_decision(row, config)
+    for row in sorted(rows, key=lambda r: (RL.TIER_INDEX[r["stage"]], id_value(r[key]))):
+        keep, multiplier, dropped = sampling_decision(row, config, key)
         for purpose in dropped:
             bump(f"sampled_out_{purpose}")
         if not keep:
@@ -243,16 +287,17 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
             bump("candidates_reweighted")
         row = dict(row)
         row["sample_weight"] = float(row.get("sample_weight", 1.0)) * multiplier
-        row["sampling_probability"] = corpus.probability(int(row["item_id"]))
+        row["sampling_probability"] = corpus.probability(id_value(row[key]))
         kept.append(row)
     bump("candidates_kept", len(kept))
     room = config.list_size - len(kept)
     wanted = max(0, min(config.random_negatives, room))
     oracle_known = all(float(r.get("true_ctr", -1.0)) >= 0 for r in rows)
-    exclude = {int(r["item_id"]) for r in rows}
+    exclude = {id_value(r[key]) for r in rows}
     request_id = int(rows[0]["request_id"])
     for item in corpus.draw(request_id, wanted, exclude, config.seed):
-        kept.append(random_negative_row(rows[0], item, corpus.features[item], corpus.probability(item), oracle_known))
+        kept.append(random_negative_row(rows[0], item, corpus.features[item], corpus.probability(item), oracle_known,
+                                        features))
         bump("random_negatives_added")
     return kept
 
@@ -262,42 +307,47 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
 # runs). It makes the same decisions, in the same order, with the same float arithmetic as
 # `build_request_list(sample_request(rows))`, so its lists are the same bytes (a test checks it);
 # only the ~10 shown non-clicks of a request go through the per-row python `sampling_decision`.
+#
+# Columns of n candidate rows (`components.negative_sampler.CandidateDecoder` decodes them), from
+# the registry `features`: request_id, request_time int64 [n]; per input (any role) an id
+# [n] (int64, or object: bytes), dense [n, width] float32, or ids as `<name>_values` (int64 or
+# bytes) and `<name>_offsets` int64 [n + 1]; ui_position (when not an input), click and `tier`
+# (the stage's tier index) int64 [n]; FLOAT_COLUMNS float64 [n].
 # ---------------------------------------------------------------------------------------------
-REQUEST_COLUMNS = RL.REQUEST_INT_FEATURES  # int64 [n] each; plus user_dense [n, 4] float32 and
-# query_tokens (query_tokens_values int64, query_tokens_offsets int64 [n + 1])
-CANDIDATE_COLUMNS = ("item_id", "item_category", "ui_position", "ui_format", "click", "tier")  # int64 [n]
 FLOAT_COLUMNS = ("true_ctr", "teacher_logit", "sample_weight")  # float64 [n], absent = their default
-# plus item_tags (item_tags_values, item_tags_offsets) and item_dense [n, ITEM_DENSE_SIZE] float32
 ROW_DEFAULTS = {"true_ctr": -1.0, "teacher_logit": math.nan, "sample_weight": 1.0}
 
 
 def sample_request_columns(cols: Mapping[str, np.ndarray], corpus: ItemCorpus, config: SamplerConfig,
-                           counts: Optional[Dict[str, int]] = None) -> Dict[str, List]:
+                           counts: Optional[Dict[str, int]] = None,
+                           features: F.FeatureConfig = F.DEFAULT) -> Dict[str, List]:
     """One request's candidate rows as columns (`tier` = stage tier index; rows in a
-    deterministic input order) → the request-list feature values of `RL.build_request_list`.
+    deterministic input order) → the request-list feature values of
+    `RL.build_request_list(rows, config.list_size, features)`.
 
     Applies the sampling decisions (a sampled-out row keeps its slot with weight 0), adds the random
-    negatives (drawn as `sample_request` draws them) and packs the list. Raises ValueError, as `build_request_list` does, when the list would
-    be empty or longer than `config.list_size`. `counts` accumulates kept/dropped counts.
+    negatives (drawn as `sample_request` draws them) and packs the list. Raises ValueError, as
+    `build_request_list` does, when the list would be empty or longer than `config.list_size`.
+    `counts` accumulates kept/dropped counts.
     """
     counts = counts if counts is not None else {}
 
     def bump(name, n=1):
         counts[name] = counts.get(name, 0) + n
 
-    item_id, tier = cols["item_id"], cols["tier"]
+    key = features.item_key
+    item_id, tier = cols[key], cols["tier"]
     request_id = int(cols["request_id"][0])
     order = np.lexsort((item_id, tier))  # by tier, then item id; stable, like sorted()
-    position, click = cols["ui_position"][order], cols["click"][order]
+    position, click = cols[F.SHOWN_KEY][order], cols["click"][order]
     multiplier = np.ones(order.size, dtype=np.float64)  # 0 for a sampled-out row (module docstring)
     teacher = cols["teacher_logit"]
     for k in np.flatnonzero((position > 0) & (click != 1)).tolist():
         i = order[k]
-        row = {"request_id": request_id, "item_id": int(item_id[i]), "ui_position": int(position[k]),
-               "click": int(click[k])}
+        row = {"request_id": request_id, key: item_id[i], F.SHOWN_KEY: int(position[k]), "click": int(click[k])}
         if not math.isnan(teacher[i]):
             row["teacher_logit"] = float(teacher[i])
-        kept_row, weight, dropped = sampling_decision(row, config)
+        kept_row, weight, dropped = sampling_decision(row, config, key)
         for purpose in dropped:
             bump(f"sampled_out_{purpose}")
         if not kept_row:
@@ -314,13 +364,21 @@ def sample_request_columns(cols: Mapping[str, np.ndarray], corpus: ItemCorpus, c
     randoms = corpus.draw(request_id, wanted, set(item_id.tolist()), config.seed)
     if randoms:
         bump("random_negatives_added", len(randoms))
-    return pack_request_list(cols, kept, multiplier, randoms, corpus, oracle_known, config.list_size)
+    return pack_request_list(cols, kept, multiplier, randoms, corpus, oracle_known, config.list_size, features)
 
 
-def pack_request_list(cols: Mapping[str, np.ndarray], kept: np.ndarray, multiplier: np.ndarray, randoms: List[int],
-                      corpus: ItemCorpus, oracle_known: bool, list_size: int) -> Dict[str, List]:
+@functools.lru_cache(maxsize=None)
+def _layout(features: F.FeatureConfig):
+    """(query inputs, candidate inputs, candidate int keys) of the registry's request lists."""
+    return RL.query_inputs(features), RL.candidate_inputs(features), RL.candidate_int_keys(features)
+
+
+def pack_request_list(cols: Mapping[str, np.ndarray], kept: np.ndarray, multiplier: np.ndarray, randoms: List,
+                      corpus: ItemCorpus, oracle_known: bool, list_size: int,
+                      features: F.FeatureConfig = F.DEFAULT) -> Dict[str, List]:
     """The request-list features of the rows `kept` (indices into `cols`, in list order, with their
-    weight multipliers) followed by the random negatives `randoms`, padded to `list_size`."""
+    weight multipliers) followed by the random negatives `randoms` (item ids of the corpus), padded
+    to `list_size`: the layout of `RL.build_request_list(rows, list_size, features)`."""
     n_kept, n_random = int(kept.size), len(randoms)
     total = n_kept + n_random
     if total == 0:
@@ -329,38 +387,53 @@ def pack_request_list(cols: Mapping[str, np.ndarray], kept: np.ndarray, multipli
         raise ValueError(f"{total} candidates do not fit a list of size {list_size}")
     pad = list_size - total
     first = int(kept[0]) if n_kept else 0  # the list's first row carries the request features
-    out: Dict[str, List] = {name: [int(cols[name][first])] for name in RL.REQUEST_INT_FEATURES}
-    out["user_dense"] = cols["user_dense"][first].tolist()
-    offsets = cols["query_tokens_offsets"]
-    out["query_tokens"] = cols["query_tokens_values"][offsets[first]:offsets[first + 1]].tolist()
-    index = corpus.index_of(np.asarray(randoms, dtype=np.int64)) if n_random else np.zeros(0, dtype=np.int64)
+    query_inputs, candidate_inputs, int_keys = _layout(features)
+    out: Dict[str, List] = {name: [int(cols[name][first])] for name in RL.REQUEST_KEYS}
+    for f in query_inputs:
+        if f.multivalent:  # var-len: cut to its width, not padded
+            offsets = cols[f"{f.name}_offsets"]
+            out[f.name] = cols[f"{f.name}_values"][offsets[first]:offsets[first + 1]][:f.width].tolist()
+        elif f.is_dense:
+            out[f.name] = cols[f.name][first].tolist()
+        else:
+            out[f.name] = cols[f.name][first:first + 1].tolist()
+    index = corpus.index_of(randoms) if n_random else np.zeros(0, dtype=np.int64)
     if n_random and (index < 0).any():
         raise ValueError("a random negative is not in the item corpus")
-    zeros = [0] * (n_random + pad)
-    out["item_id"] = cols["item_id"][kept].tolist() + list(randoms) + [0] * pad
-    out["item_category"] = cols["item_category"][kept].tolist() + corpus.item_category[index].tolist() + [0] * pad
-    for name in ("ui_position", "ui_format", "click"):
-        out[name] = cols[name][kept].tolist() + zeros
-    out["stage"] = cols["tier"][kept].tolist() + [RL.TIER_INDEX[RL.RANDOM_NEG_TIER]] * n_random + [RL.PAD_STAGE] * pad
-    out["mask"] = [1] * total + [0] * pad
+    for f in candidate_inputs:
+        from_corpus = n_random and f.role == "item" and f.name != features.item_key
+        if f.name == features.item_key:
+            out[f.name] = cols[f.name][kept].tolist() + list(randoms) + [f.pad_value] * pad
+        elif f.kind == "id":
+            randoms_part = corpus.columns[f.name][index].tolist() if from_corpus else [f.pad_value] * n_random
+            out[f.name] = cols[f.name][kept].tolist() + randoms_part + [f.pad_value] * pad
+        else:
+            slots = (np.full((list_size, f.width), f.pad_value, dtype=object) if f.is_string
+                     else np.zeros((list_size, f.width), dtype=f.np_dtype))
+            if f.is_dense:
+                slots[:n_kept] = cols[f.name][kept]
+            else:
+                values, offsets = cols[f"{f.name}_values"], cols[f"{f.name}_offsets"]
+                for slot, i in enumerate(kept.tolist()):
+                    v = values[offsets[i]:offsets[i + 1]][:f.width]
+                    slots[slot, :v.size] = v
+            if from_corpus:
+                slots[n_kept:total] = corpus.columns[f.name][index]
+            out[f.name] = slots.reshape(-1).tolist()
+    for name in int_keys:
+        if name == F.STAGE_KEY:
+            out[name] = (cols["tier"][kept].tolist() + [RL.TIER_INDEX[RL.RANDOM_NEG_TIER]] * n_random
+                         + [RL.PAD_STAGE] * pad)
+        elif name == F.MASK_KEY:
+            out[name] = [1] * total + [0] * pad
+        else:  # ui_position (not an input), click: 0 for a random negative
+            out[name] = cols[name][kept].tolist() + [0] * (n_random + pad)
     out["true_ctr"] = (cols["true_ctr"][kept].tolist() + [0.0 if oracle_known else -1.0] * n_random
                        + [RL.FLOAT_PADDING["true_ctr"]] * pad)
     out["teacher_logit"] = (cols["teacher_logit"][kept].tolist() + [ROW_DEFAULTS["teacher_logit"]] * n_random
                             + [RL.FLOAT_PADDING["teacher_logit"]] * pad)
     out["sample_weight"] = ((cols["sample_weight"][kept] * multiplier).tolist() + [ROW_DEFAULTS["sample_weight"]] * n_random
                             + [RL.FLOAT_PADDING["sample_weight"]] * pad)
-    out["sampling_probability"] = (corpus.probabilities_of(cols["item_id"][kept]).tolist()
+    out["sampling_probability"] = (corpus.probabilities_of(cols[features.item_key][kept]).tolist()
                                    + corpus.probabilities[index].tolist() + [RL.FLOAT_PADDING["sampling_probability"]] * pad)
-    tags = np.zeros((list_size, RL.MAX_ITEM_TAGS), dtype=np.int64)
-    tag_values, tag_offsets = cols["item_tags_values"], cols["item_tags_offsets"]
-    for slot, i in enumerate(kept.tolist()):
-        t = tag_values[tag_offsets[i]:tag_offsets[i + 1]][:RL.MAX_ITEM_TAGS]
-        tags[slot, :t.size] = t
-    dense = np.zeros((list_size, RL.ITEM_DENSE_SIZE), dtype=np.float32)
-    dense[:n_kept] = cols["item_dense"][kept]
-    if n_random:
-        tags[n_kept:total] = corpus.item_tags[index]
-        dense[n_kept:total] = corpus.item_dense[index]
-    out["item_tags"] = tags.reshape(-1).tolist()
-    out["item_dense"] = dense.reshape(-1).tolist()
     return out

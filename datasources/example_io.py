@@ -193,10 +193,13 @@ class _TypeChecker:
         self._schema = schema.SerializeToString()
         self._coder = example_coder
         self._decoder = self._coder.ExamplesToRecordBatchDecoder(self._schema)
+        self.present = set()  # the features some checked record carries
 
     def check(self, path: str, first_index: int, raws) -> None:
         try:
-            self._decoder.DecodeBatch(raws)
+            batch = self._decoder.DecodeBatch(raws)
+            self.present.update(name for name, column in zip(batch.schema.names, batch.columns)
+                                if column.null_count < len(column))
             return
         except RuntimeError:
             pass
@@ -214,7 +217,8 @@ class _TypeChecker:
                 raise InputError(f"{path}: record {first_index + i}: {text} (schema type rule)") from None
 
 
-def check_split_readable(split_dir: str, schema=None, type_check_records: Optional[int] = None) -> int:
+def check_split_readable(split_dir: str, schema=None, type_check_records: Optional[int] = None,
+                         required: Sequence[str] = ()) -> int:
     """Checks an Examples split directory before a pipeline reads it: it has files, every file reads
     to its end as TFRecords (gzip by a `.gz` name, as ImportExampleGen reads it), the split holds at
     least one record, and (with a `schema`) the first `type_check_records` records of each file
@@ -222,7 +226,9 @@ def check_split_readable(split_dir: str, schema=None, type_check_records: Option
     have the schema's types. Returns the number of records. Raises InputError naming the split
     directory or the file (an empty split would pass validation and fail later, in a Trainer; a
     truncated gzip file would fail in Beam with a traceback that does not name it; a float in an
-    int feature would fail in StatisticsGen with three chained tracebacks)."""
+    int feature would fail in StatisticsGen with three chained tracebacks). With a schema, each
+    feature of `required` (the run's declared model inputs) must appear in the checked records: one
+    declared in the config but absent from the data is an InputError naming it, before training."""
     files = _split_files(split_dir)
     if not files:
         raise InputError(f"split {os.path.basename(split_dir.rstrip('/'))} has no files: {split_dir}")
@@ -238,14 +244,19 @@ def check_split_readable(split_dir: str, schema=None, type_check_records: Option
         records += seen
     if not records:
         raise InputError(f"split {os.path.basename(split_dir.rstrip('/'))} has no records: {split_dir}")
+    absent = [name for name in required if checker is not None and name not in checker.present]
+    if absent:
+        raise InputError(f"split {os.path.basename(split_dir.rstrip('/'))} has no value of the declared feature(s) "
+                         f"{', '.join(absent)} in its first {limit} records per file: {split_dir} (features.inputs "
+                         f"names a feature the data does not carry)")
     return records
 
 
 def check_examples_dir(examples_dir: str, schema=None, type_check_records: Optional[int] = None,
-                       splits=("train", "eval")) -> None:
+                       splits=("train", "eval"), required: Sequence[str] = ()) -> None:
     """`check_split_readable` on each split of an Examples directory."""
     for split in splits:
-        check_split_readable(os.path.join(examples_dir, f"Split-{split}"), schema, type_check_records)
+        check_split_readable(os.path.join(examples_dir, f"Split-{split}"), schema, type_check_records, required)
 
 
 def find_type_errors(examples_dir: str, schema) -> None:

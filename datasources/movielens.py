@@ -14,6 +14,20 @@ Rule (datasources/README.md has the full feature table):
   the window. request_time is the timestamp of the window's last rating; hour is its UTC hour.
 - A malformed rating or movie row is diverted to rejected.jsonl; a missing file or column raises
   InputError.
+
+Layouts (`layout=`):
+- "package" (default): the package's own 13-feature layout above (user_dense, query_tokens,
+  item_dense, ...), byte-identical to earlier versions.
+- "native": the same requests and candidates (same windows, same sampled negatives for a seed), with
+  MovieLens's own features and nothing invented: `user` (userId), `hour`, `weekday`,
+  `history_genres` (query side); `movie` (movieId, the item id), `genres`, `tags`, `year` (item
+  side); `ui_position`, `click`, `stage`. Also reads tags.csv.
+- "clicks": a clicks-only log: the shown (rated) rows of the same windows only, no sampled
+  negatives, no `stage` and no `ui_position`; click = rating >= 4; the native features.
+  Its ground truth is the clicked rows, and every row was shown (schema.features.tier_without_stage).
+In the native layouts a movie's `tags` are its most frequent tags of tags.csv (lower-cased, at most
+10; "(no tag)" when none), counted over the tag rows whose tagger did not rate that movie in their
+eval part: like popularity, tags come from the train part, and no tag reveals an eval rating.
 """
 import collections
 import functools
@@ -27,10 +41,14 @@ import pandas as pd
 import tensorflow as tf
 
 from datasources import shared_data
-from datasources.example_io import RejectLog, SplitWriter, atomic_output_dir, make_example, write_report
+from datasources.example_io import (
+    InputError, RejectLog, SplitWriter, atomic_output_dir, make_example, write_report,
+)
 
 RATINGS_FILE = "ratings.csv"
 MOVIES_FILE = "movies.csv"
+TAGS_FILE = "tags.csv"
+LAYOUTS = ("package", "native", "clicks")
 SPLITS = ("train", "eval")
 WINDOW = 10  # shown items per request
 NEGATIVES_PER_TIER = 10
@@ -52,6 +70,11 @@ OTHER_GENRE = len(GENRES)
 GENRE_INDEX = {g: i for i, g in enumerate(GENRES)}
 NO_HISTORY_TOKEN = OTHER_GENRE + 2  # genre tokens are genre id + 1, so 1..OTHER_GENRE+1
 _YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*\d{4})?\)\s*$")
+# The native layouts (see the module docstring and datasources/README.md).
+MAX_TAGS = 10  # a movie's most frequent tags kept
+NO_TAG = "(no tag)"  # the `tags` of a movie without a (train-part) tag
+NO_HISTORY = "(no history)"  # the `history_genres` of a user's first window
+NO_YEAR = 0  # the `year` of a title without a (YYYY)
 
 
 def _genre_ids(genres: str) -> List[int]:
@@ -97,6 +120,27 @@ def _read_ratings(path: str, movies: pd.DataFrame, rejects: RejectLog) -> Tuple[
         "rating": rating[keep], "timestamp": time[keep].astype(np.int64),
     })
     return ratings, n_read
+
+
+def _read_tags(path: str, movies: pd.DataFrame, rejects: RejectLog) -> Tuple[pd.DataFrame, int]:
+    """Valid tag applications (userId, item index, tag lower-cased and stripped, timestamp), and the rows read."""
+    frame, n_read = shared_data.read_csv(path, ("userId", "movieId", "tag", "timestamp"), rejects, TAGS_FILE)
+    user, movie, time = (shared_data.integer_values(frame[c]) for c in ("userId", "movieId", "timestamp"))
+    tag = frame["tag"].astype(str).str.strip().str.lower().to_numpy()
+    movie_ids = movies["movieId"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        reasons = np.select(
+            [np.isnan(user) | (user < 0), np.isnan(movie), np.isnan(time) | (time < 0), tag == "",
+             ~np.isin(movie, movie_ids)],
+            ["bad userId", "bad movieId", "bad timestamp", "empty tag", "unknown movieId"],
+            default="",
+        )
+    keep = shared_data.reject_rows(frame, reasons, rejects, TAGS_FILE)
+    tags = pd.DataFrame({
+        "userId": user[keep].astype(np.int64), "item": np.searchsorted(movie_ids, movie[keep]).astype(np.int64),
+        "tag": tag[keep], "timestamp": time[keep].astype(np.int64),
+    })
+    return tags, n_read
 
 
 def _item_parts(movies: pd.DataFrame, train: pd.DataFrame) -> Tuple[List[bytes], List[List[int]]]:
@@ -185,16 +229,110 @@ def _row_part(position: int, click: int, stage: str) -> bytes:
     return _features_bytes(make_example({"ui_position": position, "ui_format": 0, "click": click, "stage": stage}))
 
 
+@functools.lru_cache(maxsize=None)
+def _native_row_part(position: int, click: int, stage: str) -> bytes:
+    """The position and label features of a candidate row of the native layout (no ui_format)."""
+    return _features_bytes(make_example({"ui_position": position, "click": click, "stage": stage}))
+
+
+@functools.lru_cache(maxsize=None)
+def _click_part(click: int) -> bytes:
+    """The label of a row of the clicks layout: no stage, no ui_position (every row was shown)."""
+    return _features_bytes(make_example({"click": click}))
+
+
 def _n_eval(n_ratings):
     """How many of a user's latest ratings are eval data: ceil(n / 5), in integers."""
     return (n_ratings + 4) // 5
 
 
-def _write_user(writer: SplitWriter, stats: dict, user_index: int, first_request_id: int, seed: int,
-                ratings: pd.DataFrame, item_parts: List[bytes], genre_ids: List[List[int]],
-                tiers: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> int:
+class _PackageLayout:
+    """The package's own 13-feature layout (the default; its bytes are unchanged)."""
+
+    sample_negatives = True
+
+    def __init__(self, item_parts: List[bytes], genre_ids: List[List[int]]):
+        self.item_parts, self.genre_ids = item_parts, genre_ids
+
+    def context(self, request_id: int, request_time: int, user_index: int, user_id: int, start: int,
+                items: np.ndarray, values: np.ndarray) -> bytes:
+        return _features_bytes(make_example({
+            "request_id": request_id, "request_time": request_time, "user_id": user_index,
+            "user_dense": [math.log1p(start), float(values[:start].mean()) - 3.5 if start else 0.0, 0.0, 0.0],
+            "query_tokens": _query_tokens(items[max(0, start - HISTORY_MOVIES):start], self.genre_ids),
+            "hour": (request_time // 3600) % 24, "device": 0,
+        }))
+
+    def row(self, position: int, click: int, stage: str) -> bytes:
+        return _row_part(position, click, stage)
+
+
+def _genre_names(genres: str) -> List[str]:
+    """The movie's genre names as movies.csv spells them, in file order, deduplicated; an empty
+    field is MovieLens's own "(no genres listed)"."""
+    names: List[str] = []
+    for name in genres.split("|"):
+        name = name.strip()
+        if name and name not in names:
+            names.append(name)
+    return names or [GENRES[NO_GENRE]]
+
+
+def _history_genres(history: Sequence[int], genre_names: List[List[str]]) -> List[str]:
+    """The genre names of the recent history: most frequent first, ties by name; `NO_HISTORY` if none."""
+    counts = collections.Counter(g for item in history for g in genre_names[item] if g != GENRES[NO_GENRE])
+    return [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))] or [NO_HISTORY]
+
+
+def _movie_tags(tags: pd.DataFrame, eval_ratings: pd.DataFrame, n_items: int) -> List[List[str]]:
+    """Per item index, its at most `MAX_TAGS` most frequent tags (ties by tag), counted over the tag
+    rows whose (userId, item) is not one of `eval_ratings` (94 % of ml-latest-small's tags are the
+    tagger's tag of a movie they rated: one of an eval rating would reveal it)."""
+    pairs = eval_ratings[["userId", "item"]].drop_duplicates()
+    marked = tags.merge(pairs, on=["userId", "item"], how="left", indicator=True)
+    train = marked[(marked["_merge"] == "left_only").to_numpy()]
+    counts = train.groupby(["item", "tag"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
+    out: List[List[str]] = [[] for _ in range(n_items)]
+    for item, tag in zip(counts["item"], counts["tag"]):
+        if len(out[item]) < MAX_TAGS:
+            out[item].append(tag)
+    return out
+
+
+class _NativeLayout:
+    """MovieLens's own features (datasources/README.md, "native layout"); `clicks` drops the sampled
+    negatives, `stage` and `ui_position` (a clicks-only log)."""
+
+    def __init__(self, movies: pd.DataFrame, movie_tags: List[List[str]], clicks: bool):
+        self.sample_negatives = not clicks
+        self.clicks = clicks
+        self.genre_names = [_genre_names(g) for g in movies["genres"]]
+        self.item_parts = []
+        for movie_id, title, genres, tags in zip(movies["movieId"], movies["title"], self.genre_names, movie_tags):
+            year = _YEAR.search(title.strip())
+            self.item_parts.append(_features_bytes(make_example({
+                "movie": int(movie_id), "genres": genres, "tags": tags or [NO_TAG],
+                "year": int(year.group(1)) if year else NO_YEAR,
+            })))
+
+    def context(self, request_id: int, request_time: int, user_index: int, user_id: int, start: int,
+                items: np.ndarray, values: np.ndarray) -> bytes:
+        return _features_bytes(make_example({
+            "request_id": request_id, "request_time": request_time, "user": user_id,
+            "hour": (request_time // 3600) % 24, "weekday": (request_time // 86_400 + 3) % 7,  # 1970-01-01: Thu
+            "history_genres": _history_genres(items[max(0, start - HISTORY_MOVIES):start], self.genre_names),
+        }))
+
+    def row(self, position: int, click: int, stage: str) -> bytes:
+        return _click_part(click) if self.clicks else _native_row_part(position, click, stage)
+
+
+def _write_user(writer: SplitWriter, stats: dict, user_index: int, user_id: int, first_request_id: int, seed: int,
+                ratings: pd.DataFrame, layout, tiers: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> int:
     """Writes the requests of one user (ratings in time order); returns the next request id."""
     items, values, times = (ratings[c].to_numpy() for c in ("item", "rating", "timestamp"))
+    item_parts = layout.item_parts
     unseen = np.ones(len(item_parts), dtype=bool)
     unseen[items] = False
     n_train = len(items) - _n_eval(len(items))
@@ -203,39 +341,48 @@ def _write_user(writer: SplitWriter, stats: dict, user_index: int, first_request
         for start in range(lo, hi, WINDOW):
             window = range(start, min(start + WINDOW, hi))
             request_time = int(times[window[-1]])
-            context = _features_bytes(make_example({
-                "request_id": request_id, "request_time": request_time, "user_id": user_index,
-                "user_dense": [math.log1p(start), float(values[:start].mean()) - 3.5 if start else 0.0, 0.0, 0.0],
-                "query_tokens": _query_tokens(items[max(0, start - HISTORY_MOVIES):start], genre_ids),
-                "hour": (request_time // 3600) % 24, "device": 0,
-            }))
+            context = layout.context(request_id, request_time, user_index, user_id, start, items, values)
             for position, j in enumerate(window, start=1):
                 click = int(values[j] >= POSITIVE_RATING)
                 stage = "rerank_pos" if click else "rerank_neg"
-                writer.write(split, _join(context, item_parts[items[j]], _row_part(position, click, stage)))
+                writer.write(split, _join(context, item_parts[items[j]], layout.row(position, click, stage)))
                 stats["stages"][split][stage] += 1
-            rng = np.random.default_rng([seed, request_id])
-            available = unseen.copy()
-            for tier in SAMPLED_TIERS:
-                for item in _sample(rng, *tiers[tier], available, NEGATIVES_PER_TIER):
-                    writer.write(split, _join(context, item_parts[item], _row_part(0, 0, tier)))
-                    stats["stages"][split][tier] += 1
+            if layout.sample_negatives:
+                rng = np.random.default_rng([seed, request_id])
+                available = unseen.copy()
+                for tier in SAMPLED_TIERS:
+                    for item in _sample(rng, *tiers[tier], available, NEGATIVES_PER_TIER):
+                        writer.write(split, _join(context, item_parts[item], layout.row(0, 0, tier)))
+                        stats["stages"][split][tier] += 1
             stats["requests"][split] += 1
             request_id += 1
     return request_id
 
 
-def convert_movielens(src_dir: str, out_dir: str, seed: int = 0, overwrite: bool = False) -> dict:
-    """Converts ml-latest-small at `src_dir` into an Examples directory at `out_dir`; returns the report."""
+def convert_movielens(src_dir: str, out_dir: str, seed: int = 0, overwrite: bool = False,
+                      layout: str = "package") -> dict:
+    """Converts ml-latest-small at `src_dir` into an Examples directory at `out_dir`; returns the report.
+
+    `layout`: "package" (the package's own features, the default), "native" (MovieLens's own
+    features) or "clicks" (native features, a clicks-only log without tiers); see the module docstring."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     with atomic_output_dir(out_dir, overwrite) as root:
+        rows_read = {}
         with RejectLog(root) as rejects:
-            movies, movies_read = _read_movies(os.path.join(src_dir, MOVIES_FILE), rejects)
-            ratings, ratings_read = _read_ratings(os.path.join(src_dir, RATINGS_FILE), movies, rejects)
+            movies, rows_read[MOVIES_FILE] = _read_movies(os.path.join(src_dir, MOVIES_FILE), rejects)
+            ratings, rows_read[RATINGS_FILE] = _read_ratings(os.path.join(src_dir, RATINGS_FILE), movies, rejects)
+            if layout != "package":
+                tags, rows_read[TAGS_FILE] = _read_tags(os.path.join(src_dir, TAGS_FILE), movies, rejects)
         ratings = ratings.sort_values(["userId", "timestamp", "item"], kind="stable").reset_index(drop=True)
         users, starts, counts = np.unique(ratings["userId"].to_numpy(), return_index=True, return_counts=True)
         rank = np.arange(len(ratings)) - np.repeat(starts, counts)
         is_eval = rank >= np.repeat(counts - _n_eval(counts), counts)
-        item_parts, genre_ids = _item_parts(movies, ratings[~is_eval])
+        if layout == "package":
+            writer_layout = _PackageLayout(*_item_parts(movies, ratings[~is_eval]))
+        else:
+            writer_layout = _NativeLayout(movies, _movie_tags(tags, ratings[is_eval], len(movies)),
+                                          clicks=layout == "clicks")
 
         popularity = np.bincount(ratings["item"][~is_eval], minlength=len(movies)) + 1.0
         weights = {"rank_neg": popularity, "coarse_neg": np.sqrt(popularity), "prerank_neg": np.ones(len(movies))}
@@ -245,16 +392,19 @@ def convert_movielens(src_dir: str, out_dir: str, seed: int = 0, overwrite: bool
         request_id = 0
         with SplitWriter(root, SPLITS) as writer:
             for user_index, (start, count) in enumerate(zip(starts, counts)):
-                request_id = _write_user(writer, stats, user_index, request_id, seed, ratings[start:start + count],
-                                         item_parts, genre_ids, tiers)
+                request_id = _write_user(writer, stats, user_index, int(users[user_index]), request_id, seed,
+                                         ratings[start:start + count], writer_layout, tiers)
             rows = dict(writer.counts)
-        report = {
-            "source": "movielens", "seed": seed,
-            "rows": rows, "requests": stats["requests"],
-            "rows_by_stage": {s: dict(sorted(stats["stages"][s].items())) for s in SPLITS},
-            "rows_read": {RATINGS_FILE: ratings_read, MOVIES_FILE: movies_read},
-            "users": int(len(users)), "items": int(len(movies)),
+        report = {"source": "movielens", "seed": seed, "rows": rows, "requests": stats["requests"]}
+        if layout == "clicks":  # no tiers in the data: the clicks per split
+            report["clicks"] = {s: stats["stages"][s]["rerank_pos"] for s in SPLITS}
+        else:
+            report["rows_by_stage"] = {s: dict(sorted(stats["stages"][s].items())) for s in SPLITS}
+        report.update({
+            "rows_read": rows_read, "users": int(len(users)), "items": int(len(movies)),
             "rejected": dict(sorted(rejects.counts.items())), "rejected_total": sum(rejects.counts.values()),
-        }
+        })
+        if layout != "package":  # the package layout's report is unchanged
+            report["layout"] = layout
         write_report(root, report)
     return report

@@ -12,6 +12,15 @@ Rule (datasources/README.md has the full feature table):
 - split="time": within each policy the latest ceil(n/5) valid rows by timestamp (ties by line) are
   eval, the rest train. split="policy": bts rows are train, random rows are eval.
 - A malformed row is diverted to rejected.jsonl; a missing file or column raises InputError.
+
+Layouts (`layout=`):
+- "package" (default): the package's own 13-feature layout above (hashed ids, user_dense,
+  item_dense, ...), byte-identical to earlier versions.
+- "native": the OBD's own features, unhashed (strings stay strings: the model hashes them):
+  `user_feature_0..3` (bytes) and `hour` (query side); `item` (item_id, the item id),
+  `item_feature_0` (float), `item_feature_1..3` (bytes) and `user_item_affinity` (float: the row's
+  user-item_affinity_<item_id>) (item side); `ui_position` = position; plus request_id,
+  request_time, click, stage (`rerank_pos`), propensity_score and logging_policy as above.
 """
 import hashlib
 import math
@@ -30,6 +39,7 @@ SPLITS = ("train", "eval")
 POLICIES = ("random", "bts")  # index = policy code in request_id
 CAMPAIGNS = ("all", "men", "women")
 SPLIT_RULES = ("time", "policy")
+LAYOUTS = ("package", "native")
 REQUEST_ID_STRIDE = 10**9
 USER_FEATURES = tuple(f"user_feature_{k}" for k in range(4))
 ITEM_FEATURES = tuple(f"item_feature_{k}" for k in range(4))
@@ -67,6 +77,7 @@ def _read_items(path: str, label: str, rejects: RejectLog) -> Tuple[Dict[int, di
             "item_category": stable_hash(f"item_feature_1={values['item_feature_1']}", CATEGORY_BUCKETS),
             "item_tags": [1 + stable_hash(f"{c}={values[c]}", TAG_BUCKETS) for c in ITEM_FEATURES[1:]],
             "feature_0": float(feature_0[i]),
+            "raw": {c: values[c] for c in ITEM_FEATURES[1:]},  # the native layout's strings
         }
     return items, n_read
 
@@ -148,9 +159,36 @@ def _example(policy: str, row, item: dict) -> bytes:
     }).SerializeToString(deterministic=True)
 
 
+def _native_example(policy: str, row, item: dict) -> bytes:
+    """A candidate row of the native layout: the OBD's own features, unhashed."""
+    request_time = row.time_ns // 10**9
+    features = {
+        "request_id": POLICIES.index(policy) * REQUEST_ID_STRIDE + row.line,
+        "request_time": request_time,
+        "hour": (request_time // 3600) % 24,
+    }
+    features.update({c: getattr(row, c) for c in USER_FEATURES})
+    features.update({"item": item["item_id"], "item_feature_0": [item["feature_0"]]})
+    features.update(item["raw"])
+    features.update({
+        "user_item_affinity": [float(row.affinity)],
+        "ui_position": row.position,
+        "click": row.click,
+        "stage": "rerank_pos",
+        "propensity_score": float(row.propensity_score),
+        "logging_policy": policy,
+    })
+    return make_example(features).SerializeToString(deterministic=True)
+
+
 def convert_open_bandit(src_dir: str, out_dir: str, campaign: str = "all", split: str = "time",
-                        overwrite: bool = False) -> dict:
-    """Converts both logging policies of one OBD campaign at `src_dir` into an Examples directory."""
+                        overwrite: bool = False, layout: str = "package") -> dict:
+    """Converts both logging policies of one OBD campaign at `src_dir` into an Examples directory.
+
+    `layout`: "package" (the package's own features, the default) or "native" (the OBD's own
+    features, unhashed); see the module docstring."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {LAYOUTS} for the Open Bandit Dataset, got {layout!r}")
     if campaign not in CAMPAIGNS:
         raise InputError(f"campaign must be one of {CAMPAIGNS}, got {campaign!r}")
     if split not in SPLIT_RULES:
@@ -170,10 +208,11 @@ def convert_open_bandit(src_dir: str, out_dir: str, campaign: str = "all", split
         _assign_splits(logs, split)
         by_policy: Dict[str, Dict[str, int]] = {s: {} for s in SPLITS}
         clicks = {s: 0 for s in SPLITS}
+        example = _example if layout == "package" else _native_example
         with SplitWriter(root, SPLITS) as writer:
             for policy in POLICIES:
                 for row in logs[policy].itertuples(index=False):
-                    writer.write(row.split, _example(policy, row, items[policy][row.item_id]))
+                    writer.write(row.split, example(policy, row, items[policy][row.item_id]))
                     by_policy[row.split][policy] = by_policy[row.split].get(policy, 0) + 1
                     clicks[row.split] += row.click
             rows = dict(writer.counts)
@@ -184,5 +223,7 @@ def convert_open_bandit(src_dir: str, out_dir: str, campaign: str = "all", split
             "rows_read": rows_read,
             "rejected": dict(sorted(rejects.counts.items())), "rejected_total": sum(rejects.counts.values()),
         }
+        if layout != "package":  # the package layout's report is unchanged
+            report["layout"] = layout
         write_report(root, report)
     return report

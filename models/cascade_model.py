@@ -134,9 +134,9 @@ class CascadeModel(tf.keras.Model):
             if isinstance(stage, RankingStage):
                 stage.adapt(lists)
             elif hasattr(stage, "towers"):
-                adapt_towers(stage.towers(), lists)
+                adapt_towers(stage.towers(), lists, stage.features)
             else:
-                adapt_towers([stage], lists)
+                adapt_towers([stage], lists, stage.features)
 
     def call(self, lists, training=None) -> tf.Tensor:
         """[B, S, L]: the scores of every stage."""

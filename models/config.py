@@ -118,8 +118,32 @@ def check_positive(config, *names: str) -> None:
 
 
 def config_from_dict(cls: Type[C], values: Dict[str, Any], where: str = "") -> C:
-    """The dataclass `cls` with its defaults overridden by `values` (`merge`)."""
-    return merge(cls(), values, where)
+    """The dataclass `cls` with its defaults overridden by `values` (`merge`). A dataclass with
+    required fields (a registry entry such as `schema.features.InputFeature`) is built from
+    `values` alone, each checked against its field's type; a missing required field is a
+    ConfigError naming it."""
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if not required:
+        return merge(cls(), values, where)
+    label = where or cls.__name__
+    if not isinstance(values, dict):
+        raise ConfigError(f"{label}: expected a mapping of {cls.__name__} fields, got {values!r}")
+    known = {f.name for f in fields}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {', '.join(unknown)} in {label}; known: {', '.join(sorted(known))}")
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{label}: {cls.__name__} needs {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    coerced = {name: _coerce(value, hints[name], f"{label}.{name}") for name, value in values.items()}
+    try:
+        return cls(**coerced)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{label}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

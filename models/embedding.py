@@ -1,9 +1,12 @@
 """FeatureEmbedding: the schema-driven input layer of every stage model.
 
-For each sparse feature f in `schema.features.SPARSE_FEATURES`:
-    e_f = E_f[id mod num_buckets_f]                      (univalent id)
-    e_f = (1/max(|T|, 1)) Σ_{t∈T} E_f[t mod num_buckets_f]  (multivalent list T, average pooling;
-                                                            an empty list gives 0)
+For each sparse feature f of the run's feature registry (`schema.features.FeatureConfig`):
+    b_f(id) = id mod num_buckets_f                       (int64 ids)
+    b_f(id) = FarmHash64(id) mod num_buckets_f           (string ids: Keras `Hashing`)
+    e_f = E_f[b_f(id)]                                   (univalent id)
+    e_f = (1/max(|T|, 1)) Σ_{t∈T} E_f[b_f(t)]            (multivalent list T, average pooling;
+                                                          an empty list gives 0; the padding
+                                                          value, 0 or "", is no id)
 For each dense feature: NaN → 0 (counted in `nan_count` during training), then (x − μ)/σ with μ, σ adapted on
 training data (`tf.keras.layers.Normalization`).
 
@@ -43,6 +46,8 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                                               embeddings_initializer=tf.keras.initializers.RandomUniform(-scale, scale))
             for f in self.sparse_features
         }
+        self.hashers = {f.name: tf.keras.layers.Hashing(f.num_buckets, name=f"{f.name}_hashing")
+                        for f in self.sparse_features if f.dtype == "string"}
         self.normalizers = {f.name: tf.keras.layers.Normalization(axis=-1, name=f"{f.name}_norm") for f in self.dense_features}
         self.nan_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="dense_nan_count")
 
@@ -52,19 +57,31 @@ class FeatureEmbedding(tf.keras.layers.Layer):
             values = batches.take(steps).map(lambda b, n=f.name: tf.where(tf.math.is_nan(b[n]), 0.0, b[n]))
             self.normalizers[f.name].adapt(values)
 
+    def bucket(self, name: str, ids: tf.Tensor) -> tf.Tensor:
+        """b_f(ids): int64 ids mod the bucket count, string ids hashed into it."""
+        if name in self.hashers:
+            return self.hashers[name](ids)
+        spec = next(f for f in self.sparse_features if f.name == name)
+        return tf.math.floormod(ids, spec.num_buckets)
+
     def embed_sparse(self, name: str, ids) -> tf.Tensor:
         spec = next(f for f in self.sparse_features if f.name == name)
+        if spec.multivalent and not isinstance(ids, tf.RaggedTensor):  # [N, w] padded with the pad value
+            ids = tf.convert_to_tensor(ids)
+            ids = tf.RaggedTensor.from_tensor(ids, padding=tf.constant("" if ids.dtype == tf.string else 0, ids.dtype))
         if isinstance(ids, tf.RaggedTensor):
-            # Padded to [B, L_max] with -1 and masked: the same mean as a ragged reduce_sum, in about
-            # a quarter of the graph ops (12 vs 50), which matters in small serving calls.
-            pad = ids.dtype.min  # a sentinel no real id takes (negative ids still fold, as univalent ones do)
+            # Padded to [B, L_max] with a sentinel and masked: the same mean as a ragged reduce_sum,
+            # in about a quarter of the graph ops (12 vs 50), which matters in small serving calls.
+            # The int sentinel is one no real id takes (negative ids still fold, as univalent ones do);
+            # for strings it is the empty string, the registry's pad value.
+            pad = "" if ids.dtype == tf.string else ids.dtype.min
             padded = ids.to_tensor(default_value=pad)
             present = tf.cast(tf.not_equal(padded, pad), tf.float32)
-            vectors = self.tables[name](tf.math.floormod(padded, spec.num_buckets)) * present[..., tf.newaxis]
+            vectors = self.tables[name](self.bucket(name, padded)) * present[..., tf.newaxis]
             counts = tf.maximum(tf.reduce_sum(present, axis=1), 1.0)[:, tf.newaxis]
             return self._scaled(tf.reduce_sum(vectors, axis=1) / counts)
         ids = tf.reshape(ids, [-1])
-        return self._scaled(self.tables[name](tf.math.floormod(ids, spec.num_buckets)))
+        return self._scaled(self.tables[name](self.bucket(name, ids)))
 
     def _scaled(self, vectors: tf.Tensor) -> tf.Tensor:
         """E = c·E' (the learning-rate multiplier of the module docstring; c = 1 adds no op)."""
@@ -84,5 +101,6 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                 out[f.name] = self.embed_sparse(f.name, features[f.name])
         for f in self.dense_features:
             if wanted is None or f.name in wanted:
-                out[f.name] = self.normalize_dense(f.name, tf.cast(features[f.name], tf.float32), training)
+                values = tf.cast(features[f.name], tf.float32)
+                out[f.name] = self.normalize_dense(f.name, tf.reshape(values, [-1, f.size]), training)
         return out

@@ -53,13 +53,14 @@ def parsed_batches(
         ds = ds.shuffle(max(16 * batch_size, 10_000), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.repeat(num_epochs)
     ds = ds.batch(batch_size).map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE)
-    if exposed_only:
-        ds = ds.map(lambda f: _boolean_mask(f, f["ui_position"][:, 0] > F.NOT_SHOWN_POSITION))
+    if exposed_only and F.SHOWN_KEY in spec:  # without ui_position every logged row was shown
+        ds = ds.map(lambda f: _boolean_mask(f, f[F.SHOWN_KEY][:, 0] > F.NOT_SHOWN_POSITION))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def to_model_io(features: Dict[str, tf.Tensor]) -> Tuple[Dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
-    """(model inputs, click label as float, sample weight) for `Model.fit`."""
-    inputs = {k: features[k] for k in F.MODEL_INPUTS}
+def to_model_io(features: Dict[str, tf.Tensor], registry: F.FeatureConfig = F.DEFAULT
+                ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
+    """(the registry's model inputs, click label as float, sample weight) for `Model.fit`."""
+    inputs = {k: features[k] for k in registry.model_inputs}
     label = tf.cast(features[F.LABEL_KEY], tf.float32)
     return inputs, label, features[F.SAMPLE_WEIGHT_KEY]

@@ -10,16 +10,17 @@ Two sources:
   `request_list_dataset` parses them with `schema.request_list.parse_spec`.
 
 In memory, request lists are a dict of numpy arrays in the parse layout of
-`schema.request_list.parse_spec(L)` (request features [R, 1] / [R, 4], candidate features [R, L],
-item_tags [R, L·8], item_dense [R, L·4]). One difference: `query_tokens` is a dense [R, 8] array,
-0-padded, where parsing gives a ragged tensor; `request_features` accepts both.
+`schema.request_list.parse_spec(L, features)` (request features [R, 1] / [R, w], candidate
+features [R, L·w]): the registry (`schema.features.FeatureConfig`) gives every width. One
+difference: a query-side multivalent feature is a dense [R, w] array padded with its pad value,
+where parsing gives a ragged tensor; `request_features` accepts both.
 
 `request_features` / `candidate_features` turn a batch of lists into the inputs of the stage
 towers: request-level features once per request ([B, ...]), candidate features flattened to
 [B·L, ...] (the layout `models.embedding.FeatureEmbedding` reads).
 """
 import os
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -29,37 +30,36 @@ from models import inputs
 from schema import features as F
 from schema import request_list as RL
 
-QUERY_FEATURES = ("user_id", "query_tokens", "hour", "device", "user_dense")
-ITEM_FEATURES = ("item_id", "item_category", "item_tags", "item_dense")
-MAX_QUERY_TOKENS = 8
+QUERY_FEATURES = F.DEFAULT.query_names  # the default registry's (the synthetic layout)
+ITEM_FEATURES = F.DEFAULT.item_names
 
 
 def _files(file_patterns) -> Sequence[str]:
     return inputs.list_files([file_patterns] if isinstance(file_patterns, str) else file_patterns)
 
 
-def _dense(values, width: int) -> np.ndarray:
+def _padded(values, f: F.InputFeature) -> np.ndarray:
+    """A parsed multivalent batch (ragged) as an [N, width] array padded with the pad value."""
     if isinstance(values, tf.RaggedTensor):
-        return values.to_tensor(default_value=0, shape=[None, width]).numpy()
-    return np.asarray(values).reshape(len(values), -1)
+        values = values[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
+    return np.asarray(values.numpy() if hasattr(values, "numpy") else values).reshape(-1, f.width)
 
 
-def read_candidate_rows(file_patterns, batch_size: int = 8192) -> Dict[str, np.ndarray]:
+def read_candidate_rows(file_patterns, batch_size: int = 8192, features: F.FeatureConfig = F.DEFAULT,
+                        schema=None) -> Dict[str, np.ndarray]:
     """Every candidate row of gzipped TFRecord files as numpy columns ([N] or [N, width]).
 
     Parsed with the schema's training parse spec (optional features take their defaults);
-    `query_tokens` and `item_tags` become 0-padded [N, 8] arrays, `stage` the tier index.
+    multivalent inputs become [N, width] arrays padded with their pad value, `stage` the tier index.
     """
-    spec = F.training_parse_spec()
+    spec = F.training_parse_spec(schema)
+    multivalent = {f.name: f for f in features.resolved() if f.multivalent}
     ds = tf.data.TFRecordDataset(_files(file_patterns), compression_type="GZIP")
     ds = ds.batch(batch_size).map(lambda x: tf.io.parse_example(x, spec))
     parts: Dict[str, list] = {}
     for batch in ds:
         for name, value in batch.items():
-            if name in ("query_tokens", "item_tags"):
-                value = _dense(value, MAX_QUERY_TOKENS if name == "query_tokens" else RL.MAX_ITEM_TAGS)
-            else:
-                value = value.numpy()
+            value = _padded(value, multivalent[name]) if name in multivalent else value.numpy()
             parts.setdefault(name, []).append(value)
     if not parts:
         raise ValueError(f"no candidate rows in {file_patterns}")
@@ -67,18 +67,23 @@ def read_candidate_rows(file_patterns, batch_size: int = 8192) -> Dict[str, np.n
     for name in list(columns):
         if columns[name].ndim == 2 and columns[name].shape[1] == 1:
             columns[name] = columns[name][:, 0]
-    columns["stage"] = np.array([RL.TIER_INDEX[s.decode()] for s in columns["stage"]], dtype=np.int64)
+    if "stage" in columns:
+        columns["stage"] = np.array([RL.TIER_INDEX[s.decode()] for s in columns["stage"]], dtype=np.int64)
+    else:  # a log without tiers (`F.tier_without_stage`)
+        columns["stage"] = np.array([RL.TIER_INDEX[F.tier_without_stage(c)] for c in columns[F.LABEL_KEY]], dtype=np.int64)
+    if F.SHOWN_KEY not in columns:
+        columns[F.SHOWN_KEY] = np.full(columns[F.LABEL_KEY].shape, F.SHOWN_WITHOUT_POSITION, dtype=np.int64)
     return columns
 
 
 def group_rows(columns: Mapping[str, np.ndarray], list_size: Optional[int] = None,
-               shuffle_seed: Optional[int] = None) -> Dict[str, np.ndarray]:
+               shuffle_seed: Optional[int] = None, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
     """Candidate-row columns → request lists (numpy, the parse layout of `RL.parse_spec`).
 
     Requests are sorted by request_id. Within a request the rows keep their order, or are put in
     a seeded random order with `shuffle_seed` (so list position carries no information about the
     tier: the MovieLens converter writes shown items first). Padded slots follow the request-list
-    contract (mask 0, stage −1, `RL.FLOAT_PADDING`, zeros elsewhere).
+    contract (mask 0, stage −1, `RL.FLOAT_PADDING`, pad values elsewhere).
 
     Raises ValueError if a request has more rows than `list_size` (default: the longest request).
     """
@@ -94,10 +99,10 @@ def group_rows(columns: Mapping[str, np.ndarray], list_size: Optional[int] = Non
     slots = np.arange(n) - np.repeat(start, counts)
     first = order[start]
     out: Dict[str, np.ndarray] = {}
-    for name in RL.REQUEST_INT_FEATURES:
+    for name in RL.REQUEST_KEYS:
         out[name] = np.asarray(columns[name]).reshape(n, -1)[first, :1].astype(np.int64)
-    out["user_dense"] = np.asarray(columns["user_dense"], dtype=np.float32).reshape(n, 4)[first]
-    out["query_tokens"] = np.asarray(columns["query_tokens"]).reshape(n, -1)[first].astype(np.int64)
+    for f in RL.query_inputs(features):
+        out[f.name] = _fit_width(np.asarray(columns[f.name]).reshape(n, -1), f)[first].astype(f.np_dtype)
 
     def scatter(values, pad, dtype, width=None):
         shape = (ids.size, size) if width is None else (ids.size, size, width)
@@ -105,25 +110,39 @@ def group_rows(columns: Mapping[str, np.ndarray], list_size: Optional[int] = Non
         arr[rows, slots] = np.asarray(values)[order] if width is None else np.asarray(values).reshape(n, width)[order]
         return arr if width is None else arr.reshape(ids.size, size * width)
 
-    for name in RL.CANDIDATE_INT_FEATURES:
-        if name == "mask":
+    for f in RL.candidate_inputs(features):
+        values = _fit_width(np.asarray(columns[f.name]).reshape(n, -1), f)
+        out[f.name] = scatter(values, f.pad_value, f.np_dtype, f.width)
+    for name in RL.candidate_int_keys(features):
+        if name == F.MASK_KEY:
             out[name] = scatter(np.ones(n, dtype=np.int64), 0, np.int64)
-        elif name == "stage":
+        elif name == F.STAGE_KEY:
             out[name] = scatter(columns["stage"], RL.PAD_STAGE, np.int64)
         else:
             out[name] = scatter(np.asarray(columns[name]).reshape(n), 0, np.int64)
     for name in RL.CANDIDATE_FLOAT_FEATURES:
         values = columns.get(name, np.full(n, F.OPTIONAL_DEFAULTS[name], dtype=np.float32))
         out[name] = scatter(np.asarray(values).reshape(n), RL.FLOAT_PADDING[name], np.float32)
-    out["item_tags"] = scatter(columns["item_tags"], 0, np.int64, RL.MAX_ITEM_TAGS)
-    out["item_dense"] = scatter(columns["item_dense"], 0.0, np.float32, RL.ITEM_DENSE_SIZE)
     return out
 
 
-def request_lists_from_candidates(file_patterns, list_size: Optional[int] = None,
-                                  shuffle_seed: Optional[int] = None) -> Dict[str, np.ndarray]:
+def _fit_width(values: np.ndarray, f: F.InputFeature) -> np.ndarray:
+    """[N, k] values of `f` as [N, f.width]: a multivalent feature cut or padded; a scalar or dense
+    one as it is (ValueError if its width differs)."""
+    if values.shape[1] == f.width:
+        return values
+    if not f.multivalent:
+        raise ValueError(f"{f.name} has {values.shape[1]} values per row, declared width {f.width}")
+    if values.shape[1] > f.width:
+        return values[:, :f.width]
+    pad = np.full((values.shape[0], f.width - values.shape[1]), f.pad_value, dtype=values.dtype)
+    return np.concatenate([values, pad], axis=1)
+
+
+def request_lists_from_candidates(file_patterns, list_size: Optional[int] = None, shuffle_seed: Optional[int] = None,
+                                  features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
     """An Examples split of candidate rows (a directory or glob) → request lists (numpy)."""
-    return group_rows(read_candidate_rows(file_patterns), list_size, shuffle_seed)
+    return group_rows(read_candidate_rows(file_patterns, features=features), list_size, shuffle_seed, features)
 
 
 def num_lists(lists: Mapping[str, np.ndarray]) -> int:
@@ -138,39 +157,43 @@ def take_lists(lists: Mapping[str, np.ndarray], index) -> Dict[str, np.ndarray]:
     return {k: np.asarray(v)[index] for k, v in lists.items()}
 
 
-def to_example(lists: Mapping[str, np.ndarray], r: int) -> tf.train.Example:
-    """Request list r as a request-list tf.Example (query_tokens without its 0-padding)."""
+def to_example(lists: Mapping[str, np.ndarray], r: int, features: F.FeatureConfig = F.DEFAULT) -> tf.train.Example:
+    """Request list r as a request-list tf.Example (query-side multivalent features without their padding)."""
     row = {k: np.asarray(v)[r] for k, v in lists.items()}
-    tokens = np.asarray(row["query_tokens"]).reshape(-1)
-    row["query_tokens"] = tokens[tokens != 0] if np.any(tokens != 0) else tokens[:1]
+    for f in RL.query_inputs(features):
+        if f.multivalent:
+            values = np.asarray(row[f.name]).reshape(-1)
+            real = values != f.pad_value
+            row[f.name] = values[real] if real.any() else values[:1]
     return make_example(row)
 
 
-def write_request_lists(lists: Mapping[str, np.ndarray], path: str) -> str:
+def write_request_lists(lists: Mapping[str, np.ndarray], path: str, features: F.FeatureConfig = F.DEFAULT) -> str:
     """Writes the lists as a gzipped TFRecord file of request-list Examples."""
     parent = os.path.dirname(path)
     if parent:
         tf.io.gfile.makedirs(parent)
     with tf.io.TFRecordWriter(path, options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
         for r in range(num_lists(lists)):
-            writer.write(to_example(lists, r).SerializeToString(deterministic=True))
+            writer.write(to_example(lists, r, features).SerializeToString(deterministic=True))
     return path
 
 
 def list_size_in(file_patterns) -> int:
     """The list size of request-list TFRecords, read from their first record (the slots of its
-    `item_id`): the NegativeSampler's `list_size` is the one place it is set, and every reader takes
+    `mask`): the NegativeSampler's `list_size` is the one place it is set, and every reader takes
     it from the data. Raises ValueError naming the files when they hold no list."""
     files = _files(file_patterns)
     for raw in tf.data.TFRecordDataset(files, compression_type="GZIP").take(1).as_numpy_iterator():
-        return len(tf.train.Example.FromString(raw).features.feature["item_id"].int64_list.value)
+        return len(tf.train.Example.FromString(raw).features.feature[F.MASK_KEY].int64_list.value)
     raise ValueError(f"no request lists in {file_patterns}")
 
 
 def request_list_dataset(file_patterns, batch_size: int, list_size: int = RL.LIST_SIZE,
-                         shuffle_seed: Optional[int] = None, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+                         shuffle_seed: Optional[int] = None, num_epochs: Optional[int] = 1,
+                         features: F.FeatureConfig = F.DEFAULT) -> tf.data.Dataset:
     """Batches of parsed request lists from gzipped TFRecords of request-list Examples."""
-    spec = RL.parse_spec(list_size)
+    spec = RL.parse_spec(list_size, features)
     ds = tf.data.TFRecordDataset(_files(file_patterns), compression_type="GZIP")
     if shuffle_seed is not None:
         ds = ds.shuffle(10_000, seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -187,32 +210,26 @@ def dataset_from_lists(lists: Mapping[str, np.ndarray], batch_size: int, shuffle
     return ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def _ragged_tokens(tokens) -> tf.RaggedTensor:
-    if isinstance(tokens, tf.RaggedTensor):
-        return tokens
-    return tf.RaggedTensor.from_tensor(tf.convert_to_tensor(tokens), padding=tf.constant(0, tf.int64))
+def _ragged(values, f: F.InputFeature) -> tf.RaggedTensor:
+    if isinstance(values, tf.RaggedTensor):
+        return values
+    values = tf.convert_to_tensor(values)
+    return tf.RaggedTensor.from_tensor(values, padding=tf.constant(f.pad_value, values.dtype))
 
 
-def request_features(lists: Mapping[str, tf.Tensor], names: Iterable[str] = QUERY_FEATURES) -> Dict[str, tf.Tensor]:
-    """Request-level features of a batch of lists, one row per request ([B, ...])."""
+def request_features(lists: Mapping[str, tf.Tensor], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, tf.Tensor]:
+    """The registry's query-side inputs of a batch of lists, one row per request ([B, ...];
+    multivalent ones ragged, padding dropped)."""
+    return {f.name: _ragged(lists[f.name], f) if f.multivalent else lists[f.name] for f in RL.query_inputs(features)}
+
+
+def candidate_features(lists: Mapping[str, tf.Tensor], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, tf.Tensor]:
+    """The registry's item-side inputs of a batch of lists, flattened to [B·L, ...] (multivalent
+    ones ragged, padding dropped)."""
     out = {}
-    for name in names:
-        out[name] = _ragged_tokens(lists[name]) if name == "query_tokens" else lists[name]
-    return out
-
-
-def candidate_features(lists: Mapping[str, tf.Tensor], names: Iterable[str] = ITEM_FEATURES) -> Dict[str, tf.Tensor]:
-    """Candidate features of a batch of lists flattened to [B·L, ...] (item_tags ragged, 0s dropped)."""
-    out = {}
-    for name in names:
-        value = lists[name]
-        if name == "item_tags":
-            tags = tf.reshape(value, [-1, RL.MAX_ITEM_TAGS])
-            out[name] = tf.RaggedTensor.from_tensor(tags, padding=tf.constant(0, tags.dtype))
-        elif name == "item_dense":
-            out[name] = tf.reshape(value, [-1, RL.ITEM_DENSE_SIZE])
-        else:
-            out[name] = tf.reshape(value, [-1, 1])
+    for f in features.of_role("item"):
+        value = tf.reshape(lists[f.name], [-1, f.width])
+        out[f.name] = _ragged(value, f) if f.multivalent else value
     return out
 
 

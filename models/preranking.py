@@ -128,13 +128,14 @@ class LightPreranker(tf.keras.layers.Layer):
     """Two towers plus a small MLP head on [u, v, u ⊙ v]; scores [B, L]."""
 
     def __init__(self, embedding_dim: int = 16, tower_units: Sequence[int] = (64,), output_dim: int = 32,
-                 head_units: Sequence[int] = (32,), sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES,
+                 head_units: Sequence[int] = (32,), features: F.FeatureConfig = F.DEFAULT,
                  **kwargs):
         super().__init__(**kwargs)
         self.output_dim = output_dim
-        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, tower_units, output_dim, sparse_features,
+        self.features = features
+        self.query_tower = Tower(features.query_names, embedding_dim, tower_units, output_dim, features,
                                  name="query_tower")
-        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, tower_units, output_dim, sparse_features,
+        self.item_tower = Tower(features.item_names, embedding_dim, tower_units, output_dim, features,
                                 name="item_tower")
         self.head_units = tuple(head_units) + (1,)
         self.head = build_mlp(self.head_units, name="head")
@@ -146,8 +147,8 @@ class LightPreranker(tf.keras.layers.Layer):
 
     def call(self, lists: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
         size = tf.shape(lists["mask"])[1]
-        u = self.query_tower(LI.request_features(lists), training=training)
-        item_input = self.item_tower.embed(LI.candidate_features(lists), training=training)
+        u = self.query_tower(LI.request_features(lists, self.features), training=training)
+        item_input = self.item_tower.embed(LI.candidate_features(lists, self.features), training=training)
         scores = self.score_candidates(LI.repeat_per_candidate(u, size), item_input, training)
         return tf.reshape(scores, [-1, size])
 
@@ -167,13 +168,14 @@ class StrongRanker(tf.keras.layers.Layer):
     """DCNv2: embeddings of the request and item features → CrossStack → MLP; scores [B, L]."""
 
     def __init__(self, embedding_dim: int = 16, num_cross_layers: int = 2, projection_dim: int = 16,
-                 hidden_units: Sequence[int] = (128, 64), sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES,
+                 hidden_units: Sequence[int] = (128, 64), features: F.FeatureConfig = F.DEFAULT,
                  **kwargs):
         super().__init__(**kwargs)
-        names = LI.QUERY_FEATURES + LI.ITEM_FEATURES
-        sparse = [f for f in sparse_features if f.name in names]
-        dense = [f for f in F.DENSE_FEATURES if f.name in names]
-        self.query_names = LI.QUERY_FEATURES
+        self.features = features
+        names = features.query_names + features.item_names
+        sparse = [f for f in features.sparse_features() if f.name in names]
+        dense = [f for f in features.dense_features() if f.name in names]
+        self.query_names = features.query_names
         self.embedding = FeatureEmbedding(embedding_dim, sparse, dense, name="embedding")
         self.input_dim = embedding_dim * len(sparse) + sum(f.size for f in dense)
         self.num_cross_layers = num_cross_layers
@@ -188,8 +190,8 @@ class StrongRanker(tf.keras.layers.Layer):
 
     def call(self, lists: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
         size = tf.shape(lists["mask"])[1]
-        request = self.embedding(LI.request_features(lists), names=self.query_names, training=training)
-        item = self.embedding(LI.candidate_features(lists), names=LI.ITEM_FEATURES, training=training)
+        request = self.embedding(LI.request_features(lists, self.features), names=self.query_names, training=training)
+        item = self.embedding(LI.candidate_features(lists, self.features), names=self.features.item_names, training=training)
         parts = {**{k: LI.repeat_per_candidate(v, size) for k, v in request.items()}, **item}
         x0 = tf.concat([parts[n] for n in sorted(parts)], axis=-1)
         return tf.reshape(self.score_candidates(x0, training), [-1, size])

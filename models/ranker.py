@@ -93,11 +93,9 @@ WEIGHT_TERMS = ("rank_weight", "distill_weight", "bias_weight", "cross_alpha")
 LIST_INDEX_KEY = "_request_list_index"
 LIST_MASK_KEY = "_request_list_mask"
 BIAS_CHECKPOINT_KEY = "bias_constraints"  # checkpoint-only child holding the duals (not in the SavedModel)
-UI_SLICE_CARDINALITY = {"ui_position": F.MAX_UI_POSITION + 1, "ui_format": F.NUM_UI_FORMATS}
-
-QUALITY_SPARSE = tuple(f.name for f in F.SPARSE_FEATURES if f.tower == "quality")
+# The default registry's views (the model's own come from its FeatureConfig).
 DENSE_NAMES = tuple(f.name for f in F.DENSE_FEATURES)
-QUALITY_FEATURES = QUALITY_SPARSE + DENSE_NAMES  # what Q reads (Q·U models)
+QUALITY_FEATURES = tuple(f.name for f in F.SPARSE_FEATURES if f.tower == "quality") + DENSE_NAMES  # what Q reads
 
 
 @dataclasses.dataclass
@@ -129,16 +127,24 @@ class FactoryFloorRanker(tf.keras.Model):
     `quality`, `ui` and `score_grid` are the Q·U serving paths.
     """
 
-    def __init__(self, config: RankerConfig = RankerConfig(), features: F.FeatureConfig = F.FeatureConfig(), **kwargs):
+    def __init__(self, config: RankerConfig = RankerConfig(), features: F.FeatureConfig = F.DEFAULT, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.features = features
         c = config
-        self.embedding = FeatureEmbedding(c.embedding_dim, features.sparse_features(), lr_multiplier=c.embedding_lr_multiplier,
-                                          name="embedding")
+        self.embedding = FeatureEmbedding(c.embedding_dim, features.sparse_features(), features.dense_features(),
+                                          lr_multiplier=c.embedding_lr_multiplier, name="embedding")
         self.factorized = c.qu_dim > 0
-        self.quality_names = QUALITY_FEATURES if self.factorized else tuple(F.MODEL_INPUTS)
-        self.ui_names = tuple(F.UI_FEATURES)
+        self.dense_names = tuple(f.name for f in features.dense_features())
+        # Q reads the quality features, sparse first (as the package always has), U the UI ones.
+        quality = [f for f in features.sparse_features() if f.tower == "quality"] + \
+                  [f for f in features.dense_features() if f.tower == "quality"]
+        self.ui_names = features.ui_names
+        if self.factorized and not self.ui_names:
+            raise ValueError("the Q·U factorisation (qu_dim > 0) needs UI features (role ui) in features.inputs; "
+                             "set ranker qu_dim: 0 for a one-tower ranker")
+        self.quality_names = tuple(f.name for f in quality) if self.factorized else \
+            tuple(f.name for f in features.sparse_features()) + self.dense_names
         self.cross = CrossStack(c.cross_layers, c.cross_projection_dim or None, c.cross_ramp_steps,
                                 name="cross") if c.cross_layers else None
         self.activation_fn = activations.get_activation(c.activation)
@@ -169,15 +175,23 @@ class FactoryFloorRanker(tf.keras.Model):
             distillation=curriculum.Ramp(c.distill_weight, c.distill_start_step, c.distill_ramp_steps),
             bias_constraint=curriculum.Ramp(1.0 if c.bias_constraints else 0.0, c.bias_start_step, c.bias_ramp_steps),
         )
-        self._bias = _Untracked(self._make_bias_constraints(c) if c.bias_constraints else None)
+        self._bias = _Untracked(self._make_bias_constraints(c, features) if c.bias_constraints else None)
         self._loss_tracker = tf.keras.metrics.MeanTensor(name="loss_terms")  # running means of LOSS_TERMS
         self._eval_auc = tf.keras.metrics.AUC(from_logits=True, name="auc")
 
     @staticmethod
-    def _make_bias_constraints(c: RankerConfig) -> bias_constraints.BiasConstraints:
+    def _make_bias_constraints(c: RankerConfig, features: F.FeatureConfig) -> bias_constraints.BiasConstraints:
+        """Slices: the predicted-CTR buckets and the values of `bias_slice_feature`, a UI id
+        feature of the registry (its bucket count is its number of values)."""
+        ui = {f.name: f for f in features.sparse_features() if f.tower == "ui" and not f.multivalent}
+        if c.bias_slice_feature and c.bias_slice_feature not in ui:
+            raise ValueError(f"bias_slice_feature {c.bias_slice_feature!r} is not a UI id feature of features.inputs "
+                             f"({', '.join(sorted(ui)) or 'none'})")
+        if c.bias_slice_feature and ui[c.bias_slice_feature].dtype != "int64":
+            raise ValueError(f"bias_slice_feature {c.bias_slice_feature!r} must be an int64 id feature")
         return bias_constraints.BiasConstraints(
             ctr_boundaries=c.bias_ctr_boundaries,
-            num_categories=UI_SLICE_CARDINALITY.get(c.bias_slice_feature, 0),
+            num_categories=ui[c.bias_slice_feature].num_buckets if c.bias_slice_feature else 0,
             alpha=c.bias_alpha,
             dual_learning_rate=c.bias_dual_lr,
             name="ranker_bias_constraints",
@@ -233,7 +247,7 @@ class FactoryFloorRanker(tf.keras.Model):
         if self.config.nan_replacement == 0.0:
             return features
         out = dict(features)
-        for name in DENSE_NAMES:
+        for name in self.dense_names:
             if name in out:
                 x = tf.cast(out[name], tf.float32)
                 nans = tf.math.is_nan(x)
@@ -302,8 +316,8 @@ class FactoryFloorRanker(tf.keras.Model):
         from models.retrieval import dense_flops
 
         c = self.config
-        sizes = {f.name: c.embedding_dim for f in F.SPARSE_FEATURES}
-        sizes.update({f.name: f.size for f in F.DENSE_FEATURES})
+        sizes = {f.name: c.embedding_dim for f in self.features.sparse_features()}
+        sizes.update({f.name: f.size for f in self.features.dense_features()})
         width = sum(sizes[name] for name in self.quality_names)
         k = c.cross_projection_dim
         cross_layer = (4 * width * k if k else 2 * width * width) + 6 * width
@@ -345,8 +359,8 @@ class FactoryFloorRanker(tf.keras.Model):
 
     def perturb(self, embedded: Dict[str, tf.Tensor], seed) -> Dict[str, tf.Tensor]:
         """LSPR copy: dense + ω·N(0, 1) on normalised values, dropout p on sparse embeddings."""
-        dense = {k: v for k, v in embedded.items() if k in DENSE_NAMES}
-        sparse = {k: v for k, v in embedded.items() if k not in DENSE_NAMES}
+        dense = {k: v for k, v in embedded.items() if k in self.dense_names}
+        sparse = {k: v for k, v in embedded.items() if k not in self.dense_names}
         noisy, dropped = lspr.perturb_batch(dense, sparse, self.config.lspr_noise_scale,
                                             self.config.lspr_dropout_rate, seed)
         return {**noisy, **dropped}
@@ -361,8 +375,10 @@ class FactoryFloorRanker(tf.keras.Model):
         n = tf.shape(anchor)[0]  # rows of the batch (every feature is [N, ...])
         values = {"ui_position": self.config.reference_ui_position, "ui_format": self.config.reference_ui_format}
         out = dict(features)
-        for name in self.ui_names:
-            out[name] = tf.fill(tf.stack([n, 1]), tf.constant(values[name], tf.int64))  # [N, 1] like a parsed id
+        for name in self.ui_names:  # another UI feature of the registry takes its pad value (0, "" or 0.0)
+            f = self.features.feature(name)
+            value = values.get(name, f.pad_value)
+            out[name] = tf.fill(tf.stack([n, f.width]), tf.constant(value, f.tf_dtype))  # [N, w] like a parsed value
         return out
 
     def cascade_logit(self, features: Dict[str, tf.Tensor], training=None, step=None) -> tf.Tensor:

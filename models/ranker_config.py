@@ -24,7 +24,6 @@ from models.config import config_from_dict, to_dict
 RANK_LOSSES = ("none", "multi_objective", "multi_task")
 CASCADE_SCORES = ("reference_ui", "head", "tower")
 OPTIMIZERS = ("adagrad", "adam")
-BIAS_SLICE_FEATURES = ("", "ui_position", "ui_format")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ class RankerConfig:
     # Bias constraints (duals live outside the served model).
     bias_constraints: bool = True
     bias_ctr_boundaries: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.4)
-    bias_slice_feature: str = "ui_position"  # a UI feature whose values are slices too ("" = none)
+    bias_slice_feature: str = "ui_position"  # a UI id feature of the registry whose values are slices too ("" = none)
     bias_alpha: float = 0.1  # small α = tight constraint (a slice's mean residual is driven to α·λ)
     bias_dual_lr: float = 0.5
     bias_start_step: int = 100
@@ -113,8 +112,6 @@ class RankerConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.embedding_lr_multiplier > 0:
             raise ValueError(f"embedding_lr_multiplier must be > 0, got {self.embedding_lr_multiplier}")
-        if self.bias_slice_feature not in BIAS_SLICE_FEATURES:
-            raise ValueError(f"bias_slice_feature must be one of {BIAS_SLICE_FEATURES}, got {self.bias_slice_feature!r}")
         if not 0.0 <= self.rank_alpha <= 1.0:
             raise ValueError(f"rank_alpha must be in [0, 1], got {self.rank_alpha}")
         for name in ("embedding_dim", "batch_size", "requests_per_batch", "epochs"):

@@ -47,8 +47,8 @@ AD_INPUT_KEY = "ad_examples"
 MAX_UI_TABLE_ROWS = 4096  # above this many folded UI combinations, the grid runs the U tower per call
 
 
-def _spec_for(names, schema=None) -> Dict:
-    spec = F.serving_parse_spec(schema)
+def _spec_for(names, schema=None, features: F.FeatureConfig = F.DEFAULT) -> Dict:
+    spec = F.serving_parse_spec(schema, features)
     missing = [n for n in names if n not in spec]
     if missing:
         raise ValueError(f"features {missing} are not serving inputs of the schema")
@@ -56,21 +56,28 @@ def _spec_for(names, schema=None) -> Dict:
 
 
 def quality_parse_spec(model: FactoryFloorRanker, schema=None) -> Dict:
-    return _spec_for(model.quality_names, schema)
+    return _spec_for(model.quality_names, schema, model.features)
 
 
 def ui_parse_spec(model: FactoryFloorRanker, schema=None) -> Dict:
-    return _spec_for(model.ui_names, schema)
+    return _spec_for(model.ui_names, schema, model.features)
+
+
+def has_ui_grid(model: FactoryFloorRanker) -> bool:
+    """Whether `score_ui_grid` can take the UI treatments as int64 id vectors: every UI feature of
+    the model's registry is a univalent int64 id (the package's own ui_position and ui_format are)."""
+    by_name = {f.name: f for f in model.embedding.sparse_features}
+    features = [by_name.get(name) for name in model.ui_names]
+    return model.factorized and all(f is not None and not f.multivalent and f.dtype == "int64" for f in features)
 
 
 def _ui_buckets(model: FactoryFloorRanker) -> Sequence[int]:
     """num_buckets of each UI feature (in `model.ui_names` order, the model's own bucket counts);
-    all must be univalent ids."""
+    all must be univalent int64 ids (`has_ui_grid`)."""
+    if not has_ui_grid(model):
+        raise ValueError(f"the UI grid needs univalent int64 UI id features, got {model.ui_names}")
     by_name = {f.name: f for f in model.embedding.sparse_features}
-    features = [by_name.get(name) for name in model.ui_names]
-    if any(f is None or f.multivalent for f in features):
-        raise ValueError(f"the UI grid needs univalent sparse UI features, got {model.ui_names}")
-    return [f.num_buckets for f in features]
+    return [by_name[name].num_buckets for name in model.ui_names]
 
 
 def ui_table(model: FactoryFloorRanker) -> Optional[tf.Tensor]:
@@ -96,7 +103,7 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
     (the pipeline's Schema artifact; default: the packaged schema)."""
     q_spec, u_spec = quality_parse_spec(model, schema), ui_parse_spec(model, schema)
     examples = tf.TensorSpec([None], tf.string, name=export.SERVING_INPUT_KEY)
-    all_spec = _spec_for(model.feature_names, schema)
+    all_spec = _spec_for(model.feature_names, schema, model.features)
 
     @tf.function(input_signature=[examples])
     def serving_default(examples):
@@ -116,6 +123,9 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
     def ui(examples):
         return {"u": model.ui(parse_examples(examples, u_spec, schema))}
 
+    signatures.update(quality=quality, ui=ui)
+    if not has_ui_grid(model):
+        return signatures
     buckets = _ui_buckets(model)
     table = ui_table(model)
 
@@ -132,13 +142,14 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
         logit = model.transfer(tf.matmul(q, u, transpose_b=True))
         return {"ctr": tf.sigmoid(logit), "logit": logit}
 
-    signatures.update(quality=quality, ui=ui, score_ui_grid=score_ui_grid)
+    signatures.update(score_ui_grid=score_ui_grid)
     return signatures
 
 
-def grid_inputs(model: FactoryFloorRanker, ad_examples: Sequence[bytes], ui_examples: Sequence[bytes]) -> Dict:
+def grid_inputs(model: FactoryFloorRanker, ad_examples: Sequence[bytes], ui_examples: Sequence[bytes],
+                schema=None) -> Dict:
     """The `score_ui_grid` inputs for ads and UI treatments given as serialized tf.Examples."""
-    ui_ids = parse_examples(tf.constant(list(ui_examples)), ui_parse_spec(model))
+    ui_ids = parse_examples(tf.constant(list(ui_examples)), ui_parse_spec(model, schema), schema)
     inputs = {AD_INPUT_KEY: tf.constant(list(ad_examples))}
     inputs.update({name: tf.reshape(ui_ids[name], [-1]) for name in model.ui_names})
     return inputs
@@ -152,7 +163,8 @@ def _log(signature: str, inputs: Dict[str, object], model_name: str) -> bytes:
 
 
 def write_warmup_requests(export_dir: str, serialized_examples: Sequence[bytes], signatures: Sequence[str],
-                          model_name: str = "model", model: Optional[FactoryFloorRanker] = None) -> str:
+                          model_name: str = "model", model: Optional[FactoryFloorRanker] = None,
+                          schema=None) -> str:
     """One PredictionLog per signature, on the given examples (`models.export.WARMUP_FILE`); the grid's
     UI treatments are the UI ids of the first 8 examples (`model` gives their names)."""
     examples = list(serialized_examples)
@@ -168,7 +180,7 @@ def write_warmup_requests(export_dir: str, serialized_examples: Sequence[bytes],
     if "score_ui_grid" in signatures:
         if model is None:
             raise ValueError("the score_ui_grid warmup needs the model (its UI feature names)")
-        per_signature["score_ui_grid"] = {k: v.numpy() for k, v in grid_inputs(model, examples, examples[:8]).items()}
+        per_signature["score_ui_grid"] = {k: v.numpy() for k, v in grid_inputs(model, examples, examples[:8], schema).items()}
     with tf.io.TFRecordWriter(path) as writer:
         for name in signatures:
             writer.write(_log(name, per_signature[name], model_name))
@@ -182,5 +194,6 @@ def export_ranker(model: FactoryFloorRanker, export_dir: str, warmup_examples: S
     requests are parsed with `schema` (the pipeline's; default: the packaged schema)."""
     signatures = ranker_signatures(model, schema)
     return export.save_atomically(model, export_dir, signatures,
-                                  lambda tmp: write_warmup_requests(tmp, warmup_examples, list(signatures), model_name, model),
+                                  lambda tmp: write_warmup_requests(tmp, warmup_examples, list(signatures), model_name, model,
+                                                                    schema),
                                   options)

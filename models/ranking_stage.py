@@ -44,10 +44,10 @@ from schema import request_list as RL
 ROW_EXTRAS = (F.LABEL_KEY, F.SAMPLE_WEIGHT_KEY, F.TEACHER_LOGIT_KEY, F.REQUEST_ID_KEY)
 
 
-def list_rows(lists: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+def list_rows(lists: Dict[str, tf.Tensor], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, tf.Tensor]:
     """A batch of request lists [B, L] → candidate rows [B·L] in the candidate-row layout the
     ranker reads (request features repeated per slot; `RL.flatten_to_candidates`)."""
-    return RL.flatten_to_candidates(lists, tf.shape(lists["mask"])[1])
+    return RL.flatten_to_candidates(lists, tf.shape(lists["mask"])[1], features)
 
 
 def shown_row_index(lists: Dict[str, tf.Tensor]) -> tf.Tensor:
@@ -87,14 +87,14 @@ class RankingStage(tf.keras.layers.Layer):
 
     def call(self, lists, training=None) -> tf.Tensor:
         """[B, L] cascade scores of every slot (padding included; callers mask it)."""
-        scores = self.ranker.cascade_logit(list_rows(lists), training=training)
+        scores = self.ranker.cascade_logit(list_rows(lists, self.ranker.features), training=training)
         return tf.reshape(scores, tf.shape(lists["mask"]))
 
     def shown_rows(self, lists, rows=None) -> Dict[str, tf.Tensor]:
         """The shown candidates of the lists as a row batch for `FactoryFloorRanker.loss_terms`,
         with their list layout (LIST_INDEX_KEY [R, M], LIST_MASK_KEY [R, M]) for the rank loss.
         Teacher logits and weights of padded or unshown slots never enter."""
-        rows = list_rows(lists) if rows is None else rows
+        rows = list_rows(lists, self.ranker.features) if rows is None else rows
         index = shown_row_index(lists)
         names = tuple(self.ranker.feature_names) + tuple(n for n in ROW_EXTRAS if n in rows)
         out = {name: tf.gather(rows[name], index) for name in names}
@@ -105,7 +105,7 @@ class RankingStage(tf.keras.layers.Layer):
 
     def training_terms(self, lists, training=True) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
         """([B, L] cascade scores, the ranker's loss terms on the shown rows) at the ranker's step."""
-        rows = list_rows(lists)
+        rows = list_rows(lists, self.ranker.features)
         step = self.step
         scores = tf.reshape(self.ranker.cascade_logit(rows, training=training, step=step), tf.shape(lists["mask"]))
         terms = self.ranker.loss_terms(self.shown_rows(lists, rows), step=step, training=training)
@@ -128,10 +128,12 @@ class RankingStage(tf.keras.layers.Layer):
         """Fits the ranker's dense normalisers on the real candidates of training lists (numpy)."""
         mask = np.asarray(lists["mask"]) > 0
         size = mask.shape[1]
-        values = {
-            "user_dense": np.repeat(np.asarray(lists["user_dense"], np.float32), size, axis=0)[mask.reshape(-1)],
-            "item_dense": np.asarray(lists["item_dense"], np.float32).reshape(-1, RL.ITEM_DENSE_SIZE)[mask.reshape(-1)],
-        }
+        values = {}
+        for f in self.ranker.features.resolved():
+            if f.is_dense:
+                x = np.asarray(lists[f.name], np.float32)
+                x = np.repeat(x, size, axis=0) if f.role == "query" else x.reshape(-1, f.width)
+                values[f.name] = x[mask.reshape(-1)]
         for name, normalizer in self.ranker.embedding.normalizers.items():
             x = values[name]
             normalizer.adapt(np.where(np.isnan(x), 0.0, x))

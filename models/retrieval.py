@@ -60,15 +60,17 @@ class Tower(tf.keras.layers.Layer):
     """Embeddings of the tower's features (`FeatureEmbedding`), concatenated, then an MLP.
 
         x = [e_f for f in features] (concatenated),  out = MLP(x)       (ReLU hidden layers)
+
+    `feature_names` picks the tower's inputs from the registry `features`.
     """
 
     def __init__(self, feature_names: Sequence[str], embedding_dim: int = 16,
                  hidden_units: Sequence[int] = (64,), output_dim: int = 32,
-                 sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES, **kwargs):
+                 features: F.FeatureConfig = F.DEFAULT, **kwargs):
         super().__init__(**kwargs)
         self.feature_names = tuple(feature_names)
-        sparse = [f for f in sparse_features if f.name in self.feature_names]
-        dense = [f for f in F.DENSE_FEATURES if f.name in self.feature_names]
+        sparse = [f for f in features.sparse_features() if f.name in self.feature_names]
+        dense = [f for f in features.dense_features() if f.name in self.feature_names]
         self.embedding = FeatureEmbedding(embedding_dim, sparse, dense, name="embedding")
         self.input_dim = embedding_dim * len(sparse) + sum(f.size for f in dense)
         self.units = tuple(hidden_units) + (output_dim,)
@@ -86,13 +88,21 @@ class Tower(tf.keras.layers.Layer):
         return dense_flops((self.input_dim,) + self.units)
 
 
-def adapt_towers(towers: Sequence[Tower], lists: Mapping[str, np.ndarray]) -> None:
-    """Fits the dense normalisers of the towers on the real rows of request lists."""
+def dense_values(lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
+    """Each dense input's values on the real rows of request lists ([N, width]): what the
+    normalisers adapt on (query-side per request, item-side per real candidate)."""
     mask = np.asarray(lists["mask"]) > 0
-    values = {
-        "user_dense": np.asarray(lists["user_dense"], np.float32),
-        "item_dense": np.asarray(lists["item_dense"], np.float32).reshape(mask.shape + (RL.ITEM_DENSE_SIZE,))[mask],
-    }
+    out = {}
+    for f in features.of_role("query", "item", "ui"):
+        if f.is_dense:
+            values = np.asarray(lists[f.name], np.float32)
+            out[f.name] = values if f.role == "query" else values.reshape(mask.shape + (f.width,))[mask]
+    return out
+
+
+def adapt_towers(towers: Sequence[Tower], lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> None:
+    """Fits the dense normalisers of the towers on the real rows of request lists."""
+    values = dense_values(lists, features)
     for tower in towers:
         for f in tower.embedding.dense_features:
             tower.embedding.normalizers[f.name].adapt(values[f.name], batch_size=4096)
@@ -101,15 +111,17 @@ def adapt_towers(towers: Sequence[Tower], lists: Mapping[str, np.ndarray]) -> No
 class TwoTowerScorer(tf.keras.layers.Layer):
     """A cascade stage scoring each candidate of a request list by u·v ([B, L] logits)."""
 
-    def __init__(self, embedding_dim: int = 16, hidden_units: Sequence[int] = (64,), output_dim: int = 32, **kwargs):
+    def __init__(self, embedding_dim: int = 16, hidden_units: Sequence[int] = (64,), output_dim: int = 32,
+                 features: F.FeatureConfig = F.DEFAULT, **kwargs):
         super().__init__(**kwargs)
-        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, hidden_units, output_dim, name="query_tower")
-        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, hidden_units, output_dim, name="item_tower")
+        self.features = features
+        self.query_tower = Tower(features.query_names, embedding_dim, hidden_units, output_dim, features, name="query_tower")
+        self.item_tower = Tower(features.item_names, embedding_dim, hidden_units, output_dim, features, name="item_tower")
 
     def call(self, lists: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
         size = tf.shape(lists["mask"])[1]
-        u = self.query_tower(LI.request_features(lists), training=training)  # [B, d]
-        v = self.item_tower(LI.candidate_features(lists), training=training)  # [B·L, d]
+        u = self.query_tower(LI.request_features(lists, self.features), training=training)  # [B, d]
+        v = self.item_tower(LI.candidate_features(lists, self.features), training=training)  # [B·L, d]
         v = tf.reshape(v, [-1, size, v.shape[-1]])
         return tf.einsum("bd,bld->bl", u, v)
 
@@ -130,19 +142,15 @@ def positive_mask(lists: Mapping[str, np.ndarray], positive: str = "gt") -> np.n
     raise ValueError(f"positive must be 'gt' or 'click', got {positive!r}")
 
 
-def _item_columns(lists: Mapping[str, np.ndarray], rows: np.ndarray, slots: np.ndarray) -> Dict[str, np.ndarray]:
+def _item_columns(lists: Mapping[str, np.ndarray], rows: np.ndarray, slots: np.ndarray,
+                  features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
+    """The item-side inputs of the candidates (rows, slots) of request lists, [N, width] each."""
     size = LI.list_size_of(lists)
-    tags = np.asarray(lists["item_tags"]).reshape(-1, size, RL.MAX_ITEM_TAGS)
-    dense = np.asarray(lists["item_dense"]).reshape(-1, size, RL.ITEM_DENSE_SIZE)
-    return {
-        "item_id": np.asarray(lists["item_id"])[rows, slots][:, None],
-        "item_category": np.asarray(lists["item_category"])[rows, slots][:, None],
-        "item_tags": tags[rows, slots],
-        "item_dense": dense[rows, slots].astype(np.float32),
-    }
+    return {f.name: np.asarray(lists[f.name]).reshape(-1, size, f.width)[rows, slots] for f in features.of_role("item")}
 
 
-def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: str = "gt") -> Dict[str, object]:
+def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: str = "gt",
+                    features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
     """One (request, positive item) pair per positive candidate of the lists.
 
     Returns {"query": request features [P, ...], "item": item features [P, ...],
@@ -152,40 +160,44 @@ def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: 
     rows, slots = np.nonzero(positive_mask(lists, positive))
     if rows.size == 0:
         raise ValueError("the request lists have no positive candidate")
-    item = _item_columns(lists, rows, slots)
-    ids = item["item_id"][:, 0]
+    item = _item_columns(lists, rows, slots, features)
+    ids = item[features.item_key][:, 0]
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     probability = np.minimum(batch_size * counts[inverse] / ids.size, 1.0).astype(np.float32)
-    query = {name: np.asarray(lists[name])[rows] for name in LI.QUERY_FEATURES}
+    query = {name: np.asarray(lists[name])[rows] for name in features.query_names}
     return {"query": query, "item": item, "sampling_probability": probability}
 
 
 @dataclasses.dataclass
 class ItemCorpus:
-    """Item features of every distinct item (one row per item_id, sorted by id)."""
+    """The item-side inputs of every distinct item (one row per id, sorted by id): `columns`
+    maps each item-side feature of the registry to [N, width]; `key` names the item id."""
 
-    item_id: np.ndarray  # [N, 1] int64
-    item_category: np.ndarray  # [N, 1]
-    item_tags: np.ndarray  # [N, 8], 0-padded
-    item_dense: np.ndarray  # [N, 4]
+    columns: Dict[str, np.ndarray]
+    key: str = F.ITEM_KEY
+
+    @property
+    def ids(self) -> np.ndarray:
+        """[N] item ids (int64 or bytes)."""
+        return self.columns[self.key][:, 0]
 
     @property
     def size(self) -> int:
-        return int(self.item_id.shape[0])
+        return int(self.ids.shape[0])
 
     def features(self) -> Dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dict(self.columns)
 
 
-def item_corpus_from_lists(*list_sets: Mapping[str, np.ndarray]) -> ItemCorpus:
-    """The distinct items of request lists (the first occurrence of each item_id)."""
+def item_corpus_from_lists(*list_sets: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> ItemCorpus:
+    """The distinct items of request lists (the first occurrence of each item id)."""
     columns = []
     for lists in list_sets:
         rows, slots = np.nonzero(np.asarray(lists["mask"]) > 0)
-        columns.append(_item_columns(lists, rows, slots))
+        columns.append(_item_columns(lists, rows, slots, features))
     merged = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
-    _, first = np.unique(merged["item_id"][:, 0], return_index=True)
-    return ItemCorpus(**{k: v[first] for k, v in merged.items()})
+    _, first = np.unique(merged[features.item_key][:, 0], return_index=True)
+    return ItemCorpus({k: v[first] for k, v in merged.items()}, features.item_key)
 
 
 class UniformNegatives:
@@ -211,11 +223,11 @@ class UniformNegatives:
         return batch
 
 
-def random_negatives_from_lists(lists: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def random_negatives_from_lists(lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
     """The `random_neg` candidates of the lists with their recorded sampling_probability."""
     real = np.asarray(lists["mask"]) > 0
     rows, slots = np.nonzero(real & (np.asarray(lists["stage"]) == RL.TIER_INDEX[RL.RANDOM_NEG_TIER]))
-    out = _item_columns(lists, rows, slots)
+    out = _item_columns(lists, rows, slots, features)
     out["sampling_probability"] = np.asarray(lists["sampling_probability"])[rows, slots].astype(np.float32)
     return out
 
@@ -240,11 +252,12 @@ class RetrievalModel(tfrs.Model):
 
     def __init__(self, embedding_dim: int = 16, hidden_units: Sequence[int] = (64,), output_dim: int = 32,
                  temperature: Optional[float] = None, remove_accidental_hits: bool = True,
-                 sparse_features: Sequence[F.SparseFeature] = F.SPARSE_FEATURES):
+                 features: F.FeatureConfig = F.DEFAULT):
         super().__init__()
-        self.query_tower = Tower(LI.QUERY_FEATURES, embedding_dim, hidden_units, output_dim, sparse_features,
+        self.features = features
+        self.query_tower = Tower(features.query_names, embedding_dim, hidden_units, output_dim, features,
                                  name="query_tower")
-        self.item_tower = Tower(LI.ITEM_FEATURES, embedding_dim, hidden_units, output_dim, sparse_features,
+        self.item_tower = Tower(features.item_names, embedding_dim, hidden_units, output_dim, features,
                                 name="item_tower")
         self.task = tfrs.tasks.Retrieval(temperature=temperature, remove_accidental_hits=remove_accidental_hits)
 
@@ -253,17 +266,18 @@ class RetrievalModel(tfrs.Model):
 
     def candidates(self, features: Mapping, training=None):
         """(candidate embeddings, sampling probabilities, ids): positives, then sampled negatives."""
-        embeddings = [self.item_tower(LI.candidate_features(features["item"]), training=training)]
+        key = self.features.item_key
+        embeddings = [self.item_tower(LI.candidate_features(features["item"], self.features), training=training)]
         probabilities = [tf.reshape(tf.cast(features["sampling_probability"], tf.float32), [-1])]
-        ids = [tf.reshape(features["item"]["item_id"], [-1])]
+        ids = [tf.reshape(features["item"][key], [-1])]
         if "negative" in features:
-            embeddings.append(self.item_tower(LI.candidate_features(features["negative"]), training=training))
+            embeddings.append(self.item_tower(LI.candidate_features(features["negative"], self.features), training=training))
             probabilities.append(tf.reshape(tf.cast(features["negative_sampling_probability"], tf.float32), [-1]))
-            ids.append(tf.reshape(features["negative"]["item_id"], [-1]))
+            ids.append(tf.reshape(features["negative"][key], [-1]))
         return tf.concat(embeddings, 0), tf.concat(probabilities, 0), tf.concat(ids, 0)
 
     def compute_loss(self, features, training=False) -> tf.Tensor:
-        query = self.query_tower(LI.request_features(features["query"]), training=training)
+        query = self.query_tower(LI.request_features(features["query"], self.features), training=training)
         candidates, probability, ids = self.candidates(features, training)
         return self.task(query, candidates, candidate_sampling_probability=probability, candidate_ids=ids,
                          compute_metrics=False, compute_batch_metrics=False)
@@ -274,10 +288,10 @@ def train_retrieval(train_lists: Mapping[str, np.ndarray], epochs: int = 3, batc
                     learning_rate: float = 0.05, **model_kwargs) -> RetrievalModel:
     """Fits a RetrievalModel on the GT pairs of request lists (Adagrad, as the TFRS tutorials)."""
     tf.keras.utils.set_random_seed(seed)
-    corpus = corpus or item_corpus_from_lists(train_lists)
-    pairs = retrieval_pairs(train_lists, batch_size)
     model = RetrievalModel(**model_kwargs)
-    adapt_towers([model.query_tower, model.item_tower], train_lists)
+    corpus = corpus or item_corpus_from_lists(train_lists, features=model.features)
+    pairs = retrieval_pairs(train_lists, batch_size, features=model.features)
+    adapt_towers([model.query_tower, model.item_tower], train_lists, model.features)
     negatives = UniformNegatives(corpus, num_negatives, seed) if num_negatives else None
     model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate))
     model.fit(retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=seed, num_epochs=epochs), verbose=0)
@@ -287,31 +301,37 @@ def train_retrieval(train_lists: Mapping[str, np.ndarray], epochs: int = 3, batc
 # ---------------------------------------------------------------------------------------------
 # Export.
 # ---------------------------------------------------------------------------------------------
-def request_context_spec(schema=None) -> Dict:
-    """Parse spec of the request features (what a retrieval request carries), from `schema`
-    (default: the packaged one)."""
-    spec = F.serving_parse_spec(schema)
-    return {name: spec[name] for name in LI.QUERY_FEATURES}
+def request_context_spec(schema=None, features: F.FeatureConfig = F.DEFAULT) -> Dict:
+    """Parse spec of the registry's query-side inputs (what a retrieval request carries), from
+    `schema` (default: the packaged one)."""
+    spec = F.serving_parse_spec(schema, features)
+    return {name: spec[name] for name in features.query_names}
 
 
 class RetrievalServing(tf.Module):
     """What is saved: the query tower and a BruteForce index over the item embeddings."""
 
-    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.BruteForce, schema=None):
+    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.BruteForce, schema=None,
+                 features: F.FeatureConfig = F.DEFAULT):
         super().__init__()
         self.query_tower = query_tower
         self.index = index
         self._schema = schema
-        self._spec = request_context_spec(schema)
+        self._features = features
+        self._spec = request_context_spec(schema, features)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):
-        scores, ids = self.index(export_lib.parse_examples(examples, self._spec, self._schema))
+        scores, ids = self.index(self._request(examples))
         return {"scores": scores, "item_ids": ids}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def query_embedding(self, examples):
-        return {"embedding": self.query_tower(export_lib.parse_examples(examples, self._spec, self._schema), training=False)}
+        return {"embedding": self.query_tower(self._request(examples), training=False)}
+
+    def _request(self, examples):
+        parsed = export_lib.parse_examples(examples, self._spec, self._schema)
+        return LI.request_features(parsed, self._features)
 
     @tf.function(input_signature=[])
     def item_embeddings(self):
@@ -319,17 +339,26 @@ class RetrievalServing(tf.Module):
         return {"item_ids": tf.identity(self.index._identifiers), "embeddings": tf.identity(self.index._candidates)}
 
 
-def item_embeddings(item_tower: Tower, corpus: ItemCorpus, batch_size: int = 4096) -> np.ndarray:
+def item_embeddings(item_tower: Tower, corpus: ItemCorpus, batch_size: int = 4096,
+                    features: F.FeatureConfig = F.DEFAULT) -> np.ndarray:
     feats = corpus.features()
     out = []
     for start in range(0, corpus.size, batch_size):
         part = {k: v[start:start + batch_size] for k, v in feats.items()}
-        out.append(item_tower(LI.candidate_features(part), training=False).numpy())
+        out.append(item_tower(LI.candidate_features(part, features), training=False).numpy())
     return np.concatenate(out)
 
 
+def corpus_identifiers(corpus: ItemCorpus) -> tf.Tensor:
+    """The index's identifiers: the item ids, int64 or string."""
+    ids = corpus.ids
+    if ids.dtype == object or ids.dtype.kind == "S":
+        return tf.constant([bytes(i) for i in ids], tf.string)
+    return tf.constant(ids.astype(np.int64))
+
+
 def export_retrieval(query_tower: Tower, item_tower: Tower, corpus: ItemCorpus, export_dir: str,
-                     warmup_examples: Sequence[bytes], k: int = 100) -> str:
+                     warmup_examples: Sequence[bytes], k: int = 100, features: F.FeatureConfig = F.DEFAULT) -> str:
     """Saves query tower + BruteForce top-k index over the corpus (atomically, with a warmup file).
 
     `warmup_examples`: serialized tf.Examples holding request features; the index is called on
@@ -339,9 +368,9 @@ def export_retrieval(query_tower: Tower, item_tower: Tower, corpus: ItemCorpus, 
         raise ValueError("export_retrieval needs at least one warmup example")
     k = min(int(k), corpus.size)
     index = tfrs.layers.factorized_top_k.BruteForce(query_tower, k=k)
-    index.index(tf.constant(item_embeddings(item_tower, corpus)),
-                identifiers=tf.constant(corpus.item_id[:, 0].astype(np.int64)))
-    module = RetrievalServing(query_tower, index)
+    index.index(tf.constant(item_embeddings(item_tower, corpus, features=features)),
+                identifiers=corpus_identifiers(corpus))
+    module = RetrievalServing(query_tower, index, features=features)
     module.serve(tf.constant(list(warmup_examples)))  # builds the index's graph before saving
     signatures = {
         "serving_default": module.serve,

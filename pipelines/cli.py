@@ -67,15 +67,22 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_convert(args) -> int:
+    from datasources.example_io import InputError
+
+    start = time.time()
     if args.dataset == "movielens":
         from datasources.movielens import convert_movielens
 
-        report = convert_movielens(args.src, args.out, seed=args.seed, overwrite=args.overwrite)
+        report = convert_movielens(args.src, args.out, seed=args.seed, overwrite=args.overwrite, layout=args.layout)
     else:
+        if args.layout == "clicks":
+            raise InputError("--layout clicks is only for movielens (the OBD is a log of shown rows: use native)")
         from datasources.open_bandit import convert_open_bandit
 
-        report = convert_open_bandit(args.src, args.out, campaign=args.campaign, split=args.split, overwrite=args.overwrite)
-    print(f"converted {args.dataset} from {args.src} to {args.out}: rows {report.get('rows')}, "
+        report = convert_open_bandit(args.src, args.out, campaign=args.campaign, split=args.split,
+                                     overwrite=args.overwrite, layout=args.layout)
+    print(f"converted {args.dataset} ({args.layout} layout) from {args.src} to {args.out} in "
+          f"{time.time() - start:.1f}s: rows {report.get('rows')}, requests {report.get('requests')}, "
           f"rejected {report.get('rejected', {})}")
     return 0
 
@@ -307,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--campaign", choices=("all", "men", "women"), default="all", help="OBD campaign")
     conv.add_argument("--split", choices=("time", "policy"), default="time",
                       help="OBD split: last 20%% by time, or train=bts / eval=random")
+    conv.add_argument("--layout", choices=("package", "native", "clicks"), default="package",
+                      help="package: the package's own 13 features (default); native: the dataset's own features "
+                           "(then `cascade init` for a schema and config); clicks: movielens native features as a "
+                           "clicks-only log (rated movies, no stage, no ui_position)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     conv.set_defaults(func=_cmd_convert)
 

@@ -22,6 +22,8 @@ from models.trainers.cascade import CascadeTrainerConfig
 from models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
+CASCADE_STAGES = ("retrieval", "preranking", "ranking")
+STAGE_CHOICES = (CASCADE_STAGES, CASCADE_STAGES[1:])
 BEAM_MODES = ("in_process", "in_memory", "multi_processing")
 
 
@@ -57,8 +59,12 @@ class PipelineConfig:
     cascade: CascadeTrainerConfig = dataclasses.field(default_factory=CascadeTrainerConfig)
     sampler: SamplerConfig = SamplerConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
-    # How the model inputs are embedded, set once for every Trainer and the NegativeSampler (e.g.
-    # features.buckets: [[item_id, 1000000]]): the first part of the feature registry.
+    # The trained stages, earliest first: the whole cascade, or pre-ranking and ranking alone (a
+    # 2-stage cascade: no retrieval Trainer, no retrieval model evaluated or pushed).
+    stages: Tuple[str, ...] = CASCADE_STAGES
+    # The feature registry: every model input declared once (features.inputs: name, role, kind,
+    # dtype, width, buckets), passed to every Trainer and the NegativeSampler; `features.buckets`
+    # overrides bucket counts by name (e.g. [[item_id, 1000000]]).
     features: FeatureConfig = FeatureConfig()
     # Beam: "multi_processing" runs DirectRunner with `beam_workers` processes (0 = one per core);
     # "in_process" passes no Beam args (one process, the fastest for tiny data, as in tests).
@@ -107,20 +113,37 @@ class PipelineConfig:
         if self.sampler.split != "keep":
             raise ValueError("the pipeline evaluates on the source's eval split: sampler.split must be 'keep'")
         self.check_quotas()
+        self.check_features()
+
+    def check_features(self) -> None:
+        """The ranker configs against the feature registry: a Q·U ranker needs UI features, and a
+        bias-constraint slice feature must be a UI id of the registry. A ConfigError names the field."""
+        ui_ids = [f.name for f in self.features.of_role("ui") if f.kind == "id" and f.dtype == "int64"]
+        for name in ("teacher", "ranker"):
+            ranker = getattr(self, name)
+            if ranker.qu_dim > 0 and not self.features.ui_names:
+                raise ConfigError(f"{name}.qu_dim {ranker.qu_dim}: the Q·U factorisation needs UI features (role ui) "
+                                  f"in features.inputs; set {name}.qu_dim: 0")
+            if ranker.bias_constraints and ranker.bias_slice_feature and ranker.bias_slice_feature not in ui_ids:
+                raise ConfigError(f"{name}.bias_slice_feature {ranker.bias_slice_feature!r} is not a UI int64 id of "
+                                  f"features.inputs ({', '.join(ui_ids) or 'none'}); name one or set it to ''")
 
     def check_quotas(self) -> None:
         """Cross-field rules of the cascade's sizes. The list size is set once, `sampler.list_size`
         (the Trainers read it from the lists). The stage quotas: `evaluator.quotas` (retrieval,
         pre-ranking, ranking) are positive and decreasing, the Trainers' own recall quotas are the
         same numbers, and LCRON's training quota fits in a list. A ConfigError names the fields."""
+        stages = tuple(self.stages)
+        if stages not in STAGE_CHOICES:
+            raise ConfigError(f"stages {list(stages)}: choose {' or '.join(str(list(s)) for s in STAGE_CHOICES)}")
         quotas = tuple(self.evaluator.quotas)
-        if len(quotas) < 3 or any(q <= 0 for q in quotas) or any(a <= b for a, b in zip(quotas, quotas[1:])):
-            raise ConfigError(f"evaluator.quotas {list(quotas)}: need one positive quota per stage (retrieval, "
-                              f"pre-ranking, ranking), each smaller than the one before")
+        if len(quotas) < len(stages) or any(q <= 0 for q in quotas) or any(a <= b for a, b in zip(quotas, quotas[1:])):
+            raise ConfigError(f"evaluator.quotas {list(quotas)}: need one positive quota per stage "
+                              f"({', '.join(stages)}), each smaller than the one before")
         if tuple(self.cascade.eval_quotas) != quotas[-2:]:
             raise ConfigError(f"cascade.eval_quotas {list(self.cascade.eval_quotas)} must be the pre-ranking and ranking "
                               f"quotas of evaluator.quotas {list(quotas)}: {list(quotas[-2:])}")
-        if self.retrieval.eval_quota != quotas[-3]:
+        if "retrieval" in stages and self.retrieval.eval_quota != quotas[-3]:
             raise ConfigError(f"retrieval.eval_quota {self.retrieval.eval_quota} must be the retrieval quota of "
                               f"evaluator.quotas {list(quotas)}: {quotas[-3]}")
         training = self.cascade.quota if isinstance(self.cascade.quota, tuple) else (self.cascade.quota,)
@@ -135,7 +158,7 @@ class PipelineConfig:
         the data; the local runner calls this once per run."""
         if self.source != "examples" or "://" in (self.examples_dir or ""):
             return
-        check_examples_dir(self.examples_dir, self.local_schema())
+        check_examples_dir(self.examples_dir, self.local_schema(), required=self.features.model_inputs)
 
     def local_schema(self):
         """The run's schema (`schema_file`, default the packaged one) when it is a local file, else
@@ -160,6 +183,10 @@ class PipelineConfig:
         if missing:
             raise InputError(f"schema file {path} lacks the optional features the pipeline's components add and read: "
                              f"{', '.join(missing)} (copy them from {F.SCHEMA_PATH}; `cascade init` adds them)")
+        try:
+            self.features.check_schema(schema)
+        except ValueError as e:
+            raise InputError(f"schema file {path}: {e}") from None
         return schema
 
     def beam_pipeline_args(self) -> List[str]:

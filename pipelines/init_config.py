@@ -11,28 +11,49 @@ inference it writes what the package's contract needs and TFDV cannot know:
   * an int feature whose values are all ≥ 0 gets `int_domain { min: 0 }`;
   * the label and logging features the package reads (`click`, `stage` and the optional oracle and
     logging features of `schema.features`) are `not_in_environment: "SERVING"`;
+  * a string model input keeps no vocabulary domain (TFDV infers one for few distinct values): it is
+    hashed, and a value unseen in the train split must not be an anomaly;
   * the optional features the pipeline's components add and read (`teacher_logit`, `sample_weight`,
     ... : `schema.features.PIPELINE_OPTIONAL_FEATURES`) are copied from the packaged schema when the
     data lacks them (a run refuses a schema without them).
 It names the features that look like ids (univalent int features whose value range, or bytes
-features whose distinct values, exceed `ID_MIN_UNIQUE`: embed them by hashing or a vocabulary), and compares the data's
-features with the model inputs the package reads today (`schema.features.MODEL_INPUTS`): a
-missing one is named, an extra one is listed as not read.
+features whose distinct values, exceed `ID_MIN_UNIQUE`).
+
+The feature registry (`features.inputs` of the config, `schema.features.InputFeature`) is inferred
+from the data's own features, every one but the keys and labels the pipeline reads by name
+(`schema.features.RESERVED_NAMES`, `ui_position` aside):
+  * role: "query" when the feature has one value per request in the first `ROLE_SAMPLE_RECORDS`
+    rows of the train split (the same on every row of a request_id), "ui" for a name that says it
+    is a display slot (`UI_NAME_HINTS`), "item" otherwise; when every sampled request has one row
+    (nothing to compare), a name with a request-side word (`QUERY_NAME_HINTS`) is "query" (said);
+  * kind and width: a float feature of a fixed count w is dense of width w; an int or bytes feature
+    with one value is an id, with several an id list ("ids") of width its most values per row; a
+    float feature of varying count is left out (said);
+  * dtype: int64, or string for a bytes feature (hashed by the model: Keras `Hashing`);
+  * buckets: int ids the next power of two above twice their largest value (ids 0..N−1 never share
+    a row, and there is room for new ones); string ids the next power of two above 4 × their distinct values in the train split
+    (hashing N strings into 4N buckets leaves ~1/8 of them sharing one);
+  * item_key: `item_id` if the data has it, else the item-side id with the most distinct values.
 
 It writes DIR/schema.pbtxt and DIR/cascade.yaml (a `cascade run --config` file: source examples,
-this directory, this schema, and `features.buckets` sized for every id-like model input whose values
-span more than its default buckets), each to a temporary name renamed at the end. Nothing is guessed
-silently: the report, printed and written as the YAML's leading comments, says what was inferred.
+this directory, this schema, and the registry), each to a temporary name renamed at the end. Nothing
+is guessed silently: the report, printed and written as the YAML's leading comments, says what was
+inferred; the user edits the YAML (a role, a bucket count, a feature to leave out) before running.
 """
 import dataclasses
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
 ID_MIN_UNIQUE = 1_000  # a univalent int feature with a wider value range, or a bytes feature with more
                        # distinct values, looks like an id
+ROLE_SAMPLE_RECORDS = 20_000  # train rows read to tell request-level features from candidate-level ones
+UI_NAME_HINTS = ("ui_", "position", "slot")  # a feature whose name has one of these is a UI treatment
+# With one row per request, a feature whose name has one of these (and not "item") is request-side,
+# any other item-side.
+QUERY_NAME_HINTS = ("user", "query", "context", "hour", "weekday", "device", "region", "country")
 SCHEMA_FILE, CONFIG_FILE = "schema.pbtxt", "cascade.yaml"
 
 
@@ -47,6 +68,8 @@ class InitReport:
     nan_features: List[str]  # float features with NaN in the data (left allowed)
     missing_model_inputs: List[str]
     not_read: List[str]
+    registry: List[str] = dataclasses.field(default_factory=list)  # one line per inferred input
+    notes: List[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> List[str]:
         out = [f"{self.rows:,} train rows, {len(self.features)} features: {', '.join(self.features)}"]
@@ -60,10 +83,13 @@ class InitReport:
         else:
             out.append("no float feature has NaN: every one is disallow_nan")
         if self.missing_model_inputs:
-            out.append("the package's models read features your data lacks (`cascade run` will stop at the "
-                       "AnomalyGate until they exist): " + ", ".join(self.missing_model_inputs))
+            out.append("the pipeline reads keys your data lacks: " + ", ".join(self.missing_model_inputs))
+        out.extend(self.notes)
+        if self.registry:
+            out.append("model inputs (features.inputs; edit roles, buckets or drop a feature):")
+            out.extend("  " + line for line in self.registry)
         if self.not_read:
-            out.append("in your data but not read by the package's models: " + ", ".join(self.not_read))
+            out.append("in your data but not model inputs: " + ", ".join(self.not_read))
         return out
 
 
@@ -110,27 +136,153 @@ def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatis
             id_like[feature.name] = _id_span(feature, st)
         if feature.name in labels and "SERVING" not in feature.not_in_environment:
             feature.not_in_environment.append("SERVING")
+        if feature.type == schema_pb2.BYTES and feature.name not in keys and feature.HasField("domain"):
+            # A string model input is hashed (any value embeds): TFDV's vocabulary of the values it saw
+            # would make every new id an anomaly that stops the run.
+            domain = feature.domain
+            feature.ClearField("domain")
+            kept = [d for d in schema.string_domain if d.name != domain]
+            del schema.string_domain[:]
+            schema.string_domain.extend(kept)
     names = [f.name for f in schema.feature]  # the data's own features
     packaged = {f.name: f for f in F.load_schema().feature}
     added = list(F.missing_pipeline_features(schema))
     for name in added:  # the features the components add, as the package declares them
         schema.feature.add().CopyFrom(packaged[name])
     rows = int(stats.datasets[0].num_examples)
-    return InitReport(rows=rows, features=names, added=added, id_like=id_like, nan_features=nan_features,
-                      missing_model_inputs=[n for n in F.MODEL_INPUTS if n not in names],
-                      not_read=[n for n in names if n not in F.MODEL_INPUTS and n not in labels
-                                and n not in (F.REQUEST_ID_KEY, F.REQUEST_TIME_KEY)])
+    required = (F.REQUEST_ID_KEY, F.LABEL_KEY)
+    report = InitReport(rows=rows, features=names, added=added, id_like=id_like, nan_features=nan_features,
+                        missing_model_inputs=[n for n in required if n not in names], not_read=[])
+    if F.STAGE_KEY not in names:
+        report.notes.append(f"no {F.STAGE_KEY} (tiers): the ground truth is the click; a clicked row is tier "
+                            f"{F.STAGE_TIERS[0]}, another logged row {F.STAGE_TIERS[1]}")
+    if F.SHOWN_KEY not in names:
+        report.notes.append(f"no {F.SHOWN_KEY}: every logged row was shown")
+    return report
 
 
-def bucket_config(report: InitReport):
-    """The starter's FeatureConfig: an id-like model input whose values span more than its default
-    buckets gets the next power of two above its span, so that its ids are not folded together."""
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 1).bit_length()
+
+
+def _max_values(st: statistics_pb2.FeatureNameStatistics) -> int:
+    common = st.num_stats.common_stats if st.HasField("num_stats") else st.string_stats.common_stats
+    return int(common.max_num_values)
+
+
+def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_RECORDS) -> Optional[set]:
+    """The features of `names` with one value per request in the first `records` train rows: the
+    same values on every row of a request_id (a feature no row carries is not one). None when no
+    request of the sample has two rows: constancy then says nothing (a log of one row per request,
+    as the Open Bandit sample)."""
+    from datasources.example_io import read_examples
     from schema import features as F
 
-    defaults = {f.name: f.num_buckets for f in F.SPARSE_FEATURES}
-    buckets = tuple((name, 1 << (span - 1).bit_length()) for name, span in sorted(report.id_like.items())
-                    if name in defaults and span > defaults[name])
-    return F.FeatureConfig(buckets=buckets)
+    first: Dict[tuple, tuple] = {}
+    varying, seen = set(), set()
+    rows_of: Dict[tuple, int] = {}
+    for i, example in enumerate(read_examples(os.path.join(examples_dir, "Split-train"))):
+        if i >= records:
+            break
+        fmap = example.features.feature
+        if F.REQUEST_ID_KEY not in fmap:
+            continue
+        request = tuple(fmap[F.REQUEST_ID_KEY].int64_list.value)
+        rows_of[request] = rows_of.get(request, 0) + 1
+        for name in names:
+            if name in varying or name not in fmap:
+                continue
+            seen.add(name)
+            kind = fmap[name].WhichOneof("kind")
+            value = tuple(getattr(fmap[name], kind).value) if kind else ()
+            key = (name, request)
+            if first.setdefault(key, value) != value:
+                varying.add(name)
+    if not any(count > 1 for count in rows_of.values()):
+        return None
+    return seen - varying
+
+
+def infer_registry(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatisticsList,
+                   report: InitReport, request_level: Optional[set]):
+    """The starter's feature registry (`FeatureConfig`) from the refined schema, the train split's
+    statistics and the request-level features (see the module docstring); fills `report.registry`
+    and `report.not_read`."""
+    from schema import features as F
+
+    by_name = _feature_stats(stats)
+    reserved = set(F.RESERVED_NAMES)
+    inputs, lines, left_out, distinct_ids = [], [], [], {}
+    for feature in schema.feature:
+        name = feature.name
+        if name in reserved or name in report.added:
+            continue
+        st = by_name.get(name)
+        shape = [d.size for d in feature.shape.dim] if feature.HasField("shape") else None
+        if name == F.SHOWN_KEY or any(hint in name.lower() for hint in UI_NAME_HINTS):
+            role = "ui"
+        elif request_level is None:  # one row per request: the name decides (`QUERY_NAME_HINTS`), said
+            lower = name.lower()
+            role = "query" if "item" not in lower and any(hint in lower for hint in QUERY_NAME_HINTS) else "item"
+        else:
+            role = "query" if name in request_level else "item"
+        if feature.type == schema_pb2.FLOAT:
+            if not shape or len(shape) != 1:
+                left_out.append(f"{name} (a float feature of varying length)")
+                continue
+            spec = F.InputFeature(name, role, "dense", "float32", width=shape[0])
+            how = f"dense, width {shape[0]}"
+        else:
+            string = feature.type == schema_pb2.BYTES
+            single = shape == [1]
+            width = 1 if single else max(_max_values(st) if st is not None else 1, 1)
+            if string:
+                distinct = int(st.string_stats.unique) if st is not None and st.HasField("string_stats") else 1
+                buckets, why = _next_power_of_two(4 * max(distinct, 1)), f"hashed, {distinct:,} distinct in train"
+            else:  # room for ids up to twice the largest seen, so new ones in a later span rarely fold
+                top = int(st.num_stats.max) if st is not None and st.HasField("num_stats") else 0
+                distinct = _id_span(feature, st) if st is not None else 0
+                buckets, why = _next_power_of_two(2 * (max(top, 0) + 1)), f"ids up to {top:,}"
+            distinct_ids[name] = distinct
+            spec = F.InputFeature(name, role, "id" if single else "ids", "string" if string else "int64",
+                                  width=width, buckets=buckets)
+            how = f"{spec.kind} {spec.dtype}{'' if single else f', up to {width} values'}, {buckets:,} buckets ({why})"
+        inputs.append(spec)
+        lines.append(f"{name}: {role}, {how}")
+    if request_level is None:
+        report.notes.append("every request of the sample has one row, so roles come from the names (user, "
+                            "context, hour ... → query; others → item): check them")
+    report.registry = lines
+    report.not_read = left_out
+    items = [f for f in inputs if f.role == "item" and f.kind == "id"]
+    if F.ITEM_KEY in {f.name for f in items}:
+        item_key = F.ITEM_KEY
+    elif items:
+        item_key = max(items, key=lambda f: distinct_ids.get(f.name, 0)).name
+    else:
+        raise ValueError("no item-side id feature in the data: the cascade needs one to identify candidates")
+    report.registry.append(f"item_key: {item_key} (the candidate's id)")
+    return F.FeatureConfig(inputs=tuple(inputs), item_key=item_key)
+
+
+def fit_rankers(config, report: InitReport):
+    """The teacher and ranker configs fitted to the registry: without UI features no Q·U
+    factorisation (qu_dim 0); the bias constraints slice by the first UI int64 id, or by the
+    predicted CTR alone when there is none. Each change is a line of the report."""
+    ui_ids = [f.name for f in config.features.of_role("ui") if f.kind == "id" and f.dtype == "int64"]
+    changes = {}
+    for name in ("teacher", "ranker"):
+        ranker = getattr(config, name)
+        update = {}
+        if ranker.qu_dim > 0 and not config.features.ui_names:
+            update["qu_dim"] = 0
+        if ranker.bias_slice_feature and ranker.bias_slice_feature not in ui_ids:
+            update["bias_slice_feature"] = ui_ids[0] if ui_ids else ""
+        if update:
+            changes[name] = dataclasses.replace(ranker, **update)
+            report.notes.append(f"{name}: " + ", ".join(f"{k} {v!r}" for k, v in update.items())
+                                + " (fitted to the data's UI features)")
+    return dataclasses.replace(config, **changes)
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -168,9 +320,12 @@ def infer(examples_dir: str, out_dir: str, overwrite: bool = False) -> InitRepor
     stats = tfdv.generate_statistics_from_tfrecord(os.path.join(examples_dir, "Split-train", "*"))
     schema = tfdv.infer_schema(stats, infer_feature_shape=True)
     report = refine(schema, stats)
+    candidates = [f.name for f in schema.feature if f.name not in report.added]
+    registry = infer_registry(schema, stats, report, request_level_features(examples_dir, candidates))
     _write_atomically(paths[SCHEMA_FILE], text_format.MessageToString(schema))
     config = PipelineConfig(source="examples", examples_dir=os.path.abspath(examples_dir),
-                            schema_file=os.path.abspath(paths[SCHEMA_FILE]), features=bucket_config(report))
+                            schema_file=os.path.abspath(paths[SCHEMA_FILE]), features=registry)
+    config = fit_rankers(config, report)
     header = "".join(f"# {line}\n" for line in
                      [f"cascade init --examples-dir {examples_dir}: a starter config (cascade run --config this file)"]
                      + report.lines())

@@ -27,6 +27,7 @@ request_id explicitly. Each Trainer runs a module of `models.trainers` with its 
 JSON in custom_config. Nothing here depends on where the pipeline runs: LocalDagRunner,
 BeamDagRunner and Kubeflow V2 compile the same `tfx.dsl.Pipeline`.
 """
+import hashlib
 import os
 
 from tfx import v1 as tfx
@@ -78,6 +79,28 @@ def example_source(config: PipelineConfig):
     )
 
 
+def schema_source(config: PipelineConfig) -> str:
+    """The schema file ImportSchemaGen imports: a local schema is copied to
+    `<output_dir>/schemas/<sha256 of its bytes>/schema.pbtxt`, so an edited schema at the same path is
+    a new execution property and the cache cannot answer with the old one (ImportSchemaGen caches on
+    the path, not the content). A remote path (gs://, a Kubeflow image's path) is used as it is."""
+    path = _absolute(config.schema_file or F.SCHEMA_PATH)
+    if "://" in path or "://" in config.output_dir or not os.path.isfile(path):
+        return path
+    with open(path, "rb") as f:
+        content = f.read()
+    digest = hashlib.sha256(content).hexdigest()[:16]
+    target_dir = os.path.join(_absolute(config.output_dir), "schemas", digest)
+    target = os.path.join(target_dir, "schema.pbtxt")
+    if not os.path.exists(target):
+        os.makedirs(target_dir, exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, target)
+    return target
+
+
 def _trainer(stage: str, examples, schema, custom_config: dict, after, features) -> tfx.components.Trainer:
     """A Trainer of `stage`; every one gets the run's FeatureConfig under custom_config "features"."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(features)}
@@ -117,7 +140,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     example_gen = example_source(config)
     rows = example_gen.outputs["examples"]
     statistics_gen = tfx.components.StatisticsGen(examples=rows)
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=_absolute(config.schema_file or F.SCHEMA_PATH))
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_source(config))
     schema = schema_gen.outputs["schema"]
     example_validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
     anomaly_gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"])
@@ -129,34 +152,38 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
     request_lists = sampler.outputs["request_lists"]
 
-    retrieval = _trainer("retrieval", request_lists, schema, {"retrieval": to_json(config.retrieval)},
-                         after=anomaly_gate, features=config.features)
+    stages = tuple(config.stages)  # ("retrieval",) "preranking", "ranking": a cascade of 3 or 2 trained stages
+    retrieval = (_trainer("retrieval", request_lists, schema, {"retrieval": to_json(config.retrieval)},
+                          after=anomaly_gate, features=config.features) if "retrieval" in stages else None)
     cascade = _trainer("cascade", request_lists, schema,
                        {"cascade": to_json(config.cascade), "ranker": config.ranker.to_json()}, after=anomaly_gate,
                        features=config.features)
     preranking = StageModel(model=cascade.outputs["model"], stage="preranking").with_id("StageModel.preranking")
-    models = {"retrieval": retrieval.outputs["model"], "preranking": preranking.outputs["stage_model"],
-              "ranking": cascade.outputs["model"]}
-    baselines = {stage: latest_blessed(stage) for stage in STAGES}
+    models = {"preranking": preranking.outputs["stage_model"], "ranking": cascade.outputs["model"]}
+    if retrieval is not None:
+        models["retrieval"] = retrieval.outputs["model"]
+    baselines = {stage: latest_blessed(stage) for stage in STAGES if stage in stages}
 
     tfma_evaluator = tfx.components.Evaluator(
         examples=sampler.outputs["shown_rows"], model=models["ranking"],
-        baseline_model=baselines["ranking"].outputs["model"], eval_config=tfma_eval_config(config.evaluator),
+        baseline_model=baselines["ranking"].outputs["model"], eval_config=tfma_eval_config(config.evaluator, config.features),
         example_splits=["eval"],
     ).with_id(TFMA_EVALUATOR_ID)
     evaluator = CascadeEvaluator(
         examples=scored_rows, model=models["ranking"], preranking_model=models["preranking"],
-        retrieval_model=models["retrieval"], schema=schema, ctr_blessing=tfma_evaluator.outputs["blessing"],
+        retrieval_model=models.get("retrieval"), schema=schema, ctr_blessing=tfma_evaluator.outputs["blessing"],
         request_lists=request_lists,
         config=config.evaluator_config(),
-        **{BASELINE_KEYS[stage]: baselines[stage].outputs["model"] for stage in STAGES},
+        **{BASELINE_KEYS[stage]: baselines[stage].outputs["model"] for stage in baselines},
     ).with_id(EVALUATOR_ID)
-    pushers = [_pusher(stage, models[stage], evaluator.outputs[BLESSING_KEYS[stage]], config) for stage in STAGES]
+    pushers = [_pusher(stage, models[stage], evaluator.outputs[BLESSING_KEYS[stage]], config)
+               for stage in STAGES if stage in stages]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
         components=[example_gen, statistics_gen, schema_gen, example_validator, anomaly_gate, teacher,
-                    teacher_inference, sampler, retrieval, cascade, preranking, *baselines.values(), tfma_evaluator,
+                    teacher_inference, sampler, *([retrieval] if retrieval else []), cascade, preranking,
+                    *baselines.values(), tfma_evaluator,
                     evaluator, *pushers],
         enable_cache=config.enable_cache,
         metadata_connection_config=metadata_connection_config,

@@ -10,6 +10,7 @@ import functools
 import os
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 from tensorflow_metadata.proto.v0 import schema_pb2
 from google.protobuf import text_format
@@ -30,19 +31,40 @@ TRUE_CTR_KEY = "true_ctr"
 TEACHER_LOGIT_KEY = "teacher_logit"
 SAMPLE_WEIGHT_KEY = "sample_weight"
 SAMPLING_PROBABILITY_KEY = "sampling_probability"
+# Logs without tiers (impression and click logs with no logging cascade): a candidate row without
+# a `stage` is ground truth when clicked (tier rerank_pos) and a logged negative otherwise
+# (rerank_neg); a row without `ui_position` was shown, at `SHOWN_WITHOUT_POSITION`. Every reader
+# applies this one rule (`tier_without_stage`): the NegativeSampler, the evaluators, the teacher.
+SHOWN_WITHOUT_POSITION = 1
+MASK_KEY = "mask"  # request lists: 1 = a real candidate, 0 = padding
+# Keys and labels the pipeline reads by these names; none of them may be declared as a model input.
+RESERVED_NAMES: Tuple[str, ...] = (REQUEST_ID_KEY, REQUEST_TIME_KEY, LABEL_KEY, STAGE_KEY, MASK_KEY, TRUE_CTR_KEY,
+                                   TEACHER_LOGIT_KEY, SAMPLE_WEIGHT_KEY, SAMPLING_PROBABILITY_KEY, "propensity_score",
+                                   "logging_policy")
 NOT_SHOWN_POSITION = 0  # ui_position of a candidate that was not shown
 MAX_UI_POSITION = 10
 NUM_UI_FORMATS = 3
 
 
+ROLES = ("query", "item", "ui")  # request/user/query side, candidate item side, UI treatment
+KINDS = ("id", "ids", "dense")  # one id, a list of ids (average-pooled), a fixed-width float vector
+ID_DTYPES = ("int64", "string")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseFeature:
-    """An id feature embedded by the model; ids are folded into `num_buckets` (id mod buckets)."""
+    """An id feature embedded by the model (the model-facing view of an `InputFeature`).
+
+    int64 ids are folded into `num_buckets` by id mod buckets (ids in [0, buckets) never share a
+    row); string ids are hashed into them (Keras `Hashing`, FarmHash64). A multivalent feature is a
+    list of at most `max_length` ids, average-pooled; its padding (0, or the empty string) is no id."""
 
     name: str
     num_buckets: int
-    multivalent: bool = False  # variable-length list, average-pooled (0 is the padding id)
+    multivalent: bool = False
     tower: str = "quality"  # "quality" (query/user/item) or "ui" (UI treatment)
+    dtype: str = "int64"
+    max_length: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,53 +76,206 @@ class DenseFeature:
     tower: str = "quality"
 
 
-# The model inputs. Everything else in the schema is a label, a key, an oracle or a
-# component-added feature and is never fed to a model.
-SPARSE_FEATURES: Tuple[SparseFeature, ...] = (
-    SparseFeature("user_id", 5_000),
-    SparseFeature("query_tokens", 2_048, multivalent=True),
-    SparseFeature("hour", 24),
-    SparseFeature("device", 3),
-    SparseFeature("item_id", 10_000),
-    SparseFeature("item_category", 64),
-    SparseFeature("item_tags", 512, multivalent=True),
-    SparseFeature("ui_position", MAX_UI_POSITION + 1, tower="ui"),
-    SparseFeature("ui_format", NUM_UI_FORMATS, tower="ui"),
+@dataclasses.dataclass(frozen=True)
+class InputFeature:
+    """One model input of the feature registry (`FeatureConfig.inputs`), declared once.
+
+    role    "query" (one value per request: user, query, context), "item" (per candidate) or "ui"
+            (per candidate: how it was shown; the ranker's U tower reads these, the cascade score
+            does not);
+    kind    "id" (one id), "ids" (a list of ids, average-pooled) or "dense" (floats, normalised);
+    dtype   "int64" or "string" for ids (strings are hashed: Keras `Hashing`); dense is float;
+    width   dense: values per row; ids: the most values a row keeps (request lists cut longer
+            lists, and the NegativeSampler counts the cuts);
+    buckets id kinds: embedding rows. int64 ids fold as id mod buckets, so a catalogue of N ids
+            numbered 0..N−1 needs buckets ≥ N to embed without sharing rows.
+    """
+
+    name: str
+    role: str
+    kind: str = "id"
+    dtype: str = "int64"
+    width: int = 1
+    buckets: int = 0
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("a feature needs a name")
+        if self.role not in ROLES:
+            raise ValueError(f"feature {self.name}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"feature {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.width, int) or self.width <= 0:
+            raise ValueError(f"feature {self.name}: width must be a positive int, got {self.width!r}")
+        if self.kind == "dense":
+            if self.dtype not in ("float32", "float", "int64"):  # int64 is the field's default
+                raise ValueError(f"feature {self.name}: a dense feature is float32, got dtype {self.dtype!r}")
+            object.__setattr__(self, "dtype", "float32")
+        else:
+            if self.dtype not in ID_DTYPES:
+                raise ValueError(f"feature {self.name}: an id feature's dtype is int64 or string, got {self.dtype!r}")
+            if not isinstance(self.buckets, int) or self.buckets <= 0:
+                raise ValueError(f"feature {self.name}: an id feature needs buckets > 0, got {self.buckets!r}")
+            if self.kind == "id" and self.width != 1:
+                raise ValueError(f"feature {self.name}: a single id has width 1 (kind ids for a list), got {self.width}")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.kind == "dense"
+
+    @property
+    def multivalent(self) -> bool:
+        return self.kind == "ids"
+
+    @property
+    def is_string(self) -> bool:
+        return self.dtype == "string"
+
+    @property
+    def pad_value(self):
+        """The value of padding: 0.0 dense, b"" string ids, 0 int ids."""
+        return 0.0 if self.is_dense else (b"" if self.is_string else 0)
+
+    @property
+    def tf_dtype(self) -> tf.DType:
+        return tf.float32 if self.is_dense else (tf.string if self.is_string else tf.int64)
+
+    @property
+    def np_dtype(self):
+        return np.float32 if self.is_dense else (object if self.is_string else np.int64)
+
+    @property
+    def schema_type(self) -> int:
+        return schema_pb2.FLOAT if self.is_dense else (schema_pb2.BYTES if self.is_string else schema_pb2.INT)
+
+    def sparse(self) -> SparseFeature:
+        return SparseFeature(self.name, self.buckets, self.multivalent, "ui" if self.role == "ui" else "quality",
+                             self.dtype, self.width)
+
+    def dense(self) -> DenseFeature:
+        return DenseFeature(self.name, self.width, "ui" if self.role == "ui" else "quality")
+
+
+# The package's own layout: the synthetic generator's and the converters' candidate rows.
+DEFAULT_INPUTS: Tuple[InputFeature, ...] = (
+    InputFeature("user_id", "query", buckets=5_000),
+    InputFeature("query_tokens", "query", "ids", width=8, buckets=2_048),
+    InputFeature("hour", "query", buckets=24),
+    InputFeature("device", "query", buckets=3),
+    InputFeature("user_dense", "query", "dense", width=4),
+    InputFeature("item_id", "item", buckets=10_000),
+    InputFeature("item_category", "item", buckets=64),
+    InputFeature("item_tags", "item", "ids", width=8, buckets=512),
+    InputFeature("item_dense", "item", "dense", width=4),
+    InputFeature("ui_position", "ui", buckets=MAX_UI_POSITION + 1),
+    InputFeature("ui_format", "ui", buckets=NUM_UI_FORMATS),
 )
-DENSE_FEATURES: Tuple[DenseFeature, ...] = (
-    DenseFeature("user_dense", 4),
-    DenseFeature("item_dense", 4),
-)
+ITEM_KEY = "item_id"  # the candidate's id: random negatives, the item corpus and retrieval's index
+SHOWN_KEY = "ui_position"  # > 0 when the candidate was shown (NOT_SHOWN_POSITION otherwise)
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
-    """How the model inputs are embedded, set once per run (`PipelineConfig.features`, passed to
-    every Trainer as custom_config "features" and to the NegativeSampler). Today: the embedding
-    buckets of each sparse feature (id mod buckets), overriding `SPARSE_FEATURES`' defaults, e.g.
-    `(("item_id", 1_000_000),)` for a catalogue of a million items without 10k-fold collisions.
-    The rest of the feature registry (roles, dtypes, widths, hashing or vocabularies) is to come."""
+    """The feature registry: every model input declared once (`inputs`), set once per run
+    (`PipelineConfig.features`, passed to every Trainer as custom_config "features" and to the
+    NegativeSampler). Parse specs, request-list specs, the sampler's columns, every stage's towers
+    and the serving signatures derive from it (`schema.request_list`, `models.list_inputs`,
+    `components.negative_sampler`, `models.export`), and `check_schema` holds it against the run's
+    Schema artifact. `buckets` overrides the bucket counts of `inputs` by name, e.g.
+    `(("item_id", 1_000_000),)` for a catalogue of a million items (`--set features.buckets=...`).
 
+    `item_key` names the candidate's id (an "item" id feature): the item corpus of random negatives
+    and retrieval's index key on it."""
+
+    inputs: Tuple[InputFeature, ...] = DEFAULT_INPUTS
     buckets: Tuple[Tuple[str, int], ...] = ()
+    item_key: str = ITEM_KEY
 
     def __post_init__(self):
-        known = {f.name for f in SPARSE_FEATURES}
+        names = [f.name for f in self.inputs]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"inputs: {', '.join(duplicated)} declared more than once")
+        reserved = sorted(set(names) & set(RESERVED_NAMES))
+        if reserved:
+            raise ValueError(f"inputs: {', '.join(reserved)} is a key or label of the pipeline, not a model input")
+        sparse = {f.name for f in self.inputs if not f.is_dense}
         for name, count in self.buckets:
-            if name not in known:
-                raise ValueError(f"buckets: {name!r} is not a sparse model input; known: {', '.join(sorted(known))}")
+            if name not in sparse:
+                raise ValueError(f"buckets: {name!r} is not a sparse model input; known: {', '.join(sorted(sparse))}")
             if not isinstance(count, int) or count <= 0:
                 raise ValueError(f"buckets: {name} needs a positive bucket count, got {count!r}")
+        if not any(f.role == "query" for f in self.inputs) or not any(f.role == "item" for f in self.inputs):
+            raise ValueError("inputs: the towers need at least one query-side and one item-side feature")
+        item = self.feature(self.item_key) if self.item_key in names else None
+        if item is None or item.role != "item" or item.kind != "id":
+            raise ValueError(f"item_key: {self.item_key!r} must name an item-side id feature of inputs")
+
+    def feature(self, name: str) -> InputFeature:
+        for f in self.resolved():
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def resolved(self) -> Tuple[InputFeature, ...]:
+        """`inputs` with the `buckets` overrides applied."""
+        counts = dict(self.buckets)
+        return tuple(dataclasses.replace(f, buckets=counts[f.name]) if f.name in counts else f for f in self.inputs)
+
+    def of_role(self, *roles: str) -> Tuple[InputFeature, ...]:
+        return tuple(f for f in self.resolved() if f.role in roles)
 
     def sparse_features(self) -> Tuple[SparseFeature, ...]:
-        """`SPARSE_FEATURES` with this config's bucket counts."""
-        counts = dict(self.buckets)
-        return tuple(dataclasses.replace(f, num_buckets=counts.get(f.name, f.num_buckets)) for f in SPARSE_FEATURES)
+        return tuple(f.sparse() for f in self.resolved() if not f.is_dense)
+
+    def dense_features(self) -> Tuple[DenseFeature, ...]:
+        return tuple(f.dense() for f in self.resolved() if f.is_dense)
+
+    @property
+    def query_names(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in self.of_role("query"))
+
+    @property
+    def item_names(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in self.of_role("item"))
+
+    @property
+    def ui_names(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in self.of_role("ui"))
+
+    @property
+    def model_inputs(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in self.inputs)
+
+    @property
+    def item_key_is_string(self) -> bool:
+        return self.feature(self.item_key).is_string
+
+    def check_schema(self, schema: schema_pb2.Schema) -> None:
+        """Raises ValueError naming every declared input the schema lacks or types differently."""
+        declared = {f.name: f for f in schema.feature}
+        problems = []
+        for f in self.resolved():
+            if f.name not in declared:
+                problems.append(f"{f.name} is not in the schema")
+            elif declared[f.name].type != f.schema_type:
+                problems.append(f"{f.name} is {schema_pb2.FeatureType.Name(declared[f.name].type)} in the schema, "
+                                f"declared {f.kind} {f.dtype}")
+        if problems:
+            raise ValueError("features.inputs do not match the schema: " + "; ".join(problems))
 
 
-UI_FEATURES: Tuple[str, ...] = tuple(f.name for f in SPARSE_FEATURES if f.tower == "ui")
-MODEL_INPUTS: Tuple[str, ...] = tuple(f.name for f in SPARSE_FEATURES) + tuple(
-    f.name for f in DENSE_FEATURES
-)
+def tier_without_stage(click) -> str:
+    """The tier of a logged candidate row that carries no `stage` (see SHOWN_WITHOUT_POSITION)."""
+    return STAGE_TIERS[0] if int(click) > 0 else STAGE_TIERS[1]
+
+
+DEFAULT = FeatureConfig()
+# Views of the default registry, for the synthetic generator, the converters and their tests.
+SPARSE_FEATURES: Tuple[SparseFeature, ...] = DEFAULT.sparse_features()
+DENSE_FEATURES: Tuple[DenseFeature, ...] = DEFAULT.dense_features()
+UI_FEATURES: Tuple[str, ...] = DEFAULT.ui_names
+MODEL_INPUTS: Tuple[str, ...] = DEFAULT.model_inputs
 
 # Optional scalar features and the value a missing one takes when parsed.
 OPTIONAL_DEFAULTS: Dict[str, float] = {
@@ -154,10 +329,12 @@ def training_parse_spec(schema: Optional[schema_pb2.Schema] = None) -> Dict[str,
     return {f.name: _parse_spec_for(f) for f in (schema or load_schema()).feature}
 
 
-def serving_parse_spec(schema: Optional[schema_pb2.Schema] = None) -> Dict[str, tf.io.FixedLenFeature]:
-    """Parse spec of the model inputs only: what a serving request must carry."""
+def serving_parse_spec(schema: Optional[schema_pb2.Schema] = None,
+                       features: Optional["FeatureConfig"] = None) -> Dict[str, tf.io.FixedLenFeature]:
+    """Parse spec of the model inputs of `features` (the registry) only: what a serving request must carry."""
+    inputs = set((features or DEFAULT).model_inputs)
     return {
         f.name: _parse_spec_for(f)
         for f in (schema or load_schema()).feature
-        if _is_serving_feature(f) and f.name in MODEL_INPUTS
+        if _is_serving_feature(f) and f.name in inputs
     }

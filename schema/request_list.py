@@ -1,22 +1,28 @@
 """Request lists: one tf.Example per request, for the listwise losses (RankNet per request, LCRON).
 
 A request list holds one request's candidates together with a fixed list size L and a mask, so a
-candidate never ends up in another batch than its request (DESIGN §4). Features:
+candidate never ends up in another batch than its request (DESIGN §4). Its features derive from
+the run's feature registry (`schema.features.FeatureConfig`, "the registry" below):
 
-    request level   request_id, request_time, user_id, hour, device        int64 [1]
-                    user_dense                                               float [4]
-                    query_tokens                                             int64 [1..8] (var-len)
-    candidate level item_id, item_category, ui_position, ui_format, click   int64 [L]
+    request level   request_id, request_time                                 int64 [1]
+                    each query-side input: id [1] (int64 or bytes), dense [w] float,
+                    ids [1..w] (var-len)
+    candidate level each item-side and UI input: id [L], dense [L·w] float, ids [L·w] (padded)
+                    ui_position (when the registry does not declare it)    int64 [L]
+                    click                                                    int64 [L]
                     stage          tier index: 0 rerank_pos … 4 prerank_neg, 5 random_neg   int64 [L]
-                    item_tags      L × MAX_ITEM_TAGS, 0-padded                int64 [L·T]
-                    item_dense     L × 4                                      float [L·4]
                     true_ctr (−1 = unknown), teacher_logit (NaN = none),
                     sample_weight, sampling_probability                      float [L]
                     mask           1 = real candidate, 0 = padding           int64 [L]
 
-Padded slots carry mask 0, stage −1 and zeros elsewhere; every loss and metric must ignore them.
-`flatten_to_candidates` turns a batch of parsed lists into candidate rows ([B·L]) that the
-candidate-level towers (`models.embedding.FeatureEmbedding`) read.
+With the default registry (the package's own layout) that is user_id, hour, device [1],
+user_dense [4], query_tokens [1..8]; item_id, item_category, ui_position, ui_format [L],
+item_tags [L·8], item_dense [L·4].
+
+Padded slots and padded values of a multivalent feature carry the feature's pad value (0, the
+empty string, 0.0: `InputFeature.pad_value`, which is no id); padded slots carry mask 0, stage −1;
+every loss and metric must ignore them. `flatten_to_candidates` turns a batch of parsed lists into
+candidate rows ([B·L]) that the candidate-level towers (`models.embedding.FeatureEmbedding`) read.
 """
 import math
 from typing import Dict, List, Mapping, Sequence
@@ -27,33 +33,79 @@ import tensorflow as tf
 from schema import features as F
 
 LIST_SIZE = 60  # 50 logged candidates (5 tiers × 10) + up to 10 random negatives
-MAX_ITEM_TAGS = 8
-ITEM_DENSE_SIZE = 4
+MAX_ITEM_TAGS = 8  # the default registry's item_tags width
+ITEM_DENSE_SIZE = 4  # the default registry's item_dense width
 RANDOM_NEG_TIER = "random_neg"
 TIERS = F.STAGE_TIERS + (RANDOM_NEG_TIER,)
 TIER_INDEX = {t: i for i, t in enumerate(TIERS)}
 PAD_STAGE = -1
 
-REQUEST_INT_FEATURES = ("request_id", "request_time", "user_id", "hour", "device")
-CANDIDATE_INT_FEATURES = ("item_id", "item_category", "ui_position", "ui_format", "click", "stage", "mask")
+REQUEST_KEYS = (F.REQUEST_ID_KEY, F.REQUEST_TIME_KEY)  # int64 [1]
+LABEL_KEYS = (F.LABEL_KEY, F.STAGE_KEY, F.MASK_KEY)  # int64 [L]
 CANDIDATE_FLOAT_FEATURES = ("true_ctr", "teacher_logit", "sample_weight", "sampling_probability")
 FLOAT_PADDING = {"true_ctr": -1.0, "teacher_logit": math.nan, "sample_weight": 0.0, "sampling_probability": 1.0}
 
 
-def parse_spec(list_size: int = LIST_SIZE) -> Dict[str, object]:
-    spec = {name: tf.io.FixedLenFeature([1], tf.int64) for name in REQUEST_INT_FEATURES}
-    spec["user_dense"] = tf.io.FixedLenFeature([4], tf.float32)
-    spec["query_tokens"] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
-    for name in CANDIDATE_INT_FEATURES:
+def query_inputs(features: F.FeatureConfig = F.DEFAULT):
+    """The registry's request-level inputs (role query)."""
+    return features.of_role("query")
+
+
+def candidate_inputs(features: F.FeatureConfig = F.DEFAULT):
+    """The registry's candidate-level inputs (roles item and ui)."""
+    return features.of_role("item", "ui")
+
+
+def candidate_int_keys(features: F.FeatureConfig = F.DEFAULT):
+    """The int64 [L] keys of a list beside its inputs: ui_position when the registry does not
+    declare it (the shown mask reads it), click, stage and mask."""
+    shown = () if F.SHOWN_KEY in features.model_inputs else (F.SHOWN_KEY,)
+    return shown + LABEL_KEYS
+
+
+def parse_spec(list_size: int = LIST_SIZE, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
+    spec: Dict[str, object] = {name: tf.io.FixedLenFeature([1], tf.int64) for name in REQUEST_KEYS}
+    for f in query_inputs(features):
+        if f.multivalent:
+            spec[f.name] = tf.io.RaggedFeature(f.tf_dtype, row_splits_dtype=tf.int64)
+        else:
+            spec[f.name] = tf.io.FixedLenFeature([f.width], f.tf_dtype)
+    for f in candidate_inputs(features):
+        spec[f.name] = tf.io.FixedLenFeature([list_size * f.width], f.tf_dtype)
+    for name in candidate_int_keys(features):
         spec[name] = tf.io.FixedLenFeature([list_size], tf.int64)
     for name in CANDIDATE_FLOAT_FEATURES:
         spec[name] = tf.io.FixedLenFeature([list_size], tf.float32)
-    spec["item_tags"] = tf.io.FixedLenFeature([list_size * MAX_ITEM_TAGS], tf.int64)
-    spec["item_dense"] = tf.io.FixedLenFeature([list_size * ITEM_DENSE_SIZE], tf.float32)
     return spec
 
 
-def build_request_list(rows: Sequence[Mapping[str, object]], list_size: int = LIST_SIZE) -> Dict[str, List]:
+def _values(value) -> list:
+    """A feature value of a candidate row (scalar, list or array) as a flat python list."""
+    if isinstance(value, (int, float, str, bytes)):
+        return [value]
+    return np.asarray(value).reshape(-1).tolist()
+
+
+def _id_value(f: F.InputFeature, value):
+    if f.is_string:
+        return value.encode() if isinstance(value, str) else bytes(value)
+    return int(value)
+
+
+def fixed_width(f: F.InputFeature, value) -> list:
+    """One row's value of `f` as exactly `f.width` values: multivalent ids cut to `width` and padded
+    with the pad value; dense as they are (ValueError unless `width` values)."""
+    values = _values(value)
+    if f.is_dense:
+        if len(values) != f.width:
+            raise ValueError(f"{f.name} needs {f.width} values, got {len(values)}")
+        return [float(v) for v in values]
+    values = [_id_value(f, v) for v in values[:f.width]]
+    return values + [f.pad_value] * (f.width - len(values))
+
+
+def build_request_list(rows: Sequence[Mapping[str, object]], list_size: int = LIST_SIZE,
+                       features: F.FeatureConfig = F.DEFAULT) -> Dict[str, List]:
     """Packs the candidate rows (feature dicts) of one request into request-list feature values.
 
     Rows carry the candidate-row features (`schema.features`); a row's `stage` may also be
@@ -75,51 +127,57 @@ def build_request_list(rows: Sequence[Mapping[str, object]], list_size: int = LI
             return value  # the common case, kept off numpy's slower path
         return np.asarray(value).reshape(-1)[0].item()
 
-    out: Dict[str, List] = {name: [scalar(first, name)] for name in REQUEST_INT_FEATURES}
-    out["user_dense"] = [float(v) for v in np.asarray(first["user_dense"], dtype=np.float32).reshape(-1)]
-    out["query_tokens"] = [int(v) for v in np.asarray(first["query_tokens"]).reshape(-1)]
+    out: Dict[str, List] = {name: [int(scalar(first, name))] for name in REQUEST_KEYS}
+    for f in query_inputs(features):
+        if f.multivalent:  # var-len: the list as it is, cut to its width, without padding
+            out[f.name] = [_id_value(f, v) for v in _values(first.get(f.name, []))[:f.width]]
+        else:
+            out[f.name] = fixed_width(f, first[f.name])
     pad = list_size - len(rows)
-    for name in CANDIDATE_INT_FEATURES:
-        if name == "stage":
-            values = [TIER_INDEX[s.decode() if isinstance(s, bytes) else s] for s in (scalar(r, "stage") for r in rows)]
+    for f in candidate_inputs(features):
+        out[f.name] = [v for r in rows for v in fixed_width(f, r.get(f.name, []) if f.multivalent else r[f.name])] \
+            + [f.pad_value] * (pad * f.width)
+    for name in candidate_int_keys(features):
+        if name == F.STAGE_KEY:
+            values = [TIER_INDEX[s.decode() if isinstance(s, bytes) else s] for s in (scalar(r, name) for r in rows)]
             out[name] = values + [PAD_STAGE] * pad
-        elif name == "mask":
+        elif name == F.MASK_KEY:
             out[name] = [1] * len(rows) + [0] * pad
         else:
             out[name] = [int(scalar(r, name)) for r in rows] + [0] * pad
     for name in CANDIDATE_FLOAT_FEATURES:
         default = F.OPTIONAL_DEFAULTS[name]
         out[name] = [float(scalar(r, name, default)) for r in rows] + [FLOAT_PADDING[name]] * pad
-    tags = np.zeros((list_size, MAX_ITEM_TAGS), dtype=np.int64)
-    dense = np.zeros((list_size, ITEM_DENSE_SIZE), dtype=np.float32)
-    for i, r in enumerate(rows):
-        t = np.asarray(r["item_tags"]).reshape(-1)[:MAX_ITEM_TAGS]
-        tags[i, : t.size] = t
-        dense[i] = np.asarray(r["item_dense"], dtype=np.float32).reshape(-1)
-    out["item_tags"] = tags.reshape(-1).tolist()
-    out["item_dense"] = dense.reshape(-1).tolist()
     return out
 
 
-def flatten_to_candidates(lists: Mapping[str, tf.Tensor], list_size: int = LIST_SIZE) -> Dict[str, tf.Tensor]:
+def _ragged_from_padded(values: tf.Tensor, f: F.InputFeature) -> tf.RaggedTensor:
+    return tf.RaggedTensor.from_tensor(values, padding=tf.constant(f.pad_value, values.dtype))
+
+
+def flatten_to_candidates(lists: Mapping[str, tf.Tensor], list_size: int = LIST_SIZE,
+                          features: F.FeatureConfig = F.DEFAULT) -> Dict[str, tf.Tensor]:
     """Parsed request lists [B, ...] → candidate features [B·L, ...] in the candidate-row layout.
 
-    Request features are repeated for each slot; item_tags become ragged (0-padding dropped);
-    `mask`, `stage` (tier index) and the float features are kept, flattened.
+    Request features are repeated for each slot; multivalent candidate features become ragged
+    (padding dropped); `mask`, `stage` (tier index) and the float features are kept, flattened.
     """
     batch = tf.shape(lists["mask"])[0]
-    out = {}
-    for name in REQUEST_INT_FEATURES:
-        out[name] = tf.reshape(tf.repeat(lists[name], list_size, axis=0), [-1, 1])
-    out["user_dense"] = tf.repeat(lists["user_dense"], list_size, axis=0)
-    query = lists["query_tokens"]
-    if not isinstance(query, tf.RaggedTensor):
-        query = tf.RaggedTensor.from_tensor(query, padding=0)
     row_index = tf.repeat(tf.range(batch), list_size)
-    out["query_tokens"] = tf.gather(query, row_index)
-    for name in CANDIDATE_INT_FEATURES + CANDIDATE_FLOAT_FEATURES:
+    out = {}
+    for name in REQUEST_KEYS:
+        out[name] = tf.reshape(tf.repeat(lists[name], list_size, axis=0), [-1, 1])
+    for f in query_inputs(features):
+        value = lists[f.name]
+        if f.multivalent:
+            if not isinstance(value, tf.RaggedTensor):
+                value = _ragged_from_padded(tf.convert_to_tensor(value), f)
+            out[f.name] = tf.gather(value, row_index)
+        else:
+            out[f.name] = tf.repeat(value, list_size, axis=0)
+    for f in candidate_inputs(features):
+        value = tf.reshape(lists[f.name], [-1, f.width])
+        out[f.name] = _ragged_from_padded(value, f) if f.multivalent else value
+    for name in candidate_int_keys(features) + CANDIDATE_FLOAT_FEATURES:
         out[name] = tf.reshape(lists[name], [-1, 1])
-    tags = tf.reshape(lists["item_tags"], [-1, MAX_ITEM_TAGS])
-    out["item_tags"] = tf.RaggedTensor.from_tensor(tags, padding=0)
-    out["item_dense"] = tf.reshape(lists["item_dense"], [-1, ITEM_DENSE_SIZE])
     return out

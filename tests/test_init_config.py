@@ -104,16 +104,46 @@ def test_init_refuses_to_replace_files_and_names_a_bad_data_path(data, tmp_path,
 def test_an_id_wider_than_its_default_buckets_gets_buckets_in_the_starter_config(tmp_path, capsys):
     wide = tmp_path / "wide"
     synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=20, seed=4), str(wide))
+    largest = 0
     for split in ("train", "eval"):
         path = wide / f"Split-{split}" / example_io.RECORD_FILE
         examples = list(example_io.read_examples(str(path)))
         for e in examples:  # item ids up to ~50,000: five times the default 10,000 buckets
             e.features.feature["item_id"].int64_list.value[0] *= 5
+            if split == "train":
+                largest = max(largest, e.features.feature["item_id"].int64_list.value[0])
         with tf.io.TFRecordWriter(str(path), options="GZIP") as w:
             for e in examples:
                 w.write(e.SerializeToString())
     assert _main(capsys, "init", "--examples-dir", str(wide), "--out", str(tmp_path / "s"))[0] == 0
     config = load_config(str(tmp_path / "s" / "cascade.yaml"))
-    (name, buckets), = config.features.buckets
-    assert name == "item_id" and buckets == 65_536  # the next power of two above the span
-    assert dict((f.name, f.num_buckets) for f in config.features.sparse_features())["user_id"] == 5_000
+    buckets = {f.name: f.num_buckets for f in config.features.sparse_features()}
+    # The next power of two at or above twice the largest train id + 1: no two ids share a row.
+    expected = 1
+    while expected < 2 * (largest + 1):
+        expected *= 2
+    assert largest > 40_000 and buckets["item_id"] == expected
+
+
+def test_init_infers_the_registry_of_a_log_of_another_shape(tmp_path, capsys):
+    """String ids, a dense feature of width 7, up to 20 keywords, 100 candidates, no tiers: roles from
+    whether a feature is constant within a request, kinds and widths from the schema."""
+    from tests import own_logs
+
+    data = own_logs.write(str(tmp_path / "own"), train_requests=6, eval_requests=2)
+    code, out, err = _main(capsys, "init", "--examples-dir", data, "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    config = load_config(str(tmp_path / "s" / "cascade.yaml"))
+    declared = {f.name: f for f in config.features.inputs}
+    expected = own_logs.registry()
+    assert set(declared) == {f.name for f in expected.inputs}
+    for f in expected.inputs:
+        got = declared[f.name]
+        assert (got.role, got.kind, got.dtype) == (f.role, f.kind, f.dtype), f.name
+        if f.kind != "id":
+            assert got.width == f.width, f.name
+    assert config.features.item_key == "sku"
+    assert config.ranker.bias_slice_feature == "slot" and config.teacher.bias_slice_feature == "slot"
+    assert "no stage (tiers): the ground truth is the click" in out and "no ui_position" in out
+    config.validate()
+    config.check_inputs()

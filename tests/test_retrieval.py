@@ -27,7 +27,7 @@ def _batch(lists, n_pos, n_neg, rng):
     _, first = np.unique(pairs["item"]["item_id"][:, 0], return_index=True)
     pick = rng.choice(first, n_pos, replace=False)
     corpus = R.item_corpus_from_lists(lists)
-    others = np.flatnonzero(~np.isin(corpus.item_id[:, 0], pairs["item"]["item_id"][pick, 0]))
+    others = np.flatnonzero(~np.isin(corpus.ids, pairs["item"]["item_id"][pick, 0]))
     neg = rng.choice(others, n_neg, replace=False)
     return {
         "query": {k: tf.constant(v[pick]) for k, v in pairs["query"].items()},
@@ -114,7 +114,7 @@ def test_exported_top_k_equals_numpy_brute_force_over_the_exported_item_embeddin
     out = loaded.signatures["serving_default"](examples=examples)
     table = loaded.signatures["item_embeddings"]()
     item_ids, item_emb = table["item_ids"].numpy(), table["embeddings"].numpy()
-    assert sorted(item_ids) == sorted(corpus.item_id[:, 0])
+    assert sorted(item_ids) == sorted(corpus.ids)
     query = loaded.signatures["query_embedding"](examples=examples)["embedding"].numpy()
     # The exported query tower is the trained one.
     parsed = tf.io.parse_example(examples, R.request_context_spec())

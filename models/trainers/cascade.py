@@ -92,11 +92,13 @@ class PrerankerServing(tf.Module):
         super().__init__()
         self.light = light
         self._schema = schema
-        self._spec = candidate_parse_spec(schema)
+        self._features = light.features
+        self._spec = candidate_parse_spec(schema, light.features)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):
-        return {"score": tf.reshape(self.light(candidate_lists(examples, self._spec, self._schema), training=False), [-1])}
+        lists = candidate_lists(examples, self._spec, self._schema, self._features)
+        return {"score": tf.reshape(self.light(lists, training=False), [-1])}
 
 
 class FinalizeRanker(tf.keras.callbacks.Callback):
@@ -116,14 +118,14 @@ def ranker_config_from(fn_args) -> RankerConfig:
 
 
 def build_model(config: CascadeTrainerConfig, ranker_config: RankerConfig,
-                features: F.FeatureConfig = F.FeatureConfig()) -> CascadeModel:
+                features: F.FeatureConfig = F.DEFAULT) -> CascadeModel:
     """The two-stage CascadeModel of `config` (seeds TF first); `features` embeds both stages' inputs."""
     if len(config.eval_quotas) != len(STAGES):
         raise ValueError(f"eval_quotas {config.eval_quotas} must give one quota per stage {STAGES}")
     tf.keras.utils.set_random_seed(config.seed)
     stages = {
         "prerank": LightPreranker(config.embedding_dim, tower_units=(64,), output_dim=32, head_units=(32,),
-                                  sparse_features=features.sparse_features(), name="prerank"),
+                                  features=features, name="prerank"),
         "rank": RankingStage(FactoryFloorRanker(ranker_config, features), name="rank"),
     }
     return CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label)
@@ -174,9 +176,10 @@ def run_fn(fn_args) -> None:
     ranker_config = ranker_config_from(fn_args)
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the joint cascade with %s; ranker %s; schema %s", config, ranker_config, schema_path)
-    model = build_model(config, ranker_config, common.feature_config(fn_args))
+    features = common.feature_config(fn_args)
+    model = build_model(config, ranker_config, features)
     list_size = list_size_of_splits(fn_args)
-    train_lists = load_lists(fn_args.train_files, list_size)
+    train_lists = load_lists(fn_args.train_files, list_size, features=features)
     data = train_data_report(train_lists)
     logging.info("Training data: %d lists, %d candidate rows read; %d shown rows kept for the CTR losses "
                  "(%d clicks), sample_weight sum %.1f, weighted click mean %.4f", data["lists"],
@@ -185,11 +188,12 @@ def run_fn(fn_args) -> None:
     model.adapt(train_lists)
     del train_lists
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
-    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed)
+    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
+                                    features=features)
     ranking = model.ranking_stage
     model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args) + [FinalizeRanker(ranking)], verbose=2)
 
-    evals = load_lists(fn_args.eval_files, list_size)
+    evals = load_lists(fn_args.eval_files, list_size, features=features)
     quotas = tuple(int(q) for q in config.eval_quotas)
     result = evaluate_cascade(model.predict_stage_scores(evals), evals, quotas, model.stage_names, config.label)
     light = model.stage_models[0]
@@ -200,7 +204,7 @@ def run_fn(fn_args) -> None:
     )
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    warmup = candidate_examples(evals)
+    warmup = candidate_examples(evals, features=features)
     ranker_export.export_ranker(ranking.ranker, fn_args.serving_model_dir, warmup, schema=schema)
     preranker = PrerankerServing(light, schema)
     save_with_warmup(preranker, export_lib.stage_model_dir(fn_args.serving_model_dir, "preranking"),

@@ -80,7 +80,7 @@ def evaluate_ctr_model(model: tf.keras.Model, eval_files: Sequence[str], schema=
     candidates, next to the oracle `true_ctr` when the data knows it (synthetic data)."""
     clicks, scores, oracle, requests = [], [], [], []
     for batch in inputs.parsed_batches(eval_files, 4096, parse_spec=F.training_parse_spec(schema), exposed_only=True):
-        model_inputs, label, _ = inputs.to_model_io(batch)
+        model_inputs, label, _ = inputs.to_model_io(batch, getattr(model, "features", F.DEFAULT))
         scores.append(tf.sigmoid(model(model_inputs, training=False)).numpy().reshape(-1))
         clicks.append(label.numpy().reshape(-1))
         oracle.append(batch[F.TRUE_CTR_KEY].numpy().reshape(-1))

@@ -13,8 +13,6 @@ from models import list_inputs as LI
 from schema import features as F
 from schema import request_list as RL
 
-CANDIDATE_FEATURES = LI.QUERY_FEATURES + LI.ITEM_FEATURES + ("ui_position", "ui_format")
-
 
 def list_size_of_splits(fn_args) -> int:
     """The list size of a Trainer's request lists (`models.list_inputs.list_size_in`), the same in
@@ -26,39 +24,46 @@ def list_size_of_splits(fn_args) -> int:
     return train
 
 
-def load_lists(file_patterns, list_size: int, batch_size: int = 1024) -> Dict[str, np.ndarray]:
-    """Request-list TFRecords → numpy lists (the layout of `models.list_inputs`, query_tokens
-    0-padded to [R, 8])."""
+def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
+               features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
+    """Request-list TFRecords → numpy lists (the layout of `models.list_inputs`: query-side
+    multivalent inputs padded to [R, width])."""
+    multivalent = {f.name: f for f in RL.query_inputs(features) if f.multivalent}
     parts: Dict[str, list] = {}
-    for batch in LI.request_list_dataset(file_patterns, batch_size, list_size):
+    for batch in LI.request_list_dataset(file_patterns, batch_size, list_size, features=features):
         for name, value in batch.items():
             if isinstance(value, tf.RaggedTensor):
-                value = value.to_tensor(default_value=0, shape=[None, LI.MAX_QUERY_TOKENS])
+                f = multivalent[name]
+                value = value[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
             parts.setdefault(name, []).append(value.numpy())
     if not parts:
         raise ValueError(f"no request lists in {file_patterns}")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def candidate_examples(lists: Mapping[str, np.ndarray], count: int = 8) -> list:
+def _real(values: np.ndarray, f: F.InputFeature) -> list:
+    """A row's values of `f` without the padding of a multivalent feature (one pad value kept when
+    the row has none: a tf.Example feature needs a value)."""
+    values = np.asarray(values).reshape(-1)
+    if f.multivalent:
+        real = values[values != f.pad_value]
+        values = real if real.size else values[:1]
+    return [v if isinstance(v, bytes) else v.item() for v in values]
+
+
+def candidate_examples(lists: Mapping[str, np.ndarray], count: int = 8,
+                       features: F.FeatureConfig = F.DEFAULT) -> list:
     """Up to `count` real candidates of the lists as serialized candidate-row tf.Examples (the
-    serving features: request + item + UI features), for warmup files and tests."""
+    serving features: the registry's inputs), for warmup files and tests."""
     size = LI.list_size_of(lists)
-    tags = np.asarray(lists["item_tags"]).reshape(-1, size, RL.MAX_ITEM_TAGS)
-    dense = np.asarray(lists["item_dense"]).reshape(-1, size, RL.ITEM_DENSE_SIZE)
     out = []
     for r, j in zip(*np.nonzero(np.asarray(lists["mask"]) > 0)):
-        tokens = np.asarray(lists["query_tokens"][r]).reshape(-1)
-        t = tags[r, j][tags[r, j] != 0]
-        row = {name: [int(np.asarray(lists[name][r]).reshape(-1)[0])] for name in ("user_id", "hour", "device")}
-        row.update(
-            user_dense=[float(v) for v in lists["user_dense"][r]],
-            query_tokens=[int(v) for v in (tokens[tokens != 0] if np.any(tokens != 0) else tokens[:1])],
-            item_id=[int(lists["item_id"][r, j])], item_category=[int(lists["item_category"][r, j])],
-            item_tags=[int(v) for v in (t if t.size else tags[r, j][:1])],
-            item_dense=[float(v) for v in dense[r, j]],
-            ui_position=[int(lists["ui_position"][r, j])], ui_format=[int(lists["ui_format"][r, j])],
-        )
+        row = {}
+        for f in features.resolved():
+            if f.role == "query":
+                row[f.name] = _real(lists[f.name][r], f)
+            else:
+                row[f.name] = _real(np.asarray(lists[f.name]).reshape(-1, size, f.width)[r, j], f)
         out.append(make_example(row).SerializeToString(deterministic=True))
         if len(out) >= count:
             break
@@ -67,24 +72,26 @@ def candidate_examples(lists: Mapping[str, np.ndarray], count: int = 8) -> list:
     return out
 
 
-def candidate_parse_spec(schema=None) -> Dict:
-    """Serving parse spec of the candidate features, from `schema` (default: the packaged one)."""
-    spec = F.serving_parse_spec(schema)
-    return {name: spec[name] for name in CANDIDATE_FEATURES if name in spec}
+def candidate_parse_spec(schema=None, features: F.FeatureConfig = F.DEFAULT) -> Dict:
+    """Serving parse spec of the registry's inputs, from `schema` (default: the packaged one)."""
+    spec = F.serving_parse_spec(schema, features)
+    return {name: spec[name] for name in features.model_inputs if name in spec}
 
 
-def candidate_lists(examples: tf.Tensor, spec: Dict = None, schema=None) -> Dict[str, tf.Tensor]:
+def candidate_lists(examples: tf.Tensor, spec: Dict = None, schema=None,
+                    features: F.FeatureConfig = F.DEFAULT) -> Dict[str, tf.Tensor]:
     """Serialized candidate-row tf.Examples [N] → N request lists of one candidate each (mask
     [N, 1]), the input every stage layer reads; its [N, 1] scores are the candidates' scores.
-    `spec`: `candidate_parse_spec(schema)` (default: of the packaged schema). Parsed by
+    `spec`: `candidate_parse_spec(schema, features)` (default: of the packaged schema). Parsed by
     `models.export.parse_examples`, so serving rejects values outside the schema's domains."""
-    parsed = export_lib.parse_examples(examples, spec or candidate_parse_spec(schema), schema)
+    parsed = export_lib.parse_examples(examples, spec or candidate_parse_spec(schema, features), schema)
     lists = dict(parsed)
-    tags = parsed["item_tags"]
-    if isinstance(tags, tf.RaggedTensor):
-        tags = tags[:, :RL.MAX_ITEM_TAGS].to_tensor(default_value=0, shape=[None, RL.MAX_ITEM_TAGS])
-    lists["item_tags"] = tags
-    lists["mask"] = tf.ones_like(parsed["item_id"])
+    for f in RL.candidate_inputs(features):
+        value = parsed[f.name]
+        if f.multivalent and isinstance(value, tf.RaggedTensor):
+            value = value[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
+        lists[f.name] = value
+    lists["mask"] = tf.ones_like(parsed[features.item_key], dtype=tf.int64)
     return lists
 
 

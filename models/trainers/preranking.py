@@ -68,11 +68,11 @@ class PrerankingTrainerConfig:
     seed: int = 0
 
 
-def build_model(config: PrerankingTrainerConfig, features: F.FeatureConfig = F.FeatureConfig()) -> HAPPreranker:
+def build_model(config: PrerankingTrainerConfig, features: F.FeatureConfig = F.DEFAULT) -> HAPPreranker:
     light = LightPreranker(config.embedding_dim, config.light_tower_units, config.light_output_dim,
-                           config.light_head_units, features.sparse_features(), name="light")
+                           config.light_head_units, features, name="light")
     strong = StrongRanker(config.embedding_dim, config.strong_cross_layers, config.strong_projection_dim,
-                          config.strong_hidden_units, features.sparse_features(), name="strong")
+                          config.strong_hidden_units, features, name="strong")
     return HAPPreranker(light, strong, top_m=config.top_m, kind=config.kind)
 
 
@@ -81,14 +81,17 @@ class PrerankingServing(tf.Module):
         super().__init__()
         self.light = light
         self.strong = strong
+        self._features = light.features
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def serve(self, examples):
-        return {"score": tf.reshape(self.light(candidate_lists(examples), training=False), [-1])}
+        lists = candidate_lists(examples, features=self._features)
+        return {"score": tf.reshape(self.light(lists, training=False), [-1])}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def rescore(self, examples):
-        return {"score": tf.reshape(self.strong(candidate_lists(examples), training=False), [-1])}
+        lists = candidate_lists(examples, features=self._features)
+        return {"score": tf.reshape(self.strong(lists, training=False), [-1])}
 
 
 def scores_on(layer, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
@@ -117,17 +120,21 @@ def run_fn(fn_args) -> None:
     config = common.config_from(fn_args, CONFIG_KEY, PrerankingTrainerConfig)
     logging.info("Training HAP with %s", config)
     tf.keras.utils.set_random_seed(config.seed)
-    model = build_model(config, common.feature_config(fn_args))
+    features = common.feature_config(fn_args)
+    model = build_model(config, features)
     list_size = list_size_of_splits(fn_args)
-    adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, list_size))
+    adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, list_size, features=features),
+                 features)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
-    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed)
+    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
+                                    features=features)
     model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
-    evals = load_lists(fn_args.eval_files, list_size)
+    evals = load_lists(fn_args.eval_files, list_size, features=features)
     result = evaluate(model, evals, config.eval_quota)
     result["flops"] = hap_flops(model.light, model.strong, model.top_m, list_size)
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     module = PrerankingServing(model.light, model.strong)
     save_with_warmup(module, fn_args.serving_model_dir,
-                    {"serving_default": module.serve, "rescore": module.rescore}, candidate_examples(evals))
+                    {"serving_default": module.serve, "rescore": module.rescore},
+                     candidate_examples(evals, features=features))

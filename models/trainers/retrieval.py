@@ -81,17 +81,18 @@ class RetrievalTrainerConfig:
 class ScoringRetrievalServing(R.RetrievalServing):
     """`RetrievalServing` plus `score`: u·v of serialized candidate-row tf.Examples."""
 
-    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index, schema=None):
-        super().__init__(query_tower, index, schema)
+    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index, schema=None,
+                 features: F.FeatureConfig = F.DEFAULT):
+        super().__init__(query_tower, index, schema, features)
         self.item_tower = item_tower
         self._schema = schema
-        self._candidate_spec = candidate_parse_spec(schema)
+        self._candidate_spec = candidate_parse_spec(schema, features)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
     def score(self, examples):
-        lists = candidate_lists(examples, self._candidate_spec, self._schema)
-        u = self.query_tower(LI.request_features(lists), training=False)
-        v = self.item_tower(LI.candidate_features(lists), training=False)
+        lists = candidate_lists(examples, self._candidate_spec, self._schema, self._features)
+        u = self.query_tower(LI.request_features(lists, self._features), training=False)
+        v = self.item_tower(LI.candidate_features(lists, self._features), training=False)
         return {"score": tf.reduce_sum(u * v, axis=-1)}
 
 
@@ -101,9 +102,9 @@ def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmu
     are parsed with `schema` (the pipeline's; default: the packaged one)."""
     k = min(int(k), corpus.size)
     index = tfrs.layers.factorized_top_k.BruteForce(model.query_tower, k=k)
-    index.index(tf.constant(R.item_embeddings(model.item_tower, corpus)),
-                identifiers=tf.constant(corpus.item_id[:, 0].astype(np.int64)))
-    module = ScoringRetrievalServing(model.query_tower, model.item_tower, index, schema)
+    index.index(tf.constant(R.item_embeddings(model.item_tower, corpus, features=model.features)),
+                identifiers=R.corpus_identifiers(corpus))
+    module = ScoringRetrievalServing(model.query_tower, model.item_tower, index, schema, model.features)
     module.serve(tf.constant(list(warmup)))  # builds the index's graph before saving
     signatures = {"serving_default": module.serve, "query_embedding": module.query_embedding,
                   "item_embeddings": module.item_embeddings, "score": module.score}
@@ -115,19 +116,20 @@ def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmu
 # ---------------------------------------------------------------------------------------------
 def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, np.ndarray], k: int,
              quota: int) -> Dict[str, float]:
-    scorer_u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in LI.QUERY_FEATURES}),
+    features = model.features
+    scorer_u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in features.query_names}, features),
                                  training=False).numpy()  # [R, d]
     size = LI.list_size_of(lists)
-    v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in LI.ITEM_FEATURES}),
+    v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in features.item_names}, features),
                          training=False).numpy().reshape(len(scorer_u), size, -1)
     scores = np.einsum("bd,bld->bl", scorer_u, v)
     gt = cascade_labels(lists).numpy()
     mask = np.asarray(lists["mask"])
     k = min(int(k), corpus.size)
-    corpus_scores = scorer_u @ R.item_embeddings(model.item_tower, corpus).T  # [R, I]
-    top = corpus.item_id[:, 0][np.argsort(-corpus_scores, axis=1)[:, :k]]
+    corpus_scores = scorer_u @ R.item_embeddings(model.item_tower, corpus, features=features).T  # [R, I]
+    top = corpus.ids[np.argsort(-corpus_scores, axis=1)[:, :k]]
     rows, slots = np.nonzero(gt > 0)
-    hits = [lists["item_id"][r, j] in top[r] for r, j in zip(rows, slots)]
+    hits = [lists[features.item_key][r, j] in top[r] for r, j in zip(rows, slots)]
     return {
         "requests": int(mask.shape[0]),
         "requests_without_gt": requests_without_gt(gt, mask),
@@ -139,17 +141,16 @@ def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, 
 
 
 def build_model(config: RetrievalTrainerConfig, train: Mapping[str, np.ndarray],
-                features: F.FeatureConfig = F.FeatureConfig()):
+                features: F.FeatureConfig = F.DEFAULT):
     """(compiled model with adapted towers, training pairs, batch size, sampled negatives or None) for
     the train request lists: what `run_fn` fits, and what bench/stage_throughput.py times."""
-    pairs = R.retrieval_pairs(train, config.batch_size)
+    pairs = R.retrieval_pairs(train, config.batch_size, features=features)
     batch_size = min(config.batch_size, len(pairs["sampling_probability"]))
     if batch_size != config.batch_size:
-        pairs = R.retrieval_pairs(train, batch_size)
-    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim,
-                             sparse_features=features.sparse_features())
-    R.adapt_towers([model.query_tower, model.item_tower], train)
-    negatives = (R.UniformNegatives(R.item_corpus_from_lists(train), config.num_negatives, config.seed)
+        pairs = R.retrieval_pairs(train, batch_size, features=features)
+    model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim, features=features)
+    R.adapt_towers([model.query_tower, model.item_tower], train, features)
+    negatives = (R.UniformNegatives(R.item_corpus_from_lists(train, features=features), config.num_negatives, config.seed)
                  if config.num_negatives else None)
     model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
     return model, pairs, batch_size, negatives
@@ -169,11 +170,12 @@ def run_fn(fn_args) -> None:
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the retrieval model with %s (schema %s)", config, schema_path)
     tf.keras.utils.set_random_seed(config.seed)
+    features = common.feature_config(fn_args)
     list_size = list_size_of_splits(fn_args)
-    train = load_lists(fn_args.train_files, list_size)
-    evals = load_lists(fn_args.eval_files, list_size)
-    corpus = R.item_corpus_from_lists(train, evals)
-    model, pairs, batch_size, negatives = build_model(config, train, common.feature_config(fn_args))
+    train = load_lists(fn_args.train_files, list_size, features=features)
+    evals = load_lists(fn_args.eval_files, list_size, features=features)
+    corpus = R.item_corpus_from_lists(train, evals, features=features)
+    model, pairs, batch_size, negatives = build_model(config, train, features)
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
     model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
@@ -181,4 +183,4 @@ def run_fn(fn_args) -> None:
     result["schema_path"] = schema_path
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    export(model, corpus, fn_args.serving_model_dir, candidate_examples(evals), config.top_k, schema)
+    export(model, corpus, fn_args.serving_model_dir, candidate_examples(evals, features=features), config.top_k, schema)
