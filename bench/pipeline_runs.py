@@ -1,6 +1,7 @@
 """Benchmark: what `make demo` serves, from the pipeline's own artifacts, over several clean runs.
 
     .venv/bin/python bench/pipeline_runs.py [--runs 3] [--requests 5000] [--json out.json]
+    .venv/bin/python bench/pipeline_runs.py --config my_start/cascade.yaml [--set K=V ...] [--runs 3]
 
 Each run is the demo's pipeline (`PipelineConfig()` defaults: built-in synthetic data, 5,000
 requests, seed 0; LocalDagRunner, Beam DirectRunner multi-processing) in a fresh output directory,
@@ -9,7 +10,9 @@ multi-threaded training. After each run the figures are read back from the run's
 artifacts by `pipelines.report.collect` — the CascadeEvaluator's metrics, the TFMA Evaluator's
 overall metrics, the joint Trainer's training data and FLOPs, the blessings — exactly what the
 run prints. Printed: every run's figures and their mean ± sample std (min–max for the spread),
-and each run's wall time with the per-component times. Dataset: synthetic (`SyntheticConfig()`).
+and each run's wall time with the per-component times. Dataset: synthetic (`SyntheticConfig()`),
+or the config file's (`--config`, as `cascade run --config` reads it, e.g. a `cascade init` starter
+on converted MovieLens or Open Bandit data; its output_dir is replaced by a fresh one per run).
 """
 import argparse
 import dataclasses
@@ -29,7 +32,7 @@ from report import mean_std  # noqa: E402  (sample std over runs, as in BENCHMAR
 from datasources.synthetic import SyntheticConfig  # noqa: E402
 from pipelines import local_runner  # noqa: E402
 from pipelines import report as run_report  # noqa: E402
-from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.config import PipelineConfig, load_config  # noqa: E402
 
 
 def figures(result) -> dict:
@@ -43,7 +46,8 @@ def figures(result) -> dict:
     flops = result["cascade_trainer"]["flops"]
     out["FLOPs/candidate pre-ranking"] = flops["preranking"]["per_candidate"]
     out["FLOPs/candidate ranking"] = flops["ranking"]["per_candidate"]
-    out["FLOPs/candidate retrieval"] = result["retrieval_trainer"]["flops"]["per_candidate"]
+    if result.get("retrieval_trainer"):  # a 2-stage cascade has none
+        out["FLOPs/candidate retrieval"] = result["retrieval_trainer"]["flops"]["per_candidate"]
     for stage, verdict in evaluation["blessings"].items():
         out[f"blessed {stage}"] = float(verdict["blessed"])
     return out
@@ -54,22 +58,33 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=SyntheticConfig().num_requests)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--config", help="a cascade run config file (default: the demo's synthetic config)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args(argv)
+    base = load_config(args.config, args.set) if args.config or args.set else None
+    dataset = (f"{base.examples_dir} ({args.config})" if base is not None and base.source == "examples"
+               else f"synthetic {args.requests} requests")
     runs = []
     for r in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="pipeline-run-") as tmp:
-            config = PipelineConfig(output_dir=os.path.join(tmp, "out"),
-                                    synthetic=dataclasses.replace(SyntheticConfig(), num_requests=args.requests))
+            if base is not None:
+                config = base.replace(output_dir=os.path.join(tmp, "out"))
+            else:
+                config = PipelineConfig(output_dir=os.path.join(tmp, "out"),
+                                        synthetic=dataclasses.replace(SyntheticConfig(), num_requests=args.requests))
+            config.validate()
+            config.check_inputs()
             seconds, timings = local_runner.run_with_timings(config, show_progress=False)
             run = {"seconds": seconds, "components": [[n, s] for n, s, _ in timings],
                    "figures": figures(run_report.collect(config))}
         runs.append(run)
         print(f"run {r + 1}: {seconds:.1f} s; " + json.dumps({k: round(v, 4) for k, v in run["figures"].items()}),
               flush=True)
-    print(f"\ndemo pipeline, synthetic {args.requests} requests, {args.runs} runs from clean output dirs, "
-          f"{os.cpu_count()} cores")
+    print(f"\npipeline on {dataset}, {args.runs} runs from clean output dirs, {os.cpu_count()} cores")
     for name in runs[0]["figures"]:
-        values = [run["figures"][name] for run in runs]
+        values = [run["figures"][name] for run in runs if run["figures"].get(name) is not None]
+        if not values:
+            continue
         print(f"  {name:<40s} {mean_std(values):>18s}   (min {min(values):.4f}, max {max(values):.4f}, "
               f"spread {max(values) - min(values):.4f})")
     walls = [run["seconds"] for run in runs]

@@ -1,7 +1,8 @@
 """`cascade`: the command line of cascade-ranking (thin: it parses flags and calls the library).
 
     cascade generate --out DIR --requests N --seed S      synthetic candidate rows
-    cascade convert {movielens,obd} --src DIR --out DIR   real data into the same schema
+    cascade convert {movielens,obd} --src DIR --out DIR [--layout package|native|clicks]
+                                                          real data as candidate rows
     cascade run [--config FILE] [--set K=V] [flags]       the cascade TFX pipeline, run locally
     cascade config [--config FILE] [--set K=V] [flags]    the effective PipelineConfig, as YAML
     cascade init --examples-dir DIR --out DIR             a starter schema and config from your data

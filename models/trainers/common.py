@@ -40,8 +40,17 @@ FEATURES_KEY = "features"  # custom_config key of the run's `schema.features.Fea
 
 
 def feature_config(fn_args) -> F.FeatureConfig:
-    """The run's FeatureConfig (custom_config "features"; the defaults when absent)."""
-    return config_from(fn_args, FEATURES_KEY, F.FeatureConfig)
+    """The run's FeatureConfig (custom_config "features"; the defaults when absent), checked against
+    the Trainer's schema (`pipeline_schema`): a declared input the schema lacks or types otherwise
+    fails the Trainer with one line naming it, on any orchestrator (the local runner checks it
+    before the run too)."""
+    features = config_from(fn_args, FEATURES_KEY, F.FeatureConfig)
+    schema, path = pipeline_schema(fn_args)
+    try:
+        features.check_schema(schema)
+    except ValueError as e:
+        raise ValueError(f"{e} (schema {path})") from None
+    return features
 
 
 def pipeline_schema(fn_args):
