@@ -279,7 +279,8 @@ def _cmd_init(args) -> int:
     check_inputs_and_outputs(args.examples_dir, args.out, args.overwrite)
     with RunLog(args.out, startup=args.startup_output) as log:  # TFDV's and Beam's output
         print(f"computing TFDV statistics of {args.examples_dir}/Split-train (library log: {log.path})")
-        report = infer(args.examples_dir, args.out, overwrite=args.overwrite)
+        report = infer(args.examples_dir, args.out, overwrite=args.overwrite, request_key=args.request_key,
+                       label=args.label, request_time=args.request_time)
     for line in report.lines():
         print(line)
     print(f"wrote {os.path.join(args.out, SCHEMA_FILE)} and {os.path.join(args.out, CONFIG_FILE)}; "
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--examples-dir", required=True, help="Examples directory (Split-train/, Split-eval/)")
     init.add_argument("--out", required=True, help="where to write schema.pbtxt and cascade.yaml")
     init.add_argument("--overwrite", action="store_true", help="replace existing files")
+    init.add_argument("--request-key", default="", help="your request key column (default: request_id, session_id, ...)")
+    init.add_argument("--label", default="", help="your click label column (default: click, clicked, is_click, ...)")
+    init.add_argument("--request-time", default="", help="your request time column (default: request_time, timestamp, ...)")
     init.set_defaults(func=_cmd_init)
 
     show = sub.add_parser("config", help="print the effective PipelineConfig of a run's --config, --set and flags")

@@ -18,6 +18,7 @@ from datasources.synthetic import SyntheticConfig
 from models.config import ConfigError, merge, to_dict
 from models.ranker_config import RankerConfig
 from schema.features import FeatureConfig
+from schema.keys import KeyConfig
 from models.trainers.cascade import CascadeTrainerConfig
 from models.trainers.retrieval import RetrievalTrainerConfig
 
@@ -66,6 +67,9 @@ class PipelineConfig:
     # dtype, width, buckets), passed to every Trainer and the NegativeSampler; `features.buckets`
     # overrides bucket counts by name (e.g. [[item_id, 1000000]]).
     features: FeatureConfig = FeatureConfig()
+    # The log's own names for the request key, the click label and the request time (a string
+    # request key is hashed to int64); other than the defaults, the KeyMapper adds the pipeline's.
+    keys: KeyConfig = KeyConfig()
     # Beam: "multi_processing" runs DirectRunner with `beam_workers` processes (0 = one per core);
     # "in_process" passes no Beam args (one process, the fastest for tiny data, as in tests).
     beam_mode: str = "multi_processing"
@@ -158,7 +162,8 @@ class PipelineConfig:
         the data; the local runner calls this once per run."""
         if self.source != "examples" or "://" in (self.examples_dir or ""):
             return
-        check_examples_dir(self.examples_dir, self.local_schema(), required=self.features.model_inputs)
+        check_examples_dir(self.examples_dir, self.local_schema(),
+                           required=self.features.model_inputs + self.keys.data_columns())
 
     def local_schema(self):
         """The run's schema (`schema_file`, default the packaged one) when it is a local file, else
@@ -187,6 +192,13 @@ class PipelineConfig:
             self.features.check_schema(schema)
         except ValueError as e:
             raise InputError(f"schema file {path}: {e}") from None
+        declared = {f.name for f in schema.feature}
+        needed = [name for name in (F.REQUEST_ID_KEY, F.LABEL_KEY, F.REQUEST_TIME_KEY) if name not in declared]
+        if needed:
+            what = ("the KeyMapper adds them from keys " + ", ".join(f"{k}={v!r}" for k, v in to_dict(self.keys).items())
+                    if self.keys.mapped else "or name your own columns in keys")
+            raise InputError(f"schema file {path} lacks the key feature(s) {', '.join(needed)} the pipeline reads "
+                             f"({what}; `cascade init` declares them)")
         return schema
 
     def beam_pipeline_args(self) -> List[str]:

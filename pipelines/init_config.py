@@ -111,13 +111,40 @@ def _id_span(feature: schema_pb2.Feature, st: statistics_pb2.FeatureNameStatisti
     return 0
 
 
-def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatisticsList) -> InitReport:
-    """Adds disallow_nan, min-0 int domains and the SERVING environment to TFDV's inferred `schema`
-    (in place) and reports what it found (see the module docstring)."""
-    from schema import features as F
+def find_keys(names, request_key: str = "", label: str = "", request_time: str = ""):
+    """The log's key columns (`schema.keys.KeyConfig`): the names given, else the pipeline's own
+    names when the data has them, else the first column whose name is a usual one for the key
+    (`KEY_NAME_HINTS`, case-insensitive). Raises InputError naming a request key or label it cannot
+    find (pass --request-key / --label)."""
+    from datasources.example_io import InputError
+    from schema.keys import KEY_NAME_HINTS, KeyConfig
 
+    by_lower = {n.lower(): n for n in names}
+    given = {"request_id": request_key, "click": label, "request_time": request_time}
+    found = {}
+    for key, hints in KEY_NAME_HINTS.items():
+        if given[key]:
+            if given[key] not in names:
+                raise InputError(f"the data has no column {given[key]!r} for the {key} key; its columns: {', '.join(names)}")
+            found[key] = given[key]
+            continue
+        found[key] = next((by_lower[h] for h in hints if h in by_lower), "")
+    for key, flag in (("request_id", "--request-key"), ("click", "--label")):
+        if not found[key]:
+            raise InputError(f"no {key} column found (tried {', '.join(KEY_NAME_HINTS[key])}): name it with {flag}")
+    return KeyConfig(**found)
+
+
+def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatisticsList, keys=None) -> InitReport:
+    """Adds disallow_nan, min-0 int domains and the SERVING environment to TFDV's inferred `schema`
+    (in place) and reports what it found (see the module docstring). With `keys` naming the log's
+    own key columns, the pipeline's key features the KeyMapper adds are declared too."""
+    from schema import features as F
+    from schema.keys import KeyConfig
+
+    keys = keys or KeyConfig()
     by_name = _feature_stats(stats)
-    labels = {F.LABEL_KEY, F.STAGE_KEY, *F.OPTIONAL_DEFAULTS, *F.OPTIONAL_STRING_DEFAULTS}
+    labels = {F.LABEL_KEY, F.STAGE_KEY, keys.click, *F.OPTIONAL_DEFAULTS, *F.OPTIONAL_STRING_DEFAULTS}
     nan_features, id_like = [], {}
     if "SERVING" not in schema.default_environment:
         schema.default_environment.extend(["TRAINING", "SERVING"])
@@ -131,14 +158,15 @@ def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatis
         if feature.type == schema_pb2.INT and st is not None and st.num_stats.min >= 0 and not feature.HasField("domain"):
             feature.int_domain.min = 0
         univalent = feature.HasField("shape") and [d.size for d in feature.shape.dim] == [1]
-        keys = labels | {F.REQUEST_ID_KEY, F.REQUEST_TIME_KEY}
-        if st is not None and univalent and feature.name not in keys and _id_span(feature, st) > ID_MIN_UNIQUE:
+        key_columns = labels | {F.REQUEST_ID_KEY, F.REQUEST_TIME_KEY, keys.request_id, keys.request_time}
+        if st is not None and univalent and feature.name not in key_columns and _id_span(feature, st) > ID_MIN_UNIQUE:
             id_like[feature.name] = _id_span(feature, st)
         if feature.name in labels and "SERVING" not in feature.not_in_environment:
             feature.not_in_environment.append("SERVING")
-        if feature.type == schema_pb2.BYTES and feature.name not in keys and feature.HasField("domain"):
-            # A string model input is hashed (any value embeds): TFDV's vocabulary of the values it saw
-            # would make every new id an anomaly that stops the run.
+        if feature.type == schema_pb2.BYTES and feature.name not in labels and feature.HasField("domain"):
+            # A string model input is hashed (any value embeds), and a string request key takes new
+            # values every day: TFDV's vocabulary of the values it saw would make each new one an
+            # anomaly that stops the run.
             domain = feature.domain
             feature.ClearField("domain")
             kept = [d for d in schema.string_domain if d.name != domain]
@@ -147,12 +175,17 @@ def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatis
     names = [f.name for f in schema.feature]  # the data's own features
     packaged = {f.name: f for f in F.load_schema().feature}
     added = list(F.missing_pipeline_features(schema))
+    if keys.mapped:  # the KeyMapper adds the pipeline's keys from the log's own columns
+        added += [name for name in (F.REQUEST_ID_KEY, F.LABEL_KEY, F.REQUEST_TIME_KEY) if name not in names]
     for name in added:  # the features the components add, as the package declares them
         schema.feature.add().CopyFrom(packaged[name])
     rows = int(stats.datasets[0].num_examples)
-    required = (F.REQUEST_ID_KEY, F.LABEL_KEY)
+    required = (F.REQUEST_ID_KEY, F.LABEL_KEY) if not keys.mapped else ()
     report = InitReport(rows=rows, features=names, added=added, id_like=id_like, nan_features=nan_features,
                         missing_model_inputs=[n for n in required if n not in names], not_read=[])
+    if keys.mapped:
+        report.notes.append("keys: " + ", ".join(f"{k} from {v!r}" for k, v in dataclasses.asdict(keys).items() if v)
+                            + " (the KeyMapper adds the pipeline's key features; a string request key is hashed)")
     if F.STAGE_KEY not in names:
         report.notes.append(f"no {F.STAGE_KEY} (tiers): the ground truth is the click; a clicked row is tier "
                             f"{F.STAGE_TIERS[0]}, another logged row {F.STAGE_TIERS[1]}")
@@ -170,13 +203,13 @@ def _max_values(st: statistics_pb2.FeatureNameStatistics) -> int:
     return int(common.max_num_values)
 
 
-def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_RECORDS) -> Optional[set]:
+def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_RECORDS,
+                           request_key: str = "request_id") -> Optional[set]:
     """The features of `names` with one value per request in the first `records` train rows: the
     same values on every row of a request_id (a feature no row carries is not one). None when no
     request of the sample has two rows: constancy then says nothing (a log of one row per request,
     as the Open Bandit sample)."""
     from datasources.example_io import read_examples
-    from schema import features as F
 
     first: Dict[tuple, tuple] = {}
     varying, seen = set(), set()
@@ -185,9 +218,10 @@ def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_
         if i >= records:
             break
         fmap = example.features.feature
-        if F.REQUEST_ID_KEY not in fmap:
+        if request_key not in fmap:
             continue
-        request = tuple(fmap[F.REQUEST_ID_KEY].int64_list.value)
+        kind = fmap[request_key].WhichOneof("kind")
+        request = tuple(getattr(fmap[request_key], kind).value) if kind else ()
         rows_of[request] = rows_of.get(request, 0) + 1
         for name in names:
             if name in varying or name not in fmap:
@@ -204,14 +238,14 @@ def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_
 
 
 def infer_registry(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatisticsList,
-                   report: InitReport, request_level: Optional[set]):
+                   report: InitReport, request_level: Optional[set], keys=None):
     """The starter's feature registry (`FeatureConfig`) from the refined schema, the train split's
     statistics and the request-level features (see the module docstring); fills `report.registry`
     and `report.not_read`."""
     from schema import features as F
 
     by_name = _feature_stats(stats)
-    reserved = set(F.RESERVED_NAMES)
+    reserved = set(F.RESERVED_NAMES) | (set(keys.data_columns()) | {keys.request_time} if keys else set())
     inputs, lines, left_out, distinct_ids = [], [], [], {}
     for feature in schema.feature:
         name = feature.name
@@ -309,7 +343,8 @@ def check_inputs_and_outputs(examples_dir: str, out_dir: str, overwrite: bool = 
     return paths
 
 
-def infer(examples_dir: str, out_dir: str, overwrite: bool = False) -> InitReport:
+def infer(examples_dir: str, out_dir: str, overwrite: bool = False, request_key: str = "", label: str = "",
+          request_time: str = "") -> InitReport:
     """Writes out_dir/schema.pbtxt and out_dir/cascade.yaml inferred from `examples_dir` and returns
     the report. Refuses to replace existing files unless `overwrite`."""
     import tensorflow_data_validation as tfdv
@@ -319,12 +354,14 @@ def infer(examples_dir: str, out_dir: str, overwrite: bool = False) -> InitRepor
     paths = check_inputs_and_outputs(examples_dir, out_dir, overwrite)
     stats = tfdv.generate_statistics_from_tfrecord(os.path.join(examples_dir, "Split-train", "*"))
     schema = tfdv.infer_schema(stats, infer_feature_shape=True)
-    report = refine(schema, stats)
+    keys = find_keys([f.name for f in schema.feature], request_key, label, request_time)
+    report = refine(schema, stats, keys)
     candidates = [f.name for f in schema.feature if f.name not in report.added]
-    registry = infer_registry(schema, stats, report, request_level_features(examples_dir, candidates))
+    registry = infer_registry(schema, stats, report,
+                              request_level_features(examples_dir, candidates, request_key=keys.request_id), keys)
     _write_atomically(paths[SCHEMA_FILE], text_format.MessageToString(schema))
     config = PipelineConfig(source="examples", examples_dir=os.path.abspath(examples_dir),
-                            schema_file=os.path.abspath(paths[SCHEMA_FILE]), features=registry)
+                            schema_file=os.path.abspath(paths[SCHEMA_FILE]), features=registry, keys=keys)
     config = fit_rankers(config, report)
     header = "".join(f"# {line}\n" for line in
                      [f"cascade init --examples-dir {examples_dir}: a starter config (cascade run --config this file)"]

@@ -35,6 +35,7 @@ from tfx.proto import example_gen_pb2
 
 from components.anomaly_gate import AnomalyGate
 from components.cascade_evaluator import CascadeEvaluator, tfma_eval_config
+from components.key_mapper import KeyMapper
 from components.negative_sampler import NegativeSampler
 from components.stage_model import StageModel
 from components.synthetic_example_gen import SyntheticExampleGen
@@ -139,6 +140,10 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     config.validate()
     example_gen = example_source(config)
     rows = example_gen.outputs["examples"]
+    key_mapper = None
+    if config.keys.mapped:  # the log names its keys otherwise: add request_id, click, request_time
+        key_mapper = KeyMapper(examples=rows, keys=config.keys, max_bad_fraction=config.sampler.max_bad_fraction)
+        rows = key_mapper.outputs["output_examples"]
     statistics_gen = tfx.components.StatisticsGen(examples=rows)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_source(config))
     schema = schema_gen.outputs["schema"]
@@ -181,7 +186,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
-        components=[example_gen, statistics_gen, schema_gen, example_validator, anomaly_gate, teacher,
+        components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate, teacher,
                     teacher_inference, sampler, *([retrieval] if retrieval else []), cascade, preranking,
                     *baselines.values(), tfma_evaluator,
                     evaluator, *pushers],

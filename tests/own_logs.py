@@ -7,7 +7,8 @@ click log, every logged row shown, the ground truth its clicks.
     item side      sku (string: the item id), brand (string), keywords (int64, 1..20 values),
                    vector (float ×7)
     UI             slot (int64, 0..3)
-    keys, labels   request_id, request_time, click (and stage, ui_position with `tiers=True`)
+    keys, labels   request_id, request_time, click (and stage, ui_position with `tiers=True`); with
+                   `own_keys`: session (string), ts, clicked instead
 
 Clicks follow a hidden affinity (visitor × brand, keywords, the vector and the slot), so a model
 that reads the features can learn something.
@@ -36,8 +37,9 @@ def registry(buckets: int = 4096) -> F.FeatureConfig:
 
 
 def rows(num_requests: int, candidates: int = 100, seed: int = 0, tiers: bool = False,
-         first_request: int = 0) -> list:
-    """Candidate rows (feature dicts) of `num_requests` requests of `candidates` rows each."""
+         first_request: int = 0, own_keys: bool = False) -> list:
+    """Candidate rows (feature dicts) of `num_requests` requests of `candidates` rows each. With
+    `own_keys` the keys have the log's own names: `session` (a string), `clicked`, `ts`."""
     rng = np.random.default_rng(seed)
     num_items, num_visitors, num_brands = 400, 60, 12
     brand_of = rng.integers(0, num_brands, num_items)
@@ -65,6 +67,11 @@ def rows(num_requests: int, candidates: int = 100, seed: int = 0, tiers: bool = 
                 "keywords": keywords, "vector": vector_of[item].tolist(),
                 "slot": [int(slots[j])], "click": [int(clicks[j])],
             }
+            if own_keys:
+                row["session"] = [f"session-{request_id:06d}".encode()]
+                row["clicked"] = row.pop("click")
+                row["ts"] = row.pop("request_time")
+                del row["request_id"]
             if tiers:
                 row["stage"] = [F.tier_without_stage(clicks[j]).encode()]
                 row[F.SHOWN_KEY] = [F.SHOWN_WITHOUT_POSITION]
@@ -73,11 +80,12 @@ def rows(num_requests: int, candidates: int = 100, seed: int = 0, tiers: bool = 
 
 
 def write(root: str, train_requests: int = 24, eval_requests: int = 8, candidates: int = 100,
-          seed: int = 0, tiers: bool = False, extra: Optional[Callable[[dict], Dict[str, object]]] = None) -> str:
+          seed: int = 0, tiers: bool = False, extra: Optional[Callable[[dict], Dict[str, object]]] = None,
+          own_keys: bool = False) -> str:
     """An Examples directory (Split-train/, Split-eval/) of this log. `extra(row)` adds features to
     each row (the "add a feature" test)."""
-    splits = {"train": rows(train_requests, candidates, seed, tiers),
-              "eval": rows(eval_requests, candidates, seed + 1, tiers, first_request=train_requests)}
+    splits = {"train": rows(train_requests, candidates, seed, tiers, own_keys=own_keys),
+              "eval": rows(eval_requests, candidates, seed + 1, tiers, first_request=train_requests, own_keys=own_keys)}
     os.makedirs(root, exist_ok=True)
     with SplitWriter(root, splits) as writer:
         for name, split_rows in splits.items():

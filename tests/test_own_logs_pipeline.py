@@ -1,6 +1,6 @@
 """Bring your own logs, as a new user would: `cascade init` on a log of another shape
-(tests/own_logs.py: its own feature names, string ids, a dense feature of width 7, up to 20
-keywords, 100-candidate requests, no tiers, no ui_position), then `cascade run --config`, then
+(tests/own_logs.py: its own feature names and key names, string ids and a string request key, a
+dense feature of width 7, up to 20 keywords, 100-candidate requests, no tiers, no ui_position), then `cascade run --config`, then
 `cascade serve-check`, with no change to package code; a 2-stage cascade; a feature added by the
 config alone; a declared feature the data lacks stopped before training."""
 import json
@@ -74,8 +74,16 @@ def _variable_names(model_dir):
 
 
 @pytest.mark.slow
-def test_a_log_of_another_shape_trains_serves_and_prints_the_cascade_table(started, capsys):
-    root, data, config = started
+def test_a_log_of_another_shape_trains_serves_and_prints_the_cascade_table(tmp_path, capsys):
+    """The log names its own keys too: a string `session` key, `clicked`, `ts` (the KeyMapper)."""
+    root = tmp_path
+    data = own_logs.write(str(root / "data"), train_requests=24, eval_requests=8, own_keys=True)
+    code, out, err = _main(capsys, "init", "--examples-dir", data, "--out", str(root / "start"))
+    assert code == 0, err
+    assert "keys: request_id from 'session', click from 'clicked', request_time from 'ts'" in out
+    with open(root / "start" / "cascade.yaml") as f:
+        config = yaml.safe_load(f)
+    assert config["keys"] == {"request_id": "session", "click": "clicked", "request_time": "ts"}
     declared = {f["name"]: f for f in config["features"]["inputs"]}
     assert declared["sku"]["dtype"] == "string" and declared["vector"]["width"] == 7
     assert declared["keywords"]["kind"] == "ids" and declared["keywords"]["width"] == 20
@@ -83,6 +91,7 @@ def test_a_log_of_another_shape_trains_serves_and_prints_the_cascade_table(start
     code, out, err = _main(capsys, "run", "--config", _write_config(root / "three.yaml", config),
                            "--output-dir", out_dir, *SMALL_RUN)
     assert code == 0, err + out
+    assert "KeyMapper" in out  # the progress line of the component that adds the pipeline's keys
     assert "e2e recall (quotas 40/30/20)" in out and "retrieval Recall@|GT|@40" in out
     assert "requests without ground truth   0 of 32" in out
     for stage in ("retrieval", "preranking", "ranking"):
