@@ -320,7 +320,9 @@ def pipeline_runs_table(data):
     runs = data["runs"]
     rows = []
     for name in runs[0]["figures"]:
-        values = [r["figures"][name] for r in runs]
+        values = [r["figures"][name] for r in runs if r["figures"].get(name) is not None]
+        if not values:
+            continue
         digits = 0 if name.startswith("FLOPs") else 4
         rows.append([name.replace("|", "\\|"), mean_std(values, digits), f"{min(values):.{digits}f}",
                      f"{max(values):.{digits}f}"])
@@ -331,7 +333,10 @@ def pipeline_runs_table(data):
         for name, seconds in r["components"]:
             components.setdefault(name, []).append(seconds)
     slow = [[name, mean_std(v, 1)] for name, v in components.items() if np.mean(v) >= 1.0]
-    return (f"synthetic {data['args']['requests']:,} requests, {len(runs)} runs from clean output dirs\n\n"
+    args = data["args"]
+    dataset = (f"{args['config']} {' '.join('--set ' + s for s in args.get('set', []))}".strip() if args.get("config")
+               else f"synthetic {args['requests']:,} requests")
+    return (f"{dataset}, {len(runs)} runs from clean output dirs\n\n"
             + markdown(["figure", "mean ± std", "min", "max"], rows)
             + "\n\ncomponents of ≥ 1 s (mean ± std over the runs, seconds)\n\n" + markdown(["component", "seconds"], slow))
 
@@ -355,6 +360,8 @@ def save(fig, plt, out_dir, name):
 
 SECTIONS = {  # json name -> (table, plot or None)
     "pipeline_runs": (pipeline_runs_table, ()),
+    "pipeline_runs_movielens_clicks": (pipeline_runs_table, ()),
+    "pipeline_runs_obd_native": (pipeline_runs_table, ()),
     "ranker_variants": (ranker_variants_table, ()),
     "ranking_ablations": (lambda d: ablation_tables(d) + "\n\nReproducibility\n\n" + reproducibility_table(d),
                           (plot_ablations, plot_reproducibility)),

@@ -140,7 +140,11 @@ def ranking_vs_preranking_at(evaluation: Dict) -> Tuple[int, float, float]:
     cascade = evaluation["cascade"]
     k = int(cascade["quotas"][-1])
     curves = cascade["recall_at_k"]
-    return k, curves["model"][k - 1], curves["preranking_model"][k - 1]
+
+    def at_k(curve):  # a curve ends at the longest request: beyond it every candidate is kept
+        return curve[min(k, len(curve)) - 1]
+
+    return k, at_k(curves["model"]), at_k(curves["preranking_model"])
 
 
 def table_rows(evaluation: Dict, min_bucket_count: int = 100) -> List[Tuple[str, Optional[float], Optional[float]]]:
