@@ -38,16 +38,10 @@ def _files(file_patterns) -> Sequence[str]:
     return inputs.list_files([file_patterns] if isinstance(file_patterns, str) else file_patterns)
 
 
-def padded(values, f: F.InputFeature):
-    """A parsed multivalent batch, ragged, as an [N, width] tensor: cut to the width, padded with
-    the pad value (a dense one as it is)."""
-    if isinstance(values, tf.RaggedTensor):
-        return values[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
-    return values
-
-
 def _padded(values, f: F.InputFeature) -> np.ndarray:
-    values = padded(values, f)
+    """A parsed multivalent batch (ragged) as an [N, width] array padded with the pad value."""
+    if isinstance(values, tf.RaggedTensor):
+        values = values[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
     return np.asarray(values.numpy() if hasattr(values, "numpy") else values).reshape(-1, f.width)
 
 
