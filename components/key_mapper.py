@@ -119,9 +119,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output.split_names = artifact_utils.encode_split_names(split_names)
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
         pipeline = self._make_beam_pipeline()
-        records = [record_io.read_split(pipeline, uris[split], split) | f"Tag[{split}]" >> beam.Map(lambda r, i=i: (i, r))
-                   for i, split in enumerate(split_names)]
-        mapped = (records | "AllSplits" >> beam.Flatten() | "Reshuffle" >> beam.Reshuffle()
+        mapped = (record_io.read_tagged_splits(pipeline, uris, split_names)
                   | "AddKeys" >> beam.ParDo(_AddKeys(keys, split_names)).with_outputs(record_io.DEAD_LETTER_TAG,
                                                                                     *split_names))
         record_io.write_dead_letters(mapped[record_io.DEAD_LETTER_TAG], dead.uri, "records")

@@ -57,6 +57,14 @@ def read_split(pipeline: beam.Pipeline, uri: str, label: str) -> beam.PCollectio
     )
 
 
+def read_tagged_splits(pipeline: beam.Pipeline, uris: Dict[str, str], split_names: Sequence[str]) -> beam.PCollection:
+    """(split index in `split_names`, raw record) of every split, reshuffled: a split's file is read
+    by one worker, and after the reshuffle the stages downstream spread over all workers."""
+    records = [read_split(pipeline, uris[split], split) | f"Tag[{split}]" >> beam.Map(lambda raw, i=index: (i, raw))
+               for index, split in enumerate(split_names)]
+    return records | "AllSplits" >> beam.Flatten() | "Reshuffle" >> beam.Reshuffle()
+
+
 class ParseOrDivert(beam.DoFn):
     """Keeps the records that parse as a tf.Example with the `required` features and diverts the
     others to the dead-letter output with the reason; counts both. A kept record goes on as the

@@ -127,16 +127,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
 
         split_names = sorted(uris)
         pipeline = self._make_beam_pipeline()
-        records = [
-            record_io.read_split(pipeline, uris[split], split) | f"Tag[{split}]" >> beam.Map(lambda raw, i=index: (i, raw))
-            for index, split in enumerate(split_names)
-        ]
-        # A split's file is read by one worker; after the reshuffle the parsing, inference and
-        # conversion of every split run in one stage that the runner spreads over its workers.
+        # After the reshuffle the parsing, inference and conversion of every split run in one stage
+        # that the runner spreads over its workers.
         parsed = (
-            records
-            | "AllSplits" >> beam.Flatten()
-            | "Reshuffle" >> beam.Reshuffle()
+            record_io.read_tagged_splits(pipeline, uris, split_names)
             | "Validate" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE, keyed=True)).with_output_types(
                 Tuple[int, bytes]).with_outputs(record_io.DEAD_LETTER_TAG, main="examples")
         )

@@ -38,10 +38,16 @@ def _files(file_patterns) -> Sequence[str]:
     return inputs.list_files([file_patterns] if isinstance(file_patterns, str) else file_patterns)
 
 
-def _padded(values, f: F.InputFeature) -> np.ndarray:
-    """A parsed multivalent batch (ragged) as an [N, width] array padded with the pad value."""
+def padded(values, f: F.InputFeature):
+    """A parsed multivalent batch, ragged, as an [N, width] tensor: cut to the width, padded with
+    the pad value (a dense one as it is)."""
     if isinstance(values, tf.RaggedTensor):
-        values = values[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
+        return values[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
+    return values
+
+
+def _padded(values, f: F.InputFeature) -> np.ndarray:
+    values = padded(values, f)
     return np.asarray(values.numpy() if hasattr(values, "numpy") else values).reshape(-1, f.width)
 
 

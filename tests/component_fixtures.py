@@ -2,12 +2,23 @@
 import os
 
 import tensorflow as tf
+from google.protobuf import text_format
 from tfx.types import artifact_utils, standard_artifacts
 
 from datasources import example_io, synthetic
 from models import export, inputs
 from models.baseline_ranker import BaselineRanker
 from models.config import TrainerConfig
+
+
+def schema_artifact(uri: str, schema) -> standard_artifacts.Schema:
+    """A Schema artifact whose directory holds `schema` as schema.pbtxt, as ImportSchemaGen writes it."""
+    tf.io.gfile.makedirs(uri)
+    with open(os.path.join(uri, "schema.pbtxt"), "w") as f:
+        f.write(text_format.MessageToString(schema))
+    artifact = standard_artifacts.Schema()
+    artifact.uri = uri
+    return artifact
 
 
 def examples_artifact(uri: str, splits=("train", "eval")) -> standard_artifacts.Examples:

@@ -8,17 +8,16 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.dsl.components.base import base_beam_executor
-from tfx.types import artifact_utils, standard_artifacts
+from tfx.types import artifact_utils
 
 from components import negative_sampler, record_io, sampling
 from components.sampling import SamplerConfig
 from datasources import example_io
 from schema import features as F
 from schema import request_list as RL
-from tests.component_fixtures import examples_artifact, synthetic_examples
+from tests.component_fixtures import examples_artifact, schema_artifact, synthetic_examples
 
 GARBAGE = b"\x12\x34 definitely not a tf.Example"
 
@@ -229,16 +228,6 @@ def test_shown_rows_are_the_raw_shown_rows_of_the_eval_requests(small, tmp_path,
         assert {r["request_id"] for r in _rows(small, "train")} & eval_requests
 
 
-def _schema_artifact(uri, schema) -> standard_artifacts.Schema:
-    """A Schema artifact whose directory holds `schema` as schema.pbtxt, as ImportSchemaGen writes it."""
-    tf.io.gfile.makedirs(uri)
-    with open(os.path.join(uri, "schema.pbtxt"), "w") as f:
-        f.write(text_format.MessageToString(schema))
-    artifact = standard_artifacts.Schema()
-    artifact.uri = uri
-    return artifact
-
-
 def test_schema_input_decides_the_required_features(small, tmp_path):
     """With a Schema artifact that requires a feature the rows lack, every row is dead-lettered and
     the executor fails on the bad fraction; without the schema channel the same data passes (with
@@ -249,7 +238,7 @@ def test_schema_input_decides_the_required_features(small, tmp_path):
     extra.name, extra.type = "required_extra", schema_pb2.INT
     extra.value_count.min = extra.value_count.max = 1
     extra.presence.min_fraction, extra.presence.min_count = 1.0, 1
-    schema = _schema_artifact(str(tmp_path / "schema"), strict)
+    schema = schema_artifact(str(tmp_path / "schema"), strict)
     outputs = _outputs(tmp_path / "strict")
     with pytest.raises(record_io.BadInputError, match="NegativeSampler: 2001 of 2001 records were diverted"):
         _run(tmp_path / "strict", small, SamplerConfig(), schema=schema, outputs=outputs)
@@ -267,7 +256,7 @@ def test_schema_input_decides_the_required_features(small, tmp_path):
     lacking.CopyFrom(F.load_schema())
     del lacking.feature[[f.name for f in lacking.feature].index("teacher_logit")]
     with pytest.raises(record_io.BadInputError, match="lacks or retypes features the NegativeSampler decodes: teacher_logit"):
-        _run(tmp_path / "lacking", small, SamplerConfig(), schema=_schema_artifact(str(tmp_path / "lacking_schema"), lacking))
+        _run(tmp_path / "lacking", small, SamplerConfig(), schema=schema_artifact(str(tmp_path / "lacking_schema"), lacking))
 
 
 def test_missing_split_and_too_many_bad_records_are_clear_errors(small, tmp_path):

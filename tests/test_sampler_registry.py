@@ -10,10 +10,8 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.dsl.components.base import base_beam_executor
-from tfx.types import standard_artifacts
 
 from components import negative_sampler, record_io, sampling
 from components.sampling import SamplerConfig
@@ -21,7 +19,7 @@ from datasources import example_io
 from models.config import to_dict
 from schema import features as F
 from schema import request_list as RL
-from tests.component_fixtures import examples_artifact
+from tests.component_fixtures import examples_artifact, schema_artifact
 
 IF = F.InputFeature
 FEATURES = F.FeatureConfig(
@@ -99,7 +97,7 @@ def run(tmp_path_factory):
         with tf.io.TFRecordWriter(str(root / "examples" / f"Split-{split}" / example_io.RECORD_FILE), options="GZIP") as w:
             for row in split_rows + ([bad] if split == "train" else []):
                 w.write(example_io.make_example(row).SerializeToString())
-    schema = _schema_artifact(str(root / "schema"), _schema())
+    schema = schema_artifact(str(root / "schema"), _schema())
     dead = record_io.DeadLetters()
     dead.uri = str(root / "dead")
     outputs = {"request_lists": [examples_artifact(str(root / "lists"), splits=())],
@@ -119,15 +117,6 @@ def run(tmp_path_factory):
     letters = [json.loads(line) for path in tf.io.gfile.glob(str(root / "dead" / "*.jsonl")) for line in open(path)]
     metrics = json.load(open(root / "lists" / record_io.METRICS_FILE))
     return {"rows": rows, "lists": lists, "dead": letters, "metrics": metrics, "bad": bad}
-
-
-def _schema_artifact(uri, schema) -> standard_artifacts.Schema:
-    tf.io.gfile.makedirs(uri)
-    with open(os.path.join(uri, "schema.pbtxt"), "w") as f:
-        f.write(text_format.MessageToString(schema))
-    artifact = standard_artifacts.Schema()
-    artifact.uri = uri
-    return artifact
 
 
 def test_lists_are_the_row_reference_of_the_registry_byte_for_byte(run):
@@ -219,7 +208,7 @@ def test_a_schema_that_types_the_registry_otherwise_is_a_one_line_error(tmp_path
     schema = _schema()
     next(f for f in schema.feature if f.name == "sku").type = schema_pb2.INT
     with pytest.raises(record_io.BadInputError) as error:
-        negative_sampler._load_schema([_schema_artifact(str(tmp_path / "s"), schema)], FEATURES)
+        negative_sampler._load_schema([schema_artifact(str(tmp_path / "s"), schema)], FEATURES)
     assert str(error.value) == "features.inputs do not match the schema: sku is INT in the schema, declared id string"
     with pytest.raises(record_io.BadInputError, match="user is not in the schema"):
         negative_sampler._load_schema(None, FEATURES)  # the packaged schema has the default registry's features
@@ -247,7 +236,7 @@ def test_a_registry_the_sampler_cannot_decode_is_a_one_line_error(tmp_path):
     shown_as_string = F.FeatureConfig(inputs=FEATURES.inputs + (IF("ui_position", "ui", dtype="string", buckets=11),),
                                       item_key="sku")
     with pytest.raises(record_io.BadInputError, match="ui_position is the shown indicator, an int64 id; declared id string"):
-        negative_sampler._load_schema([_schema_artifact(str(tmp_path / "s"), _schema())], shown_as_string)
+        negative_sampler._load_schema([schema_artifact(str(tmp_path / "s"), _schema())], shown_as_string)
     clash = F.FeatureConfig(inputs=FEATURES.inputs + (IF("labels_values", "item", buckets=3),), item_key="sku")
     with pytest.raises(ValueError, match="labels_values clashes with a column the NegativeSampler decodes"):
         negative_sampler.CandidateDecoder(_schema(), clash)
@@ -274,7 +263,7 @@ def test_a_log_without_tiers_or_positions_takes_its_ground_truth_from_the_clicks
     context = base_beam_executor.BaseBeamExecutor.Context(beam_pipeline_args=[], tmp_dir=str(tmp_path / "tmp"))
     config = SamplerConfig(list_size=40, random_negatives=5)
     negative_sampler.Executor(context).Do(
-        {"examples": [examples_artifact(data)], "schema": [_schema_artifact(str(tmp_path / "schema"), schema)]},
+        {"examples": [examples_artifact(data)], "schema": [schema_artifact(str(tmp_path / "schema"), schema)]},
         outputs, {"config": json.dumps(dataclasses.asdict(config)), "input_splits": json.dumps(["train", "eval"]),
                   "features": json.dumps(to_dict(registry), sort_keys=True)})
     clicks = {(r["request_id"][0], r["sku"][0]): r["click"][0] for r in own_logs.rows(3, 30, 0)}

@@ -32,9 +32,8 @@ def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
     parts: Dict[str, list] = {}
     for batch in LI.request_list_dataset(file_patterns, batch_size, list_size, features=features):
         for name, value in batch.items():
-            if isinstance(value, tf.RaggedTensor):
-                f = multivalent[name]
-                value = value[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
+            if name in multivalent:
+                value = LI.padded(value, multivalent[name])
             parts.setdefault(name, []).append(value.numpy())
     if not parts:
         raise ValueError(f"no request lists in {file_patterns}")
@@ -87,10 +86,7 @@ def candidate_lists(examples: tf.Tensor, spec: Dict = None, schema=None,
     parsed = export_lib.parse_examples(examples, spec or candidate_parse_spec(schema, features), schema)
     lists = dict(parsed)
     for f in RL.candidate_inputs(features):
-        value = parsed[f.name]
-        if f.multivalent and isinstance(value, tf.RaggedTensor):
-            value = value[:, :f.width].to_tensor(default_value=f.pad_value, shape=[None, f.width])
-        lists[f.name] = value
+        lists[f.name] = LI.padded(parsed[f.name], f) if f.multivalent else parsed[f.name]
     lists["mask"] = tf.ones_like(parsed[features.item_key], dtype=tf.int64)
     return lists
 
