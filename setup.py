@@ -12,6 +12,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.8.4",  # evaluation plots (calibration, recall@k) written as PNG
 ]
 
+# The repository's top-level folders, installed under `cascade_ranking`.
+_SUBPACKAGES = sorted(
+    p for p in setuptools.find_packages(include=["models*", "components*", "pipelines*", "datasources*", "schema*"]))
+
 setuptools.setup(
     name="cascade-ranking",
     version="0.1.0",
@@ -20,9 +24,14 @@ setuptools.setup(
         "run as a TFX pipeline and exported for TF Serving."
     ),
     python_requires=">=3.9,<3.11",
-    packages=setuptools.find_packages(include=["models*", "components*", "pipelines*", "datasources*", "schema*"]),
-    package_data={"schema": ["*.pbtxt"]},
+    # One installed package, `cascade_ranking`, so that nothing collides with a user's own `models`
+    # or `schema`. The repository keeps the design card's top-level folders; package_dir maps each
+    # to a subpackage (`models/` -> `cascade_ranking.models`). `cascade_ranking` itself is an
+    # implicit namespace package: it has no folder of its own.
+    packages=[f"cascade_ranking.{p}" for p in _SUBPACKAGES],
+    package_dir={f"cascade_ranking.{p}": p.replace(".", "/") for p in _SUBPACKAGES},
+    package_data={"cascade_ranking.schema": ["*.pbtxt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0"]},
-    entry_points={"console_scripts": ["cascade=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["cascade=cascade_ranking.pipelines.cli:main"]},
 )

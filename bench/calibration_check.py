@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ranking_ablations as RA  # noqa: E402
 import ranking_quality as RQ  # noqa: E402
 
-from datasources import synthetic  # noqa: E402
-from models.ranker_config import RankerConfig  # noqa: E402
+from cascade_ranking.datasources import synthetic  # noqa: E402
+from cascade_ranking.models.ranker_config import RankerConfig  # noqa: E402
 
 VARIANTS = {
     "baseline (no constraints)": RankerConfig.plain(),

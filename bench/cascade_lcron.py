@@ -81,12 +81,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from datasources import shared_data, synthetic  # noqa: E402
-from datasources.movielens import convert_movielens  # noqa: E402
-from models import cascade_model as CM  # noqa: E402
-from models.metrics import requests_without_gt  # noqa: E402
-from models import list_inputs as LI  # noqa: E402
-from models import preranking  # noqa: E402
+from cascade_ranking.datasources import shared_data, synthetic  # noqa: E402
+from cascade_ranking.datasources.movielens import convert_movielens  # noqa: E402
+from cascade_ranking.models import cascade_model as CM  # noqa: E402
+from cascade_ranking.models.metrics import requests_without_gt  # noqa: E402
+from cascade_ranking.models import list_inputs as LI  # noqa: E402
+from cascade_ranking.models import preranking  # noqa: E402
 
 QUOTAS = {"synthetic": (40, 30, 20), "movielens": (32, 24, 16)}
 DATASET_NAMES = {"synthetic": "synthetic generator, SyntheticConfig() default", "movielens": "MovieLens ml-latest-small"}

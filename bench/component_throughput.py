@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import apache_beam as beam  # noqa: E402
 from tfx.dsl.components.base import base_beam_executor  # noqa: E402
 
-from components import negative_sampler, record_io, teacher_inference  # noqa: E402
-from components.sampling import SamplerConfig  # noqa: E402
+from cascade_ranking.components import negative_sampler, record_io, teacher_inference  # noqa: E402
+from cascade_ranking.components.sampling import SamplerConfig  # noqa: E402
 from tests.component_fixtures import examples_artifact, exported_model, synthetic_examples  # noqa: E402
 
 REFERENCE = "in-process (reference)"

@@ -50,11 +50,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from components.sampling import SamplerConfig, sampling_decision, teacher_log_loss
-from datasources import synthetic
-from models import inputs, metrics, ranker
-from models.ranker_config import RankerConfig
-from schema import features as F
+from cascade_ranking.components.sampling import SamplerConfig, sampling_decision, teacher_log_loss
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models import inputs, metrics, ranker
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema import features as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ranking_quality as rq  # noqa: E402  (bench/ is not a package)

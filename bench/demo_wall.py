@@ -16,9 +16,9 @@ import os
 import sys
 import tempfile
 
-from datasources.synthetic import SyntheticConfig
-from pipelines.config import PipelineConfig
-from pipelines.local_runner import run_with_timings
+from cascade_ranking.datasources.synthetic import SyntheticConfig
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.local_runner import run_with_timings
 
 
 def main(argv=None):

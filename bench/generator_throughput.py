@@ -15,8 +15,8 @@ import statistics
 import tempfile
 import time
 
-from datasources import synthetic
-from datasources.example_io import make_example
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.datasources.example_io import make_example
 
 
 def _rows(columns):

@@ -30,7 +30,7 @@ import ranking_ablations as RA  # noqa: E402  (bench/ is not a package)
 import ranking_quality as RQ  # noqa: E402
 import report  # noqa: E402
 
-from models import metrics  # noqa: E402
+from cascade_ranking.models import metrics  # noqa: E402
 
 
 def main(argv=None):

@@ -29,10 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from report import mean_std  # noqa: E402  (sample std over runs, as in BENCHMARKS.md)
 
-from datasources.synthetic import SyntheticConfig  # noqa: E402
-from pipelines import local_runner  # noqa: E402
-from pipelines import report as run_report  # noqa: E402
-from pipelines.config import PipelineConfig, load_config  # noqa: E402
+from cascade_ranking.datasources.synthetic import SyntheticConfig  # noqa: E402
+from cascade_ranking.pipelines import local_runner  # noqa: E402
+from cascade_ranking.pipelines import report as run_report  # noqa: E402
+from cascade_ranking.pipelines.config import PipelineConfig, load_config  # noqa: E402
 
 
 def figures(result) -> dict:

@@ -45,16 +45,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from report import mean_std  # noqa: E402  (sample std over seeds, as in BENCHMARKS.md)
-from models import list_inputs as LI  # noqa: E402
-from models import metrics  # noqa: E402
-from models.cascade_model import CascadeModel, cascade_labels  # noqa: E402
-from models.ranker import FactoryFloorRanker  # noqa: E402
-from models.ranker_config import RankerConfig  # noqa: E402
-from models.ranking_stage import RankingStage  # noqa: E402
-from models.trainers import cascade as cascade_trainer  # noqa: E402
-from models.trainers.list_data import candidate_examples, load_lists  # noqa: E402
-from pipelines.config import PipelineConfig  # noqa: E402
-from schema import request_list as RL  # noqa: E402
+from cascade_ranking.models import list_inputs as LI  # noqa: E402
+from cascade_ranking.models import metrics  # noqa: E402
+from cascade_ranking.models.cascade_model import CascadeModel, cascade_labels  # noqa: E402
+from cascade_ranking.models.ranker import FactoryFloorRanker  # noqa: E402
+from cascade_ranking.models.ranker_config import RankerConfig  # noqa: E402
+from cascade_ranking.models.ranking_stage import RankingStage  # noqa: E402
+from cascade_ranking.models.trainers import cascade as cascade_trainer  # noqa: E402
+from cascade_ranking.models.trainers.list_data import candidate_examples, load_lists  # noqa: E402
+from cascade_ranking.pipelines.config import PipelineConfig  # noqa: E402
+from cascade_ranking.schema import request_list as RL  # noqa: E402
 
 VARIANTS = {
     "joint_tower": RankerConfig.cascade_stage(),
@@ -68,7 +68,7 @@ QUOTAS = (40, 30, 20)
 def pipeline_inputs(run_dir: str):
     """(train files, eval files, retrieval SavedModel dir) that the run's Trainer.cascade and
     Trainer.retrieval used: the newest artifacts of the run's MLMD store."""
-    from pipelines.report import _store, latest_output
+    from cascade_ranking.pipelines.report import _store, latest_output
 
     config = PipelineConfig(output_dir=run_dir)
     store = _store(config)

@@ -57,11 +57,11 @@ import ranking_quality as RQ  # noqa: E402  (bench/ is not a package)
 import ranking_speed as RS  # noqa: E402
 from report import mean_std  # noqa: E402  (sample std over seeds, as in BENCHMARKS.md)
 
-from datasources import shared_data, synthetic  # noqa: E402
-from datasources.open_bandit import convert_open_bandit  # noqa: E402
-from models import metrics, ranker  # noqa: E402
-from models.ranker_config import RankerConfig  # noqa: E402
-from schema import features as F  # noqa: E402
+from cascade_ranking.datasources import shared_data, synthetic  # noqa: E402
+from cascade_ranking.datasources.open_bandit import convert_open_bandit  # noqa: E402
+from cascade_ranking.models import metrics, ranker  # noqa: E402
+from cascade_ranking.models.ranker_config import RankerConfig  # noqa: E402
+from cascade_ranking.schema import features as F  # noqa: E402
 
 TECHNIQUES = {  # variant name -> the switches it turns on over the baseline
     "+DCN": dict(cross_layers=2),

@@ -36,12 +36,12 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from datasources import synthetic
-from models import inputs, metrics, ranker
-from models.baseline_ranker import BaselineRanker
-from models.config import TrainerConfig
-from models.ranker_config import RankerConfig
-from schema import features as F
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models import inputs, metrics, ranker
+from cascade_ranking.models.baseline_ranker import BaselineRanker
+from cascade_ranking.models.config import TrainerConfig
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema import features as F
 
 BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.4)
 MIN_BUCKET = 500

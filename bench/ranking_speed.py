@@ -38,11 +38,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from datasources import synthetic
-from models import export, inputs, ranker, ranker_export
-from models.embedding import FeatureEmbedding
-from models.ranker_config import RankerConfig
-from schema import features as F
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models import export, inputs, ranker, ranker_export
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema import features as F
 
 
 class PlainDCN(tfrs.Model):

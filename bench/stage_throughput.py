@@ -2,18 +2,18 @@
 reference measured in the same run on this machine.
 
 (a) Train examples/s per stage, on in-memory, already-parsed batches (input parsing excluded):
-    retrieval   `models.retrieval.RetrievalModel` as `models.trainers.retrieval` builds and trains
+    retrieval   `models.retrieval.RetrievalModel` as `cascade_ranking.models.trainers.retrieval` builds and trains
                 it: batches of 256 (request, GT item) pairs + 256 uniform corpus negatives, Adagrad.
                 Examples = the (request, GT item) pairs of a batch (each one GT candidate row).
-    prerank_hap `models.trainers.preranking.build_model` (HAP light + strong), Adam, batches of 32
+    prerank_hap `cascade_ranking.models.trainers.preranking.build_model` (HAP light + strong), Adam, batches of 32
                 request lists (`models.list_inputs.request_list_dataset`, list size 60).
-    cascade_lcron `models.trainers.cascade.build_model` (retrieval → prerank → rank, LCRON), Adam,
+    cascade_lcron `cascade_ranking.models.trainers.cascade.build_model` (retrieval → prerank → rank, LCRON), Adam,
                 batches of 64 request lists of size 60.
                 For both list models, examples = lists × list length counting only the real
                 (mask = 1) candidates: 50 of the 60 slots here (see the caveat below).
     ranker      `models.ranker.FactoryFloorRanker(RankerConfig())`, row batches of
                 `ranker.request_batches(train, 10 requests, shuffle_seed=0)` (shown rows only,
-                ≈ 100 rows a batch) as `models.trainers.ranking` trains it.
+                ≈ 100 rows a batch) as `cascade_ranking.models.trainers.ranking` trains it.
     teacher     the same with `RankerConfig.teacher()` on the same batches.
     plain_dcn   the reference: `PlainDCN` of bench/ranking_speed.py (plain TFRS DCN ranking model
                 of the ranker's width, the ranker's optimizer) on the same row batches as the ranker.
@@ -76,18 +76,18 @@ import tensorflow as tf  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # the normalisers' adapt calls retrace (harmless, noisy)
 
-from datasources import synthetic  # noqa: E402
-from models import inputs, ranker  # noqa: E402
-from models import list_inputs as LI  # noqa: E402
-from models import retrieval as R  # noqa: E402
-from models.config import TrainerConfig  # noqa: E402
-from models.ranker_config import RankerConfig  # noqa: E402
-from models.trainers import cascade as cascade_trainer  # noqa: E402
-from models.trainers import preranking as preranking_trainer  # noqa: E402
-from models.trainers import retrieval as retrieval_trainer  # noqa: E402
+from cascade_ranking.datasources import synthetic  # noqa: E402
+from cascade_ranking.models import inputs, ranker  # noqa: E402
+from cascade_ranking.models import list_inputs as LI  # noqa: E402
+from cascade_ranking.models import retrieval as R  # noqa: E402
+from cascade_ranking.models.config import TrainerConfig  # noqa: E402
+from cascade_ranking.models.ranker_config import RankerConfig  # noqa: E402
+from cascade_ranking.models.trainers import cascade as cascade_trainer  # noqa: E402
+from cascade_ranking.models.trainers import preranking as preranking_trainer  # noqa: E402
+from cascade_ranking.models.trainers import retrieval as retrieval_trainer  # noqa: E402
 from ranking_speed import PlainDCN  # noqa: E402
-from schema import features as F  # noqa: E402
-from schema import request_list as RL  # noqa: E402
+from cascade_ranking.schema import features as F  # noqa: E402
+from cascade_ranking.schema import request_list as RL  # noqa: E402
 
 REFERENCE = "plain_dcn"
 FLOOR, FLOOR_LISTS = "read_floor", "read_floor_lists"

@@ -50,11 +50,11 @@ from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 from tfx.utils import io_utils, path_utils
 
-from components import evaluation, record_io
-from components.negative_sampler import FEATURES_PROPERTY, data_counts
-from models.config import config_from_dict
-from components.evaluation import BASELINE_INPUTS, RANKING_INPUT, STAGE_INPUTS, STAGES, EvaluatorConfig
-from schema import features as F
+from cascade_ranking.components import evaluation, record_io
+from cascade_ranking.components.negative_sampler import FEATURES_PROPERTY, data_counts
+from cascade_ranking.models.config import config_from_dict
+from cascade_ranking.components.evaluation import BASELINE_INPUTS, RANKING_INPUT, STAGE_INPUTS, STAGES, EvaluatorConfig
+from cascade_ranking.schema import features as F
 
 NAMESPACE = "cascade_evaluator"
 SCORED_ROWS_PREFIX = "scored_rows"

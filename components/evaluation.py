@@ -35,9 +35,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from models import metrics
-from models.config import config_from_dict, to_dict
-from schema import features as F
+from cascade_ranking.models import metrics
+from cascade_ranking.models.config import config_from_dict, to_dict
+from cascade_ranking.schema import features as F
 
 GT_TIER = F.GROUND_TRUTH_TIER
 STAGES = ("retrieval", "preranking", "ranking")  # cascade order

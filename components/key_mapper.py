@@ -30,10 +30,10 @@ from tfx.dsl.components.base import base_beam_component, base_beam_executor, exe
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
-from components import record_io
-from models.config import config_from_dict, to_dict
-from schema import features as F
-from schema.keys import KeyConfig
+from cascade_ranking.components import record_io
+from cascade_ranking.models.config import config_from_dict, to_dict
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema.keys import KeyConfig
 
 NAMESPACE = "key_mapper"
 

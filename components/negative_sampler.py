@@ -75,12 +75,12 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from tfx.utils import io_utils
 from tfx_bsl.coders import example_coder
 
-from components import record_io
-from components.sampling import (FLOAT_COLUMNS, ROW_DEFAULTS, ItemCorpus, SamplerConfig, item_features,
+from cascade_ranking.components import record_io
+from cascade_ranking.components.sampling import (FLOAT_COLUMNS, ROW_DEFAULTS, ItemCorpus, SamplerConfig, item_features,
                                  request_split_by_hash, sample_request_columns)
-from models.config import config_from_dict, to_dict
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.models.config import config_from_dict, to_dict
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 NAMESPACE = "negative_sampler"
 LAYOUT_PROPERTY = "layout"

@@ -18,7 +18,7 @@ from tfx.types import artifact_utils
 from tfx.types.artifact import Artifact
 from tfx.utils import io_utils
 
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 EXAMPLES_FILE_PREFIX = "data_tfrecord"
 DEAD_LETTER_TAG = "dead_letter"

@@ -46,8 +46,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +308,7 @@ def sample_request(rows: Sequence[Dict], corpus: ItemCorpus, config: SamplerConf
 # `build_request_list(sample_request(rows))`, so its lists are the same bytes (a test checks it);
 # only the ~10 shown non-clicks of a request go through the per-row python `sampling_decision`.
 #
-# Columns of n candidate rows (`components.negative_sampler.CandidateDecoder` decodes them), from
+# Columns of n candidate rows (`cascade_ranking.components.negative_sampler.CandidateDecoder` decodes them), from
 # the registry `features`: request_id, request_time int64 [n]; per input (any role) an id
 # [n] (int64, or object: bytes), dense [n, width] float32, or ids as `<name>_values` (int64 or
 # bytes) and `<name>_offsets` int64 [n + 1]; ui_position (when not an input), click and `tier`

@@ -1,6 +1,6 @@
 """StageModel: one stage of a jointly trained cascade published as its own Model artifact.
 
-The joint cascade Trainer (`models.trainers.cascade`) trains pre-ranking and ranking as one
+The joint cascade Trainer (`cascade_ranking.models.trainers.cascade`) trains pre-ranking and ranking as one
 network but serves them apart: its Model artifact holds the ranker in `Format-Serving` and the
 pre-ranker in `stages/preranking` (`models.export.stage_model_dir`). A TFX Model artifact has one
 serving model, and each stage needs its own evaluation, blessing, baseline (`Resolver` with
@@ -15,7 +15,7 @@ from tfx import v1 as tfx
 from tfx.dsl.io import fileio
 from tfx.utils import path_utils
 
-from models import export as export_lib
+from cascade_ranking.models import export as export_lib
 
 
 class StageModelMissingError(FileNotFoundError):

@@ -17,8 +17,8 @@ from tfx.components.example_gen.component import QueryBasedExampleGen
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
-from datasources import synthetic
-from models.config import config_from_dict
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models.config import config_from_dict
 
 DEFAULT_SPLITS: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1))
 REQUESTS_PER_SHARD = 250

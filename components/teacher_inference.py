@@ -36,8 +36,8 @@ from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 from tfx.utils import path_utils
 
-from components import record_io
-from schema import features as F
+from cascade_ranking.components import record_io
+from cascade_ranking.schema import features as F
 
 NAMESPACE = "teacher_inference"
 

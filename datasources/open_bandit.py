@@ -30,8 +30,8 @@ from typing import Dict, Tuple
 import numpy as np
 import pandas as pd
 
-from datasources import shared_data
-from datasources.example_io import (
+from cascade_ranking.datasources import shared_data
+from cascade_ranking.datasources.example_io import (
     InputError, RejectLog, SplitWriter, atomic_output_dir, make_example, write_report,
 )
 

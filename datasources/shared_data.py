@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from datasources.example_io import InputError, RejectLog
+from cascade_ranking.datasources.example_io import InputError, RejectLog
 
 ENV_VAR = "CASCADE_SHARED_DATA"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -38,8 +38,8 @@ import pyarrow as pa
 import tensorflow as tf
 from tfx_bsl.coders import example_coder
 
-from datasources.example_io import InputError, SplitWriter, atomic_output_dir, write_report
-from schema import features as F
+from cascade_ranking.datasources.example_io import InputError, SplitWriter, atomic_output_dir, write_report
+from cascade_ranking.schema import features as F
 
 START_TIME = 1_767_225_600  # 2026-01-01T00:00:00Z
 _WORLD_STREAM = 0x5EED_0F_5EED

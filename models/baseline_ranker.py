@@ -10,9 +10,9 @@ from typing import Dict
 
 import tensorflow as tf
 
-from models.config import TrainerConfig
-from models.embedding import FeatureEmbedding
-from schema import features as F
+from cascade_ranking.models.config import TrainerConfig
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.schema import features as F
 
 
 class BaselineRanker(tf.keras.Model):

@@ -18,7 +18,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from models import activations as activations_lib
+from cascade_ranking.models import activations as activations_lib
 
 
 def low_rank_param_count(input_dim: int, units: int, rank: int) -> int:

@@ -45,15 +45,15 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models import lcron
-from models import list_inputs as LI
-from models.losses import distillation_loss, weighted_logistic_loss
-from models.metrics import e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
-from models.preranking import GROUPS, LightPreranker, StrongRanker, group_wise_loss, hap_groups, hard_group_weights
-from models.ranking_stage import RankingStage
-from models.retrieval import TwoTowerScorer, adapt_towers
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.models import lcron
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.losses import distillation_loss, weighted_logistic_loss
+from cascade_ranking.models.metrics import e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
+from cascade_ranking.models.preranking import GROUPS, LightPreranker, StrongRanker, group_wise_loss, hap_groups, hard_group_weights
+from cascade_ranking.models.ranking_stage import RankingStage
+from cascade_ranking.models.retrieval import TwoTowerScorer, adapt_towers
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 METHODS = ("lcron", "bce", "icc", "hap")
 RANKER_LOG_TERMS = ("loss", "logistic", "rank", "distillation", "bias", "lspr", "rank_weight", "distill_weight")

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import tensorflow as tf
 
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 
 class FeatureEmbedding(tf.keras.layers.Layer):

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Sequence
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SERVING_INPUT_KEY = "examples"

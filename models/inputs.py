@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 
 def list_files(file_patterns: Iterable[str]) -> Sequence[str]:

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_ranking.python import losses_impl
 
-from models.masking import bool_mask
+from cascade_ranking.models.masking import bool_mask
 
 DEFAULT_TAU = 50.0  # the reference code's temperature on logits (DESIGN §5)
 DEFAULT_QUOTA = 10  # the reference code's quota on every stage

@@ -25,10 +25,10 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from datasources.example_io import make_example
-from models import inputs
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.datasources.example_io import make_example
+from cascade_ranking.models import inputs
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 QUERY_FEATURES = F.DEFAULT.query_names  # the default registry's (the synthetic layout)
 ITEM_FEATURES = F.DEFAULT.item_names

@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Tuple
 import tensorflow as tf
 import tensorflow_ranking as tfr
 
-from models.masking import bool_mask
+from cascade_ranking.models.masking import bool_mask
 
 
 def _f32(x) -> tf.Tensor:
@@ -225,4 +225,4 @@ def distillation_loss(teacher_logit,
         labels=soft, logits=student_logit)
     return _masked_weighted_mean(per_row, present, sample_weight)
 
-from models.lcron import lcron_losses  # noqa: F401
+from cascade_ranking.models.lcron import lcron_losses  # noqa: F401

@@ -38,12 +38,12 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from models import list_inputs as LI
-from models.cross import CrossStack
-from models.embedding import FeatureEmbedding
-from models.retrieval import Tower, build_mlp, dense_flops
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.cross import CrossStack
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.models.retrieval import Tower, build_mlp, dense_flops
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 GROUPS = ("exposed_nonclick", "rank_neg", "prerank_neg", "random_neg")
 HARD_GROUPS = ("exposed_nonclick", "rank_neg")

@@ -78,13 +78,13 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models import activations, bias_constraints, curriculum, inputs, losses, lspr
-from models.bottleneck import LowRankDense
-from models.config import config_from_dict, to_dict
-from models.cross import CrossStack
-from models.embedding import FeatureEmbedding
-from models.ranker_config import RankerConfig
-from schema import features as F
+from cascade_ranking.models import activations, bias_constraints, curriculum, inputs, losses, lspr
+from cascade_ranking.models.bottleneck import LowRankDense
+from cascade_ranking.models.config import config_from_dict, to_dict
+from cascade_ranking.models.cross import CrossStack
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema import features as F
 
 LOSS_TERMS = ("loss", "logistic", "rank", "distillation", "bias", "lspr")
 WEIGHT_TERMS = ("rank_weight", "distill_weight", "bias_weight", "cross_alpha")
@@ -313,7 +313,7 @@ class FactoryFloorRanker(tf.keras.Model):
         A low-rank cross layer on width D with rank k is 4·D·k + 6·D (V, U with its bias, x0 ⊙, + x,
         and the ReZero wrapper's 3·D; as `models.preranking.StrongRanker.flops`), a full-rank one
         2·D² + 6·D; a LowRankDense(units n, rank r) on width m is 2·m·r + 2·r·n + n."""
-        from models.retrieval import dense_flops
+        from cascade_ranking.models.retrieval import dense_flops
 
         c = self.config
         sizes = {f.name: c.embedding_dim for f in self.features.sparse_features()}

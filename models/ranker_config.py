@@ -19,7 +19,7 @@ import dataclasses
 import json
 from typing import Any, Dict, Tuple
 
-from models.config import config_from_dict, to_dict
+from cascade_ranking.models.config import config_from_dict, to_dict
 
 RANK_LOSSES = ("none", "multi_objective", "multi_task")
 CASCADE_SCORES = ("reference_ui", "head", "tower")
@@ -154,7 +154,7 @@ class RankerConfig:
 
     @classmethod
     def cascade_stage(cls, **overrides) -> "RankerConfig":
-        """The ranking stage of the joint cascade (`models.trainers.cascade`, the pipeline's ranker):
+        """The ranking stage of the joint cascade (`cascade_ranking.models.trainers.cascade`, the pipeline's ranker):
         the full model with a cascade tower on the shared embeddings, which learn 3× faster.
 
         Measured on the demo's request lists (bench/ranker_variants.py, synthetic, 3 seeds;

@@ -38,10 +38,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from models import export
-from models.export import parse_examples  # noqa: F401  (shared with the baseline exporter)
-from models.ranker import FactoryFloorRanker
-from schema import features as F
+from cascade_ranking.models import export
+from cascade_ranking.models.export import parse_examples  # noqa: F401  (shared with the baseline exporter)
+from cascade_ranking.models.ranker import FactoryFloorRanker
+from cascade_ranking.schema import features as F
 
 AD_INPUT_KEY = "ad_examples"
 MAX_UI_TABLE_ROWS = 4096  # above this many folded UI combinations, the grid runs the U tower per call

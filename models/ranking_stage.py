@@ -36,10 +36,10 @@ from typing import Dict, Tuple
 import numpy as np
 import tensorflow as tf
 
-from models import losses
-from models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker, make_optimizer
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.models import losses
+from cascade_ranking.models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker, make_optimizer
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 ROW_EXTRAS = (F.LABEL_KEY, F.SAMPLE_WEIGHT_KEY, F.TEACHER_LOGIT_KEY, F.REQUEST_ID_KEY)
 

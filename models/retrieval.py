@@ -37,11 +37,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models import export as export_lib
-from models import list_inputs as LI
-from models.embedding import FeatureEmbedding
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.models import export as export_lib
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 
 def build_mlp(units: Sequence[int], name: str, final_activation=None) -> tf.keras.Sequential:

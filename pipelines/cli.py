@@ -55,7 +55,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from datasources import synthetic
+    from cascade_ranking.datasources import synthetic
 
     config = synthetic.SyntheticConfig(num_requests=args.requests, seed=args.seed)
     start = time.time()
@@ -68,17 +68,17 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from datasources.example_io import InputError
+    from cascade_ranking.datasources.example_io import InputError
 
     start = time.time()
     if args.dataset == "movielens":
-        from datasources.movielens import convert_movielens
+        from cascade_ranking.datasources.movielens import convert_movielens
 
         report = convert_movielens(args.src, args.out, seed=args.seed, overwrite=args.overwrite, layout=args.layout)
     else:
         if args.layout == "clicks":
             raise InputError("--layout clicks is only for movielens (the OBD is a log of shown rows: use native)")
-        from datasources.open_bandit import convert_open_bandit
+        from cascade_ranking.datasources.open_bandit import convert_open_bandit
 
         report = convert_open_bandit(args.src, args.out, campaign=args.campaign, split=args.split,
                                      overwrite=args.overwrite, layout=args.layout)
@@ -94,8 +94,8 @@ def pipeline_config(args, **where):
     `cascade run`, `cascade compile-kubeflow` and `cascade config`; `where` sets the runner's own
     fields (output_dir, beam_mode, ...) that are not None. Precedence: defaults < file < --set <
     flags."""
-    from models.activations import get_activation
-    from pipelines.config import load_config
+    from cascade_ranking.models.activations import get_activation
+    from cascade_ranking.pipelines.config import load_config
 
     config = load_config(args.config, args.set or ())
     changes = {"source": args.source, "examples_dir": args.examples_dir}
@@ -138,7 +138,7 @@ def run_config(args):
 
 
 def _cmd_run(args) -> int:
-    from pipelines import local_runner, report, run_log
+    from cascade_ranking.pipelines import local_runner, report, run_log
 
     config = run_config(args)
     config.validate()
@@ -175,7 +175,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_serve_check(args) -> int:
-    from pipelines.serve_check import serve_check
+    from cascade_ranking.pipelines.serve_check import serve_check
 
     checks = serve_check(args.dir, args.examples, args.count)
     for check in checks:
@@ -194,7 +194,7 @@ def compile_config(args):
 
 
 def _cmd_compile_kubeflow(args) -> int:
-    from pipelines import kubeflow_v2_runner
+    from cascade_ranking.pipelines import kubeflow_v2_runner
 
     config = compile_config(args)
     config.validate()
@@ -273,8 +273,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_init(args) -> int:
-    from pipelines.init_config import CONFIG_FILE, SCHEMA_FILE, check_inputs_and_outputs, infer
-    from pipelines.run_log import RunLog
+    from cascade_ranking.pipelines.init_config import CONFIG_FILE, SCHEMA_FILE, check_inputs_and_outputs, infer
+    from cascade_ranking.pipelines.run_log import RunLog
 
     check_inputs_and_outputs(args.examples_dir, args.out, args.overwrite)
     with RunLog(args.out, startup=args.startup_output) as log:  # TFDV's and Beam's output
@@ -289,7 +289,7 @@ def _cmd_init(args) -> int:
 
 
 def _cmd_config(args) -> int:
-    from pipelines.config import dump_config
+    from cascade_ranking.pipelines.config import dump_config
 
     config = run_config(args)
     config.validate()
@@ -389,12 +389,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from pipelines.run_log import RunFailed, StartupOutput
+    from cascade_ranking.pipelines.run_log import RunFailed, StartupOutput
 
     with StartupOutput() as startup:  # TensorFlow's C++ start-up lines: into the run log, not the console
         importlib.import_module("tensorflow")
-        from datasources.example_io import InputError
-        from pipelines.run_lock import OutputDirInUse
+        from cascade_ranking.datasources.example_io import InputError
+        from cascade_ranking.pipelines.run_lock import OutputDirInUse
     args.startup_output = startup.text
 
     try:

@@ -11,16 +11,16 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from components.evaluation import EvaluatorConfig
-from components.sampling import SamplerConfig
-from datasources.example_io import InputError, check_examples_dir
-from datasources.synthetic import SyntheticConfig
-from models.config import ConfigError, merge, to_dict
-from models.ranker_config import RankerConfig
-from schema.features import FeatureConfig
-from schema.keys import KeyConfig
-from models.trainers.cascade import CascadeTrainerConfig
-from models.trainers.retrieval import RetrievalTrainerConfig
+from cascade_ranking.components.evaluation import EvaluatorConfig
+from cascade_ranking.components.sampling import SamplerConfig
+from cascade_ranking.datasources.example_io import InputError, check_examples_dir
+from cascade_ranking.datasources.synthetic import SyntheticConfig
+from cascade_ranking.models.config import ConfigError, merge, to_dict
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema.features import FeatureConfig
+from cascade_ranking.schema.keys import KeyConfig
+from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
+from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
 CASCADE_STAGES = ("retrieval", "preranking", "ranking")
@@ -171,7 +171,7 @@ class PipelineConfig:
         schema is one line naming it."""
         from google.protobuf import text_format
 
-        from schema import features as F
+        from cascade_ranking.schema import features as F
 
         path = self.schema_file or F.SCHEMA_PATH
         if "://" in path:

@@ -116,8 +116,8 @@ def find_keys(names, request_key: str = "", label: str = "", request_time: str =
     names when the data has them, else the first column whose name is a usual one for the key
     (`KEY_NAME_HINTS`, case-insensitive). Raises InputError naming a request key or label it cannot
     find (pass --request-key / --label)."""
-    from datasources.example_io import InputError
-    from schema.keys import KEY_NAME_HINTS, KeyConfig
+    from cascade_ranking.datasources.example_io import InputError
+    from cascade_ranking.schema.keys import KEY_NAME_HINTS, KeyConfig
 
     by_lower = {n.lower(): n for n in names}
     given = {"request_id": request_key, "click": label, "request_time": request_time}
@@ -139,8 +139,8 @@ def refine(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatis
     """Adds disallow_nan, min-0 int domains and the SERVING environment to TFDV's inferred `schema`
     (in place) and reports what it found (see the module docstring). With `keys` naming the log's
     own key columns, the pipeline's key features the KeyMapper adds are declared too."""
-    from schema import features as F
-    from schema.keys import KeyConfig
+    from cascade_ranking.schema import features as F
+    from cascade_ranking.schema.keys import KeyConfig
 
     keys = keys or KeyConfig()
     by_name = _feature_stats(stats)
@@ -209,7 +209,7 @@ def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_
     same values on every row of a request_id (a feature no row carries is not one). None when no
     request of the sample has two rows: constancy then says nothing (a log of one row per request,
     as the Open Bandit sample)."""
-    from datasources.example_io import read_examples
+    from cascade_ranking.datasources.example_io import read_examples
 
     first: Dict[tuple, tuple] = {}
     varying, seen = set(), set()
@@ -242,7 +242,7 @@ def infer_registry(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatu
     """The starter's feature registry (`FeatureConfig`) from the refined schema, the train split's
     statistics and the request-level features (see the module docstring); fills `report.registry`
     and `report.not_read`."""
-    from schema import features as F
+    from cascade_ranking.schema import features as F
 
     by_name = _feature_stats(stats)
     reserved = set(F.RESERVED_NAMES) | (set(keys.data_columns()) | {keys.request_time} if keys else set())
@@ -329,8 +329,8 @@ def _write_atomically(path: str, text: str) -> None:
 def check_inputs_and_outputs(examples_dir: str, out_dir: str, overwrite: bool = False) -> Dict[str, str]:
     """Checks the Examples directory (`check_split_readable`) and that the output files may be
     written; returns their paths. Raises InputError naming the problem."""
-    from datasources.example_io import InputError, check_examples_dir
-    from pipelines.run_log import check_writable
+    from cascade_ranking.datasources.example_io import InputError, check_examples_dir
+    from cascade_ranking.pipelines.run_log import check_writable
 
     if not os.path.isdir(examples_dir):
         raise InputError(f"data path {examples_dir} does not exist")
@@ -349,7 +349,7 @@ def infer(examples_dir: str, out_dir: str, overwrite: bool = False, request_key:
     the report. Refuses to replace existing files unless `overwrite`."""
     import tensorflow_data_validation as tfdv
 
-    from pipelines.config import PipelineConfig, dump_config
+    from cascade_ranking.pipelines.config import PipelineConfig, dump_config
 
     paths = check_inputs_and_outputs(examples_dir, out_dir, overwrite)
     stats = tfdv.generate_statistics_from_tfrecord(os.path.join(examples_dir, "Split-train", "*"))

@@ -10,8 +10,8 @@ from typing import List, Optional
 
 from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
 
-from pipelines.config import PipelineConfig
-from pipelines.pipeline import create_pipeline
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.pipeline import create_pipeline
 
 
 def dataflow_beam_args(project: str, region: str, temp_location: str, image: str) -> List[str]:

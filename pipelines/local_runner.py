@@ -7,10 +7,10 @@ from typing import List, Tuple
 
 from tfx import v1 as tfx
 
-from pipelines.config import PipelineConfig
-from pipelines.pipeline import create_pipeline
-from pipelines.progress import ComponentProgress
-from pipelines.run_lock import RunLock
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.pipeline import create_pipeline
+from cascade_ranking.pipelines.progress import ComponentProgress
+from cascade_ranking.pipelines.run_lock import RunLock
 
 ORCHESTRATORS = ("local", "beam")
 

@@ -33,21 +33,21 @@ import os
 from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
-from components.anomaly_gate import AnomalyGate
-from components.cascade_evaluator import CascadeEvaluator, tfma_eval_config
-from components.key_mapper import KeyMapper
-from components.negative_sampler import NegativeSampler
-from components.stage_model import StageModel
-from components.synthetic_example_gen import SyntheticExampleGen
-from components.teacher_inference import TeacherInference
-from models.trainers.common import FEATURES_KEY
-from pipelines.config import PipelineConfig, to_json
-from schema import features as F
+from cascade_ranking.components.anomaly_gate import AnomalyGate
+from cascade_ranking.components.cascade_evaluator import CascadeEvaluator, tfma_eval_config
+from cascade_ranking.components.key_mapper import KeyMapper
+from cascade_ranking.components.negative_sampler import NegativeSampler
+from cascade_ranking.components.stage_model import StageModel
+from cascade_ranking.components.synthetic_example_gen import SyntheticExampleGen
+from cascade_ranking.components.teacher_inference import TeacherInference
+from cascade_ranking.models.trainers.common import FEATURES_KEY
+from cascade_ranking.pipelines.config import PipelineConfig, to_json
+from cascade_ranking.schema import features as F
 
 TRAINER_MODULES = {
-    "teacher": "models.trainers.teacher.run_fn",
-    "retrieval": "models.trainers.retrieval.run_fn",
-    "cascade": "models.trainers.cascade.run_fn",
+    "teacher": "cascade_ranking.models.trainers.teacher.run_fn",
+    "retrieval": "cascade_ranking.models.trainers.retrieval.run_fn",
+    "cascade": "cascade_ranking.models.trainers.cascade.run_fn",
 }
 STAGES = ("retrieval", "preranking", "ranking")  # the pushed stages, cascade order
 EVALUATOR_ID = "CascadeEvaluator"

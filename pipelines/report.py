@@ -19,10 +19,10 @@ import ml_metadata as mlmd
 import numpy as np
 from tfx.orchestration import metadata
 
-from components import record_io
-from models.trainers.common import EVAL_METRICS_FILE
-from pipelines.config import PipelineConfig
-from pipelines.pipeline import EVALUATOR_ID, STAGES, TFMA_EVALUATOR_ID
+from cascade_ranking.components import record_io
+from cascade_ranking.models.trainers.common import EVAL_METRICS_FILE
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.pipeline import EVALUATOR_ID, STAGES, TFMA_EVALUATOR_ID
 
 STAGE_KEYS = {"retrieval": "retrieval_model", "preranking": "preranking_model", "ranking": "model"}
 STAGE_LABELS = {"retrieval_model": "retrieval", "preranking_model": "pre-ranking", "model": "ranking"}
@@ -225,7 +225,7 @@ def flops_line(result: Dict) -> Optional[str]:
 
 def data_counts(result: Dict) -> Optional[Dict]:
     """The run's data counts: the CascadeEvaluator's (in its evaluation), else the NegativeSampler's."""
-    from components.negative_sampler import data_counts as from_counters
+    from cascade_ranking.components.negative_sampler import data_counts as from_counters
 
     if "data_counts" in result.get("evaluation", {}):
         return result["evaluation"]["data_counts"]
@@ -235,7 +235,7 @@ def data_counts(result: Dict) -> Optional[Dict]:
 def counts_block(result: Dict) -> Optional[str]:
     """The block every run prints at its end (issue "No silent loss"): rows read, used and diverted
     by reason, requests without ground truth, NaN values read as 0, ids folded into the buckets."""
-    from components.negative_sampler import DIVERTED_LABELS
+    from cascade_ranking.components.negative_sampler import DIVERTED_LABELS
 
     counts = data_counts(result)
     if counts is None:
@@ -263,7 +263,7 @@ def counts_block(result: Dict) -> Optional[str]:
 
 def data_warning_line(result: Dict) -> Optional[str]:
     """The run's last line: what it diverted or changed in the data, or that it did neither."""
-    from components.negative_sampler import data_warnings
+    from cascade_ranking.components.negative_sampler import data_warnings
 
     counts = data_counts(result)
     if counts is None:

@@ -40,7 +40,7 @@ class RunFailed(Exception):
 def check_writable(output_dir: str) -> None:
     """Raises InputError naming `output_dir` (the user's path, not a temporary one) when it cannot be
     created or written."""
-    from datasources.example_io import InputError, why_not_writable
+    from cascade_ranking.datasources.example_io import InputError, why_not_writable
 
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -129,10 +129,10 @@ def _first_line(error: BaseException) -> str:
 
 def explain_failure(error: BaseException, config, log_path: str) -> RunFailed:
     """One line and an exit code for a run that raised `error` (see the module docstring)."""
-    from components.anomaly_gate import DataAnomaliesError
-    from components.record_io import BadInputError
-    from datasources.example_io import InputError, find_type_errors
-    from pipelines.run_lock import OutputDirInUse
+    from cascade_ranking.components.anomaly_gate import DataAnomaliesError
+    from cascade_ranking.components.record_io import BadInputError
+    from cascade_ranking.datasources.example_io import InputError, find_type_errors
+    from cascade_ranking.pipelines.run_lock import OutputDirInUse
 
     user_errors = (DataAnomaliesError, BadInputError, InputError, OutputDirInUse)
     for link in _chain(error):

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from models.export import WARMUP_FILE
+from cascade_ranking.models.export import WARMUP_FILE
 
 EXAMPLE_SOURCES = ("SyntheticExampleGen", "ImportExampleGen")
 
@@ -50,7 +50,7 @@ def eval_examples_from_run(output_dir: str) -> str:
     import ml_metadata as mlmd
     from tfx.orchestration import metadata
 
-    from pipelines.report import latest_artifact
+    from cascade_ranking.pipelines.report import latest_artifact
 
     path = os.path.join(output_dir, "metadata.sqlite")
     if not os.path.exists(path):

@@ -8,7 +8,7 @@ and the component is not in the pipeline.
 """
 import dataclasses
 
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 # What `cascade init` takes for each key when the data has no column of the pipeline's own name.
 KEY_NAME_HINTS = {

@@ -30,7 +30,7 @@ from typing import Dict, List, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 LIST_SIZE = 60  # 50 logged candidates (5 tiers × 10) + up to 10 random negatives
 MAX_ITEM_TAGS = 8  # the default registry's item_tags width

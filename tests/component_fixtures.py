@@ -5,10 +5,10 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tfx.types import artifact_utils, standard_artifacts
 
-from datasources import example_io, synthetic
-from models import export, inputs
-from models.baseline_ranker import BaselineRanker
-from models.config import TrainerConfig
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.models import export, inputs
+from cascade_ranking.models.baseline_ranker import BaselineRanker
+from cascade_ranking.models.config import TrainerConfig
 
 
 def schema_artifact(uri: str, schema) -> standard_artifacts.Schema:
@@ -58,7 +58,7 @@ def exported_model(examples_root: str, model_root: str) -> standard_artifacts.Mo
 def request_list_splits(root, num_requests: int, seed: int, list_size: int):
     """Synthetic candidate rows under `root/examples`, packed into request lists in the
     NegativeSampler's layout (`root/lists/Split-{train,eval}/*.gz`); returns `root/lists`."""
-    from models import list_inputs as LI
+    from cascade_ranking.models import list_inputs as LI
 
     synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=num_requests, seed=seed), str(root / "examples"))
     for split in ("train", "eval"):

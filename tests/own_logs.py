@@ -18,8 +18,8 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from datasources.example_io import SplitWriter, make_example
-from schema import features as F
+from cascade_ranking.datasources.example_io import SplitWriter, make_example
+from cascade_ranking.schema import features as F
 
 
 def registry(buckets: int = 4096) -> F.FeatureConfig:

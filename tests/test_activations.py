@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import activations
+from cascade_ranking.models import activations
 
 
 @pytest.mark.parametrize("beta,z,expected", [

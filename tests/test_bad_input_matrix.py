@@ -24,11 +24,11 @@ import pytest
 import tensorflow as tf
 from google.protobuf import text_format
 
-from datasources import example_io, synthetic
-from pipelines import cli, report
-from pipelines.config import PipelineConfig
-from pipelines.run_lock import LOCK_FILE
-from schema import features as F
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.pipelines import cli, report
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.run_lock import LOCK_FILE
+from cascade_ranking.schema import features as F
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import bias_constraints as bc_lib
-from models import curriculum
+from cascade_ranking.models import bias_constraints as bc_lib
+from cascade_ranking.models import curriculum
 
 
 def test_slice_bias_by_hand():

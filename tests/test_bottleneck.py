@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import bottleneck
+from cascade_ranking.models import bottleneck
 
 IN, RANK, UNITS = 7, 2, 5
 

@@ -12,10 +12,10 @@ import tensorflow as tf
 import tensorflow_model_analysis as tfma
 from tfx.types import standard_artifacts
 
-from components import cascade_evaluator, evaluation, record_io
-from components.evaluation import EvaluatorConfig
-from datasources import example_io
-from schema import features as F
+from cascade_ranking.components import cascade_evaluator, evaluation, record_io
+from cascade_ranking.components.evaluation import EvaluatorConfig
+from cascade_ranking.datasources import example_io
+from cascade_ranking.schema import features as F
 from tests.component_fixtures import candidate_blind_model, exported_model, synthetic_examples
 
 OPEN = EvaluatorConfig(thresholds=(), change_thresholds=())  # blesses every stage that has a model

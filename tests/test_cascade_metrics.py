@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import cascade_survivors, e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
+from cascade_ranking.models.metrics import cascade_survivors, e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
 
 P = 100.0  # score of padded slots: high, so a metric that forgot the mask would pick them
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from datasources import example_io, synthetic
-from models import cascade_model as CM
-from models import lcron
-from models import list_inputs as LI
-from models.preranking import LightPreranker, StrongRanker
-from models.retrieval import TwoTowerScorer
-from schema import request_list as RL
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.models import cascade_model as CM
+from cascade_ranking.models import lcron
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.preranking import LightPreranker, StrongRanker
+from cascade_ranking.models.retrieval import TwoTowerScorer
+from cascade_ranking.schema import request_list as RL
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +237,9 @@ def test_distillation_trains_the_last_stage_towards_the_teacher(lists):
 
 
 def test_a_ranking_stage_distills_itself_so_the_cascade_term_is_refused():
-    from models.ranker import FactoryFloorRanker
-    from models.ranker_config import RankerConfig
-    from models.ranking_stage import RankingStage
+    from cascade_ranking.models.ranker import FactoryFloorRanker
+    from cascade_ranking.models.ranker_config import RankerConfig
+    from cascade_ranking.models.ranking_stage import RankingStage
     stages = {"prerank": _small_stages()["prerank"], "rank": RankingStage(FactoryFloorRanker(RankerConfig(embedding_dim=4)))}
     with pytest.raises(ValueError, match="distills on its shown rows itself"):
         CM.CascadeModel(stages, method="lcron", distill_weight=0.5)

@@ -1,9 +1,9 @@
 """`cascade` command line: good runs and one-line exit-2 errors for bad arguments."""
 import pytest
 
-from datasources import example_io
-from models.ranker_config import RankerConfig
-from pipelines import cli
+from cascade_ranking.datasources import example_io
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.pipelines import cli
 
 
 def _run(capsys, *argv):
@@ -106,7 +106,7 @@ def test_unreadable_or_empty_splits_are_one_line_naming_the_split_or_file(capsys
     line naming the split directory or the file."""
     import tensorflow as tf
 
-    from datasources import synthetic
+    from cascade_ranking.datasources import synthetic
 
     data = tmp_path / "data"
     synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=20, seed=1), str(data))

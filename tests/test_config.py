@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from components.evaluation import EvaluatorConfig
-from models.config import ConfigError, config_from_dict, merge, to_dict
-from models.ranker_config import RankerConfig
-from pipelines import cli
-from pipelines.config import PipelineConfig, dump_config, load_config, parse_override
+from cascade_ranking.components.evaluation import EvaluatorConfig
+from cascade_ranking.models.config import ConfigError, config_from_dict, merge, to_dict
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.pipelines import cli
+from cascade_ranking.pipelines.config import PipelineConfig, dump_config, load_config, parse_override
 
 
 def _main(capsys, *argv):

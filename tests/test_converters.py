@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from datasources import shared_data
-from datasources.example_io import InputError
-from datasources.movielens import convert_movielens
-from datasources.open_bandit import convert_open_bandit
-from schema import features
+from cascade_ranking.datasources import shared_data
+from cascade_ranking.datasources.example_io import InputError
+from cascade_ranking.datasources.movielens import convert_movielens
+from cascade_ranking.datasources.open_bandit import convert_open_bandit
+from cascade_ranking.schema import features
 
 ML_DIR = shared_data.shared_data_path("ml-latest-small")
 OBD_DIR = shared_data.shared_data_path("open-bandit-small")

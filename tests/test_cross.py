@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import cross
+from cascade_ranking.models import cross
 
 D, K = 4, 2
 

@@ -3,7 +3,7 @@
 import pytest
 import tensorflow as tf
 
-from models import curriculum
+from cascade_ranking.models import curriculum
 
 
 @pytest.mark.parametrize("step,want", [

@@ -2,8 +2,8 @@
 import numpy as np
 import tensorflow as tf
 
-from models.embedding import FeatureEmbedding
-from schema import features as F
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.schema import features as F
 
 TOKENS = next(f for f in F.SPARSE_FEATURES if f.name == "query_tokens")
 

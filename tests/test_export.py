@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import export
-from models.baseline_ranker import BaselineRanker
-from models.config import TrainerConfig
-from schema import features as F
+from cascade_ranking.models import export
+from cascade_ranking.models.baseline_ranker import BaselineRanker
+from cascade_ranking.models.config import TrainerConfig
+from cascade_ranking.schema import features as F
 from tests.test_ranker_export import make_rows, parse, serialize
 
 

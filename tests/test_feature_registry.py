@@ -9,19 +9,19 @@ import pytest
 import tensorflow as tf
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from datasources.example_io import make_example
-from models import list_inputs as LI
-from models import ranker_export
-from models import retrieval as R
-from models.config import ConfigError, config_from_dict
-from models.embedding import FeatureEmbedding
-from models.preranking import LightPreranker, StrongRanker
-from models.ranker import FactoryFloorRanker
-from models.ranker_config import RankerConfig
-from models.ranking_stage import RankingStage
-from models.trainers import list_data
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.datasources.example_io import make_example
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import ranker_export
+from cascade_ranking.models import retrieval as R
+from cascade_ranking.models.config import ConfigError, config_from_dict
+from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.models.preranking import LightPreranker, StrongRanker
+from cascade_ranking.models.ranker import FactoryFloorRanker
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.ranking_stage import RankingStage
+from cascade_ranking.models.trainers import list_data
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 from tests import own_logs
 
 LIST_SIZE = 120

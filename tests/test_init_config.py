@@ -8,10 +8,10 @@ import tensorflow_data_validation as tfdv
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from datasources import example_io, synthetic
-from pipelines import cli
-from pipelines.config import load_config
-from schema import features as F
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.pipelines import cli
+from cascade_ranking.pipelines.config import load_config
+from cascade_ranking.schema import features as F
 
 
 def _main(capsys, *argv):

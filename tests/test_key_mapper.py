@@ -7,10 +7,10 @@ import numpy as np
 import tensorflow as tf
 from tfx.dsl.components.base import base_beam_executor
 
-from components import key_mapper, record_io
-from datasources import example_io
-from models.config import to_dict
-from schema.keys import KeyConfig
+from cascade_ranking.components import key_mapper, record_io
+from cascade_ranking.datasources import example_io
+from cascade_ranking.models.config import to_dict
+from cascade_ranking.schema.keys import KeyConfig
 from tests.component_fixtures import examples_artifact
 
 
@@ -72,9 +72,9 @@ def test_a_schema_without_the_pipelines_keys_is_one_line_naming_them(tmp_path):
     import pytest
     from google.protobuf import text_format
 
-    from datasources.example_io import InputError
-    from pipelines.config import PipelineConfig
-    from schema import features as F
+    from cascade_ranking.datasources.example_io import InputError
+    from cascade_ranking.pipelines.config import PipelineConfig
+    from cascade_ranking.schema import features as F
 
     schema = F.load_schema().__deepcopy__()
     kept = [f for f in schema.feature if f.name not in ("request_id", "request_time")]

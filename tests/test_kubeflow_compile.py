@@ -2,9 +2,9 @@
 carries the technique flags of `cascade compile-kubeflow` (the same flags as `cascade run`)."""
 import json
 
-from pipelines import kubeflow_v2_runner
-from pipelines.config import PipelineConfig
-from pipelines.pipeline import create_pipeline
+from cascade_ranking.pipelines import kubeflow_v2_runner
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.pipeline import create_pipeline
 
 
 def test_compiled_spec_names_every_component_and_custom_executor(tmp_path):
@@ -19,18 +19,18 @@ def test_compiled_spec_names_every_component_and_custom_executor(tmp_path):
     assert {f"{n}_executor" for n in node_ids - resolvers} | {
         f"{n}-{part}-resolver_executor" for n in resolvers for part in ("model", "model-blessing")} == set(executors)
     args = {name: e["container"]["args"] for name, e in executors.items() if "container" in e}
-    assert args["SyntheticExampleGen_executor"][:2] == ["--executor_class_path", "components.synthetic_example_gen.Executor"]
-    assert "components.anomaly_gate.AnomalyGate_Executor" in args["AnomalyGate_executor"]
-    for node, executor_class in (("NegativeSampler", "components.negative_sampler.Executor"),
-                                 ("TeacherInference", "components.teacher_inference.Executor"),
-                                 ("CascadeEvaluator", "components.cascade_evaluator.Executor")):
+    assert args["SyntheticExampleGen_executor"][:2] == ["--executor_class_path", "cascade_ranking.components.synthetic_example_gen.Executor"]
+    assert "cascade_ranking.components.anomaly_gate.AnomalyGate_Executor" in args["AnomalyGate_executor"]
+    for node, executor_class in (("NegativeSampler", "cascade_ranking.components.negative_sampler.Executor"),
+                                 ("TeacherInference", "cascade_ranking.components.teacher_inference.Executor"),
+                                 ("CascadeEvaluator", "cascade_ranking.components.cascade_evaluator.Executor")):
         assert args[f"{node}_executor"][:2] == ["--executor_class_path", executor_class], node
         assert "--runner=DataflowRunner" in args[f"{node}_executor"], node
     # Each stage's Trainer runs its own module's run_fn.
     tasks = spec["root"]["dag"]["tasks"]
     for stage in ("teacher", "retrieval", "cascade"):
         run_fn = tasks[f"Trainer.{stage}"]["inputs"]["parameters"]["run_fn"]["runtimeValue"]["constantValue"]
-        assert run_fn["stringValue"] == f"models.trainers.{stage}.run_fn", stage
+        assert run_fn["stringValue"] == f"cascade_ranking.models.trainers.{stage}.run_fn", stage
     assert {"Pusher.retrieval_executor", "Pusher.preranking_executor", "Pusher.ranking_executor"} <= set(executors)
     for name, a in args.items():
         assert executors[name]["container"]["image"] == "gcr.io/p/cascade:1"
@@ -43,7 +43,7 @@ def test_compiled_spec_names_every_component_and_custom_executor(tmp_path):
 
 
 def test_compile_kubeflow_carries_the_technique_flags_into_the_trainers_custom_config(tmp_path):
-    from pipelines import cli
+    from cascade_ranking.pipelines import cli
 
     out = tmp_path / "pipeline.json"
     assert cli.main(["compile-kubeflow", "--out", str(out), "--rank-loss", "multi_task", "--cascade-method", "icc",

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import lcron
-from models.losses import lcron_losses
+from cascade_ranking.models import lcron
+from cascade_ranking.models.losses import lcron_losses
 
 EPS = 1e-8
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import losses
+from cascade_ranking.models import losses
 
 
 def _softplus(z):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import lspr
+from cascade_ranking.models import lspr
 
 
 def _batch(n=6):

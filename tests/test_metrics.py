@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from models import metrics
+from cascade_ranking.models import metrics
 
 
 def _pairwise_auc(y, s, w=None):

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from datasources.example_io import InputError, read_examples
-from datasources.movielens import convert_movielens
-from datasources.open_bandit import convert_open_bandit
+from cascade_ranking.datasources.example_io import InputError, read_examples
+from cascade_ranking.datasources.movielens import convert_movielens
+from cascade_ranking.datasources.open_bandit import convert_open_bandit
 from tests.test_converters import ML_DIR, OBD_DIR, SPLITS, _need, _same_bytes, _tiny_open_bandit, _write_csv
 
 ML_KEYS = {"request_id", "request_time", "click"}
@@ -214,7 +214,7 @@ def test_open_bandit_native_rows_carry_the_raw_strings(tmp_path):
 
 @pytest.mark.parametrize("layout", ["native", "clicks"])
 def test_cascade_init_reads_native_movielens(tiny_ml, tmp_path, capsys, layout):
-    from pipelines import cli
+    from cascade_ranking.pipelines import cli
 
     out = str(tmp_path / layout)
     assert cli.main(["convert", "movielens", "--src", tiny_ml, "--out", out, "--layout", layout]) == 0
@@ -231,7 +231,7 @@ def test_cascade_init_reads_native_movielens(tiny_ml, tmp_path, capsys, layout):
 
 
 def test_cli_refuses_clicks_layout_for_obd(tmp_path, capsys):
-    from pipelines import cli
+    from cascade_ranking.pipelines import cli
 
     code = cli.main(["convert", "obd", "--src", str(tmp_path), "--out", str(tmp_path / "out"), "--layout", "clicks"])
     err = capsys.readouterr().err

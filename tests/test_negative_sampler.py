@@ -12,11 +12,11 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
-from components import negative_sampler, record_io, sampling
-from components.sampling import SamplerConfig
-from datasources import example_io
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.components import negative_sampler, record_io, sampling
+from cascade_ranking.components.sampling import SamplerConfig
+from cascade_ranking.datasources import example_io
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 from tests.component_fixtures import examples_artifact, schema_artifact, synthetic_examples
 
 GARBAGE = b"\x12\x34 definitely not a tf.Example"

@@ -11,9 +11,9 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from datasources import example_io
-from pipelines import cli
-from schema import request_list as RL
+from cascade_ranking.datasources import example_io
+from cascade_ranking.pipelines import cli
+from cascade_ranking.schema import request_list as RL
 from tests import own_logs
 
 LIST_SIZE = 120

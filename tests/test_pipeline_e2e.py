@@ -28,20 +28,20 @@ import tensorflow as tf
 from tfx.orchestration import metadata
 from tfx.utils import io_utils
 
-from components import sampling
-from components.evaluation import EvaluatorConfig
-from components.sampling import SamplerConfig
-from datasources import example_io, synthetic
-from models import list_inputs as LI
-from models.ranker_config import RankerConfig
-from models.trainers import common
-from models.trainers.cascade import CascadeTrainerConfig
-from models.trainers.retrieval import RetrievalTrainerConfig
-from pipelines import cli, local_runner, report, serve_check
-from pipelines.config import PipelineConfig
-from pipelines.pipeline import BLESSING_KEYS, MODEL_SOURCES, STAGES
-from pipelines.run_lock import LOCK_FILE, read_lock
-from schema import request_list as RL
+from cascade_ranking.components import sampling
+from cascade_ranking.components.evaluation import EvaluatorConfig
+from cascade_ranking.components.sampling import SamplerConfig
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
+from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
+from cascade_ranking.pipelines import cli, local_runner, report, serve_check
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.pipeline import BLESSING_KEYS, MODEL_SOURCES, STAGES
+from cascade_ranking.pipelines.run_lock import LOCK_FILE, read_lock
+from cascade_ranking.schema import request_list as RL
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.profiler import model_analyzer, option_builder
 
-from datasources import synthetic
-from models import list_inputs as LI
-from models import preranking as H
-from schema import request_list as RL
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import preranking as H
+from cascade_ranking.schema import request_list as RL
 
 T = RL.TIER_INDEX
 
@@ -180,8 +180,8 @@ def test_hap_training_lowers_both_losses(lists):
 
 
 def test_trainer_evaluation_leaves_out_and_counts_requests_without_gt(lists):
-    from models.metrics import stage_recall
-    from models.trainers import preranking as trainer
+    from cascade_ranking.models.metrics import stage_recall
+    from cascade_ranking.models.trainers import preranking as trainer
     lists = LI.take_lists(lists, slice(0, 6))
     lists["stage"] = lists["stage"].copy()
     lists["stage"][:2][lists["stage"][:2] == T["rerank_pos"]] = T["rerank_neg"]  # requests 0, 1: no GT

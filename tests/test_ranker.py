@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from datasources.example_io import make_example
-from models import lspr, metrics, ranker
-from models.ranker_config import RankerConfig
-from schema import features as F
+from cascade_ranking.datasources.example_io import make_example
+from cascade_ranking.models import lspr, metrics, ranker
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema import features as F
 
 SMALL = dict(embedding_dim=4, cross_layers=1, cross_projection_dim=4, cross_ramp_steps=10, hidden_units=(16, 8),
              qu_dim=4, ui_hidden_units=(4,))
@@ -478,7 +478,7 @@ def test_training_a_few_hundred_steps_beats_the_constant_predictor():
 
 
 def test_the_feature_configs_buckets_stop_the_fold_and_survive_get_config():
-    from schema import features as F
+    from cascade_ranking.schema import features as F
 
     features = F.FeatureConfig(buckets=(("item_id", 20_000),))
     wide = ranker.FactoryFloorRanker(RankerConfig(hidden_units=(8,), cross_projection_dim=4), features)

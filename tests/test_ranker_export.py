@@ -6,10 +6,10 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from datasources.example_io import make_example
-from models import export, ranker, ranker_export
-from models.ranker_config import RankerConfig
-from schema import features as F
+from cascade_ranking.datasources.example_io import make_example
+from cascade_ranking.models import export, ranker, ranker_export
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.schema import features as F
 
 SMALL = dict(embedding_dim=4, cross_layers=1, cross_projection_dim=4, cross_ramp_steps=10, hidden_units=(16, 8),
              qu_dim=4, ui_hidden_units=(4,), rank_start_step=0, bias_start_step=0)

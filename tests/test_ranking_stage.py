@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import cascade_model as CM
-from models import list_inputs as LI
-from models.preranking import LightPreranker
-from models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker
-from models.ranker_config import RankerConfig
-from models.ranking_stage import RankingStage, list_rows, shown_row_index
-from schema import features as F
+from cascade_ranking.models import cascade_model as CM
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.preranking import LightPreranker
+from cascade_ranking.models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.ranking_stage import RankingStage, list_rows, shown_row_index
+from cascade_ranking.schema import features as F
 from tests.component_fixtures import request_list_splits
 
 SMALL = dict(embedding_dim=4, cross_layers=1, cross_projection_dim=4, cross_ramp_steps=10, hidden_units=(16,),

@@ -1,5 +1,5 @@
 """pipelines/report.py: the run's table on evaluations of any shape."""
-from pipelines import report
+from cascade_ranking.pipelines import report
 
 
 def test_ranking_against_preranking_reads_a_recall_curve_shorter_than_the_quota():

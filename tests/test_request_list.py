@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from datasources import example_io, synthetic
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 
 def _rows_of_request(seed=0, request=0):

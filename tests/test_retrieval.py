@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from datasources import synthetic
-from models import list_inputs as LI
-from models import retrieval as R
-from schema import request_list as RL
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import retrieval as R
+from cascade_ranking.schema import request_list as RL
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_a_list_without_positives_is_refused(data):
 def test_trainer_evaluation_leaves_out_and_counts_requests_without_gt(data):
     """Requests 0 and 1 lose their GT: they are counted, and the recalls are the means over the
     other requests, computed here by hand from u·v."""
-    from models.trainers import retrieval as trainer
+    from cascade_ranking.models.trainers import retrieval as trainer
     lists, _ = data
     lists = LI.take_lists(lists, slice(0, 6))
     lists["stage"] = lists["stage"].copy()

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pipelines import cli
-from pipelines.run_lock import LOCK_FILE, OutputDirInUse, RunLock, read_lock
+from cascade_ranking.pipelines import cli
+from cascade_ranking.pipelines.run_lock import LOCK_FILE, OutputDirInUse, RunLock, read_lock
 
 
 def _write_lock(directory, pid, host=None):

@@ -2,7 +2,7 @@
 import logging
 import os
 
-from pipelines import cli, local_runner, run_log
+from cascade_ranking.pipelines import cli, local_runner, run_log
 
 
 def test_the_run_log_takes_logging_and_fd_2_and_gives_them_back(tmp_path):
@@ -41,7 +41,7 @@ def test_an_internal_error_is_one_line_with_exit_1_and_the_traceback_in_the_log(
 
 
 def test_a_user_error_inside_the_pipeline_is_exit_2_with_its_own_first_line(tmp_path, capsys, monkeypatch):
-    from components.record_io import BadInputError
+    from cascade_ranking.components.record_io import BadInputError
 
     def refusing(*args, **kwargs):
         try:

@@ -13,12 +13,12 @@ import tensorflow as tf
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.dsl.components.base import base_beam_executor
 
-from components import negative_sampler, record_io, sampling
-from components.sampling import SamplerConfig
-from datasources import example_io
-from models.config import to_dict
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.components import negative_sampler, record_io, sampling
+from cascade_ranking.components.sampling import SamplerConfig
+from cascade_ranking.datasources import example_io
+from cascade_ranking.models.config import to_dict
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 from tests.component_fixtures import examples_artifact, schema_artifact
 
 IF = F.InputFeature

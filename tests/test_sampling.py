@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from components import negative_sampler, sampling
-from components.sampling import SamplerConfig
-from datasources import example_io
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.components import negative_sampler, sampling
+from cascade_ranking.components.sampling import SamplerConfig
+from cascade_ranking.datasources import example_io
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 IF = F.InputFeature
 # int item key, int multivalent item feature, declared ui_position, a dense UI feature, string query id

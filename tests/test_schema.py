@@ -7,8 +7,8 @@ import tensorflow as tf
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
 
-from datasources import synthetic
-from schema import features as F
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.schema import features as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

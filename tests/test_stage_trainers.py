@@ -9,8 +9,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from models import export as export_lib
-from models.trainers import cascade, common, preranking, retrieval
+from cascade_ranking.models import export as export_lib
+from cascade_ranking.models.trainers import cascade, common, preranking, retrieval
 from tests.component_fixtures import request_list_splits
 
 pytestmark = pytest.mark.slow

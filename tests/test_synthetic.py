@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from datasources import example_io, synthetic
-from schema import features as F
+from cascade_ranking.datasources import example_io, synthetic
+from cascade_ranking.schema import features as F
 
 
 def _rows(examples):

@@ -5,8 +5,8 @@ from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, standard_artifacts, standard_component_specs
 from tfx.utils import proto_utils
 
-from components import synthetic_example_gen as gen
-from datasources import example_io, synthetic
+from cascade_ranking.components import synthetic_example_gen as gen
+from cascade_ranking.datasources import example_io, synthetic
 
 
 def _canonical(examples):

@@ -8,8 +8,8 @@ import tensorflow as tf
 from tfx import types
 from tfx.types import standard_artifacts
 
-from components import record_io, teacher_inference
-from datasources import example_io
+from cascade_ranking.components import record_io, teacher_inference
+from cascade_ranking.datasources import example_io
 from tests.component_fixtures import examples_artifact, exported_model, synthetic_examples
 
 GARBAGE = b"\x08\x96\x01 this is not a tf.Example"

@@ -3,7 +3,7 @@ import os
 
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from models.trainers import common
+from cascade_ranking.models.trainers import common
 
 
 def _args(root, execution, config='{"epochs": 3}', train="/data/Split-train/*", model_run_dir=None):

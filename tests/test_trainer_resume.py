@@ -1,5 +1,5 @@
 """Resume after a kill for the list-based Trainer modules (retrieval, HAP pre-ranking, joint
-cascade), through `tf.keras.callbacks.BackupAndRestore` (`models.trainers.common.callbacks`).
+cascade), through `tf.keras.callbacks.BackupAndRestore` (`cascade_ranking.models.trainers.common.callbacks`).
 
 Each module is run at tiny scale with 3 epochs and killed in the middle of its second epoch (a
 callback raises after the first batch of epoch 1, so the run dies the way a preempted worker
@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from models.trainers import cascade, common, preranking, retrieval
+from cascade_ranking.models.trainers import cascade, common, preranking, retrieval
 from tests.component_fixtures import request_list_splits
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 import tensorflow as tf
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from datasources import synthetic
-from models.config import TrainerConfig
-from models.ranker_config import RankerConfig
-from models.trainers import baseline, common, teacher
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models.config import TrainerConfig
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.trainers import baseline, common, teacher
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ custom_config: {"trainer": TrainerConfig JSON}.
 import tensorflow as tf
 from absl import logging
 
-from models import export, inputs
-from models.baseline_ranker import BaselineRanker
-from models.config import TrainerConfig
-from models.trainers import common
+from cascade_ranking.models import export, inputs
+from cascade_ranking.models.baseline_ranker import BaselineRanker
+from cascade_ranking.models.config import TrainerConfig
+from cascade_ranking.models.trainers import common
 
 
 def _optimizer(config: TrainerConfig) -> tf.keras.optimizers.Optimizer:

@@ -43,19 +43,19 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from models import export as export_lib
-from models import lcron, metrics, ranker_export
-from models import list_inputs as LI
-from models.cascade_model import METHODS, CascadeModel, evaluate_cascade
-from models.preranking import LightPreranker
-from models.ranker import FactoryFloorRanker
-from models.config import check_positive
-from models.ranker_config import RankerConfig
-from models.ranking_stage import RankingStage
-from models.trainers import common
-from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
+from cascade_ranking.models import export as export_lib
+from cascade_ranking.models import lcron, metrics, ranker_export
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.cascade_model import METHODS, CascadeModel, evaluate_cascade
+from cascade_ranking.models.preranking import LightPreranker
+from cascade_ranking.models.ranker import FactoryFloorRanker
+from cascade_ranking.models.config import check_positive
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.ranking_stage import RankingStage
+from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       load_lists, save_with_warmup)
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "cascade"
 RANKER_KEY = "ranker"

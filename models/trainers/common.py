@@ -17,9 +17,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models import inputs, metrics
-from models.config import config_from_dict
-from schema import features as F
+from cascade_ranking.models import inputs, metrics
+from cascade_ranking.models.config import config_from_dict
+from cascade_ranking.schema import features as F
 
 EVAL_METRICS_FILE = "eval_metrics.json"
 

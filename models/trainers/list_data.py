@@ -7,11 +7,11 @@ from typing import Dict, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from datasources.example_io import make_example
-from models import export as export_lib
-from models import list_inputs as LI
-from schema import features as F
-from schema import request_list as RL
+from cascade_ranking.datasources.example_io import make_example
+from cascade_ranking.models import export as export_lib
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 
 
 def list_size_of_splits(fn_args) -> int:

@@ -37,15 +37,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from models import export as export_lib
-from models import list_inputs as LI
-from models.cascade_model import cascade_labels
-from models.metrics import e2e_recall, requests_without_gt, stage_recall
-from models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_flops, route
-from models.retrieval import adapt_towers
-from models.trainers import common
-from models.trainers.list_data import candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
-from schema import features as F
+from cascade_ranking.models import export as export_lib
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.cascade_model import cascade_labels
+from cascade_ranking.models.metrics import e2e_recall, requests_without_gt, stage_recall
+from cascade_ranking.models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_flops, route
+from cascade_ranking.models.retrieval import adapt_towers
+from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.list_data import candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
+from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "preranking"
 

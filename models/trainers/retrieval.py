@@ -42,16 +42,16 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 from absl import logging
 
-from models import export as export_lib
-from models import list_inputs as LI
-from models import retrieval as R
-from models.cascade_model import cascade_labels
-from models.config import check_positive
-from models.metrics import requests_without_gt, stage_recall
-from models.trainers import common
-from models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
+from cascade_ranking.models import export as export_lib
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import retrieval as R
+from cascade_ranking.models.cascade_model import cascade_labels
+from cascade_ranking.models.config import check_positive
+from cascade_ranking.models.metrics import requests_without_gt, stage_recall
+from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       load_lists, save_with_warmup)
-from schema import features as F
+from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "retrieval"
 

@@ -18,10 +18,10 @@ import json
 import tensorflow as tf
 from absl import logging
 
-from models import inputs, ranker, ranker_export
-from models.ranker_config import RankerConfig
-from models.trainers import common
-from schema import features as F
+from cascade_ranking.models import inputs, ranker, ranker_export
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.trainers import common
+from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "ranker"
 
