@@ -32,6 +32,8 @@ counted per candidate although a server may cache item vectors.
 
 The group construction, the group-wise losses, routing and FLOP counts are written here (no
 library has them); the layers are Keras / TFRS (`tfrs.layers.dcn.Cross` inside `CrossStack`).
+`GroupWiseLoss` (registry name "hap_group_wise", `models.losses.get`) is the group-wise loss as a
+Keras Loss: y_true = positives [B, L], y_pred = scores [B, L], `groups=` [B, L, G].
 """
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -39,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import losses as losses_lib
 from cascade_ranking.models.cross import CrossStack
 from cascade_ranking.models.embedding import FeatureEmbedding
 from cascade_ranking.models.retrieval import Tower, build_mlp, dense_flops
@@ -119,6 +122,31 @@ def group_wise_loss(scores, positives, groups, kind: str = "softmax",
 
 def hard_group_weights() -> Tuple[float, ...]:
     return tuple(1.0 if g in HARD_GROUPS else 0.0 for g in GROUPS)
+
+
+@losses_lib.register("hap_group_wise")
+class GroupWiseLoss(losses_lib.ExplicitLoss):
+    """`group_wise_loss` as a Keras Loss (module docstring): y_true = positives [B, L] (bool or
+    0/1), y_pred = scores [B, L], `groups` [B, L, G] bool. `terms` also gives the per-group [G]."""
+
+    def __init__(self, kind: str = "softmax", group_weights: Optional[Sequence[float]] = None, name=None, **kwargs):
+        if kind not in ("softmax", "pairwise"):
+            raise ValueError(f"kind must be 'softmax' or 'pairwise', got {kind!r}")
+        super().__init__(name=name, **kwargs)
+        self.kind = kind
+        self.group_weights = None if group_weights is None else tuple(float(w) for w in group_weights)
+
+    def terms(self, y_true, y_pred, groups) -> Tuple[tf.Tensor, tf.Tensor]:
+        """(L, per-group terms [G])."""
+        return group_wise_loss(y_pred, tf.cast(y_true, tf.bool), groups, self.kind, self.group_weights)
+
+    def compute(self, y_true, y_pred, sample_weight=None, groups=None):
+        if groups is None or sample_weight is not None:
+            raise ValueError("the group-wise loss needs groups= and takes no sample_weight")
+        return self.terms(y_true, y_pred, groups)[0]
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "group_weights": self.group_weights}
 
 
 # ---------------------------------------------------------------------------------------------
