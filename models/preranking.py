@@ -45,6 +45,7 @@ from cascade_ranking.models import losses as losses_lib
 from cascade_ranking.models.cross import CrossStack
 from cascade_ranking.models.embedding import FeatureEmbedding
 from cascade_ranking.models.retrieval import Tower, build_mlp, dense_flops
+from cascade_ranking.models.tasks import HAPTask, StageModel
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 
@@ -278,12 +279,13 @@ def hap_flops(light: LightPreranker, strong: StrongRanker, top_m: int, candidate
     }
 
 
-class HAPPreranker(tf.keras.Model):
+class HAPPreranker(StageModel):
     """Light + strong model trained with the group-wise losses; `call` returns the routed scores.
 
-    Losses per batch: L_light = group_wise_loss(light, all groups), L_strong = the same on the
-    strong scores with the hard groups only; the two models share no weights, so the sum trains
-    each on its own loss.
+    Losses per batch (`models.tasks.HAPTask`): L_light = group_wise_loss(light, all groups),
+    L_strong = the same on the strong scores with the hard groups only; the two models share no
+    weights, so the sum trains each on its own loss. Trained by the shared
+    `models.tasks.StageModel.train_step`; logs loss, light_loss, strong_loss, light_<group>.
     """
 
     def __init__(self, light: Optional[LightPreranker] = None, strong: Optional[StrongRanker] = None,
@@ -293,27 +295,14 @@ class HAPPreranker(tf.keras.Model):
         self.strong = strong or StrongRanker()
         self.top_m = int(top_m)
         self.kind = kind
+        self.task = HAPTask(kind, name="task")
 
     def call(self, lists, training=None):
         light = self.light(lists, training=training)
         strong = self.strong(lists, training=training)
         return route(light, strong, self.top_m, lists["mask"])
 
-    def compute_losses(self, lists, training=None) -> Dict[str, tf.Tensor]:
+    def compute_terms(self, lists, training: bool = False) -> Dict[str, tf.Tensor]:
         positives, groups = hap_groups(lists)
-        light_loss, light_terms = group_wise_loss(self.light(lists, training=training), positives, groups, self.kind)
-        strong_loss, _ = group_wise_loss(self.strong(lists, training=training), positives, groups, self.kind,
-                                         hard_group_weights())
-        out = {"loss": light_loss + strong_loss, "light_loss": light_loss, "strong_loss": strong_loss}
-        out.update({f"light_{g}": light_terms[i] for i, g in enumerate(GROUPS)})
-        return out
-
-    def train_step(self, lists):
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(lists, training=True)
-        grads = tape.gradient(losses["loss"], self.trainable_variables)
-        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, self.trainable_variables) if g is not None])
-        return losses
-
-    def test_step(self, lists):
-        return self.compute_losses(lists, training=False)
+        return self.task(self.light(lists, training=training), self.strong(lists, training=training), positives,
+                         groups)
