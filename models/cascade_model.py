@@ -124,8 +124,8 @@ class CascadeModel(StageModel):
 
     @property
     def metrics(self):
-        """No Keras metrics: train_step returns its loss terms itself (and a nested ranker's own loss
-        trackers, which nothing updates here, must not be read by `fit`)."""
+        """No Keras metrics: the train step logs the task's loss terms itself (`step_logs`), and a
+        nested ranker's own loss trackers, which nothing updates here, must not be read by `fit`."""
         return []
 
     @property

@@ -244,12 +244,6 @@ class UncertaintyWeighting(tf.keras.layers.Layer):
         return config
 
 
-def lcron_total_loss(stage_scores, labels, mask, weighting: UncertaintyWeighting, quota: Quota = DEFAULT_QUOTA,
-                     tau: float = DEFAULT_TAU, epsilon: float = DEFAULT_EPSILON):
-    """(L, L_e2e, [L_single^i]): the LCRON objective with `weighting`'s w_i."""
-    return LCRONLoss(quota, tau, epsilon).terms(labels, stage_scores, mask=mask, weighting=weighting)
-
-
 @losses_lib.register("lcron")
 class LCRONLoss(losses_lib.ExplicitLoss):
     """L = Σ_i L_single^i / (2 w_i²) + L_e2e + log ∏ w_i (module docstring) as a Keras Loss.

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from cascade_ranking.models import lcron
+from cascade_ranking.models import lcron, lspr
 from cascade_ranking.models import losses as losses_lib
 
 Terms = Dict[str, tf.Tensor]
@@ -109,7 +109,6 @@ class FactoryFloorTask(tf.keras.layers.Layer, tfrs.tasks.Task):
              perturbed=None) -> Terms:
         """`outputs` / `perturbed`: (logit, rank_logit) of the batch and of its LSPR copy (None:
         no LSPR term); `loss_weights`: the curriculum's rank_weight and distill_weight."""
-        from cascade_ranking.models import lspr  # noqa: PLC0415 (lspr imports the registry)
         alpha, w_distill = loss_weights["rank_weight"], loss_weights["distill_weight"]
         total, logistic, rank, distill = self.data_loss(*outputs, labels, weights, grouping, teacher,
                                                         alpha, w_distill)
@@ -131,7 +130,7 @@ class HAPTask(tf.keras.layers.Layer, tfrs.tasks.Task):
 
     def __init__(self, kind: str = "softmax", **kwargs):
         super().__init__(**kwargs)
-        from cascade_ranking.models import preranking  # noqa: PLC0415
+        from cascade_ranking.models import preranking  # noqa: PLC0415 (preranking imports this module)
         self.groups = preranking.GROUPS
         self.light_loss = losses_lib.get("hap_group_wise", kind=kind)
         self.strong_loss = losses_lib.get("hap_group_wise", kind=kind, group_weights=preranking.hard_group_weights())
@@ -175,7 +174,7 @@ class CascadeTask(tf.keras.layers.Layer, tfrs.tasks.Task):
         self.distillation = losses_lib.get("distillation")
         self.lcron = losses_lib.get("lcron", quota=quota, tau=tau) if method == "lcron" else None
         if method == "hap":
-            from cascade_ranking.models import preranking  # noqa: PLC0415
+            from cascade_ranking.models import preranking  # noqa: PLC0415 (preranking imports this module)
             self.groups = preranking.GROUPS
             self.light_loss = losses_lib.get("hap_group_wise", kind=hap_kind)
             self.strong_loss = losses_lib.get("hap_group_wise", kind=hap_kind,
