@@ -47,11 +47,12 @@ import tensorflow as tf
 
 from cascade_ranking.models import lcron
 from cascade_ranking.models import list_inputs as LI
-from cascade_ranking.models.losses import distillation_loss, weighted_logistic_loss
+from cascade_ranking.models import losses
 from cascade_ranking.models.metrics import e2e_recall, ndcg_at_k, requests_without_gt, stage_recall
-from cascade_ranking.models.preranking import GROUPS, LightPreranker, StrongRanker, group_wise_loss, hap_groups, hard_group_weights
+from cascade_ranking.models.preranking import LightPreranker, StrongRanker, hap_groups
 from cascade_ranking.models.ranking_stage import RankingStage
 from cascade_ranking.models.retrieval import TwoTowerScorer, adapt_towers
+from cascade_ranking.models.tasks import CascadeTask, StageModel, list_distillation
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 
@@ -82,8 +83,11 @@ def default_stages(with_retrieval: bool = True, embedding_dim: int = 16) -> Dict
     return stages
 
 
-class CascadeModel(tf.keras.Model):
-    """Stage models plus the training objective of `method` (module docstring)."""
+class CascadeModel(StageModel):
+    """Stage models plus the training objective of `method` (module docstring), computed by
+    `models.tasks.CascadeTask` and stepped by the shared `models.tasks.StageModel.train_step`:
+    with a RankingStage last, its variables step with the ranker's optimizer (`apply_gradients`)
+    and its duals and ramp move after the step (`after_step`)."""
 
     def __init__(self, stages: Mapping[str, tf.keras.layers.Layer], method: str = "lcron",
                  quota: lcron.Quota = lcron.DEFAULT_QUOTA, tau: float = lcron.DEFAULT_TAU, label: str = "gt",
@@ -115,11 +119,13 @@ class CascadeModel(tf.keras.Model):
         if self.distill_weight > 0.0 and isinstance(self.stage_models[-1], RankingStage):
             raise ValueError("distill_weight must be 0 when the last stage is a RankingStage: the Factory Floor "
                              "ranker distills on its shown rows itself (RankerConfig.distill_weight)")
+        self.task = CascadeTask(self.stage_names, method, quota=quota, tau=tau, hap_kind=hap_kind,
+                                distill_weight=self.distill_weight, weighting=self.weighting, name="task")
 
     @property
     def metrics(self):
-        """No Keras metrics: train_step returns its loss terms itself (and a nested ranker's own loss
-        trackers, which nothing updates here, must not be read by `fit`)."""
+        """No Keras metrics: the train step logs the task's loss terms itself (`step_logs`), and a
+        nested ranker's own loss trackers, which nothing updates here, must not be read by `fit`."""
         return []
 
     @property
@@ -142,7 +148,7 @@ class CascadeModel(tf.keras.Model):
         """[B, S, L]: the scores of every stage."""
         return tf.stack([stage(lists, training=training) for stage in self.stage_models], axis=1)
 
-    def compute_losses(self, lists, training=None) -> Dict[str, tf.Tensor]:
+    def compute_terms(self, lists, training: bool = False) -> Dict[str, tf.Tensor]:
         ranking = self.ranking_stage
         scores = [stage(lists, training=training) for stage in self.stage_models[:-1 if ranking else None]]
         if ranking is not None:
@@ -150,51 +156,19 @@ class CascadeModel(tf.keras.Model):
             scores.append(last)
         y = cascade_labels(lists, self.label)
         mask = tf.convert_to_tensor(lists["mask"])
-        out: Dict[str, tf.Tensor] = {}
-        if self.method == "lcron":
-            total, e2e, singles = lcron.lcron_total_loss(scores, y, mask, self.weighting, self.quota, self.tau)
-            out["e2e"] = e2e
-            for name, single, w in zip(self.stage_names, singles, tf.unstack(self.weighting.w)):
-                out[f"single_{name}"] = single
-                out[f"w_{name}"] = w
-        elif self.method == "hap":
-            total = self._hap_losses(lists, scores, y, mask, out)
-        else:
-            singles = [weighted_logistic_loss(y, s, mask=mask) for s in scores]
-            total = tf.add_n(singles)
-            for name, single in zip(self.stage_names, singles):
-                out[f"bce_{name}"] = single
-            if self.method == "icc":
-                log_p = tf.add_n([tf.math.log_sigmoid(s) for s in scores])  # log ∏ σ(s_i)
-                p = tf.exp(log_p)
-                joint = -y * log_p - (1.0 - y) * tf.math.log(tf.maximum(1.0 - p, 0.0) + 1e-8)
-                valid = tf.cast(mask > 0, tf.float32)
-                joint = tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid > 0, joint, 0.0)), tf.reduce_sum(valid))
-                out["joint"] = joint
-                total = total + joint
-        if self.distill_weight > 0.0:
-            out["distill"] = self.distillation(lists, scores[-1])
-            total = total + self.distill_weight * out["distill"]
+        groups = hap_groups(lists, self.label) if self.method == "hap" else None
+        if self.distill_weight > 0.0 and "teacher_logit" not in lists:
+            raise ValueError("distill_weight > 0 needs a teacher_logit feature in the request lists")
+        out = self.task(scores, y, mask, hap_groups=groups, teacher=lists.get("teacher_logit"))
         if ranking is not None:  # L_FF on the shown rows (models.ranking_stage)
+            total = out.pop("loss")
             for name in RANKER_LOG_TERMS:
                 out[f"ranker_{name}"] = ranker_terms[name]
-            total = total + ranker_terms["loss"]
+            out["loss"] = total + ranker_terms["loss"]
             out["_ranker_terms"] = ranker_terms
-        out["loss"] = total
         return out
 
-    def _hap_losses(self, lists, scores, y, mask, out) -> tf.Tensor:
-        positives, groups = hap_groups(lists, self.label)
-        terms = [weighted_logistic_loss(y, s, mask=mask) for s in scores[:-2]]
-        for name, term in zip(self.stage_names, terms):
-            out[f"bce_{name}"] = term
-        light, light_groups = group_wise_loss(scores[-2], positives, groups, self.hap_kind)
-        strong, _ = group_wise_loss(scores[-1], positives, groups, self.hap_kind, hard_group_weights())
-        out[f"hap_{self.stage_names[-2]}"] = light
-        out[f"hap_{self.stage_names[-1]}"] = strong
-        for i, g in enumerate(GROUPS):
-            out[f"hap_{self.stage_names[-2]}_{g}"] = light_groups[i]
-        return tf.add_n(terms + [light, strong])
+    compute_losses = compute_terms  # the terms of a batch ("loss" and every logged term)
 
     @staticmethod
     def distillation(lists, last_logits) -> tf.Tensor:
@@ -202,32 +176,21 @@ class CascadeModel(tf.keras.Model):
         with a finite teacher_logit (module docstring); 0 when there are none."""
         if "teacher_logit" not in lists:
             raise ValueError("distill_weight > 0 needs a teacher_logit feature in the request lists")
-        teacher = tf.cast(tf.convert_to_tensor(lists["teacher_logit"]), tf.float32)
-        keep = (tf.convert_to_tensor(lists["mask"]) > 0) & tf.math.is_finite(teacher)
-        teacher = tf.where(keep, teacher, tf.fill(tf.shape(teacher), np.float32(np.nan)))
-        return distillation_loss(tf.reshape(teacher, [-1]), tf.reshape(last_logits, [-1]))
+        return list_distillation(losses.get("distillation"), lists["teacher_logit"], lists["mask"], last_logits)
 
-    def train_step(self, lists):
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(lists, training=True)
-        variables = self.trainable_variables
-        grads = tape.gradient(losses["loss"], variables)
-        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    def apply_gradients(self, grads_and_vars) -> None:
+        """The ranker steps with its own optimizer, the other stages (and LCRON's w_i) with the cascade's."""
         ranking = self.ranking_stage
         if ranking is None:
-            self.optimizer.apply_gradients(pairs)
-            return losses
-        # The ranker steps with its own optimizer, the other stages (and LCRON's w_i) with the cascade's.
+            self.optimizer.apply_gradients(grads_and_vars)
+            return
         ranker_vars = {id(v) for v in ranking.ranker_variables}
-        self.optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) not in ranker_vars])
-        ranking.apply_gradients([(g, v) for g, v in pairs if id(v) in ranker_vars])
-        ranking.after_step(losses.pop("_ranker_terms"))
-        return losses
+        self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if id(v) not in ranker_vars])
+        ranking.apply_gradients([(g, v) for g, v in grads_and_vars if id(v) in ranker_vars])
 
-    def test_step(self, lists):
-        losses = self.compute_losses(lists, training=False)
-        losses.pop("_ranker_terms", None)
-        return losses
+    def after_step(self, terms) -> None:
+        if self.ranking_stage is not None:
+            self.ranking_stage.after_step(terms["_ranker_terms"])
 
     def predict_stage_scores(self, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> List[np.ndarray]:
         """Every stage's [R, L] scores on in-memory request lists."""

@@ -22,6 +22,10 @@ What comes from the libraries and what is written here:
   and moves the padded rows to the end, so rows 1..n are the n sorting ranks.
 * The selection probabilities, the losses, the masking and the uncertainty weighting
   (Kendall et al., CVPR 2018, as LCRON §4.3 uses it) are written here: no library has them.
+* `LCRONLoss` (registry name "lcron", `models.losses.get`) is the objective as a Keras Loss:
+  y_true = labels [B, L], y_pred = the stages' scores [B, S, L] (or a list of [B, L]), with
+  `mask=` and the weights `w=` (default 1: L_e2e + Σ_i L_single^i / 2); the trainable w_i live on
+  the `UncertaintyWeighting` layer of the model that trains them.
 
 Conventions (documented choices, where the formulas leave room):
 * Masking: padded candidates (mask 0) are left out of every sum and mean, and they do not
@@ -41,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_ranking.python import losses_impl
 
+from cascade_ranking.models import losses as losses_lib
 from cascade_ranking.models.masking import bool_mask
 
 DEFAULT_TAU = 50.0  # the reference code's temperature on logits (DESIGN §5)
@@ -204,6 +209,16 @@ def lcron_losses(
     return l_e2e, singles
 
 
+def uncertainty_weighted(l_e2e, singles, w) -> tf.Tensor:
+    """Σ_i L_single^i / (2 w_i²) + L_e2e + Σ_i log|w_i| (Kendall et al.; LCRON §4.3)."""
+    stacked = tf.stack([tf.cast(s, tf.float32) for s in singles])
+    return (
+        tf.reduce_sum(stacked / (2.0 * tf.square(w)))
+        + tf.cast(l_e2e, tf.float32)
+        + tf.reduce_sum(tf.math.log(tf.abs(w)))
+    )
+
+
 class UncertaintyWeighting(tf.keras.layers.Layer):
     """L = Σ_i L_single^i / (2 w_i²) + L_e2e + log ∏_i w_i, with trainable w_i starting at 1.
 
@@ -221,12 +236,7 @@ class UncertaintyWeighting(tf.keras.layers.Layer):
     def call(self, l_e2e, singles):
         if len(singles) != self.num_stages:
             raise ValueError(f"{len(singles)} single-stage losses for {self.num_stages} weights")
-        stacked = tf.stack([tf.cast(s, tf.float32) for s in singles])
-        return (
-            tf.reduce_sum(stacked / (2.0 * tf.square(self.w)))
-            + tf.cast(l_e2e, tf.float32)
-            + tf.reduce_sum(tf.math.log(tf.abs(self.w)))
-        )
+        return uncertainty_weighted(l_e2e, singles, self.w)
 
     def get_config(self):
         config = super().get_config()
@@ -234,8 +244,42 @@ class UncertaintyWeighting(tf.keras.layers.Layer):
         return config
 
 
-def lcron_total_loss(stage_scores, labels, mask, weighting: UncertaintyWeighting, quota: Quota = DEFAULT_QUOTA,
-                     tau: float = DEFAULT_TAU, epsilon: float = DEFAULT_EPSILON):
-    """(L, L_e2e, [L_single^i]): the LCRON objective with `weighting`'s w_i."""
-    l_e2e, singles = lcron_losses(stage_scores, labels, mask, quota, tau, epsilon)
-    return weighting(l_e2e, singles), l_e2e, singles
+@losses_lib.register("lcron")
+class LCRONLoss(losses_lib.ExplicitLoss):
+    """L = Σ_i L_single^i / (2 w_i²) + L_e2e + log ∏ w_i (module docstring) as a Keras Loss.
+
+    y_true: labels [B, L]; y_pred: stage scores [B, S, L] or a list of S [B, L] tensors; `mask`
+    [B, L]; `w` [S] (default ones). sample_weight is not part of the formula (None only).
+    """
+
+    def __init__(self, quota: Quota = DEFAULT_QUOTA, tau: float = DEFAULT_TAU, epsilon: float = DEFAULT_EPSILON,
+                 name=None, **kwargs):
+        check_tau(tau)
+        super().__init__(name=name, **kwargs)
+        self.quota = quota if isinstance(quota, (int, np.integer)) else tuple(int(q) for q in quota)
+        self.tau = float(tau)
+        self.epsilon = float(epsilon)
+
+    @staticmethod
+    def _stages(y_pred):
+        if isinstance(y_pred, (list, tuple)):
+            return list(y_pred)
+        return tf.unstack(tf.convert_to_tensor(y_pred), axis=1)
+
+    def terms(self, y_true, y_pred, mask=None, weighting=None, w=None):
+        """(L, L_e2e, [L_single^i]) with the w_i of `weighting` (a layer) or `w` (default 1)."""
+        stages = self._stages(y_pred)
+        l_e2e, singles = lcron_losses(stages, y_true, mask, self.quota, self.tau, self.epsilon)
+        if weighting is not None:
+            total = weighting(l_e2e, singles)
+        else:
+            total = uncertainty_weighted(l_e2e, singles, tf.ones([len(stages)]) if w is None else w)
+        return total, l_e2e, singles
+
+    def compute(self, y_true, y_pred, sample_weight=None, mask=None, w=None):
+        if sample_weight is not None:
+            raise ValueError("the LCRON loss takes no sample_weight")
+        return self.terms(y_true, y_pred, mask=mask, w=w)[0]
+
+    def get_config(self):
+        return {**super().get_config(), "quota": self.quota, "tau": self.tau, "epsilon": self.epsilon}

@@ -32,9 +32,29 @@ terms have comparable scales when they are added.
 The row -> request-list grouping (`rows_to_lists`) and the masking and
 normalisation around the TF-Ranking loss are written here; the pairwise loss
 itself is TF-Ranking's.
+
+Loss classes and the registry (as TF-Ranking's `keras/losses.py`). Every loss of
+the package is a `tf.keras.losses.Loss` subclass registered by name with
+`@register(name)`; `get(name, **kwargs)` builds one (`known()` lists the names).
+The classes call the functional forms below (one implementation of each
+formula). Convention of their `__call__`:
+
+    loss(y_true, y_pred, sample_weight=None, **inputs) -> scalar
+
+`sample_weight` enters the formula itself (Σ w·ℓ over valid items / number of
+valid items): that normalisation is none of Keras' reductions, so, as
+TF-Ranking's ranking losses do, `__call__` is overridden and passes the weights
+in; `reduction` is not used. Inputs a loss needs beyond (y_true, y_pred) are
+keyword arguments: `mask` (padding), `grouping` (RankNet on flat rows),
+`groups` (HAP), `w` (LCRON's uncertainty weights). `call(y_true, y_pred)` is
+the unweighted, unmasked value (what `Model.compile(loss=...)` would use).
+Losses registered in other modules (`models.lcron`, `models.preranking`,
+`models.lspr`) are imported by `get`/`known` on first use. Written here: the
+registry and the Keras wrappers; the pairwise loss stays TF-Ranking's.
 """
 
-from typing import Optional, Sequence, Tuple
+import importlib
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import tensorflow as tf
 import tensorflow_ranking as tfr
@@ -225,4 +245,130 @@ def distillation_loss(teacher_logit,
         labels=soft, logits=student_logit)
     return _masked_weighted_mean(per_row, present, sample_weight)
 
-from cascade_ranking.models.lcron import lcron_losses  # noqa: F401
+
+# ---------------------------------------------------------------------------------------------
+# Registry and Loss classes.
+# ---------------------------------------------------------------------------------------------
+_REGISTRY: Dict[str, Type[tf.keras.losses.Loss]] = {}
+# Modules that register losses of their own technique (imported by `get` / `known`).
+_REGISTERING_MODULES = ("cascade_ranking.models.lcron", "cascade_ranking.models.preranking",
+                        "cascade_ranking.models.lspr")
+
+
+def register(name: str):
+    """Class decorator: registers a `tf.keras.losses.Loss` subclass under `name`."""
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, tf.keras.losses.Loss)):
+            raise TypeError(f"{cls!r} is not a tf.keras.losses.Loss subclass")
+        if _REGISTRY.get(name, cls) is not cls:
+            raise ValueError(f"loss {name!r} is already registered ({_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+        cls.registered_name = name
+        return cls
+    return decorate
+
+
+def _load_all() -> None:
+    for module in _REGISTERING_MODULES:
+        importlib.import_module(module)
+
+
+def known() -> Tuple[str, ...]:
+    """The registered loss names, sorted."""
+    _load_all()
+    return tuple(sorted(_REGISTRY))
+
+
+def get_class(name: str) -> Type[tf.keras.losses.Loss]:
+    """The Loss class registered as `name`; ValueError naming it and the known ones otherwise."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get(name: str, **kwargs) -> tf.keras.losses.Loss:
+    """A new instance of the loss registered as `name`, built with `kwargs`."""
+    return get_class(name)(**kwargs)
+
+
+class ExplicitLoss(tf.keras.losses.Loss):
+    """Base of the package's losses: `__call__(y_true, y_pred, sample_weight=None, **inputs)`
+    returns `self.compute(...)`, a scalar already normalised by the formula (module docstring);
+    Keras' reduction is not applied. `call` is `compute` without weights or extra inputs."""
+
+    def __init__(self, name: Optional[str] = None, **kwargs):
+        super().__init__(name=name or getattr(type(self), "registered_name", None),
+                         reduction=tf.keras.losses.Reduction.NONE, **kwargs)
+
+    def compute(self, y_true, y_pred, sample_weight=None, **inputs) -> tf.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, y_true, y_pred, sample_weight=None, **inputs) -> tf.Tensor:
+        with tf.name_scope(self.name or "loss"):
+            return self.compute(y_true, y_pred, sample_weight=sample_weight, **inputs)
+
+    def call(self, y_true, y_pred):
+        return self.compute(y_true, y_pred)
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+@register("ranknet")
+class RankNetLoss(ExplicitLoss):
+    """RankNet per request (module docstring). y_true, y_pred: [B, L] request lists with `mask`,
+    or flat [N] rows with `grouping` = the [N] request ids (`ranknet_loss_from_rows`) or a
+    precomputed layout (list_index [R, L], mask [R, L]) of `rows_to_lists` (both give the same
+    value)."""
+
+    def compute(self, y_true, y_pred, sample_weight=None, mask=None, grouping=None):
+        if grouping is None:
+            return ranknet_loss(y_true, y_pred, mask, sample_weight=sample_weight)
+        if isinstance(grouping, tuple):
+            index, list_mask = grouping
+            gather = lambda x: tf.gather(_f32(x), index)  # noqa: E731
+            weight = None if sample_weight is None else gather(sample_weight)
+            return ranknet_loss(gather(y_true), gather(y_pred), list_mask, sample_weight=weight)
+        return ranknet_loss_from_rows(y_true, y_pred, grouping, sample_weight=sample_weight)
+
+
+@register("logistic")
+class LogisticLoss(ExplicitLoss):
+    """`weighted_logistic_loss`: Σ_i w_i BCE(y_i, σ(s_i)) / (number of valid items)."""
+
+    def compute(self, y_true, y_pred, sample_weight=None, mask=None):
+        return weighted_logistic_loss(y_true, y_pred, sample_weight=sample_weight, mask=mask)
+
+
+@register("multi_objective")
+class MultiObjectiveLoss(ExplicitLoss):
+    """`multi_objective_loss`: α·L_rank + (1 − α)·L_logistic on one [B, L] logit."""
+
+    def __init__(self, alpha: float = 0.5, name: Optional[str] = None, **kwargs):
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        super().__init__(name=name, **kwargs)
+        self.alpha = float(alpha)
+
+    def compute(self, y_true, y_pred, sample_weight=None, mask=None):
+        return multi_objective_loss(y_true, y_pred, mask, alpha=self.alpha, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha}
+
+
+@register("distillation")
+class DistillationLoss(ExplicitLoss):
+    """`distillation_loss`: y_true = teacher logits (NaN = absent), y_pred = student logits."""
+
+    def compute(self, y_true, y_pred, sample_weight=None):
+        return distillation_loss(y_true, y_pred, sample_weight=sample_weight)
+
+
+def __getattr__(name):
+    """`losses.lcron_losses` stays importable from here (it lives in `models.lcron`)."""
+    if name == "lcron_losses":
+        from cascade_ranking.models.lcron import lcron_losses
+        return lcron_losses
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

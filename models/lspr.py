@@ -16,13 +16,17 @@ The dense features are expected to be normalised already (e.g. z-scored by the
 feature pipeline), so one ω fits all of them. Embedding dropout is elementwise.
 Perturbations use stateless RNG ops: the same `seed` gives the same batch, and
 each feature gets its own stream via `stateless_fold_in`. Written by hand: no
-TF library ships it.
+TF library ships it. `LSPRLoss` (registry name "lspr", `models.losses.get`) wraps
+any registered loss L as a Keras Loss: `(y_true, y_pred, sample_weight, perturbed=ŷ(x̃))`
+gives L(ŷ, y) + λ·L(ŷ(x̃), y); `perturbed_term` is the λ·L(f(x̃), y) part alone.
 """
 
 import dataclasses
 from typing import Callable, Dict, Mapping, Tuple, Union
 
 import tensorflow as tf
+
+from cascade_ranking.models import losses as losses_lib
 
 SeedLike = Union[int, tf.Tensor, Tuple[int, int]]
 
@@ -116,8 +120,39 @@ def lspr_loss(loss_fn: Callable[..., tf.Tensor],
         labels: the labels, shared by both copies.
         weight: λ >= 0 (the paper uses λ < 1).
     """
+    clean = loss_fn(clean_inputs, labels)
+    return clean + perturbed_term(loss_fn, perturbed_inputs, labels, weight)
+
+
+def perturbed_term(loss_fn: Callable[..., tf.Tensor], perturbed_inputs, labels, weight) -> tf.Tensor:
+    """weight · loss_fn(perturbed_inputs, labels): the LSPR term added to the clean loss."""
     if isinstance(weight, (int, float)) and weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}.")
-    clean = loss_fn(clean_inputs, labels)
     perturbed = loss_fn(perturbed_inputs, labels)
-    return clean + tf.cast(weight, clean.dtype) * perturbed
+    return tf.cast(weight, perturbed.dtype) * perturbed
+
+
+@losses_lib.register("lspr")
+class LSPRLoss(losses_lib.ExplicitLoss):
+    """L(ŷ, y) + λ·L(ŷ_perturbed, y) (`lspr_loss`), L a registered loss (name or instance).
+
+    `__call__(y_true, y_pred, sample_weight=None, perturbed=..., **inputs)`: `perturbed` is the
+    model's output on the perturbed copy of the batch; `inputs` (e.g. mask) go to L unchanged.
+    """
+
+    def __init__(self, loss="logistic", weight: float = 0.0, name=None, **kwargs):
+        if float(weight) < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}.")
+        super().__init__(name=name, **kwargs)
+        self.loss = losses_lib.get(loss) if isinstance(loss, str) else loss
+        self.weight = float(weight)
+
+    def compute(self, y_true, y_pred, sample_weight=None, perturbed=None, **inputs):
+        if perturbed is None:
+            raise ValueError("the LSPR loss needs perturbed= (the outputs on the perturbed batch)")
+        fn = lambda pred, y: self.loss(y, pred, sample_weight=sample_weight, **inputs)  # noqa: E731
+        return lspr_loss(fn, y_pred, perturbed, y_true, self.weight)
+
+    def get_config(self):
+        return {**super().get_config(), "loss": getattr(self.loss, "registered_name", self.loss.name),
+                "weight": self.weight}

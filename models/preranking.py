@@ -32,6 +32,8 @@ counted per candidate although a server may cache item vectors.
 
 The group construction, the group-wise losses, routing and FLOP counts are written here (no
 library has them); the layers are Keras / TFRS (`tfrs.layers.dcn.Cross` inside `CrossStack`).
+`GroupWiseLoss` (registry name "hap_group_wise", `models.losses.get`) is the group-wise loss as a
+Keras Loss: y_true = positives [B, L], y_pred = scores [B, L], `groups=` [B, L, G].
 """
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -39,9 +41,11 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import losses as losses_lib
 from cascade_ranking.models.cross import CrossStack
 from cascade_ranking.models.embedding import FeatureEmbedding
 from cascade_ranking.models.retrieval import Tower, build_mlp, dense_flops
+from cascade_ranking.models.tasks import HAPTask, StageModel
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 
@@ -119,6 +123,31 @@ def group_wise_loss(scores, positives, groups, kind: str = "softmax",
 
 def hard_group_weights() -> Tuple[float, ...]:
     return tuple(1.0 if g in HARD_GROUPS else 0.0 for g in GROUPS)
+
+
+@losses_lib.register("hap_group_wise")
+class GroupWiseLoss(losses_lib.ExplicitLoss):
+    """`group_wise_loss` as a Keras Loss (module docstring): y_true = positives [B, L] (bool or
+    0/1), y_pred = scores [B, L], `groups` [B, L, G] bool. `terms` also gives the per-group [G]."""
+
+    def __init__(self, kind: str = "softmax", group_weights: Optional[Sequence[float]] = None, name=None, **kwargs):
+        if kind not in ("softmax", "pairwise"):
+            raise ValueError(f"kind must be 'softmax' or 'pairwise', got {kind!r}")
+        super().__init__(name=name, **kwargs)
+        self.kind = kind
+        self.group_weights = None if group_weights is None else tuple(float(w) for w in group_weights)
+
+    def terms(self, y_true, y_pred, groups) -> Tuple[tf.Tensor, tf.Tensor]:
+        """(L, per-group terms [G])."""
+        return group_wise_loss(y_pred, tf.cast(y_true, tf.bool), groups, self.kind, self.group_weights)
+
+    def compute(self, y_true, y_pred, sample_weight=None, groups=None):
+        if groups is None or sample_weight is not None:
+            raise ValueError("the group-wise loss needs groups= and takes no sample_weight")
+        return self.terms(y_true, y_pred, groups)[0]
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "group_weights": self.group_weights}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +279,13 @@ def hap_flops(light: LightPreranker, strong: StrongRanker, top_m: int, candidate
     }
 
 
-class HAPPreranker(tf.keras.Model):
+class HAPPreranker(StageModel):
     """Light + strong model trained with the group-wise losses; `call` returns the routed scores.
 
-    Losses per batch: L_light = group_wise_loss(light, all groups), L_strong = the same on the
-    strong scores with the hard groups only; the two models share no weights, so the sum trains
-    each on its own loss.
+    Losses per batch (`models.tasks.HAPTask`): L_light = group_wise_loss(light, all groups),
+    L_strong = the same on the strong scores with the hard groups only; the two models share no
+    weights, so the sum trains each on its own loss. Trained by the shared
+    `models.tasks.StageModel.train_step`; logs loss, light_loss, strong_loss, light_<group>.
     """
 
     def __init__(self, light: Optional[LightPreranker] = None, strong: Optional[StrongRanker] = None,
@@ -265,27 +295,14 @@ class HAPPreranker(tf.keras.Model):
         self.strong = strong or StrongRanker()
         self.top_m = int(top_m)
         self.kind = kind
+        self.task = HAPTask(kind, name="task")
 
     def call(self, lists, training=None):
         light = self.light(lists, training=training)
         strong = self.strong(lists, training=training)
         return route(light, strong, self.top_m, lists["mask"])
 
-    def compute_losses(self, lists, training=None) -> Dict[str, tf.Tensor]:
+    def compute_terms(self, lists, training: bool = False) -> Dict[str, tf.Tensor]:
         positives, groups = hap_groups(lists)
-        light_loss, light_terms = group_wise_loss(self.light(lists, training=training), positives, groups, self.kind)
-        strong_loss, _ = group_wise_loss(self.strong(lists, training=training), positives, groups, self.kind,
-                                         hard_group_weights())
-        out = {"loss": light_loss + strong_loss, "light_loss": light_loss, "strong_loss": strong_loss}
-        out.update({f"light_{g}": light_terms[i] for i, g in enumerate(GROUPS)})
-        return out
-
-    def train_step(self, lists):
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(lists, training=True)
-        grads = tape.gradient(losses["loss"], self.trainable_variables)
-        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, self.trainable_variables) if g is not None])
-        return losses
-
-    def test_step(self, lists):
-        return self.compute_losses(lists, training=False)
+        return self.task(self.light(lists, training=training), self.strong(lists, training=training), positives,
+                         groups)

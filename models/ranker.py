@@ -15,7 +15,8 @@ With `qu_dim = 0` there is no factorisation: one tower reads every input (the UI
 included) and a Dense(1) on h gives the logit. With `rank_loss = "multi_task"` a separate
 Dense(1) rank head reads [h, u] (the shared body); the CTR logit keeps the logistic loss.
 
-Training (`train_step`), at step t = optimizer.iterations, with per-row weights w:
+Training (`compute_loss` through `models.tasks.FactoryFloorTask`, stepped by the shared
+`models.tasks.StageModel.train_step`), at step t = optimizer.iterations, with per-row weights w:
 
     α_t   = rank_alpha · ramp(t; rank_start_step, rank_ramp_steps)        (curriculum, §4.1.3)
     w_d,t = distill_weight · ramp(t; distill_start_step, distill_ramp_steps)
@@ -24,10 +25,12 @@ Training (`train_step`), at step t = optimizer.iterations, with per-row weights 
                     + w_d,t · L_distill(σ(teacher_logit), logit)
     L = L_data(x) + λ·L_data(x̃) + T_bias
 
-  * L_logistic = Σ w_i BCE(y_i, σ(s_i)) / N  (`losses.weighted_logistic_loss`);
-  * L_rank = RankNet per request (`losses.ranknet_loss_from_rows`, grouping rows by request_id);
+  * L_logistic = Σ w_i BCE(y_i, σ(s_i)) / N  (registry "logistic", `losses.weighted_logistic_loss`);
+  * L_rank = RankNet per request (registry "ranknet", `losses.ranknet_loss_from_rows`, grouping rows
+    by request_id);
     in "multi_objective" form rank_logit is the CTR logit, in "multi_task" form its own head;
-  * L_distill: rows with a NaN teacher_logit (absent) are left out (`losses.distillation_loss`);
+  * L_distill: rows with a NaN teacher_logit (absent) are left out (registry "distillation",
+    `losses.distillation_loss`);
   * x̃ is the LSPR perturbed copy (dense + ω·N(0,1), embedding dropout p; `lspr.perturb_batch`,
     seed [lspr_seed, t]), λ = lspr_weight, 0 when LSPR is off;
   * T_bias = m_t/N · Σ_k (λ_k r_k − α/2 λ_k² c_k) over slices (predicted-CTR buckets and the values
@@ -40,7 +43,7 @@ Training (`train_step`), at step t = optimizer.iterations, with per-row weights 
 Each term is reported in the training logs (`logistic`, `rank`, `distillation`, `bias`, `lspr`,
 `loss`) with the ramped weights (`rank_weight`, `distill_weight`, `bias_weight`, `cross_alpha`).
 
-Batches. `train_step` takes either a dict of parsed features (what `models.inputs.parsed_batches`
+Batches. The train step takes either a dict of parsed features (what `models.inputs.parsed_batches`
 and `request_batches` below yield: the model inputs plus `click`, and optionally `request_id`,
 `sample_weight`, `teacher_logit`), or a tuple `(features, label)` / `(features, label, weight)` with
 the label and weight as tensors (request_id and teacher_logit may then ride in `features`).
@@ -84,6 +87,7 @@ from cascade_ranking.models.config import config_from_dict, to_dict
 from cascade_ranking.models.cross import CrossStack
 from cascade_ranking.models.embedding import FeatureEmbedding
 from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.tasks import FactoryFloorTask, StageModel
 from cascade_ranking.schema import features as F
 
 LOSS_TERMS = ("loss", "logistic", "rank", "distillation", "bias", "lspr")
@@ -120,7 +124,7 @@ def _flat(x, dtype=tf.float32) -> tf.Tensor:
     return tf.reshape(tf.cast(x, dtype), [-1])
 
 
-class FactoryFloorRanker(tf.keras.Model):
+class FactoryFloorRanker(StageModel):
     """Ranking model of DESIGN §5 (see the module docstring for the formulas).
 
     `call(features)` returns the CTR logit [B, 1] (what `models.export.serving_function` serves);
@@ -178,6 +182,8 @@ class FactoryFloorRanker(tf.keras.Model):
         self._bias = _Untracked(self._make_bias_constraints(c, features) if c.bias_constraints else None)
         self._loss_tracker = tf.keras.metrics.MeanTensor(name="loss_terms")  # running means of LOSS_TERMS
         self._eval_auc = tf.keras.metrics.AUC(from_logits=True, name="auc")
+        self.task = FactoryFloorTask(rank_loss=c.rank_loss != "none", distillation=c.distill_weight > 0,
+                                     lspr_weight=c.lspr_weight, name="task")
 
     @staticmethod
     def _make_bias_constraints(c: RankerConfig, features: F.FeatureConfig) -> bias_constraints.BiasConstraints:
@@ -448,33 +454,6 @@ class FactoryFloorRanker(tf.keras.Model):
         return {"rank_weight": w["rank"], "distill_weight": w["distillation"],
                 "bias_weight": w["bias_constraint"], "cross_alpha": self.cross_step(step)}
 
-    def _data_loss(self, out: ForwardOutput, labels, weights, request_ids, teacher, alpha, w_distill):
-        logistic = losses.weighted_logistic_loss(labels, out.logit, sample_weight=weights)
-        if self.config.rank_loss != "none":
-            rank = self._rank_loss(labels, out.rank_logit, weights, request_ids)
-        else:
-            rank = tf.constant(0.0)
-        if self.config.distill_weight > 0:
-            distill = losses.distillation_loss(teacher, out.logit, sample_weight=weights)
-        else:
-            distill = tf.constant(0.0)
-        total = (1.0 - alpha) * logistic + alpha * rank + w_distill * distill
-        return total, logistic, rank, distill
-
-    @staticmethod
-    def _rank_loss(labels, scores, weights, grouping):
-        """RankNet per request: `ranknet_loss_from_rows`, or `ranknet_loss` on a precomputed layout.
-
-        `grouping` is the [N] request ids, or (list_index [R, L], mask [R, L]) from
-        `losses.rows_to_lists` computed in the input pipeline (`request_batches`); both give
-        the same value.
-        """
-        if isinstance(grouping, tuple):
-            index, mask = grouping
-            gather = lambda x: tf.gather(x, index)  # noqa: E731
-            return losses.ranknet_loss(gather(labels), gather(scores), mask, sample_weight=gather(weights))
-        return losses.ranknet_loss_from_rows(labels, scores, grouping, sample_weight=weights)
-
     def _batch_tensors(self, batch: Dict[str, tf.Tensor]):
         labels = _flat(batch[F.LABEL_KEY])
         n = tf.shape(labels)
@@ -508,63 +487,51 @@ class FactoryFloorRanker(tf.keras.Model):
         labels, weights, teacher, request_ids = self._batch_tensors(batch)
         w = self.loss_weights(step)
         out = self.forward(batch, training=training, step=step)
-        data_loss, logistic, rank, distill = self._data_loss(
-            out, labels, weights, request_ids, teacher, w["rank_weight"], w["distill_weight"])
-        total = data_loss
-        terms = {"logistic": logistic, "rank": rank, "distillation": distill}
+        extra = {}
+        bias_term = None
         if self.bias_constraints is not None:
             slice_ids = self.bias_slice_ids(batch, tf.sigmoid(out.logit))
             bias_term = self.bias_constraints.lagrangian(labels, tf.sigmoid(out.logit), slice_ids, w["bias_weight"],
                                                          sample_weight=weights)
-            terms["_slice_ids"] = slice_ids
-        else:
-            bias_term = tf.constant(0.0)
-        total = total + bias_term
+            extra["_slice_ids"] = slice_ids
+        perturbed = None
         if self.config.lspr and training:
-            perturbed = self.forward(batch, training=training, step=step, perturb_seed=self.lspr_seed(step))
-            perturbed_loss = self._data_loss(perturbed, labels, weights, request_ids, teacher,
-                                             w["rank_weight"], w["distill_weight"])[0]
-            lspr_term = self.config.lspr_weight * perturbed_loss
-        else:
-            lspr_term = tf.constant(0.0)
-        total = total + lspr_term
-        terms.update(bias=bias_term, lspr=lspr_term, loss=total, _logit=out.logit, _labels=labels, _weights=weights)
+            p = self.forward(batch, training=training, step=step, perturb_seed=self.lspr_seed(step))
+            perturbed = (p.logit, p.rank_logit)
+        terms = self.task((out.logit, out.rank_logit), labels, weights, request_ids, teacher, w, bias=bias_term,
+                          perturbed=perturbed)
+        terms.update(extra)
+        terms.update(_logit=out.logit, _labels=labels, _weights=weights)
         terms.update(w)
         return terms
 
-    def _logs(self, terms) -> Dict[str, tf.Tensor]:
+    def compute_terms(self, data, training: bool = False) -> Dict[str, tf.Tensor]:
+        """`loss_terms` at the optimizer's step (`models.tasks.StageModel`)."""
+        return self.loss_terms(data, step=self.optimizer.iterations, training=training)
+
+    def step_logs(self, terms, training: bool) -> Dict[str, tf.Tensor]:
+        """Running means of LOSS_TERMS, the step's WEIGHT_TERMS, and in evaluation the AUC."""
+        if not training:
+            self._eval_auc.update_state(terms["_labels"], terms["_logit"])
         self._loss_tracker.update_state(tf.stack([tf.cast(terms[name], tf.float32) for name in LOSS_TERMS]))
         logs = dict(zip(LOSS_TERMS, tf.unstack(self._loss_tracker.result(), num=len(LOSS_TERMS))))
         logs.update({name: terms[name] for name in WEIGHT_TERMS})
+        if not training:
+            logs["auc"] = self._eval_auc.result()
         return logs
 
-    def train_step(self, data):
-        step = self.optimizer.iterations
-        with tf.GradientTape() as tape:
-            terms = self.loss_terms(data, step=step, training=True)
-        variables = self.trainable_variables
-        gradients = tape.gradient(terms["loss"], variables)
-        self.optimizer.apply_gradients(
-            [(g, v) for g, v in zip(gradients, variables) if g is not None])
-        self.after_step(terms, self.optimizer.iterations)
-        return self._logs(terms)
-
-    def after_step(self, terms: Dict[str, tf.Tensor], iterations) -> None:
+    def after_step(self, terms: Dict[str, tf.Tensor], iterations=None) -> None:
         """What follows a primal step: one ascent step of the bias-constraint duals (with the
-        pre-update predictions in `terms`), and the cross stack's ramp step set to `iterations`."""
+        pre-update predictions in `terms`), and the cross stack's ramp step set to `iterations`
+        (default: the optimizer's, after its step)."""
+        if iterations is None:
+            iterations = self.optimizer.iterations
         if self.bias_constraints is not None:
             self.bias_constraints.update_duals(
                 terms["_labels"], tf.sigmoid(terms["_logit"]), terms["_slice_ids"], terms["bias_weight"],
                 sample_weight=terms["_weights"])
         if self.cross is not None:  # the served α is the one reached by training
             self.cross.step.assign(tf.cast(iterations, tf.int64))
-
-    def test_step(self, data):
-        terms = self.loss_terms(data, step=self.optimizer.iterations, training=False)
-        self._eval_auc.update_state(terms["_labels"], terms["_logit"])
-        logs = self._logs(terms)
-        logs["auc"] = self._eval_auc.result()
-        return logs
 
 
 def make_optimizer(config: RankerConfig) -> tf.keras.optimizers.Optimizer:

@@ -250,3 +250,18 @@ def test_quota_above_the_real_candidates_fails_at_run_time_in_graph_mode():
     assert np.isfinite(float(concrete(scores, scores, tf.constant([[1] * 6, [1] * 5 + [0]], tf.int64))))
     with pytest.raises(tf.errors.InvalidArgumentError, match="quota 5 > number of real candidates"):
         concrete(scores, scores, tf.constant([[1] * 6, [1] * 4 + [0, 0]], tf.int64))
+
+
+def test_lcron_loss_class_is_the_uncertainty_weighted_objective():
+    from cascade_ranking.models import lcron, losses
+    rng = np.random.default_rng(3)
+    scores, labels, mask = _random_inputs(rng, pad_from=[12, 8, 10, 12])
+    ref_e2e, ref_singles = np_lcron(scores, labels, mask, [3, 3, 3], 2.0)
+    w = np.array([0.5, 1.0, 2.0])
+    want = sum(s / (2 * wi * wi) for s, wi in zip(ref_singles, w)) + ref_e2e + np.sum(np.log(w))
+    loss = losses.get("lcron", quota=3, tau=2.0)
+    stacked = np.stack(scores, axis=1).astype(np.float32)  # [B, S, L], as CascadeModel.call returns
+    np.testing.assert_allclose(float(loss(labels, stacked, mask=mask, w=tf.constant(w, tf.float32))), want, rtol=1e-4)
+    at_one = sum(s / 2 for s in ref_singles) + ref_e2e
+    np.testing.assert_allclose(float(loss(labels, [tf.constant(s) for s in scores], mask=mask)), at_one, rtol=1e-4)
+    assert isinstance(loss, lcron.LCRONLoss) and loss.get_config()["quota"] == 3

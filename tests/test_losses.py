@@ -198,3 +198,73 @@ def test_distillation_loss_closed_form_and_missing_teacher():
     np.testing.assert_array_equal(grad[[1, 4]], 0.0)
     # All teachers missing: nothing to learn from.
     assert losses.distillation_loss([np.nan, np.nan], [1.0, 2.0]).numpy() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss classes and the registry.
+# ---------------------------------------------------------------------------------------------
+def test_registry_gets_every_loss_and_names_an_unknown_one():
+    from cascade_ranking.models import lcron, lspr, preranking
+    expected = {"ranknet": losses.RankNetLoss, "logistic": losses.LogisticLoss,
+                "multi_objective": losses.MultiObjectiveLoss, "distillation": losses.DistillationLoss,
+                "lcron": lcron.LCRONLoss, "hap_group_wise": preranking.GroupWiseLoss, "lspr": lspr.LSPRLoss}
+    assert set(losses.known()) == set(expected)
+    for name, cls in expected.items():
+        assert losses.get_class(name) is cls
+        loss = losses.get(name)
+        assert type(loss) is cls and isinstance(loss, tf.keras.losses.Loss) and loss.name == name
+        config = loss.get_config()
+        assert type(cls(**config)) is cls  # get_config round-trips
+    with pytest.raises(ValueError, match=r"unknown loss 'listmle'.*ranknet"):
+        losses.get("listmle")
+
+
+def test_ranknet_class_equals_hand_computation_on_lists_and_rows():
+    requests = [([1.0, 0.0, 0.0, 1.0], [0.2, 1.5, -0.3, 0.9]),
+                ([0.0, 2.0, 1.0, 0.0], [0.0, 0.4, 0.8, -1.0])]
+    weights = [[0.5, 1.0, 2.0, 1.5], [1.0, 3.0, 0.5, 1.0]]
+    want = _hand_ranknet(requests, weights)
+    labels = np.array([r[0] for r in requests], np.float32)
+    logits = np.array([r[1] for r in requests], np.float32)
+    loss = losses.get("ranknet")
+    assert float(loss(labels, logits, sample_weight=np.array(weights, np.float32))) == pytest.approx(want, rel=1e-5)
+    # The same rows, flat and shuffled, grouped by request id or by a precomputed layout.
+    order = np.array([5, 0, 7, 2, 1, 6, 3, 4])
+    ids = np.repeat([10, 20], 4)[order]
+    flat = [x.reshape(-1)[order] for x in (labels, logits, np.array(weights, np.float32))]
+    assert float(loss(flat[0], flat[1], sample_weight=flat[2], grouping=ids)) == pytest.approx(want, rel=1e-5)
+    (index,), mask = losses.rows_to_lists(ids, [tf.range(8, dtype=tf.int64)])
+    assert float(loss(flat[0], flat[1], sample_weight=flat[2], grouping=(index, mask))) == pytest.approx(want, rel=1e-5)
+
+
+def test_logistic_multi_objective_and_distillation_classes_equal_numpy():
+    y = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], np.float32)
+    s = np.array([[0.4, -1.2, 2.0], [0.3, 0.1, 9.0]], np.float32)
+    w = np.array([[1.0, 2.0, 0.5], [1.5, 1.0, 3.0]], np.float32)
+    mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    valid = mask > 0
+    logistic = np.sum((w * _bce(y.astype(np.float64), s.astype(np.float64)))[valid]) / valid.sum()
+    assert float(losses.get("logistic")(y, s, sample_weight=w, mask=mask)) == pytest.approx(logistic, rel=1e-5)
+    rank = _hand_ranknet([(y[0], s[0]), (y[1, :2], s[1, :2])], [w[0], w[1, :2]])
+    mo = losses.get("multi_objective", alpha=0.3)
+    assert float(mo(y, s, sample_weight=w, mask=mask)) == pytest.approx(0.3 * rank + 0.7 * logistic, rel=1e-5)
+    with pytest.raises(ValueError, match="alpha"):
+        losses.get("multi_objective", alpha=1.5)
+    teacher = np.array([0.5, np.nan, -1.0, 2.0], np.float32)
+    student = np.array([0.1, 5.0, -0.5, 1.0], np.float32)
+    rw = np.array([1.0, 1.0, 2.0, 0.5], np.float32)
+    p = 1 / (1 + np.exp(-teacher.astype(np.float64)))
+    q = 1 / (1 + np.exp(-student.astype(np.float64)))
+    per = -(p * np.log(q) + (1 - p) * np.log(1 - q))
+    keep = ~np.isnan(teacher)
+    want = np.sum((rw * per)[keep]) / keep.sum()
+    assert float(losses.get("distillation")(teacher, student, sample_weight=rw)) == pytest.approx(want, rel=1e-5)
+
+
+def test_lspr_class_is_the_clean_loss_plus_lambda_times_the_perturbed_one():
+    y = np.array([1.0, 0.0, 1.0], np.float32)
+    clean = np.array([0.4, -1.2, 2.0], np.float32)
+    noisy = np.array([0.1, -0.2, 1.0], np.float32)
+    bce = lambda s: np.mean(_bce(y.astype(np.float64), s.astype(np.float64)))  # noqa: E731
+    got = float(losses.get("lspr", loss="logistic", weight=0.25)(y, clean, perturbed=noisy))
+    assert got == pytest.approx(bce(clean) + 0.25 * bce(noisy), rel=1e-5)

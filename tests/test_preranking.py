@@ -206,3 +206,20 @@ def test_bad_input():
         H.group_wise_loss(np.zeros((1, 3)), np.ones((1, 3), bool), np.ones((1, 3, 2), bool), "softmax", [1, 1, 1])
     with pytest.raises(ValueError, match="top_m must be"):
         H.route(np.zeros((1, 3)), np.zeros((1, 3)), 0)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "pairwise"])
+def test_group_wise_loss_class_equals_numpy(kind):
+    from cascade_ranking.models import losses
+    rng = np.random.default_rng(1)
+    b, l, g = 4, 8, 4
+    s = rng.normal(scale=2.0, size=(b, l)).astype(np.float32)
+    kind_of = rng.integers(-1, g, size=(b, l))
+    pos = kind_of == -1
+    groups = np.stack([kind_of == i for i in range(g)], -1)
+    weights = H.hard_group_weights()
+    loss = losses.get("hap_group_wise", kind=kind, group_weights=weights)
+    ref_total, ref_terms = _np_group_loss(s.astype(np.float64), pos, groups, kind, weights)
+    np.testing.assert_allclose(float(loss(pos.astype(np.float32), s, groups=groups)), ref_total, rtol=1e-5)
+    total, terms = loss.terms(pos, s, groups)
+    np.testing.assert_allclose(terms.numpy(), ref_terms, rtol=1e-5)

@@ -14,7 +14,8 @@ custom_config: {"preranking": JSON object}, keys and defaults in `PrerankingTrai
     eval_quota 20 (the q of the recall figures; e2e_recall is informative only for q < top_m),
     seed 0.
 
-Training: Keras `fit` of `HAPPreranker` (its train_step) with TensorBoard + BackupAndRestore.
+Training: Keras `fit` of `HAPPreranker` (the shared `models.tasks.StageModel` train step) with
+TensorBoard + BackupAndRestore.
 eval_metrics.json, on the eval lists with GT = the `rerank_pos` tier:
     recall_light@|GT|, recall_light@<q>, recall_strong@<q>, recall_routed@<q>  (Recall@|GT|@m)
     e2e_recall   light keeps its top M, the strong model keeps q of them (quotas (top_m, q))
