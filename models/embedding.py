@@ -45,15 +45,15 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         self.sparse_features = tuple(sparse_features)
         self.dense_features = tuple(dense_features)
         self.lr_multiplier = float(lr_multiplier)
+        unresolved = [f.name for f in self.sparse_features if f.lookup == "vocabulary" and not f.vocabulary_file]
+        if unresolved:
+            raise ValueError(f"FeatureEmbedding: {', '.join(unresolved)} have lookup vocabulary but no vocabulary file")
         scale = 0.05 / self.lr_multiplier  # Keras Embedding's default RandomUniform(−0.05, 0.05), over c
         self.tables = {
             f.name: tf.keras.layers.Embedding(f.num_buckets, embedding_dim, name=f"{f.name}_embedding",
                                               embeddings_initializer=tf.keras.initializers.RandomUniform(-scale, scale))
             for f in self.sparse_features
         }
-        unresolved = [f.name for f in self.sparse_features if f.lookup == "vocabulary" and not f.vocabulary_file]
-        if unresolved:
-            raise ValueError(f"FeatureEmbedding: {', '.join(unresolved)} have lookup vocabulary but no vocabulary file")
         self.hashers = {f.name: tf.keras.layers.Hashing(f.num_buckets, name=f"{f.name}_hashing")
                         for f in self.sparse_features if f.dtype == "string" and f.lookup == "hash"}
         # mask_token None: the padding of multivalent lists is masked before pooling (embed_sparse),
