@@ -4,6 +4,7 @@ own log (tests/own_logs.py), the vocabularies checked against counts made here; 
 resolution of the files into the registry; and a ranker exported with vocabulary lookups that
 serves from its SavedModel alone once the Transform output is gone."""
 import collections
+import json
 import functools
 import os
 import shutil
@@ -158,3 +159,27 @@ def test_a_vocabulary_feature_takes_no_bucket_override():
         config_from_dict(F.FeatureConfig, {"inputs": inputs, "item_key": "i", "buckets": [["i", 10]]})
     registry = config_from_dict(F.FeatureConfig, {"inputs": inputs, "item_key": "i"})
     assert [f.name for f in registry.vocabulary_features()] == ["i"] and registry.feature("i").oov_buckets == 1
+
+
+def test_the_pipeline_adds_transform_only_for_vocabulary_features_and_feeds_every_trainer(tmp_path):
+    """Synthetic defaults (all hashed): no Transform node. A vocabulary feature: one standard
+    Transform analyzing the train split, nothing materialized, its graph in every Trainer."""
+    from cascade_ranking.pipelines.config import PipelineConfig
+    from cascade_ranking.pipelines.pipeline import create_pipeline
+
+    plain = PipelineConfig(output_dir=str(tmp_path), schema_file=F.SCHEMA_PATH)
+    assert not any(c.id == "Transform" for c in create_pipeline(plain).components)
+    inputs = tuple(F.InputFeature(f.name, f.role, f.kind, f.dtype, f.width, 0, "vocabulary")
+                   if f.name in ("item_id", "query_tokens") else f for f in F.DEFAULT_INPUTS)
+    config = PipelineConfig(output_dir=str(tmp_path), schema_file=F.SCHEMA_PATH,
+                            features=F.FeatureConfig(inputs=inputs))
+    nodes = {c.id: c for c in create_pipeline(config).components}
+    transform = nodes["Transform"]
+    assert "transformed_examples" not in transform.outputs
+    assert transform.exec_properties["preprocessing_fn"] == vocabulary.PREPROCESSING_FN
+    splits = json.loads(transform.exec_properties["splits_config"])
+    assert splits["analyze"] == ["train"] and not splits.get("transform")
+    trainers = [n for n in nodes if n.startswith("Trainer.")]
+    assert sorted(trainers) == ["Trainer.cascade", "Trainer.retrieval", "Trainer.teacher"]
+    for name in trainers:
+        assert nodes[name].inputs["transform_graph"].producer_component_id == "Transform", name
