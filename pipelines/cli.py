@@ -5,7 +5,7 @@
                                                           real data as candidate rows
     cascade run [--config FILE] [--set K=V] [flags]       the cascade TFX pipeline, run locally
     cascade config [--config FILE] [--set K=V] [flags]    the effective PipelineConfig, as YAML
-    cascade init --examples-dir DIR --out DIR             a starter schema and config from your data
+    cascade init --examples-dir DIR --out DIR [--lookup vocabulary]   a starter schema and config from your data
     cascade serve-check DIR                               load and call every pushed SavedModel
     cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
 

@@ -165,6 +165,14 @@ class InputFeature:
     def has_vocabulary(self) -> bool:
         return self.lookup == "vocabulary"
 
+    def omitted_fields(self) -> Tuple[str, ...]:
+        """Fields a config file need not show (at their defaults): a hashed feature's vocabulary
+        settings, a vocabulary feature's buckets (`models.config.to_dict`)."""
+        if self.has_vocabulary:
+            return ("buckets",) if not self.buckets else ()
+        defaults = {"lookup": "hash", "oov_buckets": 1, "min_count": 0, "max_tokens": 0}
+        return tuple(name for name, default in defaults.items() if getattr(self, name) == default)
+
     @property
     def multivalent(self) -> bool:
         return self.kind == "ids"
@@ -270,6 +278,10 @@ class FeatureConfig:
         item = self.feature(self.item_key) if self.item_key in names else None
         if item is None or item.role != "item" or item.kind != "id":
             raise ValueError(f"item_key: {self.item_key!r} must name an item-side id feature of inputs")
+
+    def omitted_fields(self) -> Tuple[str, ...]:
+        """`vocabularies` is the Trainers' (see above): a config file shows it only when set."""
+        return () if self.vocabularies else ("vocabularies",)
 
     def feature(self, name: str) -> InputFeature:
         for f in self.resolved():
