@@ -183,3 +183,18 @@ def test_the_pipeline_adds_transform_only_for_vocabulary_features_and_feeds_ever
     assert sorted(trainers) == ["Trainer.cascade", "Trainer.retrieval", "Trainer.teacher"]
     for name in trainers:
         assert nodes[name].inputs["transform_graph"].producer_component_id == "Transform", name
+
+
+def test_the_sampler_counts_no_folded_ids_for_a_vocabulary_feature():
+    """Vocabulary ids are looked up (unseen ones go to OOV rows), never folded: the NegativeSampler's
+    value_counts and data_counts leave them out and keep the hashed int ids' count."""
+    from cascade_ranking.components import negative_sampler as NS
+
+    inputs = [{"name": "u", "role": "query", "buckets": 4}, {"name": "i", "role": "item", "lookup": "vocabulary"},
+              {"name": "t", "role": "item", "kind": "ids", "width": 2, "lookup": "vocabulary"}]
+    registry = config_from_dict(F.FeatureConfig, {"inputs": inputs, "item_key": "i"})
+    cols = {"u": np.array([1, 9, -1]), "i": np.array([10**9, 5, 7]), "t_values": np.array([3, 10**6, 4]),
+            "t_offsets": np.array([0, 2, 3, 3])}
+    counts = NS.value_counts(cols, registry)
+    assert counts == {NS.FOLDED_PREFIX + "u": 2, NS.CUT_PREFIX + "t": 0}
+    assert set(NS.data_counts(counts, registry)["ids_folded"]) == {"u"}
