@@ -33,7 +33,7 @@ from the data's own features, every one but the keys and labels the pipeline rea
   * buckets: int ids the next power of two above twice their largest value (ids 0..N−1 never share
     a row, and there is room for new ones); string ids the next power of two above 4 × their distinct values in the train split
     (hashing N strings into 4N buckets leaves ~1/8 of them sharing one);
-  * with `--lookup vocabulary`, every id feature is declared `lookup: vocabulary` instead (no
+  * with `--lookup vocabulary`, every id feature but the UI ones is declared `lookup: vocabulary` instead (no
     buckets: one embedding row per distinct id of the train split, computed by the pipeline's TFX
     Transform step, plus an OOV row; see schema/README.md): the memory of the ids the data has,
     not of their range, e.g. 9,742 MovieLens movies instead of 524,288 buckets for ids up to
@@ -286,7 +286,7 @@ def infer_registry(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatu
                 buckets, why = _next_power_of_two(2 * (max(top, 0) + 1)), f"ids up to {top:,}"
             distinct_ids[name] = distinct
             kind, dtype = "id" if single else "ids", "string" if string else "int64"
-            if lookup == "vocabulary":
+            if lookup == "vocabulary" and role != "ui":  # UI ids stay 0..buckets−1 (score_ui_grid)
                 spec = F.InputFeature(name, role, kind, dtype, width=width, lookup="vocabulary")
                 seen = f"{distinct:,} distinct in train" if string else f"instead of {buckets:,} buckets for {why}"
                 table = f"a vocabulary of the train split's ids + 1 OOV row ({seen})"

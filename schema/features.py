@@ -101,7 +101,8 @@ class InputFeature:
             embed without sharing rows), strings are hashed into them. "vocabulary": one row per
             distinct id of the train split (a `tft.vocabulary` computed by the pipeline's Transform
             step, `schema.vocabulary`) plus `oov_buckets` rows for ids it has not seen; the table
-            size is known after that step, so a vocabulary feature declares no `buckets`;
+            size is known after that step, so a vocabulary feature declares no `buckets`; not
+            for UI features (their values 0..buckets−1 are enumerated by score_ui_grid);
     buckets id kinds with lookup hash: embedding rows;
     oov_buckets  lookup vocabulary: rows shared by ids outside the vocabulary (default 1);
     min_count    lookup vocabulary: keep ids seen at least this often in train (0: all);
@@ -137,6 +138,9 @@ class InputFeature:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"feature {self.name}: {field} must be an int ≥ 0, got {value!r}")
         if self.lookup == "vocabulary":
+            if self.role == "ui":  # the UI grid and the bias slices enumerate ids 0..buckets−1
+                raise ValueError(f"feature {self.name}: a UI feature's ids are its values 0..buckets−1 (score_ui_grid, "
+                                 f"bias slices); use lookup hash with buckets")
             if self.oov_buckets < 1:
                 raise ValueError(f"feature {self.name}: a vocabulary feature needs oov_buckets ≥ 1 for unseen ids, "
                                  f"got {self.oov_buckets}")

@@ -142,6 +142,7 @@ def test_an_exported_ranker_serves_known_and_unseen_ids_from_its_own_assets(anal
     ({"name": "v", "role": "query", "kind": "dense", "width": 2, "lookup": "vocabulary"},
      "lookup vocabulary is for id features, not dense ones"),
     ({"name": "s", "role": "item", "lookup": "table"}, "lookup must be one of hash, vocabulary"),
+    ({"name": "p", "role": "ui", "lookup": "vocabulary"}, "a UI feature's ids are its values 0..buckets−1"),
     ({"name": "s", "role": "item", "lookup": "vocabulary", "buckets": 100}, "drop buckets"),
     ({"name": "s", "role": "item", "lookup": "vocabulary", "oov_buckets": 0}, "needs oov_buckets ≥ 1"),
     ({"name": "s", "role": "item", "buckets": 9, "max_tokens": 10}, "min_count and max_tokens need lookup vocabulary"),
