@@ -2,7 +2,8 @@
 (tests/own_logs.py: its own feature names and key names, string ids and a string request key, a
 dense feature of width 7, up to 20 keywords, 100-candidate requests, no tiers, no ui_position), then `cascade run --config`, then
 `cascade serve-check`, with no change to package code; a 2-stage cascade; a feature added by the
-config alone; a declared feature the data lacks stopped before training."""
+config alone; a declared feature the data lacks stopped before training; ids looked up in
+vocabularies that a TFX Transform step computes."""
 import json
 import os
 import shutil
@@ -181,13 +182,11 @@ def _vocabulary_config(config, names=("sku", "keywords")):
 def test_vocabulary_features_get_their_vocabularies_from_transform_and_serve_unseen_ids(started, capsys):
     """sku (string item id) and keywords (int ids, up to 20 a row) declared `lookup: vocabulary`:
     the run adds a TFX Transform whose output holds each vocabulary (the distinct train values,
-    counted here), every Trainer embeds them in vocabulary + OOV rows (not buckets), and the pushed
-    ranker serves an unseen sku from its own assets."""
+    counted here), every stage (retrieval, pre-ranking, ranking) embeds them in vocabulary + OOV rows
+    (not buckets) and carries the files as SavedModel assets, and the pushed ranker serves an unseen
+    sku once the Transform output is deleted."""
     root, data, config = started
     run = _vocabulary_config(_without(config, "promo"))
-    run["stages"] = ["preranking", "ranking"]
-    run["evaluator"] = {"quotas": [30, 20]}
-    run["cascade"] = {"eval_quotas": [30, 20]}
     out_dir = str(root / "vocab")
     code, out, err = _main(capsys, "run", "--config", _write_config(root / "vocab.yaml", run), "--output-dir", out_dir,
                            *SMALL_RUN)
@@ -205,6 +204,12 @@ def test_vocabulary_features_get_their_vocabularies_from_transform_and_serve_uns
             if v.name.endswith("embeddings:0")}
     assert rows["sku_embedding"] == len(skus) + 1 and rows["keywords_embedding"] == len(keywords) + 1
     assert rows["visitor_embedding"] == next(f["buckets"] for f in run["features"]["inputs"] if f["name"] == "visitor")
+    for stage in ("retrieval", "preranking"):  # tf.Module exports: their tables by row count, their assets
+        path = _pushed(out_dir, stage)
+        tables = {shape[0] for _, shape in tf.train.list_variables(os.path.join(path, "variables", "variables"))
+                  if len(shape) == 2}
+        assert {len(skus) + 1, len(keywords) + 1} <= tables, stage
+        assert {"sku", "keywords"} <= set(os.listdir(os.path.join(path, "assets"))), stage
     shutil.rmtree(graph)  # serving reads the SavedModel's own vocabulary assets
     ranker = tf.saved_model.load(ranking).signatures["serving_default"]
     known = next(example_io.read_examples(os.path.join(data, "Split-eval")))
