@@ -362,7 +362,7 @@ def value_counts(cols: Dict[str, np.ndarray], features: F.FeatureConfig = F.DEFA
         values = cols.get(f"{f.name}_values" if f.multivalent else f.name)
         if values is None:
             continue
-        if not f.is_string:
+        if not f.is_string and not f.has_vocabulary:  # vocabulary ids are looked up, not folded
             out[FOLDED_PREFIX + f.name] = int(((values < 0) | (values >= f.buckets)).sum())
         if f.multivalent:
             out[CUT_PREFIX + f.name] = int(np.maximum(np.diff(cols[f"{f.name}_offsets"]) - f.width, 0).sum())
@@ -584,7 +584,8 @@ def data_counts(counters: Dict[str, int], features: F.FeatureConfig = F.DEFAULT)
         "nan_values_read_as_0": {f.name: counters.get(NAN_PREFIX + f.name, 0) for f in inputs if f.is_dense},
         "ids_folded": {f.name: {"ids": counters.get(FOLDED_PREFIX + f.name, 0),
                                 "buckets": counters.get(BUCKETS_PREFIX + f.name, f.buckets)}
-                       for f in inputs if not f.is_dense and not f.is_string},  # strings are hashed
+                       for f in inputs if not f.is_dense and not f.is_string and not f.has_vocabulary},
+        # strings are hashed; vocabulary ids go to OOV rows, not folded
     }
     cut = {f.name: {"values": counters[CUT_PREFIX + f.name], "width": f.width}
            for f in inputs if f.multivalent and counters.get(CUT_PREFIX + f.name)}
@@ -828,7 +829,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         record_io.write_split(lists[SHOWN_ROWS_TAG], artifact_utils.get_split_uri([shown_rows], SHOWN_ROWS_SPLIT),
                               f"shown_rows-{SHOWN_ROWS_SPLIT}")
         counters = record_io.run_and_count(pipeline, NAMESPACE)
-        counters.update({BUCKETS_PREFIX + f.name: f.num_buckets for f in features.sparse_features()})
+        counters.update({BUCKETS_PREFIX + f.name: f.buckets for f in features.resolved()
+                         if not f.is_dense and not f.has_vocabulary})
         record_io.record_counters(output, counters)
         output.set_string_custom_property(LAYOUT_PROPERTY, REQUEST_LIST_LAYOUT)
         output.set_string_custom_property(SCHEMA_PATH_PROPERTY, schema_path)

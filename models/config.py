@@ -22,10 +22,13 @@ class ConfigError(ValueError):
 
 
 def to_dict(config) -> Dict[str, Any]:
-    """A config dataclass as plain values: nested configs as dicts, tuples as lists."""
+    """A config dataclass as plain values: nested configs as dicts, tuples as lists; a dataclass
+    may leave out fields at their defaults that do not apply to it (`omitted_fields()`, e.g. a
+    hashed feature's vocabulary settings), which read back as those defaults."""
     def plain(value):
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            omitted = value.omitted_fields() if hasattr(value, "omitted_fields") else ()
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in omitted}
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         return value

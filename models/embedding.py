@@ -1,8 +1,11 @@
 """FeatureEmbedding: the schema-driven input layer of every stage model.
 
 For each sparse feature f of the run's feature registry (`schema.features.FeatureConfig`):
-    b_f(id) = id mod num_buckets_f                       (int64 ids)
-    b_f(id) = FarmHash64(id) mod num_buckets_f           (string ids: Keras `Hashing`)
+    b_f(id) = id mod num_buckets_f                       (lookup hash, int64 ids)
+    b_f(id) = FarmHash64(id) mod num_buckets_f           (lookup hash, string ids: Keras `Hashing`)
+    b_f(id) = K + rank_f(id)  if id ∈ V_f                (lookup vocabulary: Keras `IntegerLookup` /
+            = one of K OOV rows  otherwise                `StringLookup` on the file of V_f, K =
+                                                          oov_buckets; num_buckets_f = |V_f| + K)
     e_f = E_f[b_f(id)]                                   (univalent id)
     e_f = (1/max(|T|, 1)) Σ_{t∈T} E_f[b_f(t)]            (multivalent list T, average pooling;
                                                           an empty list gives 0; the padding
@@ -14,6 +17,8 @@ Learning-rate multiplier c (`lr_multiplier`): each table stores E' and serves E 
 initialised at 1/c of the usual scale (so E starts as it would without c). Adagrad's and Adam's
 steps do not depend on the gradient's scale, so a step of size η on E' moves E by about c·η: the
 tables learn c times faster than the rest of the model under one optimizer (and one EMA).
+The vocabulary file (the pipeline's `tft.vocabulary` output, `schema.vocabulary`) is read by the
+lookup layer and saved with the model as a SavedModel asset, so serving needs no external file.
 Returns a dict feature name → [B, d] tensor, so towers can pick their own features (the Q·U
 factorisation reads the quality features in Q and the UI features in U).
 """
@@ -40,6 +45,9 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         self.sparse_features = tuple(sparse_features)
         self.dense_features = tuple(dense_features)
         self.lr_multiplier = float(lr_multiplier)
+        unresolved = [f.name for f in self.sparse_features if f.lookup == "vocabulary" and not f.vocabulary_file]
+        if unresolved:
+            raise ValueError(f"FeatureEmbedding: {', '.join(unresolved)} have lookup vocabulary but no vocabulary file")
         scale = 0.05 / self.lr_multiplier  # Keras Embedding's default RandomUniform(−0.05, 0.05), over c
         self.tables = {
             f.name: tf.keras.layers.Embedding(f.num_buckets, embedding_dim, name=f"{f.name}_embedding",
@@ -47,7 +55,18 @@ class FeatureEmbedding(tf.keras.layers.Layer):
             for f in self.sparse_features
         }
         self.hashers = {f.name: tf.keras.layers.Hashing(f.num_buckets, name=f"{f.name}_hashing")
-                        for f in self.sparse_features if f.dtype == "string"}
+                        for f in self.sparse_features if f.dtype == "string" and f.lookup == "hash"}
+        # mask_token None: the padding of multivalent lists is masked before pooling (embed_sparse),
+        # so it needs no row of its own (a pad that reaches the lookup lands in an OOV row, weighted 0).
+        self.lookups = {f.name: (tf.keras.layers.StringLookup if f.dtype == "string" else tf.keras.layers.IntegerLookup)(
+                            vocabulary=f.vocabulary_file, num_oov_indices=f.oov_buckets, mask_token=None,
+                            name=f"{f.name}_lookup")
+                        for f in self.sparse_features if f.lookup == "vocabulary"}
+        for name, lookup in self.lookups.items():
+            spec = next(f for f in self.sparse_features if f.name == name)
+            if lookup.vocabulary_size() != spec.num_buckets:
+                raise ValueError(f"feature {name}: its vocabulary file gives {lookup.vocabulary_size()} rows "
+                                 f"(ids + OOV), the registry says {spec.num_buckets}")
         self.normalizers = {f.name: tf.keras.layers.Normalization(axis=-1, name=f"{f.name}_norm") for f in self.dense_features}
         self.nan_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="dense_nan_count")
 
@@ -58,7 +77,9 @@ class FeatureEmbedding(tf.keras.layers.Layer):
             self.normalizers[f.name].adapt(values)
 
     def bucket(self, name: str, ids: tf.Tensor) -> tf.Tensor:
-        """b_f(ids): int64 ids mod the bucket count, string ids hashed into it."""
+        """b_f(ids): vocabulary ids looked up, int64 ids mod the bucket count, string ids hashed into it."""
+        if name in self.lookups:
+            return self.lookups[name](ids)
         if name in self.hashers:
             return self.hashers[name](ids)
         spec = next(f for f in self.sparse_features if f.name == name)

@@ -5,7 +5,7 @@
                                                           real data as candidate rows
     cascade run [--config FILE] [--set K=V] [flags]       the cascade TFX pipeline, run locally
     cascade config [--config FILE] [--set K=V] [flags]    the effective PipelineConfig, as YAML
-    cascade init --examples-dir DIR --out DIR             a starter schema and config from your data
+    cascade init --examples-dir DIR --out DIR [--lookup vocabulary]   a starter schema and config from your data
     cascade serve-check DIR                               load and call every pushed SavedModel
     cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
 
@@ -280,7 +280,7 @@ def _cmd_init(args) -> int:
     with RunLog(args.out, startup=args.startup_output) as log:  # TFDV's and Beam's output
         print(f"computing TFDV statistics of {args.examples_dir}/Split-train (library log: {log.path})")
         report = infer(args.examples_dir, args.out, overwrite=args.overwrite, request_key=args.request_key,
-                       label=args.label, request_time=args.request_time)
+                       label=args.label, request_time=args.request_time, lookup=args.lookup)
     for line in report.lines():
         print(line)
     print(f"wrote {os.path.join(args.out, SCHEMA_FILE)} and {os.path.join(args.out, CONFIG_FILE)}; "
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--request-key", default="", help="your request key column (default: request_id, session_id, ...)")
     init.add_argument("--label", default="", help="your click label column (default: click, clicked, is_click, ...)")
     init.add_argument("--request-time", default="", help="your request time column (default: request_time, timestamp, ...)")
+    init.add_argument("--lookup", choices=("hash", "vocabulary"), default="hash",
+                      help="how id features become embedding rows: hash (buckets; the default) or vocabulary "
+                           "(one row per id of the train split + OOV, computed by a TFX Transform step)")
     init.set_defaults(func=_cmd_init)
 
     show = sub.add_parser("config", help="print the effective PipelineConfig of a run's --config, --set and flags")

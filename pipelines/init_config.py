@@ -1,6 +1,6 @@
 """`cascade init`: a starter schema and config inferred from a user's own data (TFDV).
 
-    cascade init --examples-dir D --out DIR
+    cascade init --examples-dir D --out DIR [--lookup hash|vocabulary]
 
 reads the Examples directory D (Split-train/, Split-eval/ of candidate-row tf.Examples), computes
 TFDV statistics of its train split (`tfdv.generate_statistics_from_tfrecord`, Beam DirectRunner)
@@ -33,6 +33,11 @@ from the data's own features, every one but the keys and labels the pipeline rea
   * buckets: int ids the next power of two above twice their largest value (ids 0..N−1 never share
     a row, and there is room for new ones); string ids the next power of two above 4 × their distinct values in the train split
     (hashing N strings into 4N buckets leaves ~1/8 of them sharing one);
+  * with `--lookup vocabulary`, every id feature but the UI ones is declared `lookup: vocabulary` instead (no
+    buckets: one embedding row per distinct id of the train split, computed by the pipeline's TFX
+    Transform step, plus an OOV row; see schema/README.md): the memory of the ids the data has,
+    not of their range, e.g. 9,742 MovieLens movies instead of 524,288 buckets for ids up to
+    193,609; the default `hash` keeps no Transform step in the pipeline;
   * item_key: `item_id` if the data has it, else the item-side id with the most distinct values.
 
 It writes DIR/schema.pbtxt and DIR/cascade.yaml (a `cascade run --config` file: source examples,
@@ -238,12 +243,14 @@ def request_level_features(examples_dir: str, names, records: int = ROLE_SAMPLE_
 
 
 def infer_registry(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatureStatisticsList,
-                   report: InitReport, request_level: Optional[set], keys=None):
+                   report: InitReport, request_level: Optional[set], keys=None, lookup: str = "hash"):
     """The starter's feature registry (`FeatureConfig`) from the refined schema, the train split's
     statistics and the request-level features (see the module docstring); fills `report.registry`
-    and `report.not_read`."""
+    and `report.not_read`. `lookup` "vocabulary" declares every id feature `lookup: vocabulary`."""
     from cascade_ranking.schema import features as F
 
+    if lookup not in F.LOOKUPS:
+        raise ValueError(f"lookup must be one of {', '.join(F.LOOKUPS)}, got {lookup!r}")
     by_name = _feature_stats(stats)
     reserved = set(F.RESERVED_NAMES) | (set(keys.data_columns()) | {keys.request_time} if keys else set())
     inputs, lines, left_out, distinct_ids = [], [], [], {}
@@ -278,9 +285,15 @@ def infer_registry(schema: schema_pb2.Schema, stats: statistics_pb2.DatasetFeatu
                 distinct = _id_span(feature, st) if st is not None else 0
                 buckets, why = _next_power_of_two(2 * (max(top, 0) + 1)), f"ids up to {top:,}"
             distinct_ids[name] = distinct
-            spec = F.InputFeature(name, role, "id" if single else "ids", "string" if string else "int64",
-                                  width=width, buckets=buckets)
-            how = f"{spec.kind} {spec.dtype}{'' if single else f', up to {width} values'}, {buckets:,} buckets ({why})"
+            kind, dtype = "id" if single else "ids", "string" if string else "int64"
+            if lookup == "vocabulary" and role != "ui":  # UI ids stay 0..buckets−1 (score_ui_grid)
+                spec = F.InputFeature(name, role, kind, dtype, width=width, lookup="vocabulary")
+                seen = f"{distinct:,} distinct in train" if string else f"instead of {buckets:,} buckets for {why}"
+                table = f"a vocabulary of the train split's ids + 1 OOV row ({seen})"
+            else:
+                spec = F.InputFeature(name, role, kind, dtype, width=width, buckets=buckets)
+                table = f"{buckets:,} buckets ({why})"
+            how = f"{spec.kind} {spec.dtype}{'' if single else f', up to {width} values'}, {table}"
         inputs.append(spec)
         lines.append(f"{name}: {role}, {how}")
     if request_level is None:
@@ -344,9 +357,10 @@ def check_inputs_and_outputs(examples_dir: str, out_dir: str, overwrite: bool = 
 
 
 def infer(examples_dir: str, out_dir: str, overwrite: bool = False, request_key: str = "", label: str = "",
-          request_time: str = "") -> InitReport:
+          request_time: str = "", lookup: str = "hash") -> InitReport:
     """Writes out_dir/schema.pbtxt and out_dir/cascade.yaml inferred from `examples_dir` and returns
-    the report. Refuses to replace existing files unless `overwrite`."""
+    the report. Refuses to replace existing files unless `overwrite`. `lookup` "vocabulary"
+    declares every id feature `lookup: vocabulary` (see the module docstring)."""
     import tensorflow_data_validation as tfdv
 
     from cascade_ranking.pipelines.config import PipelineConfig, dump_config
@@ -358,7 +372,8 @@ def infer(examples_dir: str, out_dir: str, overwrite: bool = False, request_key:
     report = refine(schema, stats, keys)
     candidates = [f.name for f in schema.feature if f.name not in report.added]
     registry = infer_registry(schema, stats, report,
-                              request_level_features(examples_dir, candidates, request_key=keys.request_id), keys)
+                              request_level_features(examples_dir, candidates, request_key=keys.request_id), keys,
+                              lookup=lookup)
     _write_atomically(paths[SCHEMA_FILE], text_format.MessageToString(schema))
     config = PipelineConfig(source="examples", examples_dir=os.path.abspath(examples_dir),
                             schema_file=os.path.abspath(paths[SCHEMA_FILE]), features=registry, keys=keys)

@@ -21,6 +21,10 @@
                                └─► Pusher.<stage>, each gated by its own stage's blessing,
                                    into <serving_dir>/<stage>/<version>/
 
+Only when some feature of the registry has `lookup: vocabulary`: a standard TFX Transform on the
+example source's train split (`schema.vocabulary`: one `tft.vocabulary` per such feature, nothing
+materialized) whose transform_graph every Trainer reads its vocabulary files from.
+
 Every per-request loss or metric reads request-grouped data: the Trainers read the
 NegativeSampler's request lists (one list per request), the CascadeEvaluator groups rows by
 request_id explicitly. Each Trainer runs a module of `models.trainers` with its configuration as
@@ -29,6 +33,7 @@ BeamDagRunner and Kubeflow V2 compile the same `tfx.dsl.Pipeline`.
 """
 import hashlib
 import os
+from typing import Optional
 
 from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
@@ -43,6 +48,7 @@ from cascade_ranking.components.teacher_inference import TeacherInference
 from cascade_ranking.models.trainers.common import FEATURES_KEY
 from cascade_ranking.pipelines.config import PipelineConfig, to_json
 from cascade_ranking.schema import features as F
+from cascade_ranking.schema import vocabulary
 
 TRAINER_MODULES = {
     "teacher": "cascade_ranking.models.trainers.teacher.run_fn",
@@ -102,11 +108,27 @@ def schema_source(config: PipelineConfig) -> str:
     return target
 
 
-def _trainer(stage: str, examples, schema, custom_config: dict, after, features) -> tfx.components.Trainer:
-    """A Trainer of `stage`; every one gets the run's FeatureConfig under custom_config "features"."""
+def vocabulary_transform(examples, schema, features: F.FeatureConfig) -> Optional[tfx.components.Transform]:
+    """The standard TFX Transform that computes the vocabularies of the registry's `lookup:
+    vocabulary` features (`schema.vocabulary.preprocessing_fn`: `tft.vocabulary` per feature) on the
+    train split, materializing nothing; None when every id feature is hashed (no extra node)."""
+    if not features.vocabulary_features():
+        return None
+    return tfx.components.Transform(
+        examples=examples, schema=schema, preprocessing_fn=vocabulary.PREPROCESSING_FN,
+        splits_config=tfx.proto.SplitsConfig(analyze=["train"]), materialize=False, disable_statistics=True,
+        custom_config={vocabulary.FEATURES_KEY: to_json(features)},
+    )
+
+
+def _trainer(stage: str, examples, schema, custom_config: dict, after, features,
+             transform_graph=None) -> tfx.components.Trainer:
+    """A Trainer of `stage`; every one gets the run's FeatureConfig under custom_config "features",
+    and the Transform output (vocabularies) when some feature has lookup vocabulary."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(features)}
     trainer = tfx.components.Trainer(
         run_fn=TRAINER_MODULES[stage], examples=examples, schema=schema, custom_config=custom_config,
+        transform_graph=transform_graph,
     ).with_id(f"Trainer.{stage}")
     trainer.add_upstream_node(after)
     return trainer
@@ -150,8 +172,10 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     example_validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
     anomaly_gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"])
 
+    transform = vocabulary_transform(rows, schema, config.features)
+    graph = transform.outputs["transform_graph"] if transform else None
     teacher = _trainer("teacher", rows, schema, {"ranker": config.teacher.to_json()}, after=anomaly_gate,
-                       features=config.features)
+                       features=config.features, transform_graph=graph)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
     sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
@@ -159,10 +183,11 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
 
     stages = tuple(config.stages)  # ("retrieval",) "preranking", "ranking": a cascade of 3 or 2 trained stages
     retrieval = (_trainer("retrieval", request_lists, schema, {"retrieval": to_json(config.retrieval)},
-                          after=anomaly_gate, features=config.features) if "retrieval" in stages else None)
+                          after=anomaly_gate, features=config.features, transform_graph=graph)
+                 if "retrieval" in stages else None)
     cascade = _trainer("cascade", request_lists, schema,
                        {"cascade": to_json(config.cascade), "ranker": config.ranker.to_json()}, after=anomaly_gate,
-                       features=config.features)
+                       features=config.features, transform_graph=graph)
     preranking = StageModel(model=cascade.outputs["model"], stage="preranking").with_id("StageModel.preranking")
     models = {"preranking": preranking.outputs["stage_model"], "ranking": cascade.outputs["model"]}
     if retrieval is not None:
@@ -186,7 +211,8 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
-        components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate, teacher,
+        components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate,
+                    *([transform] if transform else []), teacher,
                     teacher_inference, sampler, *([retrieval] if retrieval else []), cascade, preranking,
                     *baselines.values(), tfma_evaluator,
                     evaluator, *pushers],

@@ -49,15 +49,21 @@ NUM_UI_FORMATS = 3
 ROLES = ("query", "item", "ui")  # request/user/query side, candidate item side, UI treatment
 KINDS = ("id", "ids", "dense")  # one id, a list of ids (average-pooled), a fixed-width float vector
 ID_DTYPES = ("int64", "string")
+LOOKUPS = ("hash", "vocabulary")  # how ids become embedding rows (InputFeature.lookup)
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseFeature:
     """An id feature embedded by the model (the model-facing view of an `InputFeature`).
 
-    int64 ids are folded into `num_buckets` by id mod buckets (ids in [0, buckets) never share a
-    row); string ids are hashed into them (Keras `Hashing`, FarmHash64). A multivalent feature is a
-    list of at most `max_length` ids, average-pooled; its padding (0, or the empty string) is no id."""
+    lookup "hash": int64 ids are folded into `num_buckets` by id mod buckets (ids in [0, buckets)
+    never share a row); string ids are hashed into them (Keras `Hashing`, FarmHash64).
+    lookup "vocabulary": ids are looked up in `vocabulary_file` (one id a line, as `tft.vocabulary`
+    writes it; Keras `StringLookup`/`IntegerLookup`), unseen ids go to `oov_buckets` OOV rows, and
+    `num_buckets` = vocabulary size + oov_buckets (0 until the Transform output is resolved,
+    `FeatureConfig.with_vocabularies`).
+    A multivalent feature is a list of at most `max_length` ids, average-pooled; its padding (0, or
+    the empty string) is no id."""
 
     name: str
     num_buckets: int
@@ -65,6 +71,9 @@ class SparseFeature:
     tower: str = "quality"  # "quality" (query/user/item) or "ui" (UI treatment)
     dtype: str = "int64"
     max_length: int = 1
+    lookup: str = "hash"
+    vocabulary_file: str = ""
+    oov_buckets: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +96,17 @@ class InputFeature:
     dtype   "int64" or "string" for ids (strings are hashed: Keras `Hashing`); dense is float;
     width   dense: values per row; ids: the most values a row keeps (request lists cut longer
             lists, and the NegativeSampler counts the cuts);
-    buckets id kinds: embedding rows. int64 ids fold as id mod buckets, so a catalogue of N ids
-            numbered 0..N−1 needs buckets ≥ N to embed without sharing rows.
+    lookup  id kinds: how ids become embedding rows. "hash" (the default): `buckets` rows, int64
+            ids fold as id mod buckets (a catalogue of N ids numbered 0..N−1 needs buckets ≥ N to
+            embed without sharing rows), strings are hashed into them. "vocabulary": one row per
+            distinct id of the train split (a `tft.vocabulary` computed by the pipeline's Transform
+            step, `schema.vocabulary`) plus `oov_buckets` rows for ids it has not seen; the table
+            size is known after that step, so a vocabulary feature declares no `buckets`; not
+            for UI features (their values 0..buckets−1 are enumerated by score_ui_grid);
+    buckets id kinds with lookup hash: embedding rows;
+    oov_buckets  lookup vocabulary: rows shared by ids outside the vocabulary (default 1);
+    min_count    lookup vocabulary: keep ids seen at least this often in train (0: all);
+    max_tokens   lookup vocabulary: keep the most frequent ones only (0: all).
     """
 
     name: str
@@ -97,6 +115,10 @@ class InputFeature:
     dtype: str = "int64"
     width: int = 1
     buckets: int = 0
+    lookup: str = "hash"
+    oov_buckets: int = 1
+    min_count: int = 0
+    max_tokens: int = 0
 
     def __post_init__(self):
         if not self.name:
@@ -107,6 +129,26 @@ class InputFeature:
             raise ValueError(f"feature {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.width, int) or self.width <= 0:
             raise ValueError(f"feature {self.name}: width must be a positive int, got {self.width!r}")
+        if self.lookup not in LOOKUPS:
+            raise ValueError(f"feature {self.name}: lookup must be one of {', '.join(LOOKUPS)}, got {self.lookup!r}")
+        if self.kind == "dense" and self.lookup != "hash":
+            raise ValueError(f"feature {self.name}: lookup {self.lookup} is for id features, not dense ones")
+        for field in ("oov_buckets", "min_count", "max_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"feature {self.name}: {field} must be an int ≥ 0, got {value!r}")
+        if self.lookup == "vocabulary":
+            if self.role == "ui":  # the UI grid and the bias slices enumerate ids 0..buckets−1
+                raise ValueError(f"feature {self.name}: a UI feature's ids are its values 0..buckets−1 (score_ui_grid, "
+                                 f"bias slices); use lookup hash with buckets")
+            if self.oov_buckets < 1:
+                raise ValueError(f"feature {self.name}: a vocabulary feature needs oov_buckets ≥ 1 for unseen ids, "
+                                 f"got {self.oov_buckets}")
+            if self.buckets:
+                raise ValueError(f"feature {self.name}: a vocabulary feature's table size comes from its vocabulary; "
+                                 f"drop buckets ({self.buckets}) or use lookup hash")
+        elif self.min_count or self.max_tokens:
+            raise ValueError(f"feature {self.name}: min_count and max_tokens need lookup vocabulary")
         if self.kind == "dense":
             if self.dtype not in ("float32", "float", "int64"):  # int64 is the field's default
                 raise ValueError(f"feature {self.name}: a dense feature is float32, got dtype {self.dtype!r}")
@@ -114,7 +156,7 @@ class InputFeature:
         else:
             if self.dtype not in ID_DTYPES:
                 raise ValueError(f"feature {self.name}: an id feature's dtype is int64 or string, got {self.dtype!r}")
-            if not isinstance(self.buckets, int) or self.buckets <= 0:
+            if self.lookup == "hash" and (not isinstance(self.buckets, int) or self.buckets <= 0):
                 raise ValueError(f"feature {self.name}: an id feature needs buckets > 0, got {self.buckets!r}")
             if self.kind == "id" and self.width != 1:
                 raise ValueError(f"feature {self.name}: a single id has width 1 (kind ids for a list), got {self.width}")
@@ -122,6 +164,18 @@ class InputFeature:
     @property
     def is_dense(self) -> bool:
         return self.kind == "dense"
+
+    @property
+    def has_vocabulary(self) -> bool:
+        return self.lookup == "vocabulary"
+
+    def omitted_fields(self) -> Tuple[str, ...]:
+        """Fields a config file need not show (at their defaults): a hashed feature's vocabulary
+        settings, a vocabulary feature's buckets (`models.config.to_dict`)."""
+        if self.has_vocabulary:
+            return ("buckets",) if not self.buckets else ()
+        defaults = {"lookup": "hash", "oov_buckets": 1, "min_count": 0, "max_tokens": 0}
+        return tuple(name for name, default in defaults.items() if getattr(self, name) == default)
 
     @property
     def multivalent(self) -> bool:
@@ -148,9 +202,14 @@ class InputFeature:
     def schema_type(self) -> int:
         return schema_pb2.FLOAT if self.is_dense else (schema_pb2.BYTES if self.is_string else schema_pb2.INT)
 
-    def sparse(self) -> SparseFeature:
-        return SparseFeature(self.name, self.buckets, self.multivalent, "ui" if self.role == "ui" else "quality",
-                             self.dtype, self.width)
+    def sparse(self, vocabulary: Optional[Tuple[str, int]] = None) -> SparseFeature:
+        """The model's view; `vocabulary` = (file, size) of a vocabulary feature once resolved."""
+        tower = "ui" if self.role == "ui" else "quality"
+        if not self.has_vocabulary:
+            return SparseFeature(self.name, self.buckets, self.multivalent, tower, self.dtype, self.width)
+        path, size = vocabulary or ("", 0)
+        return SparseFeature(self.name, size + self.oov_buckets if path else 0, self.multivalent, tower, self.dtype,
+                             self.width, "vocabulary", path, self.oov_buckets)
 
     def dense(self) -> DenseFeature:
         return DenseFeature(self.name, self.width, "ui" if self.role == "ui" else "quality")
@@ -185,11 +244,17 @@ class FeatureConfig:
     `(("item_id", 1_000_000),)` for a catalogue of a million items (`--set features.buckets=...`).
 
     `item_key` names the candidate's id (an "item" id feature): the item corpus of random negatives
-    and retrieval's index key on it."""
+    and retrieval's index key on it.
+
+    `vocabularies` is not for users: each Trainer fills it from the pipeline's Transform output
+    (`with_vocabularies`, in `models.trainers.common.feature_config`) with (name, vocabulary file,
+    vocabulary size) of every `lookup: vocabulary` feature, so the towers' `sparse_features()`
+    carry the file and the table size."""
 
     inputs: Tuple[InputFeature, ...] = DEFAULT_INPUTS
     buckets: Tuple[Tuple[str, int], ...] = ()
     item_key: str = ITEM_KEY
+    vocabularies: Tuple[Tuple[str, str, int], ...] = ()
 
     def __post_init__(self):
         names = [f.name for f in self.inputs]
@@ -205,11 +270,22 @@ class FeatureConfig:
                 raise ValueError(f"buckets: {name!r} is not a sparse model input; known: {', '.join(sorted(sparse))}")
             if not isinstance(count, int) or count <= 0:
                 raise ValueError(f"buckets: {name} needs a positive bucket count, got {count!r}")
+        vocabulary_names = {f.name for f in self.inputs if f.has_vocabulary}
+        for name, _ in self.buckets:
+            if name in vocabulary_names:
+                raise ValueError(f"buckets: {name} has lookup vocabulary; its table size comes from its vocabulary")
+        for entry in self.vocabularies:
+            if len(entry) != 3 or entry[0] not in vocabulary_names or not entry[1] or int(entry[2]) < 0:
+                raise ValueError(f"vocabularies: {entry!r} is not (name of a lookup vocabulary feature, file, size)")
         if not any(f.role == "query" for f in self.inputs) or not any(f.role == "item" for f in self.inputs):
             raise ValueError("inputs: the towers need at least one query-side and one item-side feature")
         item = self.feature(self.item_key) if self.item_key in names else None
         if item is None or item.role != "item" or item.kind != "id":
             raise ValueError(f"item_key: {self.item_key!r} must name an item-side id feature of inputs")
+
+    def omitted_fields(self) -> Tuple[str, ...]:
+        """`vocabularies` is the Trainers' (see above): a config file shows it only when set."""
+        return () if self.vocabularies else ("vocabularies",)
 
     def feature(self, name: str) -> InputFeature:
         for f in self.resolved():
@@ -226,7 +302,26 @@ class FeatureConfig:
         return tuple(f for f in self.resolved() if f.role in roles)
 
     def sparse_features(self) -> Tuple[SparseFeature, ...]:
-        return tuple(f.sparse() for f in self.resolved() if not f.is_dense)
+        """The id features as the towers embed them; a vocabulary feature not yet resolved
+        (`with_vocabularies`) is an error naming it."""
+        found = {name: (path, int(size)) for name, path, size in self.vocabularies}
+        unresolved = [f.name for f in self.vocabulary_features() if f.name not in found]
+        if unresolved:
+            raise ValueError(f"features {', '.join(unresolved)} have lookup vocabulary but no vocabulary: the Trainer "
+                             f"needs the pipeline's Transform output (transform_graph)")
+        return tuple(f.sparse(found.get(f.name)) for f in self.resolved() if not f.is_dense)
+
+    def vocabulary_features(self) -> Tuple[InputFeature, ...]:
+        """The `lookup: vocabulary` features (those the Transform step computes a vocabulary of)."""
+        return tuple(f for f in self.resolved() if f.has_vocabulary)
+
+    def with_vocabularies(self, vocabularies: Dict[str, Tuple[str, int]]) -> "FeatureConfig":
+        """This registry with each vocabulary feature's (file, size) resolved (see `vocabularies`)."""
+        missing = [f.name for f in self.vocabulary_features() if f.name not in vocabularies]
+        if missing:
+            raise ValueError(f"no vocabulary for {', '.join(missing)}")
+        return dataclasses.replace(self, vocabularies=tuple(
+            (f.name, vocabularies[f.name][0], int(vocabularies[f.name][1])) for f in self.vocabulary_features()))
 
     def dense_features(self) -> Tuple[DenseFeature, ...]:
         return tuple(f.dense() for f in self.resolved() if f.is_dense)

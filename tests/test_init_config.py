@@ -147,3 +147,27 @@ def test_init_infers_the_registry_of_a_log_of_another_shape(tmp_path, capsys):
     assert "no stage (tiers): the ground truth is the click" in out and "no ui_position" in out
     config.validate()
     config.check_inputs()
+
+
+def test_init_with_lookup_vocabulary_declares_every_non_ui_id_feature_a_vocabulary(tmp_path, capsys):
+    """`--lookup vocabulary`: no buckets, one OOV row (UI ids stay hashed); the report says how many ids the train split
+    has; dense features are untouched; the config loads and validates."""
+    from tests import own_logs
+
+    data = own_logs.write(str(tmp_path / "own"), train_requests=6, eval_requests=2)
+    code, out, err = _main(capsys, "init", "--examples-dir", data, "--out", str(tmp_path / "s"), "--lookup", "vocabulary")
+    assert code == 0, err
+    config = load_config(str(tmp_path / "s" / "cascade.yaml"))
+    declared = {f.name: f for f in config.features.inputs}
+    ids = [f.name for f in own_logs.registry().inputs if f.kind != "dense" and f.role != "ui"]
+    assert sorted(f.name for f in config.features.vocabulary_features()) == sorted(ids)
+    assert all(declared[n].buckets == 0 and declared[n].oov_buckets == 1 for n in ids)
+    assert declared["vector"].lookup == "hash" and declared["vector"].kind == "dense"
+    assert declared["slot"].lookup == "hash" and declared["slot"].buckets == 8  # UI ids stay 0..buckets−1
+    skus = len({r["sku"][0] for r in own_logs.rows(6)})
+    assert f"sku: item, id string, a vocabulary of the train split's ids + 1 OOV row ({skus:,} distinct in train)" in out
+    assert "lookup: vocabulary" in open(tmp_path / "s" / "cascade.yaml").read()
+    config.validate()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["init", "--examples-dir", data, "--out", str(tmp_path / "t"), "--lookup", "table"])
+    assert stopped.value.code == 2 and "invalid choice: 'table'" in capsys.readouterr().err

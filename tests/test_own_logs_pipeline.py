@@ -2,13 +2,16 @@
 (tests/own_logs.py: its own feature names and key names, string ids and a string request key, a
 dense feature of width 7, up to 20 keywords, 100-candidate requests, no tiers, no ui_position), then `cascade run --config`, then
 `cascade serve-check`, with no change to package code; a 2-stage cascade; a feature added by the
-config alone; a declared feature the data lacks stopped before training."""
+config alone; a declared feature the data lacks stopped before training; ids looked up in
+vocabularies that a TFX Transform step computes."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_transform as tft
 import yaml
 
 from cascade_ranking.datasources import example_io
@@ -164,3 +167,54 @@ def test_a_declared_feature_the_data_lacks_stops_the_run_before_training_with_on
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "declared feature(s) discount" in err
     assert not os.path.exists(tmp_path / "b" / "pipeline_root" / "Trainer.teacher")
+
+
+def _vocabulary_config(config, names=("sku", "keywords")):
+    """`config` with `names` (a string item id, a multivalent int id) looked up in vocabularies."""
+    config = json.loads(json.dumps(config))
+    for f in config["features"]["inputs"]:
+        if f["name"] in names:
+            f.update(lookup="vocabulary", buckets=0, oov_buckets=1)
+    return config
+
+
+@pytest.mark.slow
+def test_vocabulary_features_get_their_vocabularies_from_transform_and_serve_unseen_ids(started, capsys):
+    """sku (string item id) and keywords (int ids, up to 20 a row) declared `lookup: vocabulary`:
+    the run adds a TFX Transform whose output holds each vocabulary (the distinct train values,
+    counted here), every stage (retrieval, pre-ranking, ranking) embeds them in vocabulary + OOV rows
+    (not buckets) and carries the files as SavedModel assets, and the pushed ranker serves an unseen
+    sku once the Transform output is deleted."""
+    root, data, config = started
+    run = _vocabulary_config(_without(config, "promo"))
+    out_dir = str(root / "vocab")
+    code, out, err = _main(capsys, "run", "--config", _write_config(root / "vocab.yaml", run), "--output-dir", out_dir,
+                           *SMALL_RUN)
+    assert code == 0, err + out
+    train = list(example_io.read_examples(os.path.join(data, "Split-train")))
+    skus = {e.features.feature["sku"].bytes_list.value[0] for e in train}
+    keywords = {k for e in train for k in e.features.feature["keywords"].int64_list.value}
+    (graph,) = tf.io.gfile.glob(os.path.join(out_dir, "pipeline_root", "Transform", "transform_graph", "*"))
+    output = tft.TFTransformOutput(graph)
+    assert set(output.vocabulary_by_name("sku")) == skus  # the train split's, not eval's
+    assert {int(k) for k in output.vocabulary_by_name("keywords")} == keywords
+    assert not os.path.exists(os.path.join(out_dir, "pipeline_root", "Transform", "transformed_examples"))
+    ranking = _pushed(out_dir, "ranking")
+    rows = {v.name.split("/")[-2]: v.shape[0] for v in tf.saved_model.load(ranking).variables
+            if v.name.endswith("embeddings:0")}
+    assert rows["sku_embedding"] == len(skus) + 1 and rows["keywords_embedding"] == len(keywords) + 1
+    assert rows["visitor_embedding"] == next(f["buckets"] for f in run["features"]["inputs"] if f["name"] == "visitor")
+    for stage in ("retrieval", "preranking"):  # tf.Module exports: their tables by row count, their assets
+        path = _pushed(out_dir, stage)
+        tables = {shape[0] for _, shape in tf.train.list_variables(os.path.join(path, "variables", "variables"))
+                  if len(shape) == 2}
+        assert {len(skus) + 1, len(keywords) + 1} <= tables, stage
+        assert {"sku", "keywords"} <= set(os.listdir(os.path.join(path, "assets"))), stage
+    shutil.rmtree(graph)  # serving reads the SavedModel's own vocabulary assets
+    ranker = tf.saved_model.load(ranking).signatures["serving_default"]
+    known = next(example_io.read_examples(os.path.join(data, "Split-eval")))
+    unseen = tf.train.Example()
+    unseen.CopyFrom(known)
+    unseen.features.feature["sku"].bytes_list.value[:] = [b"sku-never-seen"]
+    ctr = ranker(examples=tf.constant([known.SerializeToString(), unseen.SerializeToString()]))["ctr"].numpy()
+    assert ctr.shape == (2,) and np.all((ctr > 0) & (ctr < 1))

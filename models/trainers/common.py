@@ -43,13 +43,18 @@ def feature_config(fn_args) -> F.FeatureConfig:
     """The run's FeatureConfig (custom_config "features"; the defaults when absent), checked against
     the Trainer's schema (`pipeline_schema`): a declared input the schema lacks or types otherwise
     fails the Trainer with one line naming it, on any orchestrator (the local runner checks it
-    before the run too)."""
+    before the run too). Its `lookup: vocabulary` features get their vocabulary files and sizes
+    from the Trainer's transform_graph (the pipeline's Transform output, `schema.vocabulary`)."""
     features = config_from(fn_args, FEATURES_KEY, F.FeatureConfig)
     schema, path = pipeline_schema(fn_args)
     try:
         features.check_schema(schema)
     except ValueError as e:
         raise ValueError(f"{e} (schema {path})") from None
+    if features.vocabulary_features():
+        from cascade_ranking.schema import vocabulary  # TFT: imported only when a feature needs it
+
+        features = vocabulary.resolve(features, getattr(fn_args, "transform_graph_path", None))
     return features
 
 
