@@ -183,7 +183,7 @@ class FactoryFloorRanker(StageModel):
         self._loss_tracker = tf.keras.metrics.MeanTensor(name="loss_terms")  # running means of LOSS_TERMS
         self._eval_auc = tf.keras.metrics.AUC(from_logits=True, name="auc")
         self.task = FactoryFloorTask(rank_loss=c.rank_loss != "none", distillation=c.distill_weight > 0,
-                                     lspr_weight=c.lspr_weight, name="task")
+                                     lspr_weight=c.lspr_weight, list_loss=c.list_loss, name="task")
 
     @staticmethod
     def _make_bias_constraints(c: RankerConfig, features: F.FeatureConfig) -> bias_constraints.BiasConstraints:

@@ -11,6 +11,9 @@ Switches (a value of 0 / "none" / False turns the technique off):
     qu_dim                  d of the Q·U factorisation (0 = plain logit head on one tower that
                             reads every input, the UI features included)
     rank_loss               "none", "multi_objective" (one logit) or "multi_task" (own head)
+    list_loss               the registered loss (`models.losses.get`) of the per-request term:
+                            "ranknet" (default), or any `@losses.register`ed class taking
+                            (labels, scores, sample_weight=, grouping=)
     distill_weight          max weight of the distillation loss (0 = off)
     bias_constraints        slice-calibration duals (Factory Floor §7)
     lspr                    loss-balanced small perturbation regularisation (off by default)
@@ -63,6 +66,7 @@ class RankerConfig:
 
     # Rank loss (RankNet per request) and its curriculum ramp.
     rank_loss: str = "multi_objective"
+    list_loss: str = "ranknet"  # registry name of the per-request loss (models.losses)
     rank_alpha: float = 0.1
     rank_start_step: int = 100
     rank_ramp_steps: int = 300
@@ -106,6 +110,10 @@ class RankerConfig:
     def __post_init__(self):
         if self.rank_loss not in RANK_LOSSES:
             raise ValueError(f"rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
+        if self.list_loss != "ranknet":  # the default needs no registry lookup (and no TF import)
+            from cascade_ranking.models import losses
+
+            losses.get_class(self.list_loss)  # ValueError naming the unknown loss and the known ones
         if self.cascade_score not in CASCADE_SCORES:
             raise ValueError(f"cascade_score must be one of {CASCADE_SCORES}, got {self.cascade_score!r}")
         if self.optimizer.lower() not in OPTIMIZERS:

@@ -80,19 +80,22 @@ class StageModel(tfrs.Model):
 class FactoryFloorTask(tf.keras.layers.Layer, tfrs.tasks.Task):
     """The Factory Floor objective (`models.ranker` docstring) from the model's outputs.
 
-    Losses: "logistic", "ranknet" (rows grouped by request), "distillation" from the registry.
+    Losses: "logistic", the per-request `list_loss` ("ranknet" by default; rows grouped by request)
+    and "distillation" from the registry: a new per-request loss is one registered class, named
+    by `RankerConfig.list_loss`.
     `data_loss` is L_data of one forward pass; `call` adds T_bias (computed by the model's
     `BiasConstraints`, which stay outside the model's variables) and the LSPR term λ·L_data(x̃)
     (`lspr.perturbed_term`). Terms: logistic, rank, distillation, bias, lspr, loss.
     """
 
-    def __init__(self, rank_loss: bool = True, distillation: bool = False, lspr_weight: float = 0.0, **kwargs):
+    def __init__(self, rank_loss: bool = True, distillation: bool = False, lspr_weight: float = 0.0,
+                 list_loss: str = "ranknet", **kwargs):
         super().__init__(**kwargs)
         self.rank_on = bool(rank_loss)
         self.distillation_on = bool(distillation)
         self.lspr_weight = float(lspr_weight)
         self.logistic = losses_lib.get("logistic")
-        self.ranknet = losses_lib.get("ranknet")
+        self.ranknet = losses_lib.get(list_loss)
         self.distillation = losses_lib.get("distillation")
 
     def data_loss(self, logit, rank_logit, labels, weights, grouping, teacher, alpha, w_distill):

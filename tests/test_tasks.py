@@ -199,3 +199,35 @@ def test_one_train_step_definition():
     for cls in (ranker.FactoryFloorRanker, H.HAPPreranker, CM.CascadeModel):
         assert issubclass(cls, tasks.StageModel)
         assert cls.train_step is tasks.StageModel.train_step and cls.test_step is tasks.StageModel.test_step
+
+
+# ---------------------------------------------------------------------------------------------
+# A new loss is one class: registered, then named by the config.
+# ---------------------------------------------------------------------------------------------
+def test_a_new_registered_loss_is_the_rankers_per_request_term_by_config(monkeypatch):
+    from cascade_ranking.models import losses
+
+    monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))  # the test's loss leaves with it
+
+    @losses.register("test_squared_rows")
+    class SquaredRows(losses.ExplicitLoss):
+        """Σ w·(y − s)² / N over flat rows (grouping is ignored): a stand-in for a user's loss."""
+
+        def compute(self, y_true, y_pred, sample_weight=None, grouping=None):
+            w = tf.ones_like(y_pred) if sample_weight is None else tf.cast(sample_weight, tf.float32)
+            return tf.reduce_mean(w * tf.square(tf.cast(y_true, tf.float32) - y_pred))
+
+    assert "test_squared_rows" in losses.known()
+    rows = make_rows(6, seed=2)
+    config = RankerConfig(**{**SMALL, "rank_start_step": 0, "rank_ramp_steps": 0, "list_loss": "test_squared_rows"})
+    model = ranker.FactoryFloorRanker(config)
+    data = to_tensors(rows)
+    model.adapt(tf.data.Dataset.from_tensors(data), steps=1)
+    terms = model.loss_terms(data, step=0)
+    out = model.forward(data, step=0)
+    labels = np.asarray(terms["_labels"], np.float32).reshape(-1)
+    scores = np.asarray(out.rank_logit, np.float32).reshape(-1)
+    weights = np.asarray(terms["_weights"], np.float32).reshape(-1)
+    np.testing.assert_allclose(float(terms["rank"]), np.mean(weights * (labels - scores) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown loss 'no_such_loss'"):
+        RankerConfig(list_loss="no_such_loss")
