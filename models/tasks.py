@@ -95,13 +95,13 @@ class FactoryFloorTask(tf.keras.layers.Layer, tfrs.tasks.Task):
         self.distillation_on = bool(distillation)
         self.lspr_weight = float(lspr_weight)
         self.logistic = losses_lib.get("logistic")
-        self.ranknet = losses_lib.get(list_loss)
+        self.list_loss = losses_lib.get(list_loss)
         self.distillation = losses_lib.get("distillation")
 
     def data_loss(self, logit, rank_logit, labels, weights, grouping, teacher, alpha, w_distill):
         """(L_data, L_logistic, L_rank, L_distill) of one forward pass (0 for a term that is off)."""
         logistic = self.logistic(labels, logit, sample_weight=weights)
-        rank = self.ranknet(labels, rank_logit, sample_weight=weights, grouping=grouping) if self.rank_on \
+        rank = self.list_loss(labels, rank_logit, sample_weight=weights, grouping=grouping) if self.rank_on \
             else tf.constant(0.0)
         distill = self.distillation(teacher, logit, sample_weight=weights) if self.distillation_on \
             else tf.constant(0.0)
@@ -159,8 +159,7 @@ class CascadeTask(tf.keras.layers.Layer, tfrs.tasks.Task):
     """A cascade's objective over its stages' scores (`models.cascade_model` docstring).
 
     Losses: "lcron" (with the model's `UncertaintyWeighting` w_i), "logistic" per stage ("bce",
-    "icc", the stages before HAP's two), "hap_group_wise" (light: all groups, strong: the hard ones),
-    "distillation". The ICC joint term BCE(y, ∏_i σ(s_i)) is written here (no library has it).
+    "icc", the stages before HAP's two), `HAPTask` on the last two stages ("hap"), "distillation". The ICC joint term BCE(y, ∏_i σ(s_i)) is written here (no library has it).
     Terms as the cascade logs them: e2e, single_<stage>, w_<stage>; bce_<stage>; joint;
     hap_<stage>, hap_<light stage>_<group>; distill; loss.
     """
@@ -176,12 +175,7 @@ class CascadeTask(tf.keras.layers.Layer, tfrs.tasks.Task):
         self.logistic = losses_lib.get("logistic")
         self.distillation = losses_lib.get("distillation")
         self.lcron = losses_lib.get("lcron", quota=quota, tau=tau) if method == "lcron" else None
-        if method == "hap":
-            from cascade_ranking.models import preranking  # noqa: PLC0415 (preranking imports this module)
-            self.groups = preranking.GROUPS
-            self.light_loss = losses_lib.get("hap_group_wise", kind=hap_kind)
-            self.strong_loss = losses_lib.get("hap_group_wise", kind=hap_kind,
-                                              group_weights=preranking.hard_group_weights())
+        self.hap = HAPTask(hap_kind, name="hap") if method == "hap" else None  # the last two stages
 
     def distill(self, teacher, mask, last_logits) -> tf.Tensor:
         return list_distillation(self.distillation, teacher, mask, last_logits)
@@ -201,13 +195,13 @@ class CascadeTask(tf.keras.layers.Layer, tfrs.tasks.Task):
             terms = [self.logistic(y, s, mask=mask) for s in scores[:-2]]
             for name, term in zip(self.stage_names, terms):
                 out[f"bce_{name}"] = term
-            light, light_groups = self.light_loss.terms(positives, scores[-2], groups)
-            strong, _ = self.strong_loss.terms(positives, scores[-1], groups)
-            out[f"hap_{self.stage_names[-2]}"] = light
-            out[f"hap_{self.stage_names[-1]}"] = strong
-            for i, g in enumerate(self.groups):
-                out[f"hap_{self.stage_names[-2]}_{g}"] = light_groups[i]
-            total = tf.add_n(terms + [light, strong])
+            hap = self.hap(scores[-2], scores[-1], positives, groups)
+            light_stage, strong_stage = self.stage_names[-2:]
+            out[f"hap_{light_stage}"] = hap["light_loss"]
+            out[f"hap_{strong_stage}"] = hap["strong_loss"]
+            for g in self.hap.groups:
+                out[f"hap_{light_stage}_{g}"] = hap[f"light_{g}"]
+            total = tf.add_n(terms + [hap["light_loss"], hap["strong_loss"]])
         else:
             singles = [self.logistic(y, s, mask=mask) for s in scores]
             total = tf.add_n(singles)
