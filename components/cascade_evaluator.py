@@ -1,9 +1,10 @@
 """CascadeEvaluator: scores the eval split with every stage model and its baseline, and blesses each
 stage on its own.
 
-Inputs: `examples` (candidate rows); `model` (the ranking stage), optional `preranking_model` and
-`retrieval_model` (the earlier stages); optional `baseline_model`, `baseline_preranking_model`,
-`baseline_retrieval_model`: each stage's latest blessed model (a `Resolver` with
+Inputs, one model and one baseline channel per stage of the registry (`models.stages`): `examples`
+(candidate rows); `model` (the ranking stage, the one that predicts the CTR), optional
+`preranking_model` and `retrieval_model` (the earlier stages); optional `baseline_model`,
+`baseline_preranking_model`, `baseline_retrieval_model`: each stage's latest blessed model (a `Resolver` with
 `LatestBlessedModelStrategy`; an empty list, as on the first run, is no baseline); optional
 `ctr_blessing`, the standard TFX Evaluator's ModelBlessing of the ranker's CTR (`tfma_eval_config`),
 which the ranking stage's blessing requires; optional `schema`, whose required features
@@ -24,9 +25,9 @@ blessings without their producer), is dropped with a note.
 The scored rows are written to the ModelEvaluation artifact (`scored_rows-*.gz`, tf.Examples); the
 executor then computes the metrics and the per-stage verdicts of `components.evaluation` and writes
 `metrics.json` (with `blessings`: stage → blessed, reasons, notes, model and baseline URIs),
-`calibration.png` and `recall_at_k.png`. Each stage's ModelBlessing (`retrieval_blessing`,
-`preranking_blessing`, and `blessing` for the ranking stage) is written the TFX way, as
-`tfx/components/evaluator/executor.py` does, for that stage's Pusher: a `BLESSED`/`NOT_BLESSED`
+`calibration.png` and `recall_at_k.png`. Each stage's ModelBlessing (its declared `blessing_output`:
+`retrieval_blessing`, `preranking_blessing`, and `blessing` for the ranking stage) is written the TFX
+way, as `tfx/components/evaluator/executor.py` does, for that stage's Pusher: a `BLESSED`/`NOT_BLESSED`
 file, the int custom property `blessed`, `current_model`/`current_model_id` of the stage's model,
 `baseline_model`/`baseline_model_id` when its baseline was compared, and `blessing_message`.
 
@@ -53,14 +54,16 @@ from tfx.utils import io_utils, path_utils
 from cascade_ranking.components import evaluation, record_io
 from cascade_ranking.components.negative_sampler import FEATURES_PROPERTY, data_counts
 from cascade_ranking.models.config import config_from_dict
-from cascade_ranking.components.evaluation import BASELINE_INPUTS, RANKING_INPUT, STAGE_INPUTS, STAGES, EvaluatorConfig
+from cascade_ranking.components.evaluation import (BASELINE_INPUTS, CTR_STAGE, RANKING_INPUT, STAGE_INPUTS, STAGES,
+                                                   EvaluatorConfig)
+from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.schema import features as F
 
 NAMESPACE = "cascade_evaluator"
 SCORED_ROWS_PREFIX = "scored_rows"
 SCORE_OUTPUT_KEYS = ("score", "ctr", "scores", "logit")
-# The component output with each stage's ModelBlessing.
-BLESSING_OUTPUTS = {"retrieval": "retrieval_blessing", "preranking": "preranking_blessing", "ranking": "blessing"}
+# The component output with each stage's ModelBlessing (`models.stages`).
+BLESSING_OUTPUTS = {s.name: s.blessing_output for s in stage_registry.registered()}
 _ROW_FIELDS = ("request_id", "click", "ui_position", "stage", "true_ctr")  # the metrics' keys, whatever the registry
 _REQUIRED_ROW_FIELDS = (F.REQUEST_ID_KEY, F.LABEL_KEY)  # stage, ui_position and true_ctr are optional
 
@@ -225,15 +228,15 @@ def write_blessing(blessing: types.Artifact, verdict: Dict[str, Any], model: Opt
 
 
 class CascadeEvaluatorSpec(ComponentSpec):
+    """Its model, baseline and blessing channels are those of the stage registry (`models.stages`):
+    the CTR stage's model (`model`) is required, every other stage's is optional."""
+
     PARAMETERS = {"config": ExecutionParameter(type=str)}
     INPUTS = {
         "examples": ChannelParameter(type=standard_artifacts.Examples),
-        "model": ChannelParameter(type=standard_artifacts.Model),
-        "preranking_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
-        "retrieval_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
-        "baseline_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
-        "baseline_preranking_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
-        "baseline_retrieval_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
+        **{key: ChannelParameter(type=standard_artifacts.Model, optional=key != RANKING_INPUT)
+           for key in STAGE_INPUTS.values()},
+        **{key: ChannelParameter(type=standard_artifacts.Model, optional=True) for key in BASELINE_INPUTS.values()},
         "ctr_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
         "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
         # The NegativeSampler's request lists: their counters become the evaluation's data_counts.
@@ -307,7 +310,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             registry = (config_from_dict(F.FeatureConfig, json.loads(lists.get_string_custom_property(FEATURES_PROPERTY)))
                         if lists.has_custom_property(FEATURES_PROPERTY) else F.DEFAULT)
             metrics["data_counts"] = data_counts(record_io.read_metrics(lists.uri), registry)
-        ctr_blessed, ctr_message = ctr_verdict(_present(input_dict, "ctr_blessing"), stage_models["ranking"])
+        ctr_blessed, ctr_message = ctr_verdict(_present(input_dict, "ctr_blessing"), stage_models[CTR_STAGE])
         verdicts = evaluation.bless_stages(metrics, config, ctr_blessed, ctr_message, notes)
         for stage, verdict in verdicts.items():
             verdict["model_uri"] = stage_models[stage].uri if stage_models[stage] is not None else None
@@ -315,7 +318,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             write_blessing(artifact_utils.get_single_instance(output_dict[BLESSING_OUTPUTS[stage]]), verdict,
                            stage_models[stage], baselines[stage])
         metrics["blessings"] = verdicts
-        metrics["blessed"], metrics["blessing_reasons"] = verdicts["ranking"]["blessed"], verdicts["ranking"]["reasons"]
+        metrics["blessed"], metrics["blessing_reasons"] = verdicts[CTR_STAGE]["blessed"], verdicts[CTR_STAGE]["reasons"]
         io_utils.write_string_file(os.path.join(evaluation_artifact.uri, record_io.METRICS_FILE),
                                    json.dumps(metrics, indent=2, sort_keys=True, default=float))
         evaluation.write_plots(metrics, evaluation_artifact.uri)
@@ -328,18 +331,20 @@ class CascadeEvaluator(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
     def __init__(self, examples: types.BaseChannel, model: types.BaseChannel,
-                 preranking_model: Optional[types.BaseChannel] = None,
-                 retrieval_model: Optional[types.BaseChannel] = None,
-                 baseline_model: Optional[types.BaseChannel] = None,
-                 baseline_preranking_model: Optional[types.BaseChannel] = None,
-                 baseline_retrieval_model: Optional[types.BaseChannel] = None,
                  ctr_blessing: Optional[types.BaseChannel] = None, schema: Optional[types.BaseChannel] = None,
-                 request_lists: Optional[types.BaseChannel] = None, config: EvaluatorConfig = EvaluatorConfig()):
+                 request_lists: Optional[types.BaseChannel] = None, config: EvaluatorConfig = EvaluatorConfig(),
+                 **stage_models: Optional[types.BaseChannel]):
+        """`model`: the CTR stage's model; `stage_models`: the other stages' models and every
+        stage's baseline, by their input names (`preranking_model`, `baseline_model`, …)."""
+        known = (set(STAGE_INPUTS.values()) | set(BASELINE_INPUTS.values())) - {RANKING_INPUT}
+        unknown = sorted(set(stage_models) - known)
+        if unknown:
+            raise TypeError(f"CascadeEvaluator: unknown model input(s) {', '.join(unknown)}; "
+                            f"the stage registry's are {', '.join(sorted(known))}")
         spec = CascadeEvaluatorSpec(
-            examples=examples, model=model, preranking_model=preranking_model, retrieval_model=retrieval_model,
-            baseline_model=baseline_model, baseline_preranking_model=baseline_preranking_model,
-            baseline_retrieval_model=baseline_retrieval_model, ctr_blessing=ctr_blessing, schema=schema,
+            examples=examples, model=model, ctr_blessing=ctr_blessing, schema=schema,
             request_lists=request_lists, config=config.to_json(),
+            **{key: stage_models.get(key) for key in sorted(known)},
             evaluation=types.Channel(type=standard_artifacts.ModelEvaluation),
             **{key: types.Channel(type=standard_artifacts.ModelBlessing) for key in BLESSING_OUTPUTS.values()},
             dead_letters=types.Channel(type=record_io.DeadLetters),

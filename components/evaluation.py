@@ -17,14 +17,14 @@ at the example's UI treatment. The metric definitions are `models.metrics` (DESI
 Blessing (`bless_stages`), one verdict per stage, each against that stage's own baseline (the
 latest blessed model of the stage):
   - value thresholds `(stage, metric, "min"|"max", value)` on the stage's metrics: "recall"
-    (Recall@|GT|@quota), "recall_lift", and for "ranking" also "auc", "per_query_auc", "ne" and
+    (Recall@|GT|@quota), "recall_lift", and for the CTR stage (ranking) also "auc", "per_query_auc", "ne" and
     "calibration" = mean predicted CTR / click rate; a NaN metric fails its threshold, except a
     recall_lift of a stage whose quota keeps every candidate of every request (it cuts nothing on
     this data, e.g. retrieval's 40 on MovieLens lists of ≤ 40): not applied, with a note;
   - change thresholds `(stage, metric, tolerance)`: the candidate may be worse than the stage's
     baseline by at most `tolerance` (absolute; "ne" lower is better, the others higher). A stage
     without a baseline is the first of its kind: nothing to compare with, which a note records;
-  - ranking only: the TFMA Evaluator's blessing (the CTR gate on the shown rows) when one is given;
+  - the CTR stage (ranking) only: the TFMA Evaluator's blessing (the CTR gate on the shown rows) when one is given;
   - a stage whose model is absent is not blessed ("no model").
 """
 import dataclasses
@@ -36,16 +36,18 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from cascade_ranking.models import metrics
+from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.config import config_from_dict, to_dict
 from cascade_ranking.schema import features as F
 
 GT_TIER = F.GROUND_TRUTH_TIER
-STAGES = ("retrieval", "preranking", "ranking")  # cascade order
-# The component input of each stage's model and of its baseline (the stage's latest blessed model).
-STAGE_INPUTS = {"retrieval": "retrieval_model", "preranking": "preranking_model", "ranking": "model"}
-BASELINE_INPUTS = {"retrieval": "baseline_retrieval_model", "preranking": "baseline_preranking_model",
-                   "ranking": "baseline_model"}
-RANKING_INPUT = STAGE_INPUTS["ranking"]
+# The stage registry (`models.stages`), in cascade order, and the component input of each stage's
+# model and of its baseline (the stage's latest blessed model).
+STAGES = stage_registry.names()
+STAGE_INPUTS = {s.name: s.model_input for s in stage_registry.registered()}
+BASELINE_INPUTS = {s.name: s.baseline_input for s in stage_registry.registered()}
+CTR_STAGE = stage_registry.ctr_stage().name
+RANKING_INPUT = STAGE_INPUTS[CTR_STAGE]
 CASCADE_STAGE_METRICS = ("recall", "recall_lift")  # every stage, over whole requests
 CTR_METRICS = ("auc", "per_query_auc", "ne", "calibration")  # the ranking stage, on shown rows
 LOWER_IS_BETTER = ("ne",)
@@ -59,7 +61,7 @@ def ctr_column(input_name: str) -> str:
 
 
 def stage_metric_names(stage: str) -> Tuple[str, ...]:
-    return CASCADE_STAGE_METRICS + (CTR_METRICS if stage == "ranking" else ())
+    return CASCADE_STAGE_METRICS + (CTR_METRICS if stage == CTR_STAGE else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +73,13 @@ class EvaluatorConfig:
     calibration_boundaries: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
     min_bucket_count: int = 100  # buckets with fewer shown candidates are left out of the variance
     # Blessing, per stage (see the module docstring). thresholds: (stage, metric, "min"|"max",
-    # value); the default blesses no model that orders its stage's candidates no better than chance.
-    thresholds: Tuple[Tuple[str, str, str, float], ...] = (
-        ("retrieval", "recall_lift", "min", 0.25), ("preranking", "recall_lift", "min", 0.25),
-        ("ranking", "recall_lift", "min", 0.25))
+    # value); the default is each stage's declaration (`models.stages`): bless no model that orders
+    # its stage's candidates no better than chance.
+    thresholds: Tuple[Tuple[str, str, str, float], ...] = tuple(
+        (s.name, *t) for s in stage_registry.registered() for t in s.thresholds)
     # change_thresholds: (stage, metric, tolerance) against the stage's baseline.
-    change_thresholds: Tuple[Tuple[str, str, float], ...] = (
-        ("retrieval", "recall", 0.01), ("preranking", "recall", 0.01), ("ranking", "recall", 0.01))
+    change_thresholds: Tuple[Tuple[str, str, float], ...] = tuple(
+        (s.name, *t) for s in stage_registry.registered() for t in s.change_thresholds)
     recall_k_max: int = 50
     batch_size: int = 1024
     max_bad_fraction: float = 0.01
@@ -294,7 +296,7 @@ def bless_stages(result: Mapping, config: EvaluatorConfig, ctr_blessed: Optional
                                    f"by more than {tolerance}")
         else:
             stage_notes.append(NO_BASELINE_NOTE)
-        if stage == "ranking":
+        if stage == CTR_STAGE:
             if ctr_blessed is None:
                 stage_notes.append(NO_CTR_BLESSING_NOTE)
             elif not ctr_blessed:

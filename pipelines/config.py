@@ -9,12 +9,13 @@ and `cascade compile-kubeflow` build it from the same flags (`pipelines.cli.pipe
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cascade_ranking.components.evaluation import EvaluatorConfig
 from cascade_ranking.components.sampling import SamplerConfig
 from cascade_ranking.datasources.example_io import InputError, check_examples_dir
 from cascade_ranking.datasources.synthetic import SyntheticConfig
+from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.config import ConfigError, merge, to_dict
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.schema.features import FeatureConfig
@@ -23,8 +24,7 @@ from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
-CASCADE_STAGES = ("retrieval", "preranking", "ranking")
-STAGE_CHOICES = (CASCADE_STAGES, CASCADE_STAGES[1:])
+CASCADE_STAGES = stage_registry.names()  # every stage of the registry (`models.stages`), cascade order
 BEAM_MODES = ("in_process", "in_memory", "multi_processing")
 
 
@@ -60,9 +60,13 @@ class PipelineConfig:
     cascade: CascadeTrainerConfig = dataclasses.field(default_factory=CascadeTrainerConfig)
     sampler: SamplerConfig = SamplerConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
-    # The trained stages, earliest first: the whole cascade, or pre-ranking and ranking alone (a
-    # 2-stage cascade: no retrieval Trainer, no retrieval model evaluated or pushed).
+    # The trained stages, earliest first: the stage registry's (`models.stages`), or any of them
+    # that keeps the required ones, e.g. pre-ranking and ranking alone (a 2-stage cascade: no
+    # retrieval Trainer, no retrieval model evaluated or pushed).
     stages: Tuple[str, ...] = CASCADE_STAGES
+    # Settings of a stage added as a folder of `models.stages`, by stage name: its Trainer reads
+    # them (`models.trainers.common.stage_options`); the built-in stages have their own fields.
+    stage_options: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     # The feature registry: every model input declared once (features.inputs: name, role, kind,
     # dtype, width, buckets), passed to every Trainer and the NegativeSampler; `features.buckets`
     # overrides bucket counts by name (e.g. [[item_id, 1000000]]).
@@ -132,24 +136,43 @@ class PipelineConfig:
                 raise ConfigError(f"{name}.bias_slice_feature {ranker.bias_slice_feature!r} is not a UI int64 id of "
                                   f"features.inputs ({', '.join(ui_ids) or 'none'}); name one or set it to ''")
 
+    def check_stages(self) -> None:
+        """`stages` against the stage registry: known names, in cascade order, each once, with every
+        required stage; `stage_options` only for stages of the registry, each a mapping."""
+        known, stages = stage_registry.names(), tuple(self.stages)
+        unknown = [s for s in stages if s not in known]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {', '.join(unknown)}; the registry's are {', '.join(known)}")
+        if list(stages) != sorted(set(stages), key=known.index):
+            raise ConfigError(f"stages {list(stages)}: name each stage once, in cascade order ({', '.join(known)})")
+        missing = [s for s in stage_registry.required() if s not in stages]
+        if missing:
+            raise ConfigError(f"stages {list(stages)}: every cascade trains {', '.join(stage_registry.required())}; "
+                              f"add {', '.join(missing)}")
+        for name, options in self.stage_options.items():
+            if name not in known:
+                raise ConfigError(f"stage_options: unknown stage {name!r}; the registry's are {', '.join(known)}")
+            if not isinstance(options, dict):
+                raise ConfigError(f"stage_options.{name}: expected a mapping, got {options!r}")
+
     def check_quotas(self) -> None:
         """Cross-field rules of the cascade's sizes. The list size is set once, `sampler.list_size`
         (the Trainers read it from the lists). The stage quotas: `evaluator.quotas` (retrieval,
         pre-ranking, ranking) are positive and decreasing, the Trainers' own recall quotas are the
         same numbers, and LCRON's training quota fits in a list. A ConfigError names the fields."""
         stages = tuple(self.stages)
-        if stages not in STAGE_CHOICES:
-            raise ConfigError(f"stages {list(stages)}: choose {' or '.join(str(list(s)) for s in STAGE_CHOICES)}")
+        self.check_stages()
         quotas = tuple(self.evaluator.quotas)
         if len(quotas) < len(stages) or any(q <= 0 for q in quotas) or any(a <= b for a, b in zip(quotas, quotas[1:])):
             raise ConfigError(f"evaluator.quotas {list(quotas)}: need one positive quota per stage "
                               f"({', '.join(stages)}), each smaller than the one before")
-        if tuple(self.cascade.eval_quotas) != quotas[-2:]:
+        quota = dict(zip(stages, quotas[len(quotas) - len(stages):]))  # the last len(stages), in order
+        if tuple(self.cascade.eval_quotas) != (quota["preranking"], quota["ranking"]):
             raise ConfigError(f"cascade.eval_quotas {list(self.cascade.eval_quotas)} must be the pre-ranking and ranking "
-                              f"quotas of evaluator.quotas {list(quotas)}: {list(quotas[-2:])}")
-        if "retrieval" in stages and self.retrieval.eval_quota != quotas[-3]:
+                              f"quotas of evaluator.quotas {list(quotas)}: {[quota['preranking'], quota['ranking']]}")
+        if "retrieval" in stages and self.retrieval.eval_quota != quota["retrieval"]:
             raise ConfigError(f"retrieval.eval_quota {self.retrieval.eval_quota} must be the retrieval quota of "
-                              f"evaluator.quotas {list(quotas)}: {quotas[-3]}")
+                              f"evaluator.quotas {list(quotas)}: {quota['retrieval']}")
         training = self.cascade.quota if isinstance(self.cascade.quota, tuple) else (self.cascade.quota,)
         if any(not 0 < q < self.sampler.list_size for q in training):
             raise ConfigError(f"cascade.quota {self.cascade.quota} must be positive and below sampler.list_size "
@@ -212,14 +235,14 @@ class PipelineConfig:
         return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"] + _installed_package_flag()
 
     def evaluator_config(self) -> EvaluatorConfig:
-        """`evaluator`, told how each stage model scores a candidate unless it says so itself: the
-        two-tower model by its `score` signature (u·v), the pre-ranker and the ranker by the `score`
-        output of `serving_default` (the ranker's cascade score; its CTR is `ctr`)."""
+        """`evaluator`, told how each stage model scores a candidate (its declaration's
+        `score_output`) unless it says so itself: the two-tower model by its `score` signature
+        (u·v), the pre-ranker and the ranker by the `score` output of `serving_default` (the
+        ranker's cascade score; its CTR is `ctr`)."""
         if self.evaluator.score_outputs:
             return self.evaluator
-        return dataclasses.replace(self.evaluator, score_outputs=(
-            ("retrieval_model", "score", "score"), ("preranking_model", "serving_default", "score"),
-            ("model", "serving_default", "score")))
+        return dataclasses.replace(self.evaluator, score_outputs=tuple(
+            (s.model_input, *s.score_output) for s in stage_registry.registered()))
 
 
 # ---- the config file ------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ Only when some feature of the registry has `lookup: vocabulary`: a standard TFX 
 example source's train split (`schema.vocabulary`: one `tft.vocabulary` per such feature, nothing
 materialized) whose transform_graph every Trainer reads its vocabulary files from.
 
+The stage nodes (Trainers, StageModels, LatestBlessed Resolvers, the CascadeEvaluator's channels,
+Pushers) are derived from the stage registry, `models.stages`, one folder per stage; the config's
+`stages` picks which of them a run trains.
+
 Every per-request loss or metric reads request-grouped data: the Trainers read the
 NegativeSampler's request lists (one list per request), the CascadeEvaluator groups rows by
 request_id explicitly. Each Trainer runs a module of `models.trainers` with its configuration as
@@ -32,6 +36,7 @@ JSON in custom_config. Nothing here depends on where the pipeline runs: LocalDag
 BeamDagRunner and Kubeflow V2 compile the same `tfx.dsl.Pipeline`.
 """
 import hashlib
+import json
 import os
 from typing import Optional
 
@@ -45,26 +50,21 @@ from cascade_ranking.components.negative_sampler import NegativeSampler
 from cascade_ranking.components.stage_model import StageModel
 from cascade_ranking.components.synthetic_example_gen import SyntheticExampleGen
 from cascade_ranking.components.teacher_inference import TeacherInference
-from cascade_ranking.models.trainers.common import FEATURES_KEY
+from cascade_ranking.models import stages as stage_registry
+from cascade_ranking.models.trainers.common import FEATURES_KEY, STAGE_OPTIONS_KEY
 from cascade_ranking.pipelines.config import PipelineConfig, to_json
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import vocabulary
 
-TRAINER_MODULES = {
-    "teacher": "cascade_ranking.models.trainers.teacher.run_fn",
-    "retrieval": "cascade_ranking.models.trainers.retrieval.run_fn",
-    "cascade": "cascade_ranking.models.trainers.cascade.run_fn",
-}
-STAGES = ("retrieval", "preranking", "ranking")  # the pushed stages, cascade order
+TEACHER_RUN_FN = "cascade_ranking.models.trainers.teacher.run_fn"
+STAGES = stage_registry.names()  # the served stages of the registry (`models.stages`), cascade order
 EVALUATOR_ID = "CascadeEvaluator"
-TFMA_EVALUATOR_ID = "Evaluator.ranking"
-# The CascadeEvaluator's blessing output of each stage, and its baseline input.
-BLESSING_KEYS = {"retrieval": "retrieval_blessing", "preranking": "preranking_blessing", "ranking": "blessing"}
-BASELINE_KEYS = {"retrieval": "baseline_retrieval_model", "preranking": "baseline_preranking_model",
-                 "ranking": "baseline_model"}
-# (node id, output key) of each stage's served Model.
-MODEL_SOURCES = {"retrieval": ("Trainer.retrieval", "model"), "preranking": ("StageModel.preranking", "stage_model"),
-                 "ranking": ("Trainer.cascade", "model")}
+TFMA_EVALUATOR_ID = f"Evaluator.{stage_registry.ctr_stage().name}"
+# The CascadeEvaluator's blessing output of each stage, its baseline input, and (node id, output
+# key) of each stage's served Model: all from the stage declarations.
+BLESSING_KEYS = {s.name: s.blessing_output for s in stage_registry.registered()}
+BASELINE_KEYS = {s.name: s.baseline_input for s in stage_registry.registered()}
+MODEL_SOURCES = {s.name: s.model_source for s in stage_registry.registered()}
 
 
 def _absolute(path: str) -> str:
@@ -121,17 +121,28 @@ def vocabulary_transform(examples, schema, features: F.FeatureConfig) -> Optiona
     )
 
 
-def _trainer(stage: str, examples, schema, custom_config: dict, after, features,
+def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, after, features,
              transform_graph=None) -> tfx.components.Trainer:
-    """A Trainer of `stage`; every one gets the run's FeatureConfig under custom_config "features",
-    and the Transform output (vocabularies) when some feature has lookup vocabulary."""
+    """`Trainer.<name>` running `run_fn`; every one gets the run's FeatureConfig under custom_config
+    "features", and the Transform output (vocabularies) when some feature has lookup vocabulary."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(features)}
     trainer = tfx.components.Trainer(
-        run_fn=TRAINER_MODULES[stage], examples=examples, schema=schema, custom_config=custom_config,
+        run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
         transform_graph=transform_graph,
-    ).with_id(f"Trainer.{stage}")
+    ).with_id(f"Trainer.{name}")
     trainer.add_upstream_node(after)
     return trainer
+
+
+def stage_trainer_config(trainer: stage_registry.StageTrainer, config: PipelineConfig) -> dict:
+    """custom_config of a stage's Trainer: the PipelineConfig fields it names, each as JSON under its
+    own name, and the `stage_options` of its stages under "options" (when the config gives some)."""
+    custom_config = {field: to_json(getattr(config, field)) for field in trainer.config_fields}
+    options = {s.name: config.stage_options[s.name] for s in stage_registry.registered()
+               if s.trainer.name == trainer.name and s.name in config.stage_options}
+    if options:
+        custom_config[STAGE_OPTIONS_KEY] = json.dumps(options, sort_keys=True)
+    return custom_config
 
 
 def latest_blessed(stage: str) -> tfx.dsl.Resolver:
@@ -174,46 +185,44 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
 
     transform = vocabulary_transform(rows, schema, config.features)
     graph = transform.outputs["transform_graph"] if transform else None
-    teacher = _trainer("teacher", rows, schema, {"ranker": config.teacher.to_json()}, after=anomaly_gate,
-                       features=config.features, transform_graph=graph)
+    teacher = _trainer("teacher", TEACHER_RUN_FN, rows, schema, {"ranker": config.teacher.to_json()},
+                       after=anomaly_gate, features=config.features, transform_graph=graph)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
     sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
     request_lists = sampler.outputs["request_lists"]
 
-    stages = tuple(config.stages)  # ("retrieval",) "preranking", "ranking": a cascade of 3 or 2 trained stages
-    retrieval = (_trainer("retrieval", request_lists, schema, {"retrieval": to_json(config.retrieval)},
-                          after=anomaly_gate, features=config.features, transform_graph=graph)
-                 if "retrieval" in stages else None)
-    cascade = _trainer("cascade", request_lists, schema,
-                       {"cascade": to_json(config.cascade), "ranker": config.ranker.to_json()}, after=anomaly_gate,
-                       features=config.features, transform_graph=graph)
-    preranking = StageModel(model=cascade.outputs["model"], stage="preranking").with_id("StageModel.preranking")
-    models = {"preranking": preranking.outputs["stage_model"], "ranking": cascade.outputs["model"]}
-    if retrieval is not None:
-        models["retrieval"] = retrieval.outputs["model"]
-    baselines = {stage: latest_blessed(stage) for stage in STAGES if stage in stages}
+    # The stages the config trains (a subsequence of the registry's: 3, or 2 without retrieval),
+    # their Trainers on the request lists, and a StageModel for each stage served out of another's.
+    stages = [s for s in stage_registry.registered() if s.name in config.stages]
+    trainers = {t.name: _trainer(t.name, t.run_fn, request_lists, schema, stage_trainer_config(t, config),
+                                 after=anomaly_gate, features=config.features, transform_graph=graph)
+                for t in stage_registry.trainers(config.stages)}
+    stage_models = {s.name: StageModel(model=trainers[s.trainer.name].outputs["model"], stage=s.name).with_id(
+        s.model_source[0]) for s in stages if s.extracted}
+    models = {s.name: (stage_models[s.name].outputs["stage_model"] if s.extracted
+                       else trainers[s.trainer.name].outputs["model"]) for s in stages}
+    baselines = {s.name: latest_blessed(s.name) for s in stages}
 
+    ctr = stage_registry.ctr_stage().name
     tfma_evaluator = tfx.components.Evaluator(
-        examples=sampler.outputs["shown_rows"], model=models["ranking"],
-        baseline_model=baselines["ranking"].outputs["model"], eval_config=tfma_eval_config(config.evaluator, config.features),
+        examples=sampler.outputs["shown_rows"], model=models[ctr],
+        baseline_model=baselines[ctr].outputs["model"], eval_config=tfma_eval_config(config.evaluator, config.features),
         example_splits=["eval"],
     ).with_id(TFMA_EVALUATOR_ID)
     evaluator = CascadeEvaluator(
-        examples=scored_rows, model=models["ranking"], preranking_model=models["preranking"],
-        retrieval_model=models.get("retrieval"), schema=schema, ctr_blessing=tfma_evaluator.outputs["blessing"],
-        request_lists=request_lists,
-        config=config.evaluator_config(),
-        **{BASELINE_KEYS[stage]: baselines[stage].outputs["model"] for stage in baselines},
+        examples=scored_rows, model=models[ctr], schema=schema, ctr_blessing=tfma_evaluator.outputs["blessing"],
+        request_lists=request_lists, config=config.evaluator_config(),
+        **{s.model_input: models[s.name] for s in stages if s.name != ctr},
+        **{s.baseline_input: baselines[s.name].outputs["model"] for s in stages},
     ).with_id(EVALUATOR_ID)
-    pushers = [_pusher(stage, models[stage], evaluator.outputs[BLESSING_KEYS[stage]], config)
-               for stage in STAGES if stage in stages]
+    pushers = [_pusher(s.name, models[s.name], evaluator.outputs[s.blessing_output], config) for s in stages]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
         components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate,
                     *([transform] if transform else []), teacher,
-                    teacher_inference, sampler, *([retrieval] if retrieval else []), cascade, preranking,
+                    teacher_inference, sampler, *trainers.values(), *stage_models.values(),
                     *baselines.values(), tfma_evaluator,
                     evaluator, *pushers],
         enable_cache=config.enable_cache,

@@ -22,10 +22,12 @@ from tfx.orchestration import metadata
 from cascade_ranking.components import record_io
 from cascade_ranking.models.trainers.common import EVAL_METRICS_FILE
 from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.pipelines.pipeline import EVALUATOR_ID, STAGES, TFMA_EVALUATOR_ID
 
-STAGE_KEYS = {"retrieval": "retrieval_model", "preranking": "preranking_model", "ranking": "model"}
-STAGE_LABELS = {"retrieval_model": "retrieval", "preranking_model": "pre-ranking", "model": "ranking"}
+# Each stage's CascadeEvaluator input, and the label of its rows (`models.stages`).
+STAGE_KEYS = {s.name: s.model_input for s in stage_registry.registered()}
+STAGE_LABELS = {s.model_input: s.label for s in stage_registry.registered()}
 
 
 def _store(config: PipelineConfig) -> mlmd.MetadataStore:

@@ -37,6 +37,15 @@ def config_from(fn_args, key: str, cls):
 
 
 FEATURES_KEY = "features"  # custom_config key of the run's `schema.features.FeatureConfig`, the same for every Trainer
+# custom_config key of a stage Trainer's `stage_options` (JSON: stage name → its mapping from the
+# config), given only when the config has options for one of the Trainer's stages (`models.stages`).
+STAGE_OPTIONS_KEY = "options"
+
+
+def stage_options(fn_args, stage: str) -> dict:
+    """The config's `stage_options.<stage>` mapping given to this Trainer ({} when none): how a stage
+    added as a folder of `models.stages` gets its settings from the one config file."""
+    return config_json(fn_args, STAGE_OPTIONS_KEY).get(stage, {})
 
 
 def feature_config(fn_args) -> F.FeatureConfig:
