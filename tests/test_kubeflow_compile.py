@@ -55,3 +55,35 @@ def test_compile_kubeflow_carries_the_technique_flags_into_the_trainers_custom_c
     assert json.loads(custom_config["cascade"])["method"] == "icc"
     sampler = json.loads(tasks["NegativeSampler"]["inputs"]["parameters"]["config"]["runtimeValue"]["constantValue"]["stringValue"])
     assert sampler["nonclick_keep_rate"] == 0.5
+
+
+def test_compile_kubeflow_with_vocabulary_features_adds_the_transform_and_feeds_every_trainer(tmp_path):
+    """A registry with `lookup: vocabulary` features compiles with the standard Transform (the
+    vocabulary preprocessing_fn, analyze on train, nothing materialized) whose transform_graph every
+    Trainer reads; the same config with hashed ids has no Transform."""
+    import dataclasses
+
+    from cascade_ranking.schema import features as F
+    from cascade_ranking.schema import vocabulary
+
+    hashed = PipelineConfig(output_dir="gs://bucket/cascade", schema_file="/pipeline/schema/schema.pbtxt")
+    inputs = tuple(dataclasses.replace(f, lookup="vocabulary", buckets=0) if f.name in ("item_id", "user_id") else f
+                   for f in hashed.features.inputs)
+    config = hashed.replace(features=dataclasses.replace(hashed.features, inputs=inputs))
+    tasks = {}
+    for name, c in (("hashed", hashed), ("vocabulary", config)):
+        path = kubeflow_v2_runner.compile_pipeline(c, str(tmp_path / f"{name}.json"), image="gcr.io/p/cascade:1")
+        tasks[name] = json.load(open(path))["pipelineSpec"]["root"]["dag"]["tasks"]
+    assert "Transform" not in tasks["hashed"]
+    transform = tasks["vocabulary"]["Transform"]["inputs"]["parameters"]
+    constant = lambda p: p["runtimeValue"]["constantValue"]
+    assert constant(transform["preprocessing_fn"])["stringValue"] == vocabulary.PREPROCESSING_FN
+    custom = json.loads(constant(transform["custom_config"])["stringValue"])
+    looked_up = {f["name"] for f in json.loads(custom[vocabulary.FEATURES_KEY])["inputs"] if f.get("lookup") == "vocabulary"}
+    assert looked_up == {"item_id", "user_id"}
+    assert json.loads(constant(transform["splits_config"])["stringValue"]) == {"analyze": ["train"]}
+    trainers = [name for name in tasks["vocabulary"] if name.startswith("Trainer.")]
+    assert sorted(trainers) == ["Trainer.cascade", "Trainer.retrieval", "Trainer.teacher"]
+    for name in trainers:
+        graph = tasks["vocabulary"][name]["inputs"]["artifacts"]["transform_graph"]["taskOutputArtifact"]
+        assert graph == {"outputArtifactKey": "transform_graph", "producerTask": "Transform"}, name
