@@ -236,7 +236,8 @@ def data_counts(result: Dict) -> Optional[Dict]:
 
 def counts_block(result: Dict) -> Optional[str]:
     """The block every run prints at its end (issue "No silent loss"): rows read, used and diverted
-    by reason, requests without ground truth, NaN values read as 0, ids folded into the buckets."""
+    by reason, requests without ground truth, NaN values read as 0, ids folded into the buckets, and
+    for vocabulary features the eval ids out of vocabulary (the cascade Trainer's count)."""
     from cascade_ranking.components.negative_sampler import DIVERTED_LABELS
 
     counts = data_counts(result)
@@ -259,6 +260,10 @@ def counts_block(result: Dict) -> Optional[str]:
         ("ids folded into the buckets", ", ".join(f"{name} {v['ids']:,} (outside [0, {v['buckets']:,}))"
                                                   for name, v in folded.items()) or "none"),
     ]
+    oov = result.get("cascade_trainer", {}).get("eval_ids_out_of_vocabulary")
+    if oov:  # vocabulary features: eval ids the train split never had share the OOV rows
+        rows.append(("eval ids out of vocabulary (OOV rows)", ", ".join(
+            f"{name} {v['ids']:,} of {v['of']:,} (vocabulary {v['vocabulary_size']:,})" for name, v in oov.items())))
     width = max(len(label) for label, _ in rows)
     return "\n".join([f"Data counts{where}:"] + [f"  {label:<{width}}  {value}" for label, value in rows])
 

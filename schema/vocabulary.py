@@ -77,3 +77,34 @@ def resolve(features: F.FeatureConfig, transform_graph_path: Optional[str]) -> F
         raise ValueError(f"features {names} have lookup vocabulary but the Trainer got no transform_graph "
                          f"(the pipeline's Transform output)")
     return features.with_vocabularies(vocabularies(transform_graph_path, features))
+
+
+def out_of_vocabulary(lists: Dict[str, Any], features: F.FeatureConfig) -> Dict[str, Dict[str, int]]:
+    """Per vocabulary feature of a resolved registry: how many id values of the request lists
+    `lists` (numpy, the layout of `models.list_inputs`, e.g. the eval lists) are not in its
+    vocabulary, {"ids": out of vocabulary, "of": values read, "vocabulary_size": ...}. Such ids
+    are not lost: they share the feature's OOV rows (`oov_buckets`); the count says how many do.
+    Candidates outside a list's mask and the padding of multivalent features are not counted."""
+    import numpy as np
+
+    mask = np.asarray(lists["mask"]) > 0
+    size = mask.shape[1]
+    files = {s.name: s.vocabulary_file for s in features.sparse_features()}  # the resolved files
+    out = {}
+    for f in features.vocabulary_features():
+        if f.name not in lists:
+            continue
+        with tf.io.gfile.GFile(files[f.name], "rb") as handle:
+            tokens = [line.rstrip(b"\n") for line in handle]
+        vocabulary = set(tokens) if f.is_string else {int(t) for t in tokens if t.strip()}
+        values = np.asarray(lists[f.name])
+        if f.role == "query":
+            real = values.reshape(values.shape[0], -1)[mask.any(axis=1)]
+        else:
+            real = values.reshape(mask.shape[0], size, -1)[mask]
+        if f.multivalent:
+            real = real[real != f.pad_value]
+        real = real.reshape(-1)
+        known = np.fromiter((v in vocabulary for v in (real if f.is_string else real.tolist())), bool, real.size)
+        out[f.name] = {"ids": int((~known).sum()), "of": int(real.size), "vocabulary_size": len(vocabulary)}
+    return out

@@ -4,6 +4,7 @@ dense feature of width 7, up to 20 keywords, 100-candidate requests, no tiers, n
 `cascade serve-check`, with no change to package code; a 2-stage cascade; a feature added by the
 config alone; a declared feature the data lacks stopped before training; ids looked up in
 vocabularies that a TFX Transform step computes."""
+import glob
 import json
 import os
 import shutil
@@ -199,6 +200,15 @@ def test_vocabulary_features_get_their_vocabularies_from_transform_and_serve_uns
     assert set(output.vocabulary_by_name("sku")) == skus  # the train split's, not eval's
     assert {int(k) for k in output.vocabulary_by_name("keywords")} == keywords
     assert not os.path.exists(os.path.join(out_dir, "pipeline_root", "Transform", "transformed_examples"))
+    # Eval ids the train split never had share the OOV rows, and the run counts them.
+    (eval_metrics,) = glob.glob(os.path.join(out_dir, "pipeline_root", "Trainer.cascade", "model_run", "*",
+                                             "eval_metrics.json"))
+    oov = json.load(open(eval_metrics))["eval_ids_out_of_vocabulary"]
+    eval_rows = list(example_io.read_examples(os.path.join(data, "Split-eval")))
+    unseen = sum(e.features.feature["sku"].bytes_list.value[0] not in skus for e in eval_rows)
+    assert oov["sku"]["vocabulary_size"] == len(skus) and oov["sku"]["of"] <= len(eval_rows)
+    assert oov["sku"]["ids"] <= unseen and set(oov) == {"sku", "keywords"}
+    assert f"sku {oov['sku']['ids']:,} of {oov['sku']['of']:,}" in out  # the run's data counts
     ranking = _pushed(out_dir, "ranking")
     rows = {v.name.split("/")[-2]: v.shape[0] for v in tf.saved_model.load(ranking).variables
             if v.name.endswith("embeddings:0")}

@@ -138,6 +138,39 @@ def test_an_exported_ranker_serves_known_and_unseen_ids_from_its_own_assets(anal
     assert ctr.shape == (2,) and np.all((ctr > 0) & (ctr < 1)) and ctr[0] != ctr[1]
 
 
+def test_eval_ids_out_of_vocabulary_are_counted_per_feature(analyzed):
+    """Eval lists with unseen skus and keywords: `out_of_vocabulary` counts the values that are not
+    in each vocabulary file (counted here from the rows), over real candidates only."""
+    registry, rows, out = analyzed
+    features = vocabulary.resolve(registry, out)
+    eval_rows = own_logs.rows(3, candidates=30, seed=11)  # another seed: some skus and keywords unseen
+    eval_rows[0]["sku"] = [b"sku-never-seen"]
+    by_request = collections.defaultdict(list)
+    for row in eval_rows:
+        by_request[row["request_id"][0]].append(
+            {**row, "stage": F.tier_without_stage(row["click"][0]), F.SHOWN_KEY: [F.SHOWN_WITHOUT_POSITION]})
+    packed = [RL.build_request_list(r, LIST_SIZE, features) for r in by_request.values()]
+    parsed = tf.io.parse_example(tf.constant([make_example(p).SerializeToString() for p in packed]),
+                                 RL.parse_spec(LIST_SIZE, features))
+    lists = {k: (v.to_tensor().numpy() if isinstance(v, tf.RaggedTensor) else v.numpy()) for k, v in parsed.items()}
+    counts = vocabulary.out_of_vocabulary(lists, features)
+
+    sku_vocabulary = {r["sku"][0] for r in rows}  # every train sku (no limit on sku)
+    keyword_counts = collections.Counter(k for r in rows for k in r["keywords"])
+    top_keywords = set(tft_order(keyword_counts)[:50])  # max_tokens 50
+    brand_counts = collections.Counter(r["brand"][0] for r in rows)
+    brands = {b for b, n in brand_counts.items() if n >= 30}  # min_count 30
+    eval_keywords = [k for r in eval_rows for k in r["keywords"] if k != 0]
+    assert counts["sku"] == {"ids": sum(r["sku"][0] not in sku_vocabulary for r in eval_rows), "of": len(eval_rows),
+                             "vocabulary_size": len(sku_vocabulary)}
+    assert counts["sku"]["ids"] >= 1
+    assert counts["keywords"] == {"ids": sum(k not in top_keywords for k in eval_keywords), "of": len(eval_keywords),
+                                  "vocabulary_size": 50}
+    assert counts["brand"] == {"ids": sum(r["brand"][0] not in brands for r in eval_rows), "of": len(eval_rows),
+                               "vocabulary_size": len(brands)}
+    assert set(counts) == {"sku", "keywords", "brand"}  # visitor is hashed
+
+
 @pytest.mark.parametrize("values, message", [
     ({"name": "v", "role": "query", "kind": "dense", "width": 2, "lookup": "vocabulary"},
      "lookup vocabulary is for id features, not dense ones"),

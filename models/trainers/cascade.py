@@ -33,7 +33,8 @@ Outputs:
     <model_run>/eval_metrics.json evaluate_cascade on the eval lists (e2e recall of the two stages,
                                   recall_<stage>@<q>), the ranker's CTR metrics on the shown eval
                                   rows, the training data it read (`train_data_report`), each served
-                                  stage's FLOPs per candidate, the schema path, method and quotas.
+                                  stage's FLOPs per candidate, the schema path, method and quotas,
+                                  and for vocabulary features the eval ids out of vocabulary.
 """
 import dataclasses
 import json
@@ -202,6 +203,10 @@ def run_fn(fn_args) -> None:
         train_data=data, ranker=ctr_metrics(ranking.ranker, evals),
         flops={"preranking": light.flops(), "ranking": ranking.ranker.flops()},
     )
+    if features.vocabulary_features():  # eval ids that share the OOV rows, per vocabulary feature
+        from cascade_ranking.schema import vocabulary
+
+        result["eval_ids_out_of_vocabulary"] = vocabulary.out_of_vocabulary(evals, features)
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     warmup = candidate_examples(evals, features=features)
