@@ -107,7 +107,8 @@ def _run_metrics(store: mlmd.MetadataStore, node_context: str) -> Optional[Dict]
 
 def collect(config: PipelineConfig) -> Dict:
     """{"evaluation": the CascadeEvaluator's metrics, "evaluation_uri", "tfma": the TFMA summary,
-    "cascade_trainer" / "retrieval_trainer": their eval metrics, "pushed": {stage: path}}."""
+    "<trainer>_trainer" (e.g. "cascade_trainer", "retrieval_trainer"): each stage Trainer's eval
+    metrics, "pushed": {stage: path}}."""
     store = _store(config)
     name = config.pipeline_name
     result = {"pushed": pushed_models(config)}
@@ -123,7 +124,8 @@ def collect(config: PipelineConfig) -> Dict:
     if lists is not None and os.path.exists(os.path.join(lists.uri, record_io.METRICS_FILE)):
         with open(os.path.join(lists.uri, record_io.METRICS_FILE)) as f:
             result["sampler"] = json.load(f)
-    for key, node in (("cascade_trainer", "Trainer.cascade"), ("retrieval_trainer", "Trainer.retrieval")):
+    for trainer in stage_registry.trainers(stage_registry.names()):  # "cascade_trainer", "retrieval_trainer", …
+        key, node = f"{trainer.name}_trainer", f"Trainer.{trainer.name}"
         metrics = _run_metrics(store, f"{name}.{node}")
         if metrics is not None:
             result[key] = metrics
