@@ -12,7 +12,7 @@ import pytest
 
 from cascade_ranking.components import cascade_evaluator, evaluation
 from cascade_ranking.models import stages
-from cascade_ranking.models.config import ConfigError
+from cascade_ranking.models.config import ConfigError, to_dict
 from cascade_ranking.pipelines.config import PipelineConfig
 
 
@@ -190,3 +190,21 @@ def test_a_new_stage_is_one_folder(tmp_path):
     verdict = out["verdicts"]["popularity"]
     assert verdict["blessed"] == (expected >= 0.5), verdict
     assert set(out["verdicts"]) == {"retrieval", "popularity", "preranking", "ranking"}
+
+
+def test_a_stage_trainer_reads_its_options_from_custom_config():
+    """What `stage_trainer_config` writes, `models.trainers.common.stage_options` reads back."""
+    import types
+
+    from cascade_ranking.models.stages import StageTrainer
+    from cascade_ranking.models.trainers import common
+    from cascade_ranking.pipelines.pipeline import stage_trainer_config
+
+    config = PipelineConfig(stage_options={"retrieval": {"top": 3, "note": "x"}})
+    custom = stage_trainer_config(stages.get("retrieval").trainer, config)
+    assert json.loads(custom["retrieval"]) == to_dict(config.retrieval)  # its own field, as JSON
+    fn_args = types.SimpleNamespace(custom_config=custom)
+    assert common.stage_options(fn_args, "retrieval") == {"top": 3, "note": "x"}
+    assert common.stage_options(fn_args, "ranking") == {}
+    cascade = stage_trainer_config(StageTrainer("cascade", "m.run_fn", ("cascade", "ranker")), config)
+    assert set(cascade) == {"cascade", "ranker"}  # no options for its stages: no key
