@@ -149,6 +149,8 @@ class PipelineConfig:
         if missing:
             raise ConfigError(f"stages {list(stages)}: every cascade trains {', '.join(stage_registry.required())}; "
                               f"add {', '.join(missing)}")
+        if not isinstance(self.stage_options, dict):
+            raise ConfigError(f"stage_options: expected a mapping of stage name to its settings, got {self.stage_options!r}")
         for name, options in self.stage_options.items():
             if name not in known:
                 raise ConfigError(f"stage_options: unknown stage {name!r}; the registry's are {', '.join(known)}")

@@ -74,9 +74,14 @@ def test_config_stages_are_checked_against_the_registry(stage_list, message):
         PipelineConfig(stages=stage_list).check_quotas()
 
 
-def test_stage_options_only_for_registered_stages():
-    with pytest.raises(ConfigError, match="stage_options: unknown stage 'rerank'"):
-        PipelineConfig(stage_options={"rerank": {"k": 1}}).check_stages()
+@pytest.mark.parametrize("options, message", [
+    ({"rerank": {"k": 1}}, "stage_options: unknown stage 'rerank'"),
+    ({"retrieval": [1, 2]}, "stage_options.retrieval: expected a mapping"),
+    ([["retrieval", 1]], "stage_options: expected a mapping of stage name"),
+])
+def test_stage_options_are_mappings_for_registered_stages(options, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelineConfig(stage_options=options).check_stages()
 
 
 # A stage the package does not have, as a user adds it: one folder with its declaration and its
