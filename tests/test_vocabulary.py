@@ -106,18 +106,23 @@ def test_the_trainers_registry_gets_each_vocabulary_file_and_its_table_size(anal
     assert vocabulary.resolve(own_logs.registry(), None) == own_logs.registry()  # all hashed: nothing to resolve
 
 
-def test_an_exported_ranker_serves_known_and_unseen_ids_from_its_own_assets(analyzed, tmp_path):
-    registry, rows, out = analyzed
-    copied = str(tmp_path / "transform_graph")
-    shutil.copytree(out, copied)
-    features = vocabulary.resolve(registry, copied)
+def _parsed_lists(rows, features):
+    """The rows of a log without tiers as parsed request lists (`schema.request_list` layout)."""
     by_request = collections.defaultdict(list)
     for row in rows:
         by_request[row["request_id"][0]].append(
             {**row, "stage": F.tier_without_stage(row["click"][0]), F.SHOWN_KEY: [F.SHOWN_WITHOUT_POSITION]})
     packed = [RL.build_request_list(r, LIST_SIZE, features) for r in by_request.values()]
-    parsed = tf.io.parse_example(tf.constant([make_example(p).SerializeToString() for p in packed]),
-                                 RL.parse_spec(LIST_SIZE, features))
+    return tf.io.parse_example(tf.constant([make_example(p).SerializeToString() for p in packed]),
+                               RL.parse_spec(LIST_SIZE, features))
+
+
+def test_an_exported_ranker_serves_known_and_unseen_ids_from_its_own_assets(analyzed, tmp_path):
+    registry, rows, out = analyzed
+    copied = str(tmp_path / "transform_graph")
+    shutil.copytree(out, copied)
+    features = vocabulary.resolve(registry, copied)
+    parsed = _parsed_lists(rows, features)
     ranker = FactoryFloorRanker(RankerConfig.cascade_stage(hidden_units=(16,), cascade_head_units=(8,),
                                                            embedding_dim=8, bias_slice_feature="slot"), features)
     RankingStage(ranker)(parsed, training=False)
@@ -145,14 +150,8 @@ def test_eval_ids_out_of_vocabulary_are_counted_per_feature(analyzed):
     features = vocabulary.resolve(registry, out)
     eval_rows = own_logs.rows(3, candidates=30, seed=11)  # another seed: some skus and keywords unseen
     eval_rows[0]["sku"] = [b"sku-never-seen"]
-    by_request = collections.defaultdict(list)
-    for row in eval_rows:
-        by_request[row["request_id"][0]].append(
-            {**row, "stage": F.tier_without_stage(row["click"][0]), F.SHOWN_KEY: [F.SHOWN_WITHOUT_POSITION]})
-    packed = [RL.build_request_list(r, LIST_SIZE, features) for r in by_request.values()]
-    parsed = tf.io.parse_example(tf.constant([make_example(p).SerializeToString() for p in packed]),
-                                 RL.parse_spec(LIST_SIZE, features))
-    lists = {k: (v.to_tensor().numpy() if isinstance(v, tf.RaggedTensor) else v.numpy()) for k, v in parsed.items()}
+    lists = {k: (v.to_tensor().numpy() if isinstance(v, tf.RaggedTensor) else v.numpy())
+             for k, v in _parsed_lists(eval_rows, features).items()}
     counts = vocabulary.out_of_vocabulary(lists, features)
 
     sku_vocabulary = {r["sku"][0] for r in rows}  # every train sku (no limit on sku)
