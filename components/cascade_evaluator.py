@@ -4,11 +4,11 @@ stage on its own.
 Inputs, one model and one baseline channel per stage of the registry (`models.stages`): `examples`
 (candidate rows); `model` (the ranking stage, the one that predicts the CTR), optional
 `preranking_model` and `retrieval_model` (the earlier stages); optional `baseline_model`,
-`baseline_preranking_model`, `baseline_retrieval_model`: each stage's latest blessed model (a `Resolver` with
-`LatestBlessedModelStrategy`; an empty list, as on the first run, is no baseline); optional
-`ctr_blessing`, the standard TFX Evaluator's ModelBlessing of the ranker's CTR (`tfma_eval_config`),
-which the ranking stage's blessing requires; optional `schema`, whose required features
-(presence.min_fraction = 1) a row must carry to be scored.
+`baseline_preranking_model`, `baseline_retrieval_model`: each stage's latest blessed model (a
+`Resolver` with `LatestBlessedModelStrategy`; an empty list, as on the first run, is no
+baseline); optional `ctr_blessing`, the standard TFX Evaluator's ModelBlessing of the ranker's CTR
+(`tfma_eval_config`), which the ranking stage's blessing requires; optional `schema`, whose
+required features (presence.min_fraction = 1) a row must carry to be scored.
 
 Scoring (Beam): the eval split's rows are read and parsed; a record that does not parse or misses
 a required feature goes to the `dead_letters` output instead of failing a scoring batch. The rows

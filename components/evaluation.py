@@ -17,14 +17,16 @@ at the example's UI treatment. The metric definitions are `models.metrics` (DESI
 Blessing (`bless_stages`), one verdict per stage, each against that stage's own baseline (the
 latest blessed model of the stage):
   - value thresholds `(stage, metric, "min"|"max", value)` on the stage's metrics: "recall"
-    (Recall@|GT|@quota), "recall_lift", and for the CTR stage (ranking) also "auc", "per_query_auc", "ne" and
-    "calibration" = mean predicted CTR / click rate; a NaN metric fails its threshold, except a
-    recall_lift of a stage whose quota keeps every candidate of every request (it cuts nothing on
-    this data, e.g. retrieval's 40 on MovieLens lists of ≤ 40): not applied, with a note;
+    (Recall@|GT|@quota), "recall_lift", and for the CTR stage (ranking) also "auc",
+    "per_query_auc", "ne" and "calibration" = mean predicted CTR / click rate; a NaN metric fails
+    its threshold, except a recall_lift of a stage whose quota keeps every candidate of every
+    request (it cuts nothing on this data, e.g. retrieval's 40 on MovieLens lists of ≤ 40): not
+    applied, with a note;
   - change thresholds `(stage, metric, tolerance)`: the candidate may be worse than the stage's
     baseline by at most `tolerance` (absolute; "ne" lower is better, the others higher). A stage
     without a baseline is the first of its kind: nothing to compare with, which a note records;
-  - the CTR stage (ranking) only: the TFMA Evaluator's blessing (the CTR gate on the shown rows) when one is given;
+  - the CTR stage (ranking) only: the TFMA Evaluator's blessing (the CTR gate on the shown rows)
+    when one is given;
   - a stage whose model is absent is not blessed ("no model").
 """
 import dataclasses
