@@ -144,7 +144,7 @@ def _cmd_run(args) -> int:
     config.validate()
     config.check_inputs()
     run_log.check_writable(config.output_dir)
-    with run_log.RunLog(config.output_dir, startup=args.startup_output) as log:
+    with run_log.RunLog(config.output_dir, startup=args.startup_output, verbose=args.verbose) as log:
         print(f"Running pipeline {config.pipeline_name} ({config.source} data, orchestrator {args.orchestrator}, "
               f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
         try:
@@ -268,6 +268,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                      help="DirectRunner mode of the Beam components (default multi_processing)")
     run.add_argument("--workers", type=_non_negative_int, help="DirectRunner workers (default 0: one per core)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show the libraries' log (TensorFlow, TFX, Beam workers) on the console too; it always "
+                          "goes to <output dir>/logs/")
     run.add_argument("--schema-file", help="your schema.pbtxt (default: the packaged schema/schema.pbtxt); e.g. one "
                                            "without disallow_nan on a feature whose NaN may be read as 0")
 

@@ -4,7 +4,8 @@
 TensorFlow, TFX, Beam), Python warnings, and everything written to file descriptor 2 (TensorFlow's
 C++ log, the stderr of Beam's worker processes) are appended to `<output_dir>/logs/run-<UTC
 time>.log`. Standard output stays on the console: the progress lines, Keras's per-epoch lines and
-the results. An exception leaving the block is written to the log with its whole traceback chain.
+the results. With `verbose` (`cascade run -v`) the library output is shown on the console as well.
+An exception leaving the block is written to the log with its whole traceback chain.
 
 `explain_failure` turns a failed run into one line and an exit code:
   * a user error (bad data or arguments: `USER_ERRORS` anywhere in the exception chain, or a
@@ -75,10 +76,13 @@ class RunLog:
     """Sends a run's library output and tracebacks to a log file (see the module docstring);
     `startup` is written first (`StartupOutput.text`)."""
 
-    def __init__(self, output_dir: str, startup: str = ""):
+    def __init__(self, output_dir: str, startup: str = "", verbose: bool = False):
+        """`verbose` (`cascade run -v`): the library output stays on the console too: logging goes
+        to the console and the file, and file descriptor 2 (C++ logs, Beam workers) is left alone."""
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.path = os.path.abspath(os.path.join(output_dir, LOG_DIR, f"run-{stamp}.log"))
         self._startup = startup
+        self._verbose = verbose
 
     def __enter__(self) -> "RunLog":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -91,11 +95,17 @@ class RunLog:
         self._handler = logging.StreamHandler(self._file)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(self._handler)
+        self._console = None
+        if self._verbose:
+            self._console = logging.StreamHandler(sys.stderr)
+            self._console.setFormatter(self._handler.formatter)
+            root.addHandler(self._console)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
+        if not self._verbose:
+            os.dup2(self._file.fileno(), 2)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -108,6 +118,8 @@ class RunLog:
         logging.captureWarnings(False)
         root = logging.getLogger()
         root.removeHandler(self._handler)
+        if self._console is not None:
+            root.removeHandler(self._console)
         for handler in self._handlers:
             root.addHandler(handler)
         root.setLevel(self._level)

@@ -1,6 +1,11 @@
 """pipelines/run_log.py: library output and tracebacks go to the run log; a failure is one line."""
 import logging
 import os
+import re
+import subprocess
+import sys
+
+import pytest
 
 from cascade_ranking.pipelines import cli, local_runner, run_log
 
@@ -15,6 +20,27 @@ def test_the_run_log_takes_logging_and_fd_2_and_gives_them_back(tmp_path):
     assert text.startswith("startup line\n") and "library noise" in text and "C++ runtime line" in text
     assert root.handlers == handlers  # restored
     assert os.path.dirname(log.path) == str(tmp_path / run_log.LOG_DIR)
+
+
+def test_the_console_gets_no_library_output_by_default_and_all_of_it_with_verbose(tmp_path, capfd):
+    """At the file-descriptor level (what a terminal shows): the default run log keeps logging and
+    fd 2 off the console; `verbose` (`cascade run -v`) shows both and still writes the log file."""
+    handlers = logging.getLogger().handlers[:]
+    with run_log.RunLog(str(tmp_path / "quiet")) as quiet:
+        logging.getLogger("tensorflow").warning("library warning")
+        os.write(2, b"E external/local_xla/cuda_dnn.cc: factory\n")
+        print("progress line", flush=True)
+    out, err = capfd.readouterr()
+    assert out == "progress line\n" and err == ""
+    assert "library warning" in open(quiet.path).read() and "cuda_dnn.cc" in open(quiet.path).read()
+
+    with run_log.RunLog(str(tmp_path / "verbose"), verbose=True) as verbose:
+        logging.getLogger("tensorflow").warning("library warning")
+        os.write(2, b"E external/local_xla/cuda_dnn.cc: factory\n")
+    out, err = capfd.readouterr()
+    assert "library warning" in err and "cuda_dnn.cc" in err
+    assert "library warning" in open(verbose.path).read()
+    assert logging.getLogger().handlers == handlers  # the console and file handlers are gone again
 
 
 def test_an_exception_leaving_the_block_is_written_with_its_traceback(tmp_path):
@@ -54,3 +80,32 @@ def test_a_user_error_inside_the_pipeline_is_exit_2_with_its_own_first_line(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("cascade run: error: NegativeSampler: 9 of 10 records were diverted (log: ")
+
+
+# What library noise looks like on a console: TensorFlow's C++ log lines, Beam's worker log records
+# relayed by the job service, Python warnings and absl/TF Python log records.
+NOISE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] |[IWEF]\d{4} \d\d:\d\d:\d\d|WARNING:|INFO:|ERROR:)"
+                   r"|Worker: severity|local_job_service|Warning: |cuda|python-snappy")
+
+
+@pytest.mark.slow
+def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
+    """`cascade run` as a user starts it (its own process, Beam DirectRunner in multi_processing with
+    2 worker processes, tiny synthetic data): stdout and stderr hold the progress, the epochs and the
+    results, and no line of TensorFlow's C++ log, Beam's worker log or Python warnings; those go to
+    the run log the console names."""
+    out_dir = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "cascade_ranking.pipelines.cli", "run", "--requests", "300", "--epochs", "1",
+         "--workers", "2", "--output-dir", str(out_dir)],
+        capture_output=True, text=True, timeout=1200, cwd=str(tmp_path),
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})  # even with TensorFlow's C++ log fully on
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines() + done.stderr.splitlines()
+    noise = [line for line in lines if NOISE.search(line)]
+    assert not noise, noise[:5]
+    assert "Beam multi_processing" in done.stdout and "e2e recall" in done.stdout
+    assert any(re.match(r"Epoch 1/\d+$", line) for line in lines)  # Keras keeps its per-epoch lines
+    log_path = re.search(r"library log: (\S+)", done.stdout).group(1)
+    log = open(log_path).read()
+    assert "apache_beam" in log  # Beam's records went to the log, not away
