@@ -44,7 +44,7 @@ from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
 from cascade_ranking.components.anomaly_gate import AnomalyGate
-from cascade_ranking.components.cascade_evaluator import CascadeEvaluator, tfma_eval_config
+from cascade_ranking.components.cascade_evaluator import BLESSING_OUTPUTS, CascadeEvaluator, tfma_eval_config
 from cascade_ranking.components.key_mapper import KeyMapper
 from cascade_ranking.components.negative_sampler import NegativeSampler
 from cascade_ranking.components.stage_model import StageModel
@@ -60,10 +60,9 @@ TEACHER_RUN_FN = "cascade_ranking.models.trainers.teacher.run_fn"
 STAGES = stage_registry.names()  # the served stages of the registry (`models.stages`), cascade order
 EVALUATOR_ID = "CascadeEvaluator"
 TFMA_EVALUATOR_ID = f"Evaluator.{stage_registry.ctr_stage().name}"
-# The CascadeEvaluator's blessing output of each stage, its baseline input, and (node id, output
-# key) of each stage's served Model: all from the stage declarations.
-BLESSING_KEYS = {s.name: s.blessing_output for s in stage_registry.registered()}
-BASELINE_KEYS = {s.name: s.baseline_input for s in stage_registry.registered()}
+# The CascadeEvaluator's blessing output of each stage (the component's own map), and (node id,
+# output key) of each stage's served Model: both from the stage declarations.
+BLESSING_KEYS = BLESSING_OUTPUTS
 MODEL_SOURCES = {s.name: s.model_source for s in stage_registry.registered()}
 
 

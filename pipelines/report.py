@@ -20,13 +20,14 @@ import numpy as np
 from tfx.orchestration import metadata
 
 from cascade_ranking.components import record_io
+from cascade_ranking.components.evaluation import STAGE_INPUTS
 from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.trainers.common import EVAL_METRICS_FILE
 from cascade_ranking.pipelines.config import PipelineConfig
 from cascade_ranking.pipelines.pipeline import EVALUATOR_ID, STAGES, TFMA_EVALUATOR_ID
 
-# Each stage's CascadeEvaluator input, and the label of its rows (`models.stages`).
-STAGE_KEYS = {s.name: s.model_input for s in stage_registry.registered()}
+# Each stage's CascadeEvaluator input (the evaluator's own map), and the label of its rows.
+STAGE_KEYS = STAGE_INPUTS
 STAGE_LABELS = {s.model_input: s.label for s in stage_registry.registered()}
 
 

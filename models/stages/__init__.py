@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import importlib
 import pkgutil
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 # Default blessing, per stage: bless no model that orders its candidates no better than chance
 # (recall lift over a random order), nor one that loses more than 0.01 recall to its baseline.
@@ -143,7 +143,3 @@ def trainers(stage_names) -> Tuple[StageTrainer, ...]:
             out.setdefault(stage.trainer.name, stage.trainer)
     return tuple(out.values())
 
-
-def of_input(input_name: str) -> Optional[Stage]:
-    """The stage whose model (or baseline) is the CascadeEvaluator input `input_name`."""
-    return next((s for s in registered() if input_name in (s.model_input, s.baseline_input)), None)
