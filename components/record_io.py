@@ -8,7 +8,8 @@ configured threshold (`check_bad_fraction`).
 """
 import json
 import os
-from typing import Dict, Iterable, Sequence
+import uuid
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
@@ -79,19 +80,45 @@ class ParseOrDivert(beam.DoFn):
 
     def process(self, element):
         raw = element[1] if self._keyed else element
-        try:
-            example = tf.train.Example.FromString(raw)
-        except Exception as e:  # protobuf raises DecodeError and friends
+        problem = record_problem(raw, self._required)
+        if problem:
             self._bad.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (raw, f"unparseable tf.Example: {type(e).__name__}"))
-            return
-        missing = [name for name in self._required if name not in example.features.feature]
-        if missing:
-            self._bad.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (raw, f"missing required feature(s): {', '.join(missing)}"))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, (raw, problem))
             return
         self._good.inc()
         yield element
+
+
+def record_problem(raw: bytes, required: Sequence[str] = (F.REQUEST_ID_KEY,)) -> Optional[str]:
+    """Why a record cannot be used (it does not parse as a tf.Example, or lacks a `required`
+    feature), or None when it can."""
+    try:
+        example = tf.train.Example.FromString(raw)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        return f"unparseable tf.Example: {type(e).__name__}"
+    feature_map = example.features.feature
+    missing = [name for name in required if name not in feature_map]
+    return f"missing required feature(s): {', '.join(missing)}" if missing else None
+
+
+def usable_records(records: Sequence[bytes], required: Sequence[str] = (F.REQUEST_ID_KEY,)) -> List[Optional[str]]:
+    """`record_problem` of every record of a batch, vectorised: one `tf.io.parse_example` of the
+    whole batch checks that all parse and hold every `required` feature (as an int64 list, the
+    pipeline's keys); only when it fails, or some list is empty, are those records checked one by
+    one in Python (a present but empty feature counts as present, as `record_problem` says)."""
+    problems: List[Optional[str]] = [None] * len(records)
+    try:
+        parsed = tf.io.parse_example(tf.constant(list(records), tf.string),
+                                     {name: tf.io.VarLenFeature(tf.int64) for name in required})
+    except (tf.errors.InvalidArgumentError, ValueError):
+        return [record_problem(raw, required) for raw in records]
+    empty = None
+    for name in required:
+        lengths = tf.math.bincount(tf.cast(parsed[name].indices[:, 0], tf.int32), minlength=len(records)).numpy()
+        empty = lengths == 0 if empty is None else empty | (lengths == 0)
+    for index in (empty.nonzero()[0] if empty is not None else ()):
+        problems[index] = record_problem(records[index], required)
+    return problems
 
 
 def _dead_letter_json(item) -> str:
@@ -115,6 +142,36 @@ def write_split(pcoll: beam.PCollection, uri: str, label: str) -> None:
     _ = pcoll | f"Write[{label}]" >> beam.io.WriteToTFRecord(
         os.path.join(uri, EXAMPLES_FILE_PREFIX), file_name_suffix=".gz", coder=beam.coders.BytesCoder()
     )
+
+
+INCOMPLETE_DIR = ".incomplete"  # beside an artifact's Split-* directories: files still being written
+
+
+def write_records_atomically(path: str, records: Sequence[bytes]) -> None:
+    """Writes the records as one gzipped TFRecord file at `path` (a file of a Split-* directory):
+    first under `<artifact>/.incomplete/`, which no split's file pattern matches, then renamed into
+    place, so a reader never sees a partial file and a retried writer replaces it whole."""
+    split_dir = os.path.dirname(path)
+    temp_dir = os.path.join(os.path.dirname(split_dir), INCOMPLETE_DIR)
+    fileio.makedirs(temp_dir)
+    fileio.makedirs(split_dir)
+    temp = os.path.join(temp_dir, f"{os.path.basename(split_dir)}-{os.path.basename(path)}-{uuid.uuid4().hex}")
+    with tf.io.TFRecordWriter(temp, options="GZIP") as writer:
+        for record in records:
+            writer.write(record)
+    fileio.rename(temp, path, overwrite=True)
+
+
+def finish_atomic_writes(artifact_uri: str, split_uris: Iterable[str]) -> None:
+    """After `write_records_atomically`: removes the temporary directory, and gives a split that got
+    no file an empty one, so a reader of `Split-*/*` finds a file as with Beam's own sinks."""
+    temp_dir = os.path.join(artifact_uri, INCOMPLETE_DIR)
+    if fileio.exists(temp_dir):
+        fileio.rmtree(temp_dir)
+    for uri in split_uris:
+        if not fileio.glob(os.path.join(uri, "*")):
+            write_records_atomically(os.path.join(uri, f"{EXAMPLES_FILE_PREFIX}-empty.gz"), [])
+            fileio.rmtree(temp_dir)
 
 
 def query_counters(result: beam.runners.runner.PipelineResult, namespace: str) -> Dict[str, int]:

@@ -58,6 +58,46 @@ def parsed_batches(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def shown_row_batches(
+    file_patterns: Iterable[str],
+    batch_size: int,
+    parse_spec: Optional[Dict] = None,
+    shuffle_seed: Optional[int] = None,
+    cache: bool = False,
+    parse_batch_size: int = 4096,
+) -> tf.data.Dataset:
+    """Batches of `batch_size` shown rows (ui_position > 0; every row without ui_position): one pass
+    over the files, to be iterated once per epoch (`Model.fit(epochs=…)`).
+
+    Rows are parsed `parse_batch_size` at a time and filtered before batching, so a step sees
+    `batch_size` training rows however few candidates were shown (`parsed_batches(exposed_only=True)`
+    batches candidate rows, then filters: ~1/5 of a batch on the synthetic data). With `cache` the
+    parsed shown rows are read once and kept in memory for the later epochs (they are shuffled again
+    every epoch); the caller decides whether they fit (`cache_fits`)."""
+    spec = parse_spec or F.training_parse_spec()
+    files = list_files(file_patterns)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=not cache)
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"), cycle_length=min(4, len(files)),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=shuffle_seed is None)
+    ds = ds.batch(parse_batch_size).map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE)
+    if F.SHOWN_KEY in spec:
+        ds = ds.map(lambda f: _boolean_mask(f, f[F.SHOWN_KEY][:, 0] > F.NOT_SHOWN_POSITION))
+    if cache:  # the filtered parse batches: a few tensors per ~thousand rows, not per row
+        ds = ds.cache()
+    ds = ds.unbatch()
+    if shuffle_seed is not None:
+        ds = ds.shuffle(max(16 * batch_size, 10_000), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def cache_fits(file_patterns: Iterable[str], limit_mb: float) -> bool:
+    """Whether the files hold at most `limit_mb` MB on disk (compressed): the bound under which a
+    trainer keeps its parsed rows in memory between epochs instead of reading them again."""
+    return sum(tf.io.gfile.stat(path).length for path in list_files(file_patterns)) <= limit_mb * 2 ** 20
+
+
 def to_model_io(features: Dict[str, tf.Tensor], registry: F.FeatureConfig = F.DEFAULT
                 ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
     """(the registry's model inputs, click label as float, sample weight) for `Model.fit`."""

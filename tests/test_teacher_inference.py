@@ -115,3 +115,10 @@ def test_a_second_pass_replaces_the_logit_and_keeps_every_other_feature(data, tm
             assert len(replaced) == 1 and replaced == pytest.approx(before, rel=1e-5, abs=1e-6)  # (batching changes
             # the float rounding, so the second pass's logit is close, not bit-equal)
             assert features == dict(source[key(example)].features.feature)
+
+
+def test_the_feature_suffix_is_the_serialized_feature_record():
+    suffix = teacher_inference.FeatureSuffix("teacher_logit")
+    values = np.array([0.0, -0.0, 1.5, -3.25e-7, 1e30, np.inf, np.nan, 12.345678], np.float32)
+    for value, built in zip(values, suffix.of(values)):
+        assert built == teacher_inference.feature_record("teacher_logit", float(value))

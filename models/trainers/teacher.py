@@ -35,10 +35,14 @@ def run_fn(fn_args) -> None:
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the teacher with %s (schema %s)", config, schema_path)
     tf.keras.utils.set_random_seed(config.lspr_seed)
-    train = inputs.parsed_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema),
-                                  shuffle_seed=0, exposed_only=True)
+    cache = inputs.cache_fits(fn_args.train_files, config.cache_train_mb)
+    logging.info("Teacher input: %d shown rows a batch; parsed rows cached in memory: %s", config.batch_size, cache)
+    train = inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema),
+                                     shuffle_seed=0, cache=cache)
     model = ranker.FactoryFloorRanker(config, common.feature_config(fn_args))
-    model.adapt(train)
+    # The dense normalisers adapt on the first rows in file order (a pipeline of their own: adapting on
+    # `train` would fill its shuffle buffer and leave a partial cache).
+    model.adapt(inputs.shown_row_batches(fn_args.train_files, 128, parse_spec=F.training_parse_spec(schema)))
     model.compile()
     model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
     result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)

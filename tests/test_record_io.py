@@ -1,0 +1,52 @@
+"""record_io: the vectorised record check agrees with the one-record check; atomic block writes."""
+import os
+
+import tensorflow as tf
+
+from cascade_ranking.components import record_io
+from cascade_ranking.datasources import example_io
+
+
+def _example(**int_features) -> bytes:
+    example = tf.train.Example()
+    for name, values in int_features.items():
+        example.features.feature[name].int64_list.value.extend(values)
+    return example.SerializeToString()
+
+
+def test_usable_records_agrees_with_record_problem_on_every_kind_of_record():
+    good = [_example(request_id=[i], item_id=[i]) for i in range(5)]
+    no_request = _example(item_id=[1])
+    empty_request = _example(request_id=[], item_id=[2])  # present but empty: present, as in record_problem
+    garbage = b"\x08\x96\x01 not an Example"
+    bytes_request = tf.train.Example()
+    bytes_request.features.feature["request_id"].bytes_list.value.append(b"r1")  # parses one by one only
+    batches = {
+        "all good": good,
+        "one missing": good + [no_request],
+        "one empty": good + [empty_request],
+        "garbage": [garbage] + good,
+        "bytes key": good + [bytes_request.SerializeToString()],
+    }
+    for name, batch in batches.items():
+        expected = [record_io.record_problem(raw) for raw in batch]
+        assert record_io.usable_records(batch) == expected, name
+    assert record_io.record_problem(no_request) == "missing required feature(s): request_id"
+    assert record_io.record_problem(empty_request) is None
+    assert record_io.record_problem(garbage).startswith("unparseable tf.Example")
+    assert sum(p is None for p in record_io.usable_records(batches["one missing"])) == 5
+
+
+def test_atomic_writes_leave_whole_files_and_an_empty_file_for_an_empty_split(tmp_path):
+    artifact = tmp_path / "examples"
+    train, eval_ = str(artifact / "Split-train"), str(artifact / "Split-eval")
+    records = [_example(request_id=[i]) for i in range(3)]
+    record_io.write_records_atomically(os.path.join(train, "data_tfrecord-00000-00000.gz"), records)
+    record_io.write_records_atomically(os.path.join(train, "data_tfrecord-00000-00000.gz"), records)  # a retry
+    os.makedirs(eval_)
+    assert os.listdir(artifact / record_io.INCOMPLETE_DIR) == []
+    record_io.finish_atomic_writes(str(artifact), [train, eval_])
+    assert sorted(os.listdir(artifact)) == ["Split-eval", "Split-train"]
+    assert [e.SerializeToString() for e in example_io.read_examples(os.path.join(train, "*"))] == records
+    assert os.listdir(eval_) == ["data_tfrecord-empty.gz"]
+    assert list(example_io.read_examples(os.path.join(eval_, "*"))) == []
