@@ -138,7 +138,7 @@ def run_config(args):
 
 
 def _cmd_run(args) -> int:
-    from cascade_ranking.pipelines import local_runner, report, run_log
+    from cascade_ranking.pipelines import html_report, local_runner, report, run_log
 
     config = run_config(args)
     config.validate()
@@ -148,8 +148,10 @@ def _cmd_run(args) -> int:
         print(f"Running pipeline {config.pipeline_name} ({config.source} data, orchestrator {args.orchestrator}, "
               f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
         try:
-            seconds = local_runner.run(config, orchestrator=args.orchestrator, check_inputs=False)
+            seconds, timings = local_runner.run_with_timings(config, orchestrator=args.orchestrator, check_inputs=False)
             result = report.collect(config)
+            served = report.served_models(config)
+            report_path = html_report.write(config, result, seconds, timings, served)
         except Exception as error:
             raise run_log.explain_failure(error, config, log.path) from error
     print()
@@ -165,12 +167,12 @@ def _cmd_run(args) -> int:
         print("Blessings (each stage against the latest blessed model of that stage):")
         for line in report.blessing_lines(evaluation):
             print(line)
-    served = report.served_models(config)
     print("Served SavedModels:" if served else "Served SavedModels: none")
     for stage, (path, pushed_now) in served.items():
         print(f"  {stage:<11} {path}" + ("" if pushed_now else "  (this run's model was not blessed: not pushed)"))
     for block in filter(None, (report.counts_block(result), report.data_warning_line(result))):
         print(block)
+    print(f"Report: {report_path}")
     return 0
 
 

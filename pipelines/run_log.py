@@ -2,8 +2,8 @@
 
 `RunLog(output_dir)` is a context manager around a pipeline run. Inside it, Python logging (absl,
 TensorFlow, TFX, Beam), Python warnings, and everything written to file descriptor 2 (TensorFlow's
-C++ log, the stderr of Beam's worker processes) are appended to `<output_dir>/logs/run-<UTC
-time>.log`. Standard output stays on the console: the progress lines, Keras's per-epoch lines and
+C++ log, the stderr of Beam's worker processes) are written to `<output_dir>/logs/run.log` (the
+previous run's log is renamed `run-<its last write, UTC>.log`). Standard output stays on the console: the progress lines, Keras's per-epoch lines and
 the results. With `verbose` (`cascade run -v`) the library output is shown on the console as well.
 An exception leaving the block is written to the log with its whole traceback chain.
 
@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 LOG_DIR = "logs"
+LOG_FILE = "run.log"  # this run's log; an earlier run's is renamed run-<its last write, UTC>.log
 # What a wrong-typed feature looks like when it fails inside a component (tfx_bsl's decoder, Arrow).
 TYPE_ERROR_MARKERS = ("Feature had wrong type", "ArrowTypeError", "ArrowInvalid", "Unable to merge",
                       "Unable to parse example")
@@ -79,13 +80,15 @@ class RunLog:
     def __init__(self, output_dir: str, startup: str = "", verbose: bool = False):
         """`verbose` (`cascade run -v`): the library output stays on the console too: logging goes
         to the console and the file, and file descriptor 2 (C++ logs, Beam workers) is left alone."""
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        self.path = os.path.abspath(os.path.join(output_dir, LOG_DIR, f"run-{stamp}.log"))
+        self.path = os.path.abspath(os.path.join(output_dir, LOG_DIR, LOG_FILE))
         self._startup = startup
         self._verbose = verbose
 
     def __enter__(self) -> "RunLog":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if os.path.exists(self.path):  # the previous run's log keeps its own name
+            stamp = datetime.datetime.fromtimestamp(os.path.getmtime(self.path), datetime.timezone.utc)
+            os.replace(self.path, os.path.join(os.path.dirname(self.path), f"run-{stamp:%Y%m%d-%H%M%S}.log"))
         self._file = open(self.path, "a", buffering=1)
         self._file.write(self._startup)
         root = logging.getLogger()
@@ -164,7 +167,6 @@ def explain_failure(error: BaseException, config, log_path: str) -> RunFailed:
 
 
 def last_log(output_dir: str) -> Optional[str]:
-    """The newest run log of an output dir, if any."""
-    directory = os.path.join(output_dir, LOG_DIR)
-    logs = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-    return os.path.join(directory, logs[-1]) if logs else None
+    """The newest run log of an output dir (`logs/run.log`), if any."""
+    path = os.path.join(output_dir, LOG_DIR, LOG_FILE)
+    return path if os.path.exists(path) else None

@@ -261,7 +261,7 @@ def test_a_wrong_type_beyond_the_preflight_sample_is_named_after_statistics_gen_
     code, out, err = _cascade(capsys, *argv)
     _assert_one_line_error(code, out, err, patterns, tmp_path / "out")
     assert "✗ StatisticsGen failed" in out  # the pipeline started: the pre-flight did not see it
-    logs = glob.glob(str(tmp_path / "out" / "logs" / "run-*.log"))
+    logs = glob.glob(str(tmp_path / "out" / "logs" / "run.log"))
     assert len(logs) == 1 and "Traceback" in open(logs[0]).read()  # the traceback went to the run log
     assert os.path.basename(logs[0]) in err.strip().splitlines()[-1]
 

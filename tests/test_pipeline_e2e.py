@@ -37,7 +37,7 @@ from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
-from cascade_ranking.pipelines import cli, local_runner, report, serve_check
+from cascade_ranking.pipelines import cli, html_report, local_runner, report, serve_check
 from cascade_ranking.pipelines.config import PipelineConfig
 from cascade_ranking.pipelines.pipeline import BLESSING_KEYS, MODEL_SOURCES, STAGES
 from cascade_ranking.pipelines.run_lock import LOCK_FILE, read_lock
@@ -398,6 +398,18 @@ def test_the_table_reports_the_evaluators_metrics_beside_the_oracle(resumed_run)
     assert counts["rows_read"] == REQUESTS * 50 == counts["rows_used"] and not any(counts["rows_diverted"].values())
     block = report.counts_block(result)
     assert re.search(rf"rows read +{REQUESTS * 50:,}\n", block) and re.search(r"NaN values read as 0 +none\n", block)
+
+
+def test_the_runs_report_html_holds_its_table_blessings_plots_timings_and_counts(resumed_run):
+    """report.html rendered from the e2e run's own artifacts (what `cascade run` writes at its end)."""
+    from tests.test_html_report import check_report_of_run
+
+    config, _, timings = resumed_run
+    result = report.collect(config)
+    path = html_report.write(config, result, sum(s for _, s, _ in timings), timings, report.served_models(config))
+    page = check_report_of_run(path, result, timings)
+    served = {row[0]: row[1] for row in page["tables"]["served"][1:]}
+    assert served == {stage: p for stage, (p, _) in report.served_models(config).items()} and len(served) == 3
 
 
 # ---- run 2: the same data again, cache off ------------------------------------------------------

@@ -10,6 +10,18 @@ import pytest
 from cascade_ranking.pipelines import cli, local_runner, run_log
 
 
+def test_each_run_writes_logs_run_log_and_keeps_the_previous_one_under_its_time(tmp_path):
+    with run_log.RunLog(str(tmp_path)) as first:
+        logging.getLogger("absl").warning("first run")
+    os.utime(first.path, (1_700_000_000, 1_700_000_000))  # 2023-11-14 22:13:20 UTC
+    with run_log.RunLog(str(tmp_path)) as second:
+        logging.getLogger("absl").warning("second run")
+    assert first.path == second.path == str(tmp_path / "logs" / "run.log")
+    assert sorted(os.listdir(tmp_path / "logs")) == ["run-20231114-221320.log", "run.log"]
+    assert "second run" in open(second.path).read() and "first run" not in open(second.path).read()
+    assert "first run" in open(tmp_path / "logs" / "run-20231114-221320.log").read()
+
+
 def test_the_run_log_takes_logging_and_fd_2_and_gives_them_back(tmp_path):
     root = logging.getLogger()
     handlers = root.handlers[:]
@@ -57,7 +69,7 @@ def test_an_internal_error_is_one_line_with_exit_1_and_the_traceback_in_the_log(
     def broken(*args, **kwargs):
         raise KeyError("no_such_column")
 
-    monkeypatch.setattr(local_runner, "run", broken)
+    monkeypatch.setattr(local_runner, "run_with_timings", broken)
     code = cli.main(["run", "--requests", "5", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == run_log.EXIT_INTERNAL_ERROR == 1
@@ -75,7 +87,7 @@ def test_a_user_error_inside_the_pipeline_is_exit_2_with_its_own_first_line(tmp_
         except BadInputError as e:
             raise RuntimeError("wrapped by the runner") from e
 
-    monkeypatch.setattr(local_runner, "run", refusing)
+    monkeypatch.setattr(local_runner, "run_with_timings", refusing)
     code = cli.main(["run", "--requests", "5", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
@@ -107,5 +119,16 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     assert "Beam multi_processing" in done.stdout and "e2e recall" in done.stdout
     assert any(re.match(r"Epoch 1/\d+$", line) for line in lines)  # Keras keeps its per-epoch lines
     log_path = re.search(r"library log: (\S+)", done.stdout).group(1)
+    assert log_path == str(out_dir / run_log.LOG_DIR / run_log.LOG_FILE)
     log = open(log_path).read()
     assert "apache_beam" in log  # Beam's records went to the log, not away
+    # The run ends with the path of its report.html, which holds what the console printed.
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == f"Report: {out_dir / 'report.html'}"
+    timings = [(node, float(seconds), cached == " (cached)") for node, seconds, cached in
+               re.findall(r"^\[ *[\d.]+s\] ✓ (\S+)  ([\d.]+)s( \(cached\))?$", done.stdout, re.M)]
+    config = cli.run_config(cli.build_parser().parse_args(["run", "--requests", "300", "--output-dir", str(out_dir)]))
+    from tests.test_html_report import check_report_of_run
+    from cascade_ranking.pipelines import report
+    page = check_report_of_run(str(out_dir / "report.html"), report.collect(config), timings)
+    assert re.search(rf"e2e recall \(quotas [\d/]+\) +{page['tables']['table'][1][1]} ", done.stdout)
