@@ -24,7 +24,7 @@ from cascade_ranking.pipelines.local_runner import run_with_timings
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=SyntheticConfig().num_requests)
-    parser.add_argument("--beam-mode", default=PipelineConfig().beam_mode, choices=("multi_processing", "in_process"))
+    parser.add_argument("--beam-mode", default=PipelineConfig().beam_mode, choices=("auto", "multi_processing", "in_process"))
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="demo-wall-") as tmp:

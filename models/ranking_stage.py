@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from cascade_ranking.models import losses
+from cascade_ranking.models.embedding import fit_normalizer
 from cascade_ranking.models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker, make_optimizer
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
@@ -136,4 +137,4 @@ class RankingStage(tf.keras.layers.Layer):
                 values[f.name] = x[mask.reshape(-1)]
         for name, normalizer in self.ranker.embedding.normalizers.items():
             x = values[name]
-            normalizer.adapt(np.where(np.isnan(x), 0.0, x))
+            fit_normalizer(normalizer, np.where(np.isnan(x), 0.0, x))

@@ -39,7 +39,7 @@ import tensorflow_recommenders as tfrs
 
 from cascade_ranking.models import export as export_lib
 from cascade_ranking.models import list_inputs as LI
-from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.models.embedding import FeatureEmbedding, fit_normalizer
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 
@@ -105,7 +105,7 @@ def adapt_towers(towers: Sequence[Tower], lists: Mapping[str, np.ndarray], featu
     values = dense_values(lists, features)
     for tower in towers:
         for f in tower.embedding.dense_features:
-            tower.embedding.normalizers[f.name].adapt(values[f.name], batch_size=4096)
+            fit_normalizer(tower.embedding.normalizers[f.name], values[f.name])
 
 
 class TwoTowerScorer(tf.keras.layers.Layer):

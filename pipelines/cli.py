@@ -146,7 +146,7 @@ def _cmd_run(args) -> int:
     run_log.check_writable(config.output_dir)
     with run_log.RunLog(config.output_dir, startup=args.startup_output, verbose=args.verbose) as log:
         print(f"Running pipeline {config.pipeline_name} ({config.source} data, orchestrator {args.orchestrator}, "
-              f"Beam {config.beam_mode}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
+              f"Beam {config.beam_mode_label()}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
         try:
             seconds, timings = local_runner.run_with_timings(config, orchestrator=args.orchestrator, check_inputs=False)
             result = report.collect(config)
@@ -266,8 +266,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The local run's own flags (`run_config`); each defaults to the config's value."""
     run = parser.add_argument_group("local run")
     run.add_argument("--output-dir", help="pipeline root, MLMD store and serving dir (default cascade_output)")
-    run.add_argument("--beam-mode", choices=("multi_processing", "in_process", "in_memory"),
-                     help="DirectRunner mode of the Beam components (default multi_processing)")
+    run.add_argument("--beam-mode", choices=("auto", "multi_processing", "in_process", "in_memory"),
+                     help="DirectRunner mode of the Beam components (default auto: in_process up to "
+                          "300,000 input rows, multi_processing above)")
     run.add_argument("--workers", type=_non_negative_int, help="DirectRunner workers (default 0: one per core)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
     run.add_argument("-v", "--verbose", action="store_true",

@@ -18,14 +18,25 @@ from cascade_ranking.datasources.synthetic import SyntheticConfig
 from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.config import ConfigError, merge, to_dict
 from cascade_ranking.models.ranker_config import RankerConfig
-from cascade_ranking.schema.features import FeatureConfig
+from cascade_ranking.schema.features import CANDIDATES_PER_TIER, STAGE_TIERS, FeatureConfig
 from cascade_ranking.schema.keys import KeyConfig
 from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
 CASCADE_STAGES = stage_registry.names()  # every stage of the registry (`models.stages`), cascade order
-BEAM_MODES = ("in_process", "in_memory", "multi_processing")
+BEAM_MODES = ("auto", "in_process", "in_memory", "multi_processing")
+# `beam_mode: auto` runs the Beam components in one process up to this many input candidate rows,
+# and in multi_processing above. Measured on 2 cores: at 50,000 rows multi_processing ran at
+# 0.45–0.58× in-process (BENCHMARKS §5, bench/component_throughput.py); at the demo's 250,000 rows
+# the Beam components took 93 s in-process against 97 s in multi_processing (two demo runs of
+# 2026-12-06): each component pays its worker processes' start-up (Python + TensorFlow imports),
+# which more data or more cores amortise. Larger inputs are not measured yet; above the bound the
+# worker processes can at least use every core.
+AUTO_IN_PROCESS_MAX_ROWS = 300_000
+# For --source examples the rows are estimated from the gzipped files' size at the synthetic
+# demo's ~38 bytes a row (9.5 MB for 250,000 rows); a remote (gs://…) source counts as large.
+AUTO_BYTES_PER_ROW = 38
 
 
 def _installed_package_flag() -> List[str]:
@@ -75,8 +86,9 @@ class PipelineConfig:
     # request key is hashed to int64); other than the defaults, the KeyMapper adds the pipeline's.
     keys: KeyConfig = KeyConfig()
     # Beam: "multi_processing" runs DirectRunner with `beam_workers` processes (0 = one per core);
-    # "in_process" passes no Beam args (one process, the fastest for tiny data, as in tests).
-    beam_mode: str = "multi_processing"
+    # "in_process" passes no Beam args (one process, the fastest for small data, as in tests);
+    # "auto" picks one of them by the input's size (`AUTO_IN_PROCESS_MAX_ROWS`).
+    beam_mode: str = "auto"
     beam_workers: int = 0
     enable_cache: bool = True
     # Where ImportSchemaGen finds schema.pbtxt (default: this package's schema/); a Kubeflow run
@@ -226,12 +238,40 @@ class PipelineConfig:
                              f"({what}; `cascade init` declares them)")
         return schema
 
+    def estimated_rows(self) -> Optional[int]:
+        """The input's candidate rows as `beam_mode: auto` judges them: exact for synthetic data,
+        from the files' size for a local examples directory, None (unknown: large) otherwise."""
+        if self.source == "synthetic":
+            return self.synthetic.num_requests * len(STAGE_TIERS) * CANDIDATES_PER_TIER
+        if self.source == "examples" and self.examples_dir and "://" not in self.examples_dir:
+            size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(self.examples_dir)
+                       for name in names)
+            return size // AUTO_BYTES_PER_ROW
+        return None
+
+    def effective_beam_mode(self) -> str:
+        """`beam_mode`, with "auto" resolved by `estimated_rows` against `AUTO_IN_PROCESS_MAX_ROWS`."""
+        if self.beam_mode != "auto":
+            return self.beam_mode
+        rows = self.estimated_rows()
+        return "in_process" if rows is not None and rows <= AUTO_IN_PROCESS_MAX_ROWS else "multi_processing"
+
+    def beam_mode_label(self) -> str:
+        """What the run's first line says of the Beam mode, e.g. "in_process (auto: ~250,000 rows)"."""
+        mode = self.effective_beam_mode()
+        if self.beam_mode != "auto":
+            return mode
+        rows = self.estimated_rows()
+        return f"{mode} (auto: {'~' + format(rows, ',') if rows is not None else 'unknown'} rows, " \
+               f"in_process up to {AUTO_IN_PROCESS_MAX_ROWS:,})"
+
     def beam_pipeline_args(self) -> List[str]:
         if self.beam_args_override:
             return list(self.beam_args_override)
-        if self.beam_mode == "in_process":
+        mode = self.effective_beam_mode()
+        if mode == "in_process":
             return []
-        if self.beam_mode == "in_memory":
+        if mode == "in_memory":
             return ["--direct_running_mode=in_memory"] + _installed_package_flag()
         workers = self.beam_workers or os.cpu_count() or 1
         return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"] + _installed_package_flag()

@@ -85,8 +85,15 @@ def test_run_flags_switch_the_named_techniques():
     for stage, signature in (("preranking_model", "serving_default"), ("model", "serving_default"),
                              ("retrieval_model", "score")):
         assert defaults.evaluator_config().score_output(stage) == (signature, "score")
-    assert defaults.beam_pipeline_args()[0] == "--direct_running_mode=multi_processing"
-    assert any(a.startswith("--setup_file=") and a.endswith("setup.py") for a in defaults.beam_pipeline_args())
+    assert defaults.beam_mode == "auto" and defaults.estimated_rows() == 5_000 * 50
+    assert defaults.effective_beam_mode() == "in_process" and defaults.beam_pipeline_args() == []
+    larger = cli.run_config(cli.build_parser().parse_args(["run", "--requests", "6001"]))  # 300,050 rows
+    assert larger.effective_beam_mode() == "multi_processing"
+    assert larger.beam_pipeline_args()[0] == "--direct_running_mode=multi_processing"
+    assert any(a.startswith("--setup_file=") and a.endswith("setup.py") for a in larger.beam_pipeline_args())
+    assert "multi_processing (auto: ~300,050 rows" in larger.beam_mode_label()
+    forced = cli.run_config(cli.build_parser().parse_args(["run", "--beam-mode", "multi_processing"]))
+    assert forced.effective_beam_mode() == "multi_processing" and forced.beam_mode_label() == "multi_processing"
 
 
 def test_run_and_compile_kubeflow_build_the_same_pipeline_config_from_the_same_flags():

@@ -106,3 +106,19 @@ def test_a_vocabulary_feature_without_its_file_or_with_another_size_is_an_error(
     with pytest.raises(ValueError, match="gives 3 rows .* the registry says 9"):
         FeatureEmbedding(3, [F.SparseFeature("sku", 9, dtype="string", lookup="vocabulary", vocabulary_file=path,
                                              oov_buckets=1)], [])
+
+
+def test_fit_normalizer_gives_the_mean_and_variance_keras_adapt_gives():
+    from cascade_ranking.models.embedding import fit_normalizer
+
+    rng = np.random.default_rng(3)
+    values = (rng.normal(5.0, 3.0, size=(10_000, 3)) * np.array([1.0, 10.0, 0.1])).astype(np.float32)
+    fitted, adapted = tf.keras.layers.Normalization(axis=-1), tf.keras.layers.Normalization(axis=-1)
+    fit_normalizer(fitted, values)
+    adapted.adapt(values, batch_size=4096)  # Keras merges batches of 4,096
+    np.testing.assert_allclose(fitted.mean.numpy().ravel(), values.mean(axis=0), rtol=1e-5)  # numpy, independent
+    np.testing.assert_allclose(fitted.variance.numpy().ravel(), values.var(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(fitted(values[:5]).numpy(), adapted(values[:5]).numpy(), rtol=1e-4, atol=1e-5)
+    fit_normalizer(fitted, values[:100] * 0 + 2.0)  # a refit replaces the state, as adapt does
+    np.testing.assert_allclose(fitted.mean.numpy().ravel(), [2.0, 2.0, 2.0])
+    assert fitted.is_adapted

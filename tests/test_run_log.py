@@ -109,7 +109,7 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     out_dir = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "cascade_ranking.pipelines.cli", "run", "--requests", "300", "--epochs", "1",
-         "--workers", "2", "--output-dir", str(out_dir)],
+         "--beam-mode", "multi_processing", "--workers", "2", "--output-dir", str(out_dir)],
         capture_output=True, text=True, timeout=1200, cwd=str(tmp_path),
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})  # even with TensorFlow's C++ log fully on
     assert done.returncode == 0, done.stderr[-3000:]
