@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "tensorflow-recommenders==0.7.3",
     "apache-beam[gcp]==2.56.0",
     "matplotlib==3.8.4",  # evaluation plots (calibration, recall@k) written as PNG
+    "tqdm==4.70.1",  # the Trainers' epoch progress bars (already in the stack through TFX)
 ]
 
 # The repository's top-level folders, installed under `cascade_ranking`.

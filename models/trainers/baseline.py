@@ -10,6 +10,7 @@ from cascade_ranking.models import export, inputs
 from cascade_ranking.models.baseline_ranker import BaselineRanker
 from cascade_ranking.models.config import TrainerConfig
 from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 
 
 def _optimizer(config: TrainerConfig) -> tf.keras.optimizers.Optimizer:
@@ -32,8 +33,8 @@ def run_fn(fn_args) -> None:
     model.embedding.adapt(train)
     model.compile(optimizer=_optimizer(config), loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
                   weighted_metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
-    model.fit(train.map(inputs.to_model_io), epochs=config.epochs, callbacks=common.callbacks(fn_args),
-              verbose=2)
+    model.fit(train.map(inputs.to_model_io), epochs=config.epochs, verbose=0,
+              callbacks=common.callbacks(fn_args) + [EpochProgress("baseline", ("loss", "auc"))])
     result = common.evaluate_ctr_model(model, fn_args.eval_files)
     logging.info("Eval metrics: %s", result)
     common.write_eval_metrics(fn_args.model_run_dir, result)

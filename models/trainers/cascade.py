@@ -54,6 +54,7 @@ from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.ranking_stage import RankingStage
 from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       load_lists, save_with_warmup)
 from cascade_ranking.schema import features as F
@@ -192,7 +193,8 @@ def run_fn(fn_args) -> None:
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
     ranking = model.ranking_stage
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args) + [FinalizeRanker(ranking)], verbose=2)
+    model.fit(train, epochs=config.epochs, verbose=0, callbacks=common.callbacks(fn_args) + [
+        FinalizeRanker(ranking), EpochProgress("cascade", ("loss", "e2e", "ranker_loss"))])
 
     evals = load_lists(fn_args.eval_files, list_size, features=features)
     quotas = tuple(int(q) for q in config.eval_quotas)

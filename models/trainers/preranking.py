@@ -45,6 +45,7 @@ from cascade_ranking.models.metrics import e2e_recall, requests_without_gt, stag
 from cascade_ranking.models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_flops, route
 from cascade_ranking.models.retrieval import adapt_towers
 from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
 from cascade_ranking.schema import features as F
 
@@ -129,7 +130,8 @@ def run_fn(fn_args) -> None:
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
+    model.fit(train, epochs=config.epochs, verbose=0,
+              callbacks=common.callbacks(fn_args) + [EpochProgress("preranking")])
     evals = load_lists(fn_args.eval_files, list_size, features=features)
     result = evaluate(model, evals, config.eval_quota)
     result["flops"] = hap_flops(model.light, model.strong, model.top_m, list_size)

@@ -49,6 +49,7 @@ from cascade_ranking.models.cascade_model import cascade_labels
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.metrics import requests_without_gt, stage_recall
 from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       load_lists, save_with_warmup)
 from cascade_ranking.schema import features as F
@@ -177,7 +178,8 @@ def run_fn(fn_args) -> None:
     corpus = R.item_corpus_from_lists(train, evals, features=features)
     model, pairs, batch_size, negatives = build_model(config, train, features)
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
-    model.fit(data, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
+    model.fit(data, epochs=config.epochs, verbose=0,
+              callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
     result["flops"] = flops(model)
     result["schema_path"] = schema_path

@@ -21,6 +21,7 @@ from absl import logging
 from cascade_ranking.models import inputs, ranker, ranker_export
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "ranker"
@@ -44,7 +45,8 @@ def run_fn(fn_args) -> None:
     # `train` would fill its shuffle buffer and leave a partial cache).
     model.adapt(inputs.shown_row_batches(fn_args.train_files, 128, parse_spec=F.training_parse_spec(schema)))
     model.compile()
-    model.fit(train, epochs=config.epochs, callbacks=common.callbacks(fn_args), verbose=2)
+    model.fit(train, epochs=config.epochs, verbose=0,
+              callbacks=common.callbacks(fn_args) + [EpochProgress("teacher", ("loss", "logistic"))])
     result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)
     result["schema_path"] = schema_path
     logging.info("Eval metrics: %s", json.dumps(result))
