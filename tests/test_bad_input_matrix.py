@@ -6,7 +6,7 @@ One case per row of the matrix, each in-process at a tiny scale through `pipelin
     no model was trained or pushed;
   * counted diverts and changes (exit 0): one run on data carrying all of them at once; each is
     counted in the run's data counts (the CascadeEvaluator's evaluation), printed in the counts
-    block and named by the run's last line, and rows read = rows used + rows diverted;
+    block and named by the run's data line (the last before the report's path), and rows read = rows used + rows diverted;
   * serving: the pipeline's pushed models reject out-of-domain UI values and NaN, naming the feature.
 """
 import glob
@@ -401,7 +401,9 @@ def test_a_divert_or_change_is_counted_printed_and_named_by_the_last_line(case, 
     for key in path:
         value = value[key]
     assert value == expected
-    assert "Data counts" in out and re.search(named, out.strip().splitlines()[-1]), out[-1500:]
+    *_, data_line, report_line = out.strip().splitlines()  # the data line, then the report's path
+    assert "Data counts" in out and re.search(named, data_line), out[-1500:]
+    assert report_line.startswith("Report: ") and report_line.endswith("report.html")
     assert counts["rows_read"] == divert_run["rows_in"] == counts["rows_used"] + sum(counts["rows_diverted"].values())
     assert "Traceback" not in out + err
 

@@ -435,7 +435,9 @@ def test_a_second_run_is_blessed_against_the_first_and_the_evaluators_name_it(se
     tfma_blessing = _artifacts(config, "Evaluator.ranking", "blessing")[-1]
     first_ranker = _artifacts(config, *MODEL_SOURCES["ranking"])[0]
     assert _prop(tfma_blessing, "baseline_model_id") == first_ranker.id
-    assert "pd_vs_baseline" in evaluation and 0 < evaluation["pd_vs_baseline"] < 2
+    # PD of the retrain against the first model: 0 when the retrain reproduces it exactly (the teacher
+    # pass scores fixed blocks since 2026-12-06, so its float rounding no longer varies run to run).
+    assert "pd_vs_baseline" in evaluation and 0 <= evaluation["pd_vs_baseline"] < 2
     after = _served_versions(config)
     assert all(len(after[stage]) == len(before[stage]) + 1 for stage in STAGES)  # each stage pushed again
     assert all("baseline /" in line for line in report.blessing_lines(evaluation))
