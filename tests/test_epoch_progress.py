@@ -17,8 +17,10 @@ def _fit(progress, epochs=2):
 
 
 def test_each_epoch_prints_one_line_with_its_steps_time_and_the_chosen_metrics():
-    stream = io.StringIO()  # not a terminal: no bar
-    history = _fit(EpochProgress("toy", ("loss", "mae", "absent"), stream=stream))
+    stream = io.StringIO()  # not a terminal: no bar, and so no Python call after every step
+    progress = EpochProgress("toy", ("loss", "mae", "absent"), stream=stream)
+    assert not progress._implements_train_batch_hooks()
+    history = _fit(progress)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
     for epoch, line in enumerate(lines):

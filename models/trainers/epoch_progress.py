@@ -27,13 +27,22 @@ class EpochProgress(tf.keras.callbacks.Callback):
                  bar: Optional[bool] = None):
         """`bar`: draw the tqdm bar (default: when `stream` is a terminal)."""
         super().__init__()
+        self._supports_tf_logs = True  # it reads no per-batch logs: Keras need not convert them to numpy
         self._name, self._metrics = name, tuple(metrics)
         self._stream = stream or sys.stdout
         self._bar_wanted = self._stream.isatty() if bar is None else bar
         self._bar = None
 
+    def _implements_train_batch_hooks(self) -> bool:
+        """Only a drawn bar needs a call after every step; without one the steps are counted from the
+        model's own step counter, so Keras makes no per-step Python call for this callback."""
+        return self._bar_wanted
+
+    def _step(self) -> int:
+        return int(self.model._train_counter.numpy())  # pylint: disable=protected-access  (Keras's step count)
+
     def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._steps = time.time(), 0
+        self._start, self._first_step = time.time(), self._step()
         if self._bar_wanted:
             from tqdm import tqdm
 
@@ -41,7 +50,6 @@ class EpochProgress(tf.keras.callbacks.Callback):
                              unit="step", leave=False, file=self._stream, dynamic_ncols=True)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
         if self._bar is not None:
             self._bar.update(1)
 
@@ -51,6 +59,7 @@ class EpochProgress(tf.keras.callbacks.Callback):
             self._bar = None
         logs = logs or {}
         values = ", ".join(f"{name} {float(logs[name]):.4f}" for name in self._metrics if name in logs)
-        self._stream.write(f"  {self._name} epoch {epoch + 1}/{self.params['epochs']}: {self._steps} steps, "
+        steps = self._step() - self._first_step
+        self._stream.write(f"  {self._name} epoch {epoch + 1}/{self.params['epochs']}: {steps} steps, "
                            f"{time.time() - self._start:.1f}s" + (f", {values}" if values else "") + "\n")
         self._stream.flush()
