@@ -125,9 +125,9 @@ def _decoder_of(schema: schema_pb2.Schema, names) -> example_coder.ExamplesToRec
 
 
 class _KeyByRequest(beam.DoFn):
-    """Batches of raw records → (request_id, (split index, raw)) per record. The only per-record
-    work done before the shuffle: a split's file is read by one worker, so this stage does not run
-    in parallel. The request ids of a batch come from one call of the C++ decoder (reading only
+    """Blocks of raw records (`record_io.read_blocks`: tf.data reads a file `KEY_BATCH` records at a
+    time) → (request_id, (split index, raw)) per record. The only per-record work done before the
+    shuffle: a split's file is read by one worker, so this stage does not run in parallel. The request ids of a batch come from one call of the C++ decoder (reading only
     request_id, typed by the serialized schema `schema`); records that do not parse or have no
     request_id go to the dead-letter output."""
 
@@ -788,8 +788,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         keyed = []
         for index, split in enumerate(split_names):
             parsed = (
-                record_io.read_split(pipeline, input_uris[split], split)
-                | f"Batch[{split}]" >> beam.BatchElements(min_batch_size=KEY_BATCH, max_batch_size=KEY_BATCH)
+                record_io.read_blocks(pipeline, input_uris[split], split, KEY_BATCH)
                 | f"KeyByRequest[{split}]" >> beam.ParDo(_KeyByRequest(schema_bytes, index)).with_outputs(
                     record_io.DEAD_LETTER_TAG, main="keyed")
             )

@@ -58,6 +58,39 @@ def read_split(pipeline: beam.Pipeline, uri: str, label: str) -> beam.PCollectio
     )
 
 
+def _compression(path: str) -> str:
+    return "GZIP" if path.endswith(".gz") else ""
+
+
+class ReadFileBlocks(beam.DoFn):
+    """A file path → its records in blocks (lists of bytes) of `block_size`, read with tf.data's C++
+    reader: one Beam element per block instead of one per record (Beam's `ReadFromTFRecord` spends
+    ~12 µs of Python per record)."""
+
+    def __init__(self, block_size: int):
+        self._block_size = block_size
+
+    def process(self, path: str):
+        dataset = tf.data.TFRecordDataset(path, compression_type=_compression(path)).batch(self._block_size)
+        for records in dataset.as_numpy_iterator():
+            yield list(records)
+
+
+def split_files(uri: str) -> List[str]:
+    """The files of one split directory, sorted; a split with none is a one-line error."""
+    files = sorted(fileio.glob(io_utils.all_files_pattern(uri)))
+    if not files:
+        raise BadInputError(f"split directory {uri} has no files")
+    return files
+
+
+def read_blocks(pipeline: beam.Pipeline, uri: str, label: str, block_size: int) -> beam.PCollection:
+    """Blocks (lists of raw records, at most `block_size` each) of every file of one split directory."""
+    return (pipeline
+            | f"Files[{label}]" >> beam.Create(split_files(uri))
+            | f"ReadBlocks[{label}]" >> beam.ParDo(ReadFileBlocks(block_size)))
+
+
 def read_tagged_splits(pipeline: beam.Pipeline, uris: Dict[str, str], split_names: Sequence[str]) -> beam.PCollection:
     """(split index in `split_names`, raw record) of every split, reshuffled: a split's file is read
     by one worker, and after the reshuffle the stages downstream spread over all workers."""
