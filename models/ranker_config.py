@@ -103,7 +103,9 @@ class RankerConfig:
     # tower the id signal it needs at no CTR cost (bench/ranker_variants.py).
     embedding_lr_multiplier: float = 1.0
     ema_momentum: float = 0.99  # > 0: serve the exponential moving average of the weights (Keras `use_ema`)
-    # Shown rows per batch when trained on rows (the teacher: no per-request loss; `inputs.shown_row_batches`).
+    # Shown rows per batch when trained on rows (the teacher: no per-request loss; `inputs.shown_row_batches`;
+    # `teacher()` sets 256). The lab bench bench/ranking_quality.py reads it as candidate rows per batch
+    # (`inputs.parsed_batches`, then the shown ones kept), as the teacher did before 2026-12-06.
     batch_size: int = 128
     # Trained on rows, the parsed shown rows stay in memory between epochs when the train split's
     # files hold at most this many MB on disk (the demo's: 7 MB); larger splits are read every epoch.
