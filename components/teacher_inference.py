@@ -7,7 +7,7 @@ output added as a feature (`teacher_logit` by default). Students then read it as
 The work moves through Beam in blocks of `ROWS_PER_BLOCK` records, not record by record: per-record
 Beam elements cost ~80 µs of Python each here (reading, reshuffling, batching and writing 250k rows
 took 22 s against a model that scores them in 2 s). Each input file is read with tf.data in blocks
-(`_ReadBlocks`); the blocks are reshuffled so every worker gets some; `_ScoreAndWrite` checks a
+(`_named_blocks`); the blocks are reshuffled so every worker gets some; `_ScoreAndWrite` checks a
 block with one vectorised parse (`record_io.usable_records`; bad records go to the dead-letter
 output with their reason), scores its good records with the SavedModel signature in batches of
 `INFERENCE_BATCH` (the model is loaded once per worker process, `apache_beam.utils.shared`), and
@@ -68,14 +68,12 @@ ROWS_PER_BLOCK = 16384  # records per Beam element and per output file
 INFERENCE_BATCH = 4096  # records per call of the signature (measured: 146k rows/s at 4096, 107k at 1024)
 
 
-class _ReadBlocks(beam.DoFn):
+def _named_blocks(element):
     """(split index, file index, path) → (split index, block name, [record bytes]) per block of
-    `ROWS_PER_BLOCK` records (`record_io.ReadFileBlocks`: tf.data's C++ reader, not Beam's Python one)."""
-
-    def process(self, element):
-        split, file_index, path = element
-        for block, records in enumerate(record_io.ReadFileBlocks(ROWS_PER_BLOCK).process(path)):
-            yield split, f"{file_index:05d}-{block:05d}", records
+    `ROWS_PER_BLOCK` records (`record_io.file_blocks`: tf.data's C++ reader, not Beam's Python one)."""
+    split, file_index, path = element
+    for block, records in enumerate(record_io.file_blocks(path, ROWS_PER_BLOCK)):
+        yield split, f"{file_index:05d}-{block:05d}", records
 
 
 class FeatureSuffix:
@@ -181,7 +179,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         scored = (
             pipeline
             | "Files" >> beam.Create(files)
-            | "ReadBlocks" >> beam.ParDo(_ReadBlocks())
+            | "ReadBlocks" >> beam.FlatMap(_named_blocks)
             | "Reshuffle" >> beam.Reshuffle()  # a split is often one file: spread its blocks over the workers
             | "ScoreAndWrite" >> beam.ParDo(_ScoreAndWrite(model_path, exec_properties["output_key"], feature, output_uris,
                                                            shared.Shared())).with_outputs(record_io.DEAD_LETTER_TAG)

@@ -8,7 +8,7 @@ a Kubeflow run or send to a colleague:
 - the CascadeEvaluator's calibration and recall@k plots, embedded as base64 PNG (no file links);
 - the wall time of every component, and whether the MLMD cache answered it;
 - the data counts: rows read, used, diverted by reason, requests without ground truth, NaN values
-  read as 0, ids folded, eval ids out of vocabulary (`report.counts_block`);
+  read as 0, ids folded, eval ids out of vocabulary (`report.count_rows`);
 - the served SavedModels.
 
 Written by hand with the standard library (`html.escape`, `base64`): no template engine or
@@ -83,13 +83,9 @@ def _blessings(evaluation: Dict) -> str:
 
 
 def _counts(result: Dict) -> str:
-    block = report.counts_block(result)
-    if block is None:
+    rows = report.count_rows(result)
+    if rows is None:
         return "<p>No data counts (the NegativeSampler did not run).</p>"
-    rows = []
-    for line in block.splitlines()[1:]:
-        label, _, value = line.strip().partition("  ")
-        rows.append((label, value.strip()))
     warning = report.data_warning_line(result)
     css = "good" if warning and warning.startswith("Data: every") else "bad"
     return _table(("count", "value"), rows, numeric_from=99) + (f"<p class={css}>{html.escape(warning)}</p>" if warning else "")

@@ -237,10 +237,11 @@ def data_counts(result: Dict) -> Optional[Dict]:
     return from_counters(result["sampler"]) if result.get("sampler") else None
 
 
-def counts_block(result: Dict) -> Optional[str]:
-    """The block every run prints at its end (issue "No silent loss"): rows read, used and diverted
-    by reason, requests without ground truth, NaN values read as 0, ids folded into the buckets, and
-    for vocabulary features the eval ids out of vocabulary (the cascade Trainer's count)."""
+def count_rows(result: Dict) -> Optional[List[Tuple[str, str]]]:
+    """(label, value) of each data count every run reports (issue "No silent loss"): rows read, used
+    and diverted by reason, requests without ground truth, NaN values read as 0, ids folded into the
+    buckets, and for vocabulary features the eval ids out of vocabulary (the cascade Trainer's
+    count); None when the run has no counts. `counts_block` prints them; report.html tabulates them."""
     from cascade_ranking.components.negative_sampler import DIVERTED_LABELS
 
     counts = data_counts(result)
@@ -251,7 +252,6 @@ def counts_block(result: Dict) -> Optional[str]:
     splits = ", ".join(f"{split} {n:,}" for split, n in no_gt.items() if split != "total")
     nan = {name: n for name, n in counts["nan_values_read_as_0"].items() if n}
     folded = {name: v for name, v in counts["ids_folded"].items() if v["ids"]}
-    where = f" (also in {result['evaluation_uri']}/metrics.json, \"data_counts\")" if "evaluation_uri" in result else ""
     rows = [
         ("rows read", f"{counts['rows_read']:,}"),
         ("rows used in the request lists", f"{counts['rows_used']:,}"),
@@ -267,6 +267,15 @@ def counts_block(result: Dict) -> Optional[str]:
     if oov:  # vocabulary features: eval ids the train split never had share the OOV rows
         rows.append(("eval ids out of vocabulary (OOV rows)", ", ".join(
             f"{name} {v['ids']:,} of {v['of']:,} (vocabulary {v['vocabulary_size']:,})" for name, v in oov.items())))
+    return rows
+
+
+def counts_block(result: Dict) -> Optional[str]:
+    """The block every run prints at its end: `count_rows`, one aligned line each."""
+    rows = count_rows(result)
+    if rows is None:
+        return None
+    where = f" (also in {result['evaluation_uri']}/metrics.json, \"data_counts\")" if "evaluation_uri" in result else ""
     width = max(len(label) for label, _ in rows)
     return "\n".join([f"Data counts{where}:"] + [f"  {label:<{width}}  {value}" for label, value in rows])
 
