@@ -2,10 +2,11 @@
 
 Prints, for one config, measured in the same run:
   simulate          rows/s of the simulation alone (columns, no encoding)
-  encode (tfx_bsl)  rows/s of the Arrow → tf.Example encoder the generator uses
+  encode (wire)     rows/s of the vectorised tf.Example writer the generator uses
+                    (datasources.example_wire, in chunks of synthetic.ENCODE_CHUNK_REQUESTS)
   encode (python)   rows/s of building tf.train.Example protos in Python (the reference)
   write             rows/s of `cascade generate` end to end (simulate + encode + gzip TFRecord)
-and the ratios encode(tfx_bsl) / encode(python) and write / encode(python).
+and the ratios encode(wire) / encode(python) and write / encode(python).
 
     python bench/generator_throughput.py [--requests 2000] [--repeats 3]
 """
@@ -39,12 +40,12 @@ def main():
     config = synthetic.SyntheticConfig(num_requests=args.requests)
     rows = args.requests * 50
     world = synthetic.World(config)
-    encoder = synthetic.RequestEncoder()
+    chunk = synthetic.ENCODE_CHUNK_REQUESTS
     sims, fast, slow, writes = [], [], [], []
     for _ in range(args.repeats):
         generated = []
         sims.append(_timed(lambda: generated.extend(synthetic.generate_request(world, i) for i in range(args.requests))))
-        fast.append(_timed(lambda: [encoder.encode(c) for c in generated]))
+        fast.append(_timed(lambda: [synthetic.encode_requests(generated[i:i + chunk]) for i in range(0, len(generated), chunk)]))
         rows_per_request = [_rows(c) for c in generated]
         slow.append(_timed(lambda: [make_example(r).SerializeToString(deterministic=True) for rs in rows_per_request for r in rs]))
         with tempfile.TemporaryDirectory() as tmp:
@@ -55,11 +56,11 @@ def main():
         return statistics.mean(values), statistics.pstdev(values)
 
     print(f"synthetic generator, {args.requests} requests = {rows} rows, {args.repeats} repeats, {os.cpu_count()} cores")
-    for name, times in (("simulate", sims), ("encode (tfx_bsl)", fast), ("encode (python, reference)", slow),
+    for name, times in (("simulate", sims), ("encode (wire)", fast), ("encode (python, reference)", slow),
                         ("write (cascade generate)", writes)):
         mean, std = rate(times)
         print(f"  {name:28s} {mean:10,.0f} ± {std:,.0f} rows/s")
-    print(f"  encode tfx_bsl / python      {rate(fast)[0] / rate(slow)[0]:.1f}x")
+    print(f"  encode wire / python         {rate(fast)[0] / rate(slow)[0]:.1f}x")
     print(f"  write / encode python        {rate(writes)[0] / rate(slow)[0]:.1f}x")
 
 

@@ -1,27 +1,35 @@
 """SyntheticExampleGen: a TFX ExampleGen whose source is the synthetic cascade-log generator.
 
 Built on TFX's own ExampleGen machinery: `QueryBasedExampleGen` (component, driver, split
-handling, payload format) with a `BaseExampleGenExecutor` whose input transform generates
-requests instead of reading them. Each input split's "query" is a JSON object holding the
+handling, payload format). Its Beam executor generates the requests in shards and writes each
+shard's rows of each split as one file (`Split-<name>/data_tfrecord-<shard>-of-<n>.gz`, the
+layout of ExampleGen's own sink). Each input split's "query" is a JSON object holding the
 generator config and the split it selects; a request belongs to a split by a hash of its id
 (`datasources.synthetic.request_split`, the same rule as `cascade generate`), so all candidates of
 a request land in one split and the output is the same on any runner and worker count.
 """
 import dataclasses
 import json
-from typing import Dict, Iterator, Sequence, Tuple
+import os
+from typing import Any, Dict, List, Sequence, Tuple
 
 import apache_beam as beam
-from tfx.components.example_gen import base_example_gen_executor
+from tfx import types
+from tfx.components.example_gen import write_split
 from tfx.components.example_gen.component import QueryBasedExampleGen
-from tfx.dsl.components.base import executor_spec
+from tfx.components.util import examples_utils
+from tfx.dsl.components.base import base_beam_executor, executor_spec
 from tfx.proto import example_gen_pb2
+from tfx.types import artifact_utils, standard_component_specs
+from tfx.utils import proto_utils
 
+from cascade_ranking.components import record_io
 from cascade_ranking.datasources import synthetic
 from cascade_ranking.models.config import config_from_dict
 
 DEFAULT_SPLITS: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1))
-REQUESTS_PER_SHARD = 250
+REQUESTS_PER_SHARD = 500  # one file per split and shard
+COUNTER_NAMESPACE = "synthetic_example_gen"
 
 
 def encode_query(config: synthetic.SyntheticConfig, split: str, split_buckets: Sequence[Tuple[str, int]]) -> str:
@@ -36,53 +44,88 @@ def decode_query(query: str) -> Tuple[synthetic.SyntheticConfig, str, Tuple[Tupl
     return config_from_dict(synthetic.SyntheticConfig, q["config"]), q["split"], tuple((n, int(b)) for n, b in q["split_buckets"])
 
 
-class _GenerateShard(beam.DoFn):
-    """Generates the requests of one shard that fall in the selected split."""
+class _GenerateAndWriteShard(beam.DoFn):
+    """Generates the requests of one shard and writes each split's rows as one gzipped TFRecord
+    file of that split (atomically: `record_io.write_records_atomically`).
 
-    def __init__(self, config: synthetic.SyntheticConfig, split: str, split_buckets):
+    Writing here rather than through Beam's TFRecord sink keeps the rows out of Beam: a shard's rows
+    are serialized in one vectorised pass (`synthetic.encode_requests`) and written by TF's C++
+    writer, instead of travelling one by one through the runner and Python's gzip (measured: the
+    component went from 25 s to about 7 s on the demo's 250,000 rows)."""
+
+    def __init__(self, config: synthetic.SyntheticConfig, split_buckets, split_uris: Dict[str, str], num_shards: int):
         self._config = config
-        self._split = split
         self._split_buckets = split_buckets
+        self._split_uris = split_uris
+        self._num_shards = num_shards
         self._world = None
-        self._encoder = None
-        self._requests = beam.metrics.Metrics.counter("synthetic_example_gen", f"requests_{split}")
-        self._rows = beam.metrics.Metrics.counter("synthetic_example_gen", f"rows_{split}")
+        self._requests = {name: beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"requests_{name}") for name in split_uris}
+        self._rows = {name: beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"rows_{name}") for name in split_uris}
 
     def setup(self):
         self._world = synthetic.World(self._config)
-        self._encoder = synthetic.RequestEncoder()
 
-    def process(self, shard: Tuple[int, int]) -> Iterator[bytes]:
-        for r in range(*shard):
-            if synthetic.request_split(r, self._split_buckets) != self._split:
+    def process(self, shard: Tuple[int, int, int]) -> None:
+        index, start, stop = shard
+        for split, generated in synthetic.split_requests(self._world, start, stop, self._split_buckets).items():
+            if not generated:
                 continue
-            self._requests.inc()
-            rows = self._encoder.encode(synthetic.generate_request(self._world, r))
-            self._rows.inc(len(rows))
-            yield from rows
+            rows = synthetic.encode_requests(generated)
+            name = f"{record_io.EXAMPLES_FILE_PREFIX}-{index:05d}-of-{self._num_shards:05d}.gz"
+            record_io.write_records_atomically(os.path.join(self._split_uris[split], name), rows)
+            self._requests[split].inc(len(generated))
+            self._rows[split].inc(len(rows))
 
 
-@beam.ptransform_fn
-@beam.typehints.with_input_types(beam.Pipeline)
-@beam.typehints.with_output_types(bytes)
-def _SyntheticToExample(pipeline: beam.Pipeline, exec_properties: Dict, split_pattern: str) -> beam.PCollection:
-    del exec_properties
-    config, split, split_buckets = decode_query(split_pattern)
-    config.validate()
-    shards = [(s, min(s + REQUESTS_PER_SHARD, config.num_requests)) for s in range(0, config.num_requests, REQUESTS_PER_SHARD)]
-    return (
-        pipeline
-        | "Shards" >> beam.Create(shards)
-        | "Distribute" >> beam.Reshuffle()
-        | "Generate" >> beam.ParDo(_GenerateShard(config, split, split_buckets))
-    )
+def _queries(input_config: example_gen_pb2.Input) -> Tuple[synthetic.SyntheticConfig, Tuple[Tuple[str, int], ...]]:
+    """The generator config and split buckets of the input splits' queries (one per split, all
+    holding the same config and buckets)."""
+    decoded = [decode_query(split.pattern) for split in input_config.splits]
+    if not decoded:
+        raise ValueError("SyntheticExampleGen needs one input split per output split; got none")
+    config, _, buckets = decoded[0]
+    names = [split.name for split in input_config.splits]
+    for (other_config, split, other_buckets), name in zip(decoded, names):
+        if other_config != config or other_buckets != buckets or split != name:
+            raise ValueError(f"SyntheticExampleGen's input split {name!r} disagrees with the others "
+                             "(config, split buckets and split name must match)")
+    if sorted(names) != sorted(n for n, _ in buckets):
+        raise ValueError(f"SyntheticExampleGen's input splits {names} are not its split buckets {[n for n, _ in buckets]}")
+    return config, buckets
 
 
-class Executor(base_example_gen_executor.BaseExampleGenExecutor):
-    """Generic ExampleGen executor whose input source is the synthetic generator."""
+class Executor(base_beam_executor.BaseBeamExecutor):
+    """Generates the requests in shards on Beam and writes the Examples artifact's splits, as
+    `BaseExampleGenExecutor` does (split names, payload and file format), without its per-row sink."""
 
-    def GetInputSourceToExamplePTransform(self) -> beam.PTransform:
-        return _SyntheticToExample
+    def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
+           exec_properties: Dict[str, Any]) -> None:
+        self._log_startup(input_dict, output_dict, exec_properties)
+        input_config = example_gen_pb2.Input()
+        proto_utils.json_to_proto(exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config)
+        output_config = example_gen_pb2.Output()
+        proto_utils.json_to_proto(exec_properties[standard_component_specs.OUTPUT_CONFIG_KEY], output_config)
+        if output_config.split_config.splits:
+            raise ValueError("SyntheticExampleGen splits rows by a hash of their request id: give no output split_config")
+        config, buckets = _queries(input_config)
+        examples = artifact_utils.get_single_instance(output_dict[standard_component_specs.EXAMPLES_KEY])
+        names = [split.name for split in input_config.splits]
+        examples.split_names = artifact_utils.encode_split_names(names)
+        split_uris = {name: artifact_utils.get_split_uri([examples], name) for name in names}
+        starts = range(0, config.num_requests, REQUESTS_PER_SHARD)
+        shards = [(i, s, min(s + REQUESTS_PER_SHARD, config.num_requests)) for i, s in enumerate(starts)]
+        with self._make_beam_pipeline() as pipeline:
+            _ = (pipeline
+                 | "Shards" >> beam.Create(shards)
+                 | "Distribute" >> beam.Reshuffle()
+                 | "GenerateAndWrite" >> beam.ParDo(_GenerateAndWriteShard(config, buckets, split_uris, len(shards))))
+        record_io.finish_atomic_writes(examples.uri, split_uris.values())
+        payload_format = exec_properties.get(standard_component_specs.OUTPUT_DATA_FORMAT_KEY)
+        if payload_format:
+            examples_utils.set_payload_format(examples, payload_format)
+        file_format = exec_properties.get(standard_component_specs.OUTPUT_FILE_FORMAT_KEY)
+        if file_format:
+            examples_utils.set_file_format(examples, write_split.to_file_format_str(file_format))
 
 
 class SyntheticExampleGen(QueryBasedExampleGen):
