@@ -188,6 +188,14 @@ class CascadeModel(StageModel):
         self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if id(v) not in ranker_vars])
         ranking.apply_gradients([(g, v) for g, v in grads_and_vars if id(v) in ranker_vars])
 
+    def optimizer_variables(self, variables) -> list:
+        ranking = self.ranking_stage
+        if ranking is None:
+            return [(self.optimizer, variables)]
+        ranker_vars = {id(v) for v in ranking.ranker_variables}
+        return [(self.optimizer, [v for v in variables if id(v) not in ranker_vars]),
+                (ranking.optimizer, [v for v in variables if id(v) in ranker_vars])]
+
     def after_step(self, terms) -> None:
         if self.ranking_stage is not None:
             self.ranking_stage.after_step(terms["_ranker_terms"])

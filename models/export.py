@@ -104,7 +104,7 @@ def serving_function(model: tf.keras.Model, parse_spec: Optional[Dict] = None, s
     """`serving_default`: serialized examples [N] -> {"ctr": [N], "logit": [N]} (`parse_examples`)."""
     spec = parse_spec or F.serving_parse_spec(schema)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SERVING_INPUT_KEY)], autograph=False)
     def serve(examples):
         features = parse_examples(examples, spec, schema)
         logit = tf.reshape(model(features, training=False), [-1])

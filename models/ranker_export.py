@@ -105,7 +105,7 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
     examples = tf.TensorSpec([None], tf.string, name=export.SERVING_INPUT_KEY)
     all_spec = _spec_for(model.feature_names, schema, model.features)
 
-    @tf.function(input_signature=[examples])
+    @tf.function(input_signature=[examples], autograph=False)
     def serving_default(examples):
         features = parse_examples(examples, all_spec, schema)
         logit = tf.reshape(model(features, training=False), [-1])
@@ -115,11 +115,11 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
     if not model.factorized:
         return signatures
 
-    @tf.function(input_signature=[examples])
+    @tf.function(input_signature=[examples], autograph=False)
     def quality(examples):
         return {"q": model.quality(parse_examples(examples, q_spec, schema))}
 
-    @tf.function(input_signature=[examples])
+    @tf.function(input_signature=[examples], autograph=False)
     def ui(examples):
         return {"u": model.ui(parse_examples(examples, u_spec, schema))}
 
@@ -129,7 +129,7 @@ def ranker_signatures(model: FactoryFloorRanker, schema=None) -> Dict[str, tf.ty
     buckets = _ui_buckets(model)
     table = ui_table(model)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=AD_INPUT_KEY)]
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=AD_INPUT_KEY)]
                  + [tf.TensorSpec([None], tf.int64, name=name) for name in model.ui_names])
     def score_ui_grid(ad_examples, *ui_ids):
         for name, ids in zip(model.ui_names, ui_ids):

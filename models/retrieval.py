@@ -282,6 +282,15 @@ class RetrievalModel(tfrs.Model):
         return self.task(query, candidates, candidate_sampling_probability=probability, candidate_ids=ids,
                          compute_metrics=False, compute_batch_metrics=False)
 
+    # tfrs.Model's steps, not converted by autograph: plain TF code, as `models.tasks.StageModel`'s.
+    @tf.autograph.experimental.do_not_convert
+    def train_step(self, inputs):
+        return super().train_step(inputs)
+
+    @tf.autograph.experimental.do_not_convert
+    def test_step(self, inputs):
+        return super().test_step(inputs)
+
 
 def train_retrieval(train_lists: Mapping[str, np.ndarray], epochs: int = 3, batch_size: int = 256,
                     num_negatives: int = 256, corpus: Optional[ItemCorpus] = None, seed: int = 0,
@@ -320,12 +329,12 @@ class RetrievalServing(tf.Module):
         self._features = features
         self._spec = request_context_spec(schema, features)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)], autograph=False)
     def serve(self, examples):
         scores, ids = self.index(self._request(examples))
         return {"scores": scores, "item_ids": ids}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)], autograph=False)
     def query_embedding(self, examples):
         return {"embedding": self.query_tower(self._request(examples), training=False)}
 
@@ -333,7 +342,7 @@ class RetrievalServing(tf.Module):
         parsed = export_lib.parse_examples(examples, self._spec, self._schema)
         return LI.request_features(parsed, self._features)
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def item_embeddings(self):
         # BruteForce keeps its candidate table in these two variables (tfrs 0.7.3).
         return {"item_ids": tf.identity(self.index._identifiers), "embeddings": tf.identity(self.index._candidates)}

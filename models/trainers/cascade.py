@@ -97,7 +97,7 @@ class PrerankerServing(tf.Module):
         self._features = light.features
         self._spec = candidate_parse_spec(schema, light.features)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)], autograph=False)
     def serve(self, examples):
         lists = candidate_lists(examples, self._spec, self._schema, self._features)
         return {"score": tf.reshape(self.light(lists, training=False), [-1])}
@@ -188,8 +188,9 @@ def run_fn(fn_args) -> None:
                  data["candidate_rows"], data["shown_rows"], data["shown_clicks"], data["shown_weight_sum"],
                  data["weighted_click_mean"])
     model.adapt(train_lists)
-    del train_lists
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+    model.build_train_step(next(iter(LI.dataset_from_lists(train_lists, config.batch_size))))
+    del train_lists
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
     ranking = model.ranking_stage

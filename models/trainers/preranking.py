@@ -85,12 +85,12 @@ class PrerankingServing(tf.Module):
         self.strong = strong
         self._features = light.features
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)], autograph=False)
     def serve(self, examples):
         lists = candidate_lists(examples, features=self._features)
         return {"score": tf.reshape(self.light(lists, training=False), [-1])}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)], autograph=False)
     def rescore(self, examples):
         lists = candidate_lists(examples, features=self._features)
         return {"score": tf.reshape(self.strong(lists, training=False), [-1])}
@@ -130,6 +130,8 @@ def run_fn(fn_args) -> None:
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
+    model.build_train_step(next(iter(LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size,
+                                                             features=features))))  # so that fit traces its step once
     model.fit(train, epochs=config.epochs, verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("preranking")])
     evals = load_lists(fn_args.eval_files, list_size, features=features)

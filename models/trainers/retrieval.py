@@ -48,6 +48,7 @@ from cascade_ranking.models import retrieval as R
 from cascade_ranking.models.cascade_model import cascade_labels
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.metrics import requests_without_gt, stage_recall
+from cascade_ranking.models.tasks import build_train_step
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
@@ -89,7 +90,7 @@ class ScoringRetrievalServing(R.RetrievalServing):
         self._schema = schema
         self._candidate_spec = candidate_parse_spec(schema, features)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=export_lib.SERVING_INPUT_KEY)], autograph=False)
     def score(self, examples):
         lists = candidate_lists(examples, self._candidate_spec, self._schema, self._features)
         u = self.query_tower(LI.request_features(lists, self._features), training=False)
@@ -178,6 +179,7 @@ def run_fn(fn_args) -> None:
     corpus = R.item_corpus_from_lists(train, evals, features=features)
     model, pairs, batch_size, negatives = build_model(config, train, features)
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
+    build_train_step(model, next(iter(R.retrieval_dataset(pairs, batch_size, negatives))))  # traced once
     model.fit(data, epochs=config.epochs, verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
     result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)

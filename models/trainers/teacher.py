@@ -45,6 +45,8 @@ def run_fn(fn_args) -> None:
     # `train` would fill its shuffle buffer and leave a partial cache).
     model.adapt(inputs.shown_row_batches(fn_args.train_files, 128, parse_spec=F.training_parse_spec(schema)))
     model.compile()
+    first = inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema))
+    model.build_train_step(next(iter(first)))  # so that fit traces its step once
     model.fit(train, epochs=config.epochs, verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("teacher", ("loss", "logistic"))])
     result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)
