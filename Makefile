@@ -36,8 +36,7 @@ $(STAMP): setup.py constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cascade run --output-dir $(DEMO_OUT) $(DEMO_FLAGS)
-	$(VENV)/bin/cascade serve-check $(DEMO_OUT)
+	$(VENV)/bin/cascade run --output-dir $(DEMO_OUT) --serve-check $(DEMO_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_FLAGS)

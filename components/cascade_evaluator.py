@@ -356,7 +356,7 @@ def tfma_eval_config(config: EvaluatorConfig = EvaluatorConfig(), features: F.Fe
     """The standard TFX Evaluator's EvalConfig for the ranker's CTR on the shown eval rows.
 
     Model specs `candidate` and `baseline` (is_baseline), both scored by `config.ctr_output`
-    (`serving_default` → `ctr`), label `click`; slices: overall, ui_position, ui_format, stage; metrics ExampleCount, AUC,
+    (`serving_default` → `ctr`), label `click`; slices: overall, ui_position, ui_format; metrics ExampleCount, AUC,
     Calibration (Σŷ / Σy), BinaryCrossentropy, MeanLabel, MeanPrediction. Thresholds: AUC ≥
     `config.tfma_min_auc` and no more than `config.tfma_auc_tolerance` below the baseline's,
     Calibration within `config.tfma_calibration_range`, all on the overall slice (the other slices are
@@ -380,10 +380,11 @@ reported, not gated). Without a baseline model TFX's Evaluator
                 preprocessing_function_names=[])
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(name="candidate", **spec), tfma.ModelSpec(name="baseline", is_baseline=True, **spec)],
-        # Slices: overall, each univalent UI id of the registry, and the tier (rows without one,
-        # a log without tiers, fall in no tier slice).
+        # Slices: overall and each univalent UI id of the registry. No tier slice: the rows are the
+        # shown ones, which are all of the ground-truth tier (or of none, in a log without tiers), so
+        # it repeated the overall slice at a quarter of the Evaluator's per-row cost.
         slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f.name]) for f in features.of_role("ui")
-                                              if f.kind == "id"] + [tfma.SlicingSpec(feature_keys=[F.STAGE_KEY])],
+                                              if f.kind == "id"],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[overall(auc)]),

@@ -151,7 +151,13 @@ def _cmd_run(args) -> int:
             seconds, timings = local_runner.run_with_timings(config, orchestrator=args.orchestrator, check_inputs=False)
             result = report.collect(config)
             served = report.served_models(config)
-            report_path = html_report.write(config, result, seconds, timings, served)
+            checks = None
+            if args.serve_check and served:
+                from cascade_ranking.pipelines import serve_check
+
+                checks = serve_check.serve_check(config.output_dir,
+                                                 cache_file=os.path.join(config.output_dir, serve_check.CACHE_FILE))
+            report_path = html_report.write(config, result, seconds, timings, served, checks)
         except Exception as error:
             raise run_log.explain_failure(error, config, log.path) from error
     print()
@@ -172,20 +178,23 @@ def _cmd_run(args) -> int:
         print(f"  {stage:<11} {path}" + ("" if pushed_now else "  (this run's model was not blessed: not pushed)"))
     for block in filter(None, (report.counts_block(result), report.data_warning_line(result))):
         print(block)
+    if checks is not None:
+        _print_serve_checks(checks)
     print(f"Report: {report_path}")
     return 0
+
+
+def _print_serve_checks(checks) -> None:
+    for check in checks:
+        print(f"ok  {check.stage:<11} {check.path}" + ("  (unchanged since it passed this check)" if check.cached else ""))
+        print(f"    warmup: {check.warmup_requests} PredictionLog replayed; signatures: {check.summary()}")
+    print(f"serve-check passed: {len(checks)} models")
 
 
 def _cmd_serve_check(args) -> int:
     from cascade_ranking.pipelines.serve_check import serve_check
 
-    checks = serve_check(args.dir, args.examples, args.count)
-    for check in checks:
-        calls = ", ".join(f"{name} → {', '.join(f'{k}{list(v)}' for k, v in outputs.items())}"
-                          for name, outputs in check.signatures.items())
-        print(f"ok  {check.stage:<11} {check.path}")
-        print(f"    warmup: {check.warmup_requests} PredictionLog replayed; signatures: {calls}")
-    print(f"serve-check passed: {len(checks)} models")
+    _print_serve_checks(serve_check(args.dir, args.examples, args.count))
     return 0
 
 
@@ -271,6 +280,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                           "300,000 input rows, multi_processing above)")
     run.add_argument("--workers", type=_non_negative_int, help="DirectRunner workers (default 0: one per core)")
     run.add_argument("--no-cache", action="store_true", help="rerun every component")
+    run.add_argument("--serve-check", action="store_true",
+                     help="after the run, `cascade serve-check` its pushed models (a model that passed before is not loaded again)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show the libraries' log (TensorFlow, TFX, Beam workers) on the console too; it always "
                           "goes to <output dir>/logs/")

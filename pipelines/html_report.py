@@ -9,7 +9,7 @@ a Kubeflow run or send to a colleague:
 - the wall time of every component, and whether the MLMD cache answered it;
 - the data counts: rows read, used, diverted by reason, requests without ground truth, NaN values
   read as 0, ids folded, eval ids out of vocabulary (`report.count_rows`);
-- the served SavedModels.
+- the served SavedModels, with the result of `cascade run --serve-check` when it ran.
 
 Written by hand with the standard library (`html.escape`, `base64`): no template engine or
 plotting library is needed for a static page. The file is written under a temporary name and
@@ -91,8 +91,15 @@ def _counts(result: Dict) -> str:
     return _table(("count", "value"), rows, numeric_from=99) + (f"<p class={css}>{html.escape(warning)}</p>" if warning else "")
 
 
+def _serve_check_cell(check) -> str:
+    if check is None:
+        return "not run"
+    when = "passed before, unchanged" if check.cached else "passed"
+    return f"{when}: warmup {check.warmup_requests} replayed; {check.summary()}"
+
+
 def render(config, result: Dict, seconds: float, timings: Sequence[Tuple[str, float, bool]],
-           served: Dict[str, Tuple[str, bool]]) -> str:
+           served: Dict[str, Tuple[str, bool]], checks=None) -> str:
     """The page as a string (see the module docstring)."""
     evaluation = result.get("evaluation")
     parts: List[str] = [
@@ -127,18 +134,20 @@ def render(config, result: Dict, seconds: float, timings: Sequence[Tuple[str, fl
     parts.append("<h2 id=counts>Data counts</h2>")
     parts.append(_counts(result))
     parts.append("<h2 id=served>Served SavedModels</h2>")
-    parts.append(_table(("stage", "path", "pushed by this run"),
-                        [(stage, path, "yes" if now else "no (not blessed)") for stage, (path, now) in served.items()],
+    checked = {check.stage: check for check in checks or ()}
+    parts.append(_table(("stage", "path", "pushed by this run", "serve-check"),
+                        [(stage, path, "yes" if now else "no (not blessed)", _serve_check_cell(checked.get(stage)))
+                         for stage, (path, now) in served.items()],
                         numeric_from=99) if served else "<p>none</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write(config, result: Dict, seconds: float, timings, served) -> str:
+def write(config, result: Dict, seconds: float, timings, served, checks=None) -> str:
     """Writes `<output_dir>/report.html` (temporary name, then renamed) and returns its path."""
     path = os.path.abspath(os.path.join(config.output_dir, REPORT_FILE))
     temp = path + ".incomplete"
     with open(temp, "w", encoding="utf-8") as f:
-        f.write(render(config, result, seconds, timings, served))
+        f.write(render(config, result, seconds, timings, served, checks))
     os.replace(temp, path)
     return path

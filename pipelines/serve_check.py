@@ -11,9 +11,17 @@ For each stage directory `<serving>/<stage>/` the newest numeric version is chec
 
 DIR is a pipeline output directory (with `serving/` and `metadata.sqlite`, from which the eval
 split of the run's example source is found) or a serving directory given with `--examples`.
+
+`cascade run --serve-check` runs the same checks in the run's process and keeps a record of the
+models that passed (`CACHE_FILE` in the output directory, keyed by a fingerprint of every file of
+the model's version directory, the examples and their count): a rerun that pushed nothing new
+reports those models as passed before instead of loading them again. `cascade serve-check`
+always loads and calls every model.
 """
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -32,6 +40,15 @@ class ModelCheck:
     path: str
     signatures: Dict[str, Dict[str, tuple]] = dataclasses.field(default_factory=dict)  # name → output shapes
     warmup_requests: int = 0
+    cached: bool = False  # passed the same check before (`CACHE_FILE`) and was not loaded again
+
+    def summary(self) -> str:
+        """One line: the signatures called and the shapes they returned."""
+        return ", ".join(f"{name} → {', '.join(f'{k}{list(v)}' for k, v in outputs.items())}"
+                         for name, outputs in self.signatures.items())
+
+
+CACHE_FILE = "serve_check.json"
 
 
 class ServeCheckError(ValueError):
@@ -145,8 +162,39 @@ def check_model(stage: str, model_dir: str, examples: List[bytes]) -> ModelCheck
     return result
 
 
-def serve_check(directory: str, examples_pattern: Optional[str] = None, count: int = 16) -> List[ModelCheck]:
-    """Checks the newest version of every stage model under the run's (or the given) serving dir."""
+def model_fingerprint(model_dir: str) -> str:
+    """A digest of the relative path, size and modification time of every file of a SavedModel
+    version directory: it changes when any file of the model is written again."""
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(model_dir)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, model_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: str) -> Dict[str, dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: every model is checked
+        return {}
+
+
+def _write_cache(path: str, cache: Dict[str, dict]) -> None:
+    temp = path + ".incomplete"
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(cache, f, indent=1, sort_keys=True)
+    os.replace(temp, path)
+
+
+def serve_check(directory: str, examples_pattern: Optional[str] = None, count: int = 16,
+                cache_file: Optional[str] = None) -> List[ModelCheck]:
+    """Checks the newest version of every stage model under the run's (or the given) serving dir.
+    With `cache_file`, a model that passed the same check before (same fingerprint, examples and
+    count) is not loaded again; its check comes back with `cached=True`."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} does not exist")
     serving = os.path.join(directory, "serving")
@@ -157,4 +205,20 @@ def serve_check(directory: str, examples_pattern: Optional[str] = None, count: i
     stages = sorted(d for d in os.listdir(serving) if os.path.isdir(os.path.join(serving, d)))
     if not stages:
         raise ServeCheckError(f"{serving} holds no stage directories")
-    return [check_model(stage, latest_version(os.path.join(serving, stage)), examples) for stage in stages]
+    cache = _read_cache(cache_file) if cache_file else {}
+    checks = []
+    for stage in stages:
+        path = latest_version(os.path.join(serving, stage))
+        key = {"fingerprint": model_fingerprint(path), "examples": pattern, "count": count}
+        entry = cache.get(path)
+        if entry and entry.get("key") == key:
+            checks.append(ModelCheck(stage=stage, path=path, warmup_requests=entry["warmup_requests"], cached=True,
+                                     signatures={name: {k: tuple(v) for k, v in outputs.items()}
+                                                 for name, outputs in entry["signatures"].items()}))
+            continue
+        check = check_model(stage, path, examples)
+        cache[path] = {"key": key, "warmup_requests": check.warmup_requests, "signatures": check.signatures}
+        checks.append(check)
+    if cache_file:
+        _write_cache(cache_file, cache)
+    return checks

@@ -279,7 +279,7 @@ def test_tfma_eval_config_gates_the_ctr_against_the_baseline():
     assert [(s.name, s.is_baseline, s.signature_name, s.label_key, s.prediction_key) for s in config.model_specs] == [
         ("candidate", False, "serving_default", "click", "ctr"), ("baseline", True, "serving_default", "click", "ctr")]
     assert all(list(s.preprocessing_function_names) == [] for s in config.model_specs)
-    assert [list(s.feature_keys) for s in config.slicing_specs] == [[], ["ui_position"], ["ui_format"], ["stage"]]
+    assert [list(s.feature_keys) for s in config.slicing_specs] == [[], ["ui_position"], ["ui_format"]]
     metrics = {m.class_name: m for m in config.metrics_specs[0].metrics}
     assert set(metrics) == {"ExampleCount", "AUC", "Calibration", "BinaryCrossentropy", "MeanLabel", "MeanPrediction"}
     for name in ("AUC", "Calibration"):  # the overall slice is gated; the others are only reported

@@ -359,6 +359,24 @@ def test_serve_check_calls_every_signature_of_every_pushed_model(resumed_run, ca
     assert "serve-check passed: 3 models" in capsys.readouterr().out
 
 
+def test_serve_check_skips_only_models_that_passed_before_unchanged(resumed_run, tmp_path):
+    """`cascade run --serve-check`'s record: a model that passed with the same files, examples and
+    count is not loaded again; touching one file of a model has it checked again."""
+    config, _, _ = resumed_run
+    cache = str(tmp_path / serve_check.CACHE_FILE)
+    first = {c.stage: c for c in serve_check.serve_check(config.output_dir, count=12, cache_file=cache)}
+    assert not any(c.cached for c in first.values())
+    again = {c.stage: c for c in serve_check.serve_check(config.output_dir, count=12, cache_file=cache)}
+    assert all(c.cached for c in again.values())
+    assert {s: (c.signatures, c.warmup_requests) for s, c in again.items()} == \
+        {s: (c.signatures, c.warmup_requests) for s, c in first.items()}
+    fewer = {c.stage: c for c in serve_check.serve_check(config.output_dir, count=11, cache_file=cache)}
+    assert not any(c.cached for c in fewer.values())  # another count: a different check
+    os.utime(os.path.join(first["ranking"].path, "saved_model.pb"), ns=(1, 1))  # a file of it written again
+    touched = {c.stage: c.cached for c in serve_check.serve_check(config.output_dir, count=11, cache_file=cache)}
+    assert touched == {"ranking": False, "preranking": True, "retrieval": True}
+
+
 def test_serve_check_fails_in_one_line_on_a_broken_warmup_file(resumed_run, tmp_path, capsys):
     config, _, _ = resumed_run
     serving = tmp_path / "serving"

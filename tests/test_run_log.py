@@ -109,7 +109,7 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     out_dir = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "cascade_ranking.pipelines.cli", "run", "--requests", "300", "--epochs", "1",
-         "--beam-mode", "multi_processing", "--workers", "2", "--output-dir", str(out_dir)],
+         "--beam-mode", "multi_processing", "--workers", "2", "--output-dir", str(out_dir), "--serve-check"],
         capture_output=True, text=True, timeout=1200, cwd=str(tmp_path),
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})  # even with TensorFlow's C++ log fully on
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,8 +124,10 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     assert log_path == str(out_dir / run_log.LOG_DIR / run_log.LOG_FILE)
     log = open(log_path).read()
     assert "apache_beam" in log  # Beam's records went to the log, not away
-    # The run ends with the path of its report.html, which holds what the console printed.
-    last = done.stdout.strip().splitlines()[-1]
+    # The run ends with its serve-check and the path of its report.html, which holds what the
+    # console printed.
+    *_, checked, last = done.stdout.strip().splitlines()
+    assert checked == "serve-check passed: 3 models"
     assert last == f"Report: {out_dir / 'report.html'}"
     timings = [(node, float(seconds), cached == " (cached)") for node, seconds, cached in
                re.findall(r"^\[ *[\d.]+s\] ✓ (\S+)  ([\d.]+)s( \(cached\))?$", done.stdout, re.M)]
@@ -134,3 +136,6 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     from cascade_ranking.pipelines import report
     page = check_report_of_run(str(out_dir / "report.html"), report.collect(config), timings)
     assert re.search(rf"e2e recall \(quotas [\d/]+\) +{page['tables']['table'][1][1]} ", done.stdout)
+    served = page["tables"]["served"]
+    assert served[0] == ["stage", "path", "pushed by this run", "serve-check"] and len(served) == 4
+    assert all(row[3].startswith("passed: warmup ") and "serving_default → " in row[3] for row in served[1:])
