@@ -17,7 +17,7 @@ logging level during training, so those records cannot be relied on.)
 import sys
 import threading
 import time
-from typing import List, Optional, TextIO, Tuple
+from typing import Callable, List, Optional, TextIO, Tuple
 
 from tfx.orchestration.portable import cache_utils, launcher
 
@@ -25,8 +25,9 @@ from tfx.orchestration.portable import cache_utils, launcher
 class ComponentProgress:
     """A context manager that prints timed start/end lines for every component the runner launches."""
 
-    def __init__(self, stream: Optional[TextIO] = None):
+    def __init__(self, stream: Optional[TextIO] = None, before_launch: Optional[Callable[[], None]] = None):
         self._stream = stream or sys.stdout
+        self._before_launch = before_launch  # called as each component starts, before its clock
         self._origin = time.time()
         self._local = threading.local()
         self.timings: List[Tuple[str, float, bool]] = []  # (component, seconds, cached) in finishing order
@@ -43,6 +44,8 @@ class ComponentProgress:
             node = launcher_self._pipeline_node.node_info.id  # pylint: disable=protected-access
             progress._local.cached = False
             progress._print(f"▶ {node}")
+            if progress._before_launch is not None:
+                progress._before_launch()
             start = time.time()
             try:
                 result = launch(launcher_self, *args, **kwargs)
