@@ -32,7 +32,7 @@ file, the int custom property `blessed`, `current_model`/`current_model_id` of t
 `baseline_model`/`baseline_model_id` when its baseline was compared, and `blessing_message`.
 
 `tfma_eval_config()` configures the standard TFX Evaluator on the shown eval rows: the ranker's
-CTR against its baseline, sliced by UI treatment and tier.
+CTR against its baseline, sliced by UI treatment.
 """
 import json
 import os
@@ -42,6 +42,7 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
+from tensorflow_metadata.proto.v0 import schema_pb2
 from tensorflow.python.saved_model import loader_impl  # as TFMA and TFX read signatures
 from tfx import types
 from tfx.components.evaluator import constants
@@ -52,6 +53,7 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from tfx.utils import io_utils, path_utils
 
 from cascade_ranking.components import evaluation, record_io
+from cascade_ranking.datasources import example_wire
 from cascade_ranking.components.negative_sampler import FEATURES_PROPERTY, data_counts
 from cascade_ranking.models.config import config_from_dict
 from cascade_ranking.components.evaluation import (BASELINE_INPUTS, CTR_STAGE, RANKING_INPUT, STAGE_INPUTS, STAGES,
@@ -60,7 +62,7 @@ from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.schema import features as F
 
 NAMESPACE = "cascade_evaluator"
-SCORED_ROWS_PREFIX = "scored_rows"
+SCORED_ROWS_DIR = "scored_rows"  # in the evaluation artifact: one gzipped TFRecord file per block
 SCORE_OUTPUT_KEYS = ("score", "ctr", "scores", "logit")
 # The component output with each stage's ModelBlessing (`models.stages`).
 BLESSING_OUTPUTS = {s.name: s.blessing_output for s in stage_registry.registered()}
@@ -124,12 +126,31 @@ def _present(input_dict: Dict[str, List[types.Artifact]], key: str) -> Optional[
     return artifact_utils.get_single_instance(artifacts) if artifacts else None
 
 
-class _ScoreBatch(beam.DoFn):
-    """A batch of serialized tf.Examples → one scored row per example, with every score column."""
+ROWS_PER_BLOCK = 16384  # eval records per Beam element and per scored-rows file
 
-    def __init__(self, models: Dict[str, Tuple[str, Sequence[ScoreColumn]]]):
+
+def _named_blocks(element):
+    """(file index, path) → (block name, [record bytes]) per block of `ROWS_PER_BLOCK` records."""
+    file_index, path = element
+    for block, records in enumerate(record_io.file_blocks(path, ROWS_PER_BLOCK)):
+        yield f"{file_index:05d}-{block:05d}", records
+
+
+class _ScoreBlock(beam.DoFn):
+    """A block of serialized eval tf.Examples → its scored rows (the row fields and every score
+    column), written as one file `<evaluation>/scored_rows/<block>.gz`; records that do not parse
+    or lack a `required` feature go to the dead letters. The records are checked, scored (one call
+    per signature and `batch_size` records) and written in blocks, and the scored rows serialized
+    in one vectorised pass (`datasources.example_wire`): the per-record Beam path cost about 3 s on
+    the demo's 50,900 eval rows."""
+
+    def __init__(self, models: Dict[str, Tuple[str, Sequence[ScoreColumn]]], batch_size: int,
+                 required: Sequence[str], dtypes: Dict[str, tf.DType], out_dir: str):
         self._models = models  # input name → (SavedModel path, its score columns)
+        self._batch_size, self._required, self._dtypes, self._out_dir = batch_size, tuple(required), dtypes, out_dir
         self._calls = None
+        self._parsed = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
+        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
         self._scored = beam.metrics.Metrics.counter(NAMESPACE, "records_scored")
 
     def setup(self):
@@ -140,37 +161,43 @@ class _ScoreBatch(beam.DoFn):
                 self._calls.append((signatures[signature_name],
                                     [(column, key) for column, signature, key in columns if signature == signature_name]))
 
-    def process(self, batch: List[bytes]):
+    def process(self, element):
+        name, records = element
+        problems = record_io.usable_records(records, self._required, self._dtypes)
+        good = [raw for raw, problem in zip(records, problems) if problem is None]
+        for raw, problem in zip(records, problems):
+            if problem is not None:
+                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, problem))
+        self._bad.inc(len(records) - len(good))
+        self._parsed.inc(len(good))
+        if not good:
+            return
+        parts = [self._score(good[i:i + self._batch_size]) for i in range(0, len(good), self._batch_size)]
+        columns = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        stage = columns["stage"]
+        untiered = stage == b""  # a log without tiers: the ground truth is the click
+        if untiered.any():
+            stage = stage.copy()
+            stage[untiered] = [F.tier_without_stage(int(c)).encode() for c in columns["click"][untiered]]
+            columns["stage"] = stage
+        rows = example_wire.serialize_columns(
+            {k: example_wire.dense_column(v.astype(object) if k == "stage" else v) for k, v in columns.items()})
+        record_io.write_records_atomically(os.path.join(self._out_dir, f"{name}.gz"), rows)
+        self._scored.inc(len(rows))
+
+    def _score(self, batch: List[bytes]) -> Dict[str, np.ndarray]:
         serialized = tf.constant(batch)
-        scores = {}
+        out = {k: v.numpy().reshape(-1) for k, v in tf.io.parse_example(serialized, _row_spec([1])).items()
+               if k in _ROW_FIELDS}
         for signature, columns in self._calls:
             outputs = signature(examples=serialized)
-            scores.update({column: tf.reshape(outputs[key], [-1]).numpy() for column, key in columns})
-        rows = {k: v.numpy().reshape(-1) for k, v in tf.io.parse_example(serialized, _row_spec([1])).items()}
-        for i in range(len(batch)):
-            self._scored.inc()
-            feature = {k: rows[k][i] for k in _ROW_FIELDS}
-            if not feature["stage"]:  # a log without tiers: the ground truth is the click
-                feature["stage"] = F.tier_without_stage(feature["click"]).encode()
-            feature.update({f"score/{column}": float(values[i]) for column, values in scores.items()})
-            yield _scored_example(feature).SerializeToString(deterministic=True)
-
-
-def _scored_example(values: Dict[str, Any]) -> tf.train.Example:
-    example = tf.train.Example()
-    for k, v in values.items():
-        f = example.features.feature[k]
-        if isinstance(v, (bytes, np.bytes_)):
-            f.bytes_list.value.append(bytes(v))
-        elif isinstance(v, (float, np.floating)):
-            f.float_list.value.append(float(v))
-        else:
-            f.int64_list.value.append(int(v))
-    return example
+            out.update({f"score/{column}": tf.reshape(outputs[key], [-1]).numpy().astype(np.float32)
+                        for column, key in columns})
+        return out
 
 
 def read_scored_rows(uri: str, score_columns: List[str]) -> Dict[str, np.ndarray]:
-    files = fileio.glob(os.path.join(uri, SCORED_ROWS_PREFIX + "*"))
+    files = sorted(fileio.glob(os.path.join(uri, SCORED_ROWS_DIR, "*.gz")))
     spec = _row_spec([])
     spec.update({f"score/{k}": tf.io.FixedLenFeature([], tf.float32) for k in score_columns})
     columns: Dict[str, List[np.ndarray]] = {k: [] for k in spec}
@@ -183,14 +210,18 @@ def read_scored_rows(uri: str, score_columns: List[str]) -> Dict[str, np.ndarray
     return rows
 
 
-def required_features(schema_artifacts: List[types.Artifact]) -> Tuple[str, ...]:
-    """The features a row must carry: the row fields, plus the schema's required features
-    (presence.min_fraction = 1) when a Schema artifact is given."""
+_SCHEMA_DTYPES = {schema_pb2.INT: tf.int64, schema_pb2.FLOAT: tf.float32, schema_pb2.BYTES: tf.string}
+
+
+def required_features(schema_artifacts: List[types.Artifact]) -> Tuple[Tuple[str, ...], Dict[str, tf.DType]]:
+    """(the features a row must carry, their types): the row fields (int64), plus the schema's
+    required features (presence.min_fraction = 1) when a Schema artifact is given."""
     if not schema_artifacts:
-        return _REQUIRED_ROW_FIELDS
+        return _REQUIRED_ROW_FIELDS, {}
     path = io_utils.get_only_uri_in_dir(artifact_utils.get_single_uri(schema_artifacts))
-    schema_required = [f.name for f in F.load_schema(path).feature if f.presence.min_fraction == 1.0]
-    return _REQUIRED_ROW_FIELDS + tuple(n for n in schema_required if n not in _REQUIRED_ROW_FIELDS)
+    schema_required = [f for f in F.load_schema(path).feature if f.presence.min_fraction == 1.0]
+    names = _REQUIRED_ROW_FIELDS + tuple(f.name for f in schema_required if f.name not in _REQUIRED_ROW_FIELDS)
+    return names, {f.name: _SCHEMA_DTYPES[f.type] for f in schema_required if f.type in _SCHEMA_DTYPES}
 
 
 def ctr_verdict(ctr_blessing: Optional[types.Artifact], model: types.Artifact) -> Tuple[Optional[bool], str]:
@@ -284,21 +315,20 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         evaluation_artifact = artifact_utils.get_single_instance(output_dict["evaluation"])
         dead = artifact_utils.get_single_instance(output_dict["dead_letters"])
 
+        required, dtypes = required_features(input_dict.get("schema"))
+        scored_dir = os.path.join(evaluation_artifact.uri, SCORED_ROWS_DIR)
         pipeline = self._make_beam_pipeline()
-        parsed = (
-            record_io.read_split(pipeline, uri, config.eval_split)
-            | "Parse" >> beam.ParDo(record_io.ParseOrDivert(NAMESPACE, required_features(input_dict.get("schema"))))
-            .with_outputs(record_io.DEAD_LETTER_TAG, main="examples")
+        scored = (
+            pipeline
+            | "Files" >> beam.Create(list(enumerate(record_io.split_files(uri))))
+            | "ReadBlocks" >> beam.FlatMap(_named_blocks)
+            | "Reshuffle" >> beam.Reshuffle()
+            | "ScoreAndWrite" >> beam.ParDo(_ScoreBlock(models, config.batch_size, required, dtypes, scored_dir))
+            .with_outputs(record_io.DEAD_LETTER_TAG, main="scored")
         )
-        record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, config.eval_split)
-        _ = (
-            parsed.examples
-            | "Batch" >> beam.BatchElements(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
-            | "Score" >> beam.ParDo(_ScoreBatch(models))
-            | "WriteScored" >> beam.io.WriteToTFRecord(os.path.join(evaluation_artifact.uri, SCORED_ROWS_PREFIX),
-                                                       file_name_suffix=".gz", coder=beam.coders.BytesCoder())
-        )
+        record_io.write_dead_letters(scored[record_io.DEAD_LETTER_TAG], dead.uri, config.eval_split)
         counters = record_io.run_and_count(pipeline, NAMESPACE)
+        record_io.finish_atomic_writes(evaluation_artifact.uri, [])
         record_io.check_bad_fraction(counters, config.max_bad_fraction, "CascadeEvaluator")
 
         rows = read_scored_rows(evaluation_artifact.uri, [column for _, columns in models.values() for column, _, _ in columns])

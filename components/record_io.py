@@ -128,15 +128,18 @@ def record_problem(raw: bytes, required: Sequence[str] = (F.REQUEST_ID_KEY,)) ->
     return f"missing required feature(s): {', '.join(missing)}" if missing else None
 
 
-def usable_records(records: Sequence[bytes], required: Sequence[str] = (F.REQUEST_ID_KEY,)) -> List[Optional[str]]:
+def usable_records(records: Sequence[bytes], required: Sequence[str] = (F.REQUEST_ID_KEY,),
+                   dtypes: Optional[Dict[str, tf.DType]] = None) -> List[Optional[str]]:
     """`record_problem` of every record of a batch, vectorised: one `tf.io.parse_example` of the
-    whole batch checks that all parse and hold every `required` feature (as an int64 list, the
-    pipeline's keys); only when it fails, or some list is empty, are those records checked one by
-    one in Python (a present but empty feature counts as present, as `record_problem` says)."""
+    whole batch checks that all parse and hold every `required` feature (typed by `dtypes`, int64
+    by default: the pipeline's keys); only when it fails, or some list is empty, are those records
+    checked one by one in Python (a present but empty feature counts as present, as
+    `record_problem` says)."""
     problems: List[Optional[str]] = [None] * len(records)
+    dtypes = dtypes or {}
     try:
         parsed = tf.io.parse_example(tf.constant(list(records), tf.string),
-                                     {name: tf.io.VarLenFeature(tf.int64) for name in required})
+                                     {name: tf.io.VarLenFeature(dtypes.get(name, tf.int64)) for name in required})
     except (tf.errors.InvalidArgumentError, ValueError):
         return [record_problem(raw, required) for raw in records]
     empty = None
