@@ -6,7 +6,9 @@ Each size runs in its own Python process (so one size's memory does not carry in
 samples every 0.2 s the resident memory (RSS) of that process and all its children (the Beam
 workers in multi_processing mode) and charges it to the component running at that moment (from
 `ComponentProgress`'s start lines). Prints per component: seconds and peak RSS at each size, and
-each size's seconds as a multiple of the 1× seconds (linear growth is the size multiple).
+each size's seconds as a multiple of the 1× seconds (linear growth is the size multiple); then the
+rows/s of the components that read every candidate row against two floors measured after the run,
+in the same process: the raw read plus parse of those rows, and the teacher's batch inference.
 
     python bench/growth.py [--multiples 1 4 16] [--beam-mode auto] [--json bench/results/growth.json]
 """
@@ -65,8 +67,8 @@ def run_one(multiple: int, beam_mode: str) -> dict:
 
     original = progress.ComponentProgress.__init__
 
-    def with_stream(self, stream=None):  # every progress line goes to `current` (the run prints none)
-        original(self, stream=current)
+    def with_stream(self, stream=None, **kwargs):  # every progress line goes to `current` (the run prints none)
+        original(self, stream=current, **kwargs)
 
     progress.ComponentProgress.__init__ = with_stream
     local_runner.ComponentProgress = progress.ComponentProgress
@@ -79,10 +81,45 @@ def run_one(multiple: int, beam_mode: str) -> dict:
         stop.set()
         thread.join()
         mode = config.effective_beam_mode()
+        floor = floors(config.pipeline_root)
     return {"multiple": multiple, "requests": BASE_REQUESTS * multiple, "rows": BASE_REQUESTS * multiple * 50,
-            "beam_mode": mode, "seconds": seconds,
+            "beam_mode": mode, "seconds": seconds, "floors": floor,
             "components": [{"id": n, "seconds": s, "peak_rss_mb": peaks.get(n, 0) / 2 ** 20} for n, s, _ in timings],
             "peak_rss_mb": max(peaks.values()) / 2 ** 20}
+
+
+def floors(pipeline_root: str, batch: int = 4096) -> dict:
+    """Rows/s floors measured after the run on its own artifacts, in the same process: the raw read
+    plus parse of every candidate row the ExampleGen wrote (tf.data, batches of `batch`, the
+    packaged parse spec) and the teacher SavedModel's `serving_default` on batches of `batch`
+    serialized rows (the model's batch inference rate)."""
+    import glob
+
+    import tensorflow as tf
+
+    from cascade_ranking.schema import features as F
+
+    files = sorted(glob.glob(os.path.join(pipeline_root, "SyntheticExampleGen", "examples", "*", "Split-*", "*")))
+    spec = F.serving_parse_spec()
+    start, rows = time.time(), 0
+    for records in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(batch):
+        parsed = tf.io.parse_example(records, spec)
+        rows += int(tf.shape(records)[0])
+        del parsed
+    read_parse = rows / (time.time() - start)
+    model_dir = glob.glob(os.path.join(pipeline_root, "Trainer.teacher", "model", "*", "Format-Serving"))[0]
+    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    blocks = [r for r in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").batch(batch).take(8)]
+    serve(examples=blocks[0])  # the first call loads and warms up
+    start, scored = time.time(), 0
+    for records in blocks:
+        serve(examples=records)
+        scored += int(tf.shape(records)[0])
+    return {"read_parse_rows_per_s": read_parse, "teacher_inference_rows_per_s": scored / (time.time() - start)}
+
+
+# Components that read every candidate row once: their rows/s is the run's rows over their seconds.
+ROW_COMPONENTS = ("SyntheticExampleGen", "StatisticsGen", "TeacherInference", "NegativeSampler")
 
 
 def main(argv=None):
@@ -124,6 +161,16 @@ def main(argv=None):
             print(name.ljust(26) + "".join(cells))
     print("pipeline".ljust(26) + "".join(f"{r['seconds']:7.1f} {r['seconds'] / runs[0]['seconds']:5.1f} "
                                          f"{r['peak_rss_mb']:5.0f}  " for r in runs))
+    print("\nrows/s of the components that read every candidate row, against the floors measured after each run")
+    for r in runs:
+        f = r["floors"]
+        cells = []
+        for c in r["components"]:
+            if c["id"] in ROW_COMPONENTS:
+                rate = r["rows"] / c["seconds"]
+                cells.append(f"{c['id']} {rate:,.0f} ({rate / f['read_parse_rows_per_s']:.2f}x)")
+        print(f"  {r['multiple']}×: read+parse floor {f['read_parse_rows_per_s']:,.0f} rows/s, teacher inference "
+              f"{f['teacher_inference_rows_per_s']:,.0f} rows/s; " + "; ".join(cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"base_requests": BASE_REQUESTS, "cpus": os.cpu_count(), "runs": runs}, f, indent=2)
