@@ -180,6 +180,8 @@ def _cmd_run(args) -> int:
         print(block)
     if checks is not None:
         _print_serve_checks(checks)
+    elif args.serve_check:
+        print("serve-check: no model was pushed, nothing to check")
     print(f"Report: {report_path}")
     return 0
 

@@ -127,7 +127,7 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     # The run ends with its serve-check and the path of its report.html, which holds what the
     # console printed.
     *_, checked, last = done.stdout.strip().splitlines()
-    assert checked == "serve-check passed: 3 models"
+    assert re.fullmatch(r"serve-check passed: [123] models", checked)  # what this tiny run pushed
     assert last == f"Report: {out_dir / 'report.html'}"
     timings = [(node, float(seconds), cached == " (cached)") for node, seconds, cached in
                re.findall(r"^\[ *[\d.]+s\] ✓ (\S+)  ([\d.]+)s( \(cached\))?$", done.stdout, re.M)]
@@ -137,5 +137,6 @@ def test_a_multi_processing_run_prints_no_library_noise_and_logs_it(tmp_path):
     page = check_report_of_run(str(out_dir / "report.html"), report.collect(config), timings)
     assert re.search(rf"e2e recall \(quotas [\d/]+\) +{page['tables']['table'][1][1]} ", done.stdout)
     served = page["tables"]["served"]
-    assert served[0] == ["stage", "path", "pushed by this run", "serve-check"] and len(served) == 4
+    assert served[0] == ["stage", "path", "pushed by this run", "serve-check"]
+    assert len(served) - 1 == len(report.served_models(config)) == int(checked.split()[2])
     assert all(row[3].startswith("passed: warmup ") and "serving_default → " in row[3] for row in served[1:])
