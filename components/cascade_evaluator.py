@@ -129,20 +129,13 @@ def _present(input_dict: Dict[str, List[types.Artifact]], key: str) -> Optional[
 ROWS_PER_BLOCK = 16384  # eval records per Beam element and per scored-rows file
 
 
-def _named_blocks(element):
-    """(file index, path) → (block name, [record bytes]) per block of `ROWS_PER_BLOCK` records."""
-    file_index, path = element
-    for block, records in enumerate(record_io.file_blocks(path, ROWS_PER_BLOCK)):
-        yield f"{file_index:05d}-{block:05d}", records
-
-
 class _ScoreBlock(beam.DoFn):
     """A block of serialized eval tf.Examples → its scored rows (the row fields and every score
     column), written as one file `<evaluation>/scored_rows/<block>.gz`; records that do not parse
     or lack a `required` feature go to the dead letters. The records are checked, scored (one call
     per signature and `batch_size` records) and written in blocks, and the scored rows serialized
-    in one vectorised pass (`datasources.example_wire`): the per-record Beam path cost about 3 s on
-    the demo's 50,900 eval rows."""
+    in one vectorised pass (`datasources.example_wire`): with one Beam element per record, the
+    component took 7.6 s in the demo pipeline (50,900 eval rows), 4.1 s this way."""
 
     def __init__(self, models: Dict[str, Tuple[str, Sequence[ScoreColumn]]], batch_size: int,
                  required: Sequence[str], dtypes: Dict[str, tf.DType], out_dir: str):
@@ -321,7 +314,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         scored = (
             pipeline
             | "Files" >> beam.Create(list(enumerate(record_io.split_files(uri))))
-            | "ReadBlocks" >> beam.FlatMap(_named_blocks)
+            | "ReadBlocks" >> beam.FlatMap(lambda e: record_io.named_file_blocks(e[1], e[0], ROWS_PER_BLOCK))
             | "Reshuffle" >> beam.Reshuffle()
             | "ScoreAndWrite" >> beam.ParDo(_ScoreBlock(models, config.batch_size, required, dtypes, scored_dir))
             .with_outputs(record_io.DEAD_LETTER_TAG, main="scored")

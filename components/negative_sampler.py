@@ -147,8 +147,8 @@ class _KeyByRequest(beam.DoFn):
 
     def setup(self):
         schema = schema_pb2.Schema.FromString(self._schema_bytes)
-        types = {f.name: f.type for f in schema.feature}
-        dtype = tf.string if types.get(F.REQUEST_ID_KEY) == schema_pb2.BYTES else tf.int64
+        kinds = {f.name: f.type for f in schema.feature}
+        dtype = tf.string if kinds.get(F.REQUEST_ID_KEY) == schema_pb2.BYTES else tf.int64
         self._spec = {F.REQUEST_ID_KEY: tf.io.VarLenFeature(dtype)}
 
     def _request_ids(self, raws: List[bytes]) -> List:

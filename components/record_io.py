@@ -11,7 +11,7 @@ block), and refuses to finish when the bad fraction passes the configured thresh
 import json
 import os
 import uuid
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import tensorflow as tf
@@ -71,6 +71,13 @@ def file_blocks(path: str, block_size: int) -> Iterable[List[bytes]]:
     dataset = tf.data.TFRecordDataset(path, compression_type=_compression(path)).batch(block_size)
     for records in dataset.as_numpy_iterator():
         yield list(records)
+
+
+def named_file_blocks(path: str, file_index: int, block_size: int) -> Iterable[Tuple[str, List[bytes]]]:
+    """`file_blocks` of one file, each with a name unique among the files of a split
+    (`<file index>-<block index>`, zero-padded): the name of the output file written for it."""
+    for block, records in enumerate(file_blocks(path, block_size)):
+        yield f"{file_index:05d}-{block:05d}", records
 
 
 def split_files(uri: str) -> List[str]:

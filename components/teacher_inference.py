@@ -72,8 +72,8 @@ def _named_blocks(element):
     """(split index, file index, path) → (split index, block name, [record bytes]) per block of
     `ROWS_PER_BLOCK` records (`record_io.file_blocks`: tf.data's C++ reader, not Beam's Python one)."""
     split, file_index, path = element
-    for block, records in enumerate(record_io.file_blocks(path, ROWS_PER_BLOCK)):
-        yield split, f"{file_index:05d}-{block:05d}", records
+    for name, records in record_io.named_file_blocks(path, file_index, ROWS_PER_BLOCK):
+        yield split, name, records
 
 
 class FeatureSuffix:

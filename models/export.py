@@ -132,9 +132,10 @@ def _without_keras_traces():
     """The scope `keras.Model.save(save_traces=False)` saves in: Keras layers add no traced copies of
     their call functions (nor the Keras metadata to revive them as Keras objects) to the SavedModel.
     Served models are called through their signatures and nothing here loads them back as Keras
-    objects, so those traces were pure cost: tracing every layer's call took about half of each
-    export (measured on the demo's cascade Trainer: the ranker's export 3.2–3.9 s → 1.1 s, the preranker's 0.9 s → 0.5 s). The variables keep their checkpoint names.
-    The scope is Keras-internal (pinned keras 2.15); without it, the traces are saved as before."""
+    objects, so those traces were pure cost: tracing every layer's call took most of each export
+    (measured on the demo's cascade Trainer: the ranker's export 3.2–3.9 s → 1.1 s, the
+    pre-ranker's 0.9 s → 0.5 s). The variables keep their checkpoint names. The scope is
+    Keras-internal (pinned keras 2.15); without it, the traces are saved as before."""
     try:
         from keras.src.saving.legacy.saved_model.utils import keras_option_scope
     except ImportError:  # another Keras: save as it does by default
