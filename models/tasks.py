@@ -100,6 +100,10 @@ class StageModel(tfrs.Model):
         return self.step_logs(terms, training=True)
 
     @tf.autograph.experimental.do_not_convert
+    def predict_step(self, data):
+        return super().predict_step(data)
+
+    @tf.autograph.experimental.do_not_convert
     def test_step(self, inputs):
         return self.step_logs(self.compute_terms(inputs, training=False), training=False)
 
