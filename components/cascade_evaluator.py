@@ -156,12 +156,10 @@ class _ScoreBlock(beam.DoFn):
 
     def process(self, element):
         name, records = element
-        problems = record_io.usable_records(records, self._required, self._dtypes)
-        good = [raw for raw, problem in zip(records, problems) if problem is None]
-        for raw, problem in zip(records, problems):
-            if problem is not None:
-                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, problem))
-        self._bad.inc(len(records) - len(good))
+        good, bad = record_io.partition_usable(records, self._required, self._dtypes)
+        for dead in bad:
+            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, dead)
+        self._bad.inc(len(bad))
         self._parsed.inc(len(good))
         if not good:
             return

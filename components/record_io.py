@@ -233,6 +233,15 @@ def record_counters(artifact: types.Artifact, counters: Dict[str, int]) -> None:
         artifact.set_int_custom_property(name, value)
 
 
+def partition_usable(records: Sequence[bytes], required: Sequence[str] = (F.REQUEST_ID_KEY,),
+                     dtypes: Optional[Dict[str, tf.DType]] = None) -> Tuple[List[bytes], List[Tuple[bytes, str]]]:
+    """(the usable records, (raw, reason) of each other one for the dead letters), by `usable_records`."""
+    problems = usable_records(records, required, dtypes)
+    good = [raw for raw, problem in zip(records, problems) if problem is None]
+    bad = [(raw, problem) for raw, problem in zip(records, problems) if problem is not None]
+    return good, bad
+
+
 def check_bad_fraction(counters: Dict[str, int], max_bad_fraction: float, what: str) -> None:
     bad = counters.get("records_bad", 0)
     total = bad + counters.get("records_parsed", 0)

@@ -109,12 +109,10 @@ class _ScoreAndWrite(beam.DoFn):
 
     def process(self, element):
         split, block, records = element
-        problems = record_io.usable_records(records)
-        good = [raw for raw, problem in zip(records, problems) if problem is None]
-        for raw, problem in zip(records, problems):
-            if problem is not None:
-                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, problem))
-        self._bad.inc(len(records) - len(good))
+        good, bad = record_io.partition_usable(records)
+        for dead in bad:
+            yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, dead)
+        self._bad.inc(len(bad))
         self._parsed.inc(len(good))
         values = [self._score(good[i:i + INFERENCE_BATCH]) for i in range(0, len(good), INFERENCE_BATCH)]
         suffixes = self._suffix.of(np.concatenate(values)) if values else []
