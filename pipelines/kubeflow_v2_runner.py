@@ -37,5 +37,5 @@ def compile_pipeline(config: PipelineConfig, output_path: str, image: str, proje
         output_dir=os.path.dirname(os.path.abspath(output_path)),
         output_filename=os.path.basename(output_path),
     )
-    runner.run(create_pipeline(config))
+    runner.run(create_pipeline(config, kubeflow=True))
     return output_path

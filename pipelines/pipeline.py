@@ -52,6 +52,7 @@ from cascade_ranking.components.synthetic_example_gen import SyntheticExampleGen
 from cascade_ranking.components.teacher_inference import TeacherInference
 from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.trainers.common import FEATURES_KEY, STAGE_OPTIONS_KEY
+from cascade_ranking.pipelines.baseline_strategy import BaselineBeforeCandidateStrategy
 from cascade_ranking.pipelines.config import PipelineConfig, to_json
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import vocabulary
@@ -144,17 +145,24 @@ def stage_trainer_config(trainer: stage_registry.StageTrainer, config: PipelineC
     return custom_config
 
 
-def latest_blessed(stage: str) -> tfx.dsl.Resolver:
-    """The latest model of `stage` that its blessing blessed (TFX `LatestBlessedModelStrategy`):
-    the stage's baseline. Its channels name their producers, so each stage resolves its own models
-    and blessings only (these queries add no edge to the graph); on the first run it is empty."""
+def latest_blessed(stage: str, candidate=None) -> tfx.dsl.Resolver:
+    """The stage's baseline: with `candidate` (the channel of the model this run evaluates), the
+    latest blessed model of `stage` trained before the candidate
+    (`pipelines.baseline_strategy.BaselineBeforeCandidateStrategy`: a rerun whose Trainer is cached
+    keeps its first baseline, so the evaluators are cached too); without it, the latest blessed
+    model (TFX `LatestBlessedModelStrategy`, the one Kubeflow V2 compiles). The model and blessing
+    channels name their producers, so each stage resolves its own models and blessings only (these
+    queries add no edge to the graph); on the first run the baseline is empty."""
     node, output = MODEL_SOURCES[stage]
-    return tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+    channels = dict(
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model, producer_component_id=node, output_key=output),
         model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
-                                       producer_component_id=EVALUATOR_ID, output_key=BLESSING_KEYS[stage]),
-    ).with_id(f"LatestBlessed.{stage}")
+                                       producer_component_id=EVALUATOR_ID, output_key=BLESSING_KEYS[stage]))
+    if candidate is None:
+        return tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+                                **channels).with_id(f"LatestBlessed.{stage}")
+    return tfx.dsl.Resolver(strategy_class=BaselineBeforeCandidateStrategy, model=candidate,
+                            model_blessing=channels["model_blessing"]).with_id(f"LatestBlessed.{stage}")
 
 
 def _pusher(stage: str, model, blessing, config: PipelineConfig) -> tfx.components.Pusher:
@@ -167,8 +175,10 @@ def _pusher(stage: str, model, blessing, config: PipelineConfig) -> tfx.componen
     ).with_id(f"Pusher.{stage}")
 
 
-def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> tfx.dsl.Pipeline:
-    """The pipeline; the orchestrator's runner supplies the MLMD connection (none on Kubeflow)."""
+def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
+                    kubeflow: bool = False) -> tfx.dsl.Pipeline:
+    """The pipeline; the orchestrator's runner supplies the MLMD connection (none on Kubeflow).
+    `kubeflow`: compile each stage's baseline with the stock strategy (`latest_blessed`)."""
     config.validate()
     example_gen = example_source(config)
     rows = example_gen.outputs["examples"]
@@ -201,7 +211,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None) -> 
         s.model_source[0]) for s in stages if s.extracted}
     models = {s.name: (stage_models[s.name].outputs["stage_model"] if s.extracted
                        else trainers[s.trainer.name].outputs["model"]) for s in stages}
-    baselines = {s.name: latest_blessed(s.name) for s in stages}
+    baselines = {s.name: latest_blessed(s.name, None if kubeflow else models[s.name]) for s in stages}
 
     ctr = stage_registry.ctr_stage().name
     tfma_evaluator = tfx.components.Evaluator(
