@@ -9,9 +9,10 @@ import os
 from typing import List
 
 from tensorflow_metadata.proto.v0 import anomalies_pb2
-from tfx import v1 as tfx
+from tfx.dsl.component.experimental.annotations import InputArtifact
+from tfx.dsl.component.experimental.decorators import component
 from tfx.dsl.io import fileio
-from tfx.types import artifact_utils
+from tfx.types import artifact_utils, standard_artifacts
 
 ANOMALIES_FILE = "SchemaDiff.pb"
 
@@ -35,8 +36,8 @@ def describe_anomalies(anomalies_artifact) -> List[str]:
     return lines
 
 
-@tfx.dsl.components.component
-def AnomalyGate(anomalies: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleAnomalies]) -> None:
+@component
+def AnomalyGate(anomalies: InputArtifact[standard_artifacts.ExampleAnomalies]) -> None:
     """Raises DataAnomaliesError naming the anomalies, if there are any."""
     lines = describe_anomalies(anomalies)
     if lines:

@@ -11,8 +11,10 @@ no component that splits a Model artifact.
 """
 import os
 
-from tfx import v1 as tfx
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
 from tfx.dsl.io import fileio
+from tfx.types import standard_artifacts
 from tfx.utils import path_utils
 
 from cascade_ranking.models import export as export_lib
@@ -36,10 +38,10 @@ def copy_tree(source: str, destination: str) -> int:
     return count
 
 
-@tfx.dsl.components.component
-def StageModel(model: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Model],
-               stage_model: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.Model],
-               stage: tfx.dsl.components.Parameter[str]) -> None:
+@component
+def StageModel(model: InputArtifact[standard_artifacts.Model],
+               stage_model: OutputArtifact[standard_artifacts.Model],
+               stage: Parameter[str]) -> None:
     """Copies `<model>/stages/<stage>` to `<stage_model>/Format-Serving`."""
     source = export_lib.stage_model_dir(path_utils.serving_model_dir(model.uri), stage)
     if not fileio.exists(os.path.join(source, "saved_model.pb")):

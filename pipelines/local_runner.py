@@ -6,7 +6,7 @@ import os
 import time
 from typing import List, Tuple
 
-from tfx import v1 as tfx
+from tfx.orchestration import metadata as tfx_metadata
 
 from cascade_ranking.pipelines.config import PipelineConfig
 from cascade_ranking.pipelines.pipeline import create_pipeline
@@ -29,7 +29,9 @@ def collect_and_freeze_garbage() -> None:
 
 def _dag_runner(orchestrator: str):
     if orchestrator == "local":
-        return tfx.orchestration.LocalDagRunner()
+        from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+        return LocalDagRunner()
     if orchestrator == "beam":
         from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner
 
@@ -55,7 +57,7 @@ def run_with_timings(config: PipelineConfig, orchestrator: str = "local", show_p
     if check_inputs:
         config.check_inputs()
     os.makedirs(config.output_dir, exist_ok=True)
-    metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path))
+    metadata = tfx_metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path))
     pipeline = create_pipeline(config, metadata)
     progress = ComponentProgress(stream=None if show_progress else io.StringIO(), before_launch=collect_and_freeze_garbage)
     with RunLock(config.output_dir, report=print if show_progress else lambda line: None):

@@ -33,14 +33,22 @@ Every per-request loss or metric reads request-grouped data: the Trainers read t
 NegativeSampler's request lists (one list per request), the CascadeEvaluator groups rows by
 request_id explicitly. Each Trainer runs a module of `models.trainers` with its configuration as
 JSON in custom_config. Nothing here depends on where the pipeline runs: LocalDagRunner,
-BeamDagRunner and Kubeflow V2 compile the same `tfx.dsl.Pipeline`.
+BeamDagRunner and Kubeflow V2 compile the same `tfx.dsl.Pipeline` (`tfx.orchestration.pipeline.Pipeline`).
 """
 import hashlib
 import json
 import os
 from typing import Optional
 
-from tfx import v1 as tfx
+# tfx.v1 is not imported: it imports kfp (about 3 s), which only the Kubeflow compile needs.
+from tfx import components
+from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
+from tfx.dsl.components.common.resolver import Resolver
+from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
+from tfx.orchestration.pipeline import Pipeline
+from tfx.proto import pusher_pb2, transform_pb2
+from tfx.types import standard_artifacts
+from tfx.types.channel import Channel
 from tfx.proto import example_gen_pb2
 
 from cascade_ranking.components.anomaly_gate import AnomalyGate
@@ -75,7 +83,7 @@ def _absolute(path: str) -> str:
 def example_source(config: PipelineConfig):
     if config.source == "synthetic":
         return SyntheticExampleGen(config=config.synthetic)
-    return tfx.components.ImportExampleGen(
+    return components.ImportExampleGen(
         input_base=_absolute(config.examples_dir),
         input_config=example_gen_pb2.Input(
             splits=[
@@ -108,25 +116,25 @@ def schema_source(config: PipelineConfig) -> str:
     return target
 
 
-def vocabulary_transform(examples, schema, features: F.FeatureConfig) -> Optional[tfx.components.Transform]:
+def vocabulary_transform(examples, schema, features: F.FeatureConfig) -> Optional[components.Transform]:
     """The standard TFX Transform that computes the vocabularies of the registry's `lookup:
     vocabulary` features (`schema.vocabulary.preprocessing_fn`: `tft.vocabulary` per feature) on the
     train split, materializing nothing; None when every id feature is hashed (no extra node)."""
     if not features.vocabulary_features():
         return None
-    return tfx.components.Transform(
+    return components.Transform(
         examples=examples, schema=schema, preprocessing_fn=vocabulary.PREPROCESSING_FN,
-        splits_config=tfx.proto.SplitsConfig(analyze=["train"]), materialize=False, disable_statistics=True,
+        splits_config=transform_pb2.SplitsConfig(analyze=["train"]), materialize=False, disable_statistics=True,
         custom_config={vocabulary.FEATURES_KEY: to_json(features)},
     )
 
 
 def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, after, features,
-             transform_graph=None) -> tfx.components.Trainer:
+             transform_graph=None) -> components.Trainer:
     """`Trainer.<name>` running `run_fn`; every one gets the run's FeatureConfig under custom_config
     "features", and the Transform output (vocabularies) when some feature has lookup vocabulary."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(features)}
-    trainer = tfx.components.Trainer(
+    trainer = components.Trainer(
         run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
         transform_graph=transform_graph,
     ).with_id(f"Trainer.{name}")
@@ -145,7 +153,7 @@ def stage_trainer_config(trainer: stage_registry.StageTrainer, config: PipelineC
     return custom_config
 
 
-def latest_blessed(stage: str, candidate=None) -> tfx.dsl.Resolver:
+def latest_blessed(stage: str, candidate=None) -> Resolver:
     """The stage's baseline: with `candidate` (the channel of the model this run evaluates), the
     latest blessed model of `stage` trained before the candidate
     (`pipelines.baseline_strategy.BaselineBeforeCandidateStrategy`: a rerun whose Trainer is cached
@@ -155,28 +163,28 @@ def latest_blessed(stage: str, candidate=None) -> tfx.dsl.Resolver:
     queries add no edge to the graph); on the first run the baseline is empty."""
     node, output = MODEL_SOURCES[stage]
     channels = dict(
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model, producer_component_id=node, output_key=output),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+        model=Channel(type=standard_artifacts.Model, producer_component_id=node, output_key=output),
+        model_blessing=Channel(type=standard_artifacts.ModelBlessing,
                                        producer_component_id=EVALUATOR_ID, output_key=BLESSING_KEYS[stage]))
     if candidate is None:
-        return tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        return Resolver(strategy_class=LatestBlessedModelStrategy,
                                 **channels).with_id(f"LatestBlessed.{stage}")
-    return tfx.dsl.Resolver(strategy_class=BaselineBeforeCandidateStrategy, model=candidate,
+    return Resolver(strategy_class=BaselineBeforeCandidateStrategy, model=candidate,
                             model_blessing=channels["model_blessing"]).with_id(f"LatestBlessed.{stage}")
 
 
-def _pusher(stage: str, model, blessing, config: PipelineConfig) -> tfx.components.Pusher:
-    return tfx.components.Pusher(
+def _pusher(stage: str, model, blessing, config: PipelineConfig) -> components.Pusher:
+    return components.Pusher(
         model=model,
         model_blessing=blessing,
-        push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(
+        push_destination=pusher_pb2.PushDestination(
+            filesystem=pusher_pb2.PushDestination.Filesystem(
                 base_directory=os.path.join(_absolute(config.serving_dir), stage))),
     ).with_id(f"Pusher.{stage}")
 
 
 def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
-                    kubeflow: bool = False) -> tfx.dsl.Pipeline:
+                    kubeflow: bool = False) -> Pipeline:
     """The pipeline; the orchestrator's runner supplies the MLMD connection (none on Kubeflow).
     `kubeflow`: compile each stage's baseline with the stock strategy (`latest_blessed`)."""
     config.validate()
@@ -186,10 +194,10 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     if config.keys.mapped:  # the log names its keys otherwise: add request_id, click, request_time
         key_mapper = KeyMapper(examples=rows, keys=config.keys, max_bad_fraction=config.sampler.max_bad_fraction)
         rows = key_mapper.outputs["output_examples"]
-    statistics_gen = tfx.components.StatisticsGen(examples=rows)
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_source(config))
+    statistics_gen = components.StatisticsGen(examples=rows)
+    schema_gen = ImportSchemaGen(schema_file=schema_source(config))
     schema = schema_gen.outputs["schema"]
-    example_validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
+    example_validator = components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
     anomaly_gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"])
 
     transform = vocabulary_transform(rows, schema, config.features)
@@ -214,7 +222,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     baselines = {s.name: latest_blessed(s.name, None if kubeflow else models[s.name]) for s in stages}
 
     ctr = stage_registry.ctr_stage().name
-    tfma_evaluator = tfx.components.Evaluator(
+    tfma_evaluator = components.Evaluator(
         examples=sampler.outputs["shown_rows"], model=models[ctr],
         baseline_model=baselines[ctr].outputs["model"], eval_config=tfma_eval_config(config.evaluator, config.features),
         example_splits=["eval"],
@@ -226,7 +234,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
         **{s.baseline_input: baselines[s.name].outputs["model"] for s in stages},
     ).with_id(EVALUATOR_ID)
     pushers = [_pusher(s.name, models[s.name], evaluator.outputs[s.blessing_output], config) for s in stages]
-    return tfx.dsl.Pipeline(
+    return Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
         components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate,
