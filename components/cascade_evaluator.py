@@ -311,9 +311,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         pipeline = self._make_beam_pipeline()
         scored = (
             pipeline
-            | "Files" >> beam.Create(list(enumerate(record_io.split_files(uri))))
-            | "ReadBlocks" >> beam.FlatMap(lambda e: record_io.named_file_blocks(e[1], e[0], ROWS_PER_BLOCK))
-            | "Reshuffle" >> beam.Reshuffle()
+            | "Files" >> beam.Create(record_io.file_parts(record_io.split_files(uri),
+                                                          record_io.beam_parallelism(self._beam_pipeline_args)))
+            | "ReadBlocks" >> beam.FlatMap(  # no Reshuffle of the blocks: `record_io.file_parts`
+                lambda e: record_io.named_file_blocks(e[1], e[0], ROWS_PER_BLOCK, e[2], e[3]))
             | "ScoreAndWrite" >> beam.ParDo(_ScoreBlock(models, config.batch_size, required, dtypes, scored_dir))
             .with_outputs(record_io.DEAD_LETTER_TAG, main="scored")
         )

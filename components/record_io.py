@@ -73,11 +73,45 @@ def file_blocks(path: str, block_size: int) -> Iterable[List[bytes]]:
         yield list(records)
 
 
-def named_file_blocks(path: str, file_index: int, block_size: int) -> Iterable[Tuple[str, List[bytes]]]:
+def named_file_blocks(path: str, file_index: int, block_size: int, part: int = 0,
+                      parts: int = 1) -> Iterable[Tuple[str, List[bytes]]]:
     """`file_blocks` of one file, each with a name unique among the files of a split
-    (`<file index>-<block index>`, zero-padded): the name of the output file written for it."""
-    for block, records in enumerate(file_blocks(path, block_size)):
-        yield f"{file_index:05d}-{block:05d}", records
+    (`<file index>-<block index>`, zero-padded): the name of the output file written for it.
+    With `parts` > 1, only the blocks whose index is `part` modulo `parts` (the file is read
+    whole, its other blocks are skipped): `file_parts` spreads one file over several workers."""
+    dataset = tf.data.TFRecordDataset(path, compression_type=_compression(path)).batch(block_size).enumerate()
+    if parts > 1:
+        dataset = dataset.shard(parts, part)
+    for block, records in dataset.as_numpy_iterator():
+        yield f"{file_index:05d}-{block:05d}", list(records)
+
+
+OTHER_RUNNER_PARALLELISM = 16  # work items per stage asked for on runners that scale themselves
+
+
+def beam_parallelism(beam_pipeline_args: Optional[Sequence[str]]) -> int:
+    """How many workers a Beam stage can keep busy: DirectRunner's `direct_num_workers` (1 when
+    in_process), or `OTHER_RUNNER_PARALLELISM` on any other runner."""
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+    options = PipelineOptions(list(beam_pipeline_args or []))
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
+        return OTHER_RUNNER_PARALLELISM
+    return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
+
+
+def file_parts(files: Sequence[str], parallelism: int) -> List[Tuple[int, str, int, int]]:
+    """(file index, path, part, parts) work items that give `parallelism` workers some of the
+    blocks of `files` each (`named_file_blocks(path, file index, size, part, parts)`): one item
+    per file when there are at least as many files as workers, else each file in
+    ⌈parallelism / files⌉ parts.
+
+    This replaces a Reshuffle of the blocks themselves: on DirectRunner a Reshuffle holds every
+    block of the split in memory at once (its buffer is the whole PCollection), so the memory of
+    a component that reshuffled its rows grew with the data. `beam.Create` reshuffles these few
+    items instead, and each worker reads its own blocks, scores and writes them as it goes."""
+    parts = max(1, -(-parallelism // max(len(files), 1)))
+    return [(index, path, part, parts) for index, path in enumerate(files) for part in range(parts)]
 
 
 def split_files(uri: str) -> List[str]:

@@ -7,8 +7,9 @@ output added as a feature (`teacher_logit` by default). Students then read it as
 The work moves through Beam in blocks of `ROWS_PER_BLOCK` records, not record by record: per-record
 Beam elements cost ~80 µs of Python each here (reading, reshuffling, batching and writing 250k rows
 took 22 s against a model that scores them in 2 s). Each input file is read with tf.data in blocks
-(`_named_blocks`); the blocks are reshuffled so every worker gets some; `_ScoreAndWrite` checks a
-block with one vectorised parse (`record_io.usable_records`; bad records go to the dead-letter
+(`_named_blocks`), a file in as many parts as there are workers when the files are fewer than
+the workers (`record_io.file_parts`: no Reshuffle, whose buffer on DirectRunner is the whole
+split); `_ScoreAndWrite` checks a block with one vectorised parse (`record_io.usable_records`; bad records go to the dead-letter
 output with their reason), scores its good records with the SavedModel signature in batches of
 `INFERENCE_BATCH` (the model is loaded once per worker process, `apache_beam.utils.shared`), and
 writes them as one gzipped TFRecord file of the output split (to a temporary name, renamed when
@@ -69,10 +70,11 @@ INFERENCE_BATCH = 4096  # records per call of the signature (measured: 146k rows
 
 
 def _named_blocks(element):
-    """(split index, file index, path) → (split index, block name, [record bytes]) per block of
-    `ROWS_PER_BLOCK` records (`record_io.file_blocks`: tf.data's C++ reader, not Beam's Python one)."""
-    split, file_index, path = element
-    for name, records in record_io.named_file_blocks(path, file_index, ROWS_PER_BLOCK):
+    """(split index, file index, path, part, parts) → (split index, block name, [record bytes]) per
+    block of `ROWS_PER_BLOCK` records of that part of the file (`record_io.named_file_blocks`:
+    tf.data's C++ reader, not Beam's Python one)."""
+    split, file_index, path, part, parts = element
+    for name, records in record_io.named_file_blocks(path, file_index, ROWS_PER_BLOCK, part, parts):
         yield split, name, records
 
 
@@ -170,15 +172,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output_uris = [artifact_utils.get_split_uri([output], split) for split in split_names]
         for uri in output_uris:
             fileio.makedirs(uri)
-        files = [(index, file_index, path) for index, split in enumerate(split_names)
-                 for file_index, path in enumerate(record_io.split_files(uris[split]))]
+        parallelism = record_io.beam_parallelism(self._beam_pipeline_args)
+        files = [(index, *item) for index, split in enumerate(split_names)
+                 for item in record_io.file_parts(record_io.split_files(uris[split]), parallelism)]
 
         pipeline = self._make_beam_pipeline()
         scored = (
             pipeline
             | "Files" >> beam.Create(files)
-            | "ReadBlocks" >> beam.FlatMap(_named_blocks)
-            | "Reshuffle" >> beam.Reshuffle()  # a split is often one file: spread its blocks over the workers
+            | "ReadBlocks" >> beam.FlatMap(_named_blocks)  # no Reshuffle: `record_io.file_parts`
             | "ScoreAndWrite" >> beam.ParDo(_ScoreAndWrite(model_path, exec_properties["output_key"], feature, output_uris,
                                                            shared.Shared())).with_outputs(record_io.DEAD_LETTER_TAG)
         )

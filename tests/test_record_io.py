@@ -50,3 +50,25 @@ def test_atomic_writes_leave_whole_files_and_an_empty_file_for_an_empty_split(tm
     assert [e.SerializeToString() for e in example_io.read_examples(os.path.join(train, "*"))] == records
     assert os.listdir(eval_) == ["data_tfrecord-empty.gz"]
     assert list(example_io.read_examples(os.path.join(eval_, "*"))) == []
+
+
+def test_file_parts_give_every_block_to_exactly_one_worker_under_its_own_name(tmp_path):
+    """One file over 3 workers: 3 parts, whose blocks together are the file's blocks, each once,
+    named as when the file is read whole; many files: one item per file."""
+    path = str(tmp_path / "rows.gz")
+    with tf.io.TFRecordWriter(path, options="GZIP") as w:
+        for i in range(23):
+            w.write(b"record-%d" % i)
+    whole = list(record_io.named_file_blocks(path, 7, 4))
+    assert [name for name, _ in whole] == [f"00007-{b:05d}" for b in range(6)]
+    items = record_io.file_parts([path], 3)
+    assert items == [(0, path, 0, 3), (0, path, 1, 3), (0, path, 2, 3)]
+    parted = [block for _, p, part, parts in items for block in record_io.named_file_blocks(p, 7, 4, part, parts)]
+    assert sorted(parted) == whole
+    assert record_io.file_parts(["a", "b", "c"], 2) == [(0, "a", 0, 1), (1, "b", 0, 1), (2, "c", 0, 1)]
+
+
+def test_beam_parallelism_reads_the_direct_runners_workers():
+    assert record_io.beam_parallelism([]) == 1
+    assert record_io.beam_parallelism(["--direct_running_mode=multi_processing", "--direct_num_workers=2"]) == 2
+    assert record_io.beam_parallelism(["--runner=DataflowRunner"]) == record_io.OTHER_RUNNER_PARALLELISM

@@ -38,7 +38,7 @@ Outputs:
 """
 import dataclasses
 import json
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Iterable, Mapping, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -56,7 +56,7 @@ from cascade_ranking.models.ranking_stage import RankingStage
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      load_lists, save_with_warmup)
+                                      adaptation_lists, load_lists, save_with_warmup)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "cascade"
@@ -133,27 +133,39 @@ def build_model(config: CascadeTrainerConfig, ranker_config: RankerConfig,
     return CascadeModel(stages, method=config.method, quota=config.quota, tau=config.tau, label=config.label)
 
 
-def train_data_report(lists: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    """What the Trainer reads: lists, candidate rows (every one trains the cascade losses), the shown
-    rows its CTR losses train on (those the NegativeSampler kept: weight > 0) and those it sampled
-    out (weight 0), their clicks, Σ sample_weight, and the weighted click mean Σw·y / Σw, an
-    unbiased estimate of the unsampled shown click rate (Factory Floor §3.3)."""
+_REPORT_SUMS = ("lists", "candidate_rows", "shown_rows", "sampled_out_rows", "shown_clicks", "shown_weight_sum",
+                "weighted_clicks", "reweighted_rows")
+
+
+REPORT_COLUMNS = ("mask", "sample_weight", "ui_position", "click")  # what `train_data_report` reads
+
+
+def _report_sums(lists: Mapping[str, np.ndarray]) -> Dict[str, float]:
     real = np.asarray(lists["mask"]) > 0
     weights = np.asarray(lists["sample_weight"], np.float64)
     all_shown = real & (np.asarray(lists["ui_position"]) > F.NOT_SHOWN_POSITION)
     shown = all_shown & (weights > 0)  # a sampled-out row keeps its slot with weight 0
     w = weights[shown]
     y = np.asarray(lists["click"], np.float64)[shown]
-    return {
-        "lists": int(real.shape[0]),
-        "candidate_rows": int(real.sum()),
-        "shown_rows": int(shown.sum()),
-        "sampled_out_rows": int((all_shown & (weights == 0)).sum()),
-        "shown_clicks": int(y.sum()),
-        "shown_weight_sum": float(w.sum()),
-        "weighted_click_mean": float((w * y).sum() / w.sum()) if w.size else float("nan"),
-        "reweighted_rows": int((w != 1.0).sum()),
-    }
+    return dict(zip(_REPORT_SUMS, (real.shape[0], real.sum(), shown.sum(), (all_shown & (weights == 0)).sum(),
+                                   y.sum(), w.sum(), (w * y).sum(), (w != 1.0).sum())))
+
+
+def train_data_report(batches: Iterable[Mapping[str, np.ndarray]]) -> Dict[str, float]:
+    """What the Trainer reads, summed over `batches` of request lists (read one at a time, so the
+    split is never held whole): lists, candidate rows (every one trains the cascade losses), the
+    shown rows its CTR losses train on (those the NegativeSampler kept: weight > 0) and those it
+    sampled out (weight 0), their clicks, Σ sample_weight, and the weighted click mean Σw·y / Σw, an
+    unbiased estimate of the unsampled shown click rate (Factory Floor §3.3)."""
+    totals = dict.fromkeys(_REPORT_SUMS, 0.0)
+    for batch in batches:
+        for name, value in _report_sums(batch).items():
+            totals[name] += float(value)
+    report = {name: int(totals[name]) for name in _REPORT_SUMS if name not in ("shown_weight_sum", "weighted_clicks")}
+    report["shown_weight_sum"] = totals["shown_weight_sum"]
+    report["weighted_click_mean"] = (totals["weighted_clicks"] / totals["shown_weight_sum"]
+                                     if totals["shown_weight_sum"] else float("nan"))
+    return report
 
 
 def ctr_metrics(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> Dict[str, float]:
@@ -181,16 +193,17 @@ def run_fn(fn_args) -> None:
     features = common.feature_config(fn_args)
     model = build_model(config, ranker_config, features)
     list_size = list_size_of_splits(fn_args)
-    train_lists = load_lists(fn_args.train_files, list_size, features=features)
-    data = train_data_report(train_lists)
+    data = train_data_report(LI.request_list_dataset(fn_args.train_files, 1024, list_size, features=features).map(
+        lambda lists: {name: lists[name] for name in REPORT_COLUMNS}).as_numpy_iterator())
     logging.info("Training data: %d lists, %d candidate rows read; %d shown rows kept for the CTR losses "
                  "(%d clicks), sample_weight sum %.1f, weighted click mean %.4f", data["lists"],
                  data["candidate_rows"], data["shown_rows"], data["shown_clicks"], data["shown_weight_sum"],
                  data["weighted_click_mean"])
-    model.adapt(train_lists)
+    sample = adaptation_lists(fn_args.train_files, list_size, features)
+    model.adapt(sample)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
-    model.build_train_step(next(iter(LI.dataset_from_lists(train_lists, config.batch_size))))
-    del train_lists
+    model.build_train_step(next(iter(LI.dataset_from_lists(sample, config.batch_size))))
+    del sample
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
     ranking = model.ranking_stage

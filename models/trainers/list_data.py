@@ -2,7 +2,7 @@
 pre-ranking, joint cascade): request-list TFRecords into numpy, serialized candidate rows for
 warmup files, candidate rows as one-candidate lists for the stage layers, and an atomic save.
 """
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -24,13 +24,20 @@ def list_size_of_splits(fn_args) -> int:
     return train
 
 
+ADAPT_LISTS = 4096  # the first lists of a train split that the dense normalisers are fitted on
+
+
 def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
-               features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
+               features: F.FeatureConfig = F.DEFAULT, max_lists: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Request-list TFRecords → numpy lists (the layout of `models.list_inputs`: query-side
-    multivalent inputs padded to [R, width])."""
+    multivalent inputs padded to [R, width]); with `max_lists`, only about the first that many
+    (whole batches of `batch_size`)."""
     multivalent = {f.name: f for f in RL.query_inputs(features) if f.multivalent}
     parts: Dict[str, list] = {}
-    for batch in LI.request_list_dataset(file_patterns, batch_size, list_size, features=features):
+    batches = LI.request_list_dataset(file_patterns, batch_size, list_size, features=features)
+    if max_lists is not None:
+        batches = batches.take(-(-max_lists // batch_size))
+    for batch in batches:
         for name, value in batch.items():
             if name in multivalent:
                 value = LI.padded(value, multivalent[name])
@@ -38,6 +45,13 @@ def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
     if not parts:
         raise ValueError(f"no request lists in {file_patterns}")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def adaptation_lists(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:
+    """The first `ADAPT_LISTS` lists of a train split (`load_lists`), for the towers' and the
+    ranker's dense normalisers (a mean and a variance per feature): the Trainers stream their
+    training data and hold this sample only, so their memory does not grow with the split."""
+    return load_lists(file_patterns, list_size, features=features, max_lists=ADAPT_LISTS)
 
 
 def _real(values: np.ndarray, f: F.InputFeature) -> list:

@@ -46,7 +46,7 @@ from cascade_ranking.models.preranking import HAPPreranker, LightPreranker, Stro
 from cascade_ranking.models.retrieval import adapt_towers
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
-from cascade_ranking.models.trainers.list_data import candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
+from cascade_ranking.models.trainers.list_data import adaptation_lists, candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "preranking"
@@ -125,8 +125,7 @@ def run_fn(fn_args) -> None:
     features = common.feature_config(fn_args)
     model = build_model(config, features)
     list_size = list_size_of_splits(fn_args)
-    adapt_towers(model.light.towers() + [model.strong], load_lists(fn_args.train_files, list_size, features=features),
-                 features)
+    adapt_towers(model.light.towers() + [model.strong], adaptation_lists(fn_args.train_files, list_size, features), features)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
