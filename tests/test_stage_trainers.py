@@ -141,6 +141,32 @@ def test_cascade_module(data, eval_examples, tmp_path, method):
     assert names and all(name.startswith("light/") for name in names)  # the light model alone
 
 
+def test_the_training_data_report_streamed_in_batches_matches_the_whole_split(data):
+    """`cascade.train_data_report` sums batches of lists; against a count on the whole split."""
+    whole = retrieval.load_lists([str(data / "Split-train" / "*")], LIST_SIZE)
+    batches = [{name: whole[name][i:i + 7] for name in cascade.REPORT_COLUMNS} for i in range(0, len(whole["mask"]), 7)]
+    report = cascade.train_data_report(batches)
+    real = whole["mask"] > 0
+    shown = real & (whole["ui_position"] > 0) & (whole["sample_weight"] > 0)
+    w, y = whole["sample_weight"][shown].astype(float), whole["click"][shown].astype(float)
+    assert report["lists"] == len(whole["mask"]) and len(batches) > 1
+    assert report["candidate_rows"] == real.sum() and report["shown_rows"] == shown.sum() > 0
+    assert report["shown_clicks"] == y.sum() and report["shown_weight_sum"] == pytest.approx(w.sum())
+    assert report["weighted_click_mean"] == pytest.approx((w * y).sum() / w.sum())
+
+
+def test_the_normalisers_are_fitted_on_the_first_lists_only(data, monkeypatch):
+    """`adaptation_lists` reads at most `ADAPT_LISTS` lists (whole batches of 1,024)."""
+    from cascade_ranking.models.trainers import list_data
+
+    files = [str(data / "Split-train" / "*")]
+    every = list_data.load_lists(files, LIST_SIZE)
+    assert len(list_data.adaptation_lists(files, LIST_SIZE)["mask"]) == len(every["mask"])  # fewer than the cap
+    first = list_data.load_lists(files, LIST_SIZE, batch_size=4, max_lists=6)
+    assert len(first["mask"]) == 8 < len(every["mask"])
+    np.testing.assert_array_equal(first["request_id"], every["request_id"][:8])
+
+
 def test_unknown_config_key_is_an_error(data, tmp_path):
     with pytest.raises(ValueError, match=r"unknown CascadeTrainerConfig field\(s\) epoch;"):
         cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps({"epoch": 1})}))
