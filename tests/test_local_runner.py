@@ -1,5 +1,7 @@
 """The local runner's per-component hooks: progress lines and the garbage collection before each."""
 import gc
+
+import pytest
 import io
 import types
 import weakref
@@ -41,3 +43,19 @@ def test_the_hook_runs_once_as_each_component_starts_before_its_clock(monkeypatc
             assert launcher.Launcher.launch(node) == "done"
     assert calls == [("hook",), ("launch", "A"), ("hook",), ("launch", "B")]
     assert [node for node, _, _ in progress.timings] == ["A", "B"]
+
+
+def test_freed_memory_left_resident_goes_back_to_the_system():
+    """Freed blocks between survivors stay resident (the heap cannot shrink past a live block)
+    until `release_free_heap` trims them."""
+    psutil = pytest.importorskip("psutil")
+    process = psutil.Process()
+    blocks = [bytes(4000) + bytes([i % 256]) for i in range(60000)]  # about 240 MB
+    survivors = blocks[::64]
+    del blocks
+    gc.collect()
+    resident = process.memory_info().rss
+    if not local_runner.release_free_heap():
+        pytest.skip("no glibc here: malloc_trim is not called")
+    assert process.memory_info().rss < resident - 100 * 2 ** 20
+    assert len(survivors) == 938
