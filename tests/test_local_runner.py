@@ -1,10 +1,10 @@
 """The local runner's per-component hooks: progress lines and the garbage collection before each."""
 import gc
-
-import pytest
 import io
 import types
 import weakref
+
+import pytest
 
 from tfx.orchestration.portable import launcher
 
