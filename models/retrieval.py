@@ -149,23 +149,42 @@ def _item_columns(lists: Mapping[str, np.ndarray], rows: np.ndarray, slots: np.n
     return {f.name: np.asarray(lists[f.name]).reshape(-1, size, f.width)[rows, slots] for f in features.of_role("item")}
 
 
-def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: str = "gt",
-                    features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
-    """One (request, positive item) pair per positive candidate of the lists.
-
-    Returns {"query": request features [P, ...], "item": item features [P, ...],
-    "sampling_probability": [P]} with q_j = batch_size·f_j (f_j = frequency of item j among the
-    positives, capped at 1): the probability that j is an in-batch candidate.
-    """
+def positive_pairs(lists: Mapping[str, np.ndarray], positive: str = "gt",
+                   features: F.FeatureConfig = F.DEFAULT) -> Dict[str, Dict[str, np.ndarray]]:
+    """{"query": request features [P, ...], "item": item features [P, ...]}: one (request,
+    positive item) pair per positive candidate of the lists (none: P = 0)."""
     rows, slots = np.nonzero(positive_mask(lists, positive))
-    if rows.size == 0:
+    return {"query": {name: np.asarray(lists[name])[rows] for name in features.query_names},
+            "item": _item_columns(lists, rows, slots, features)}
+
+
+def concatenate_pairs(parts: Sequence[Mapping[str, Mapping[str, np.ndarray]]]) -> Dict[str, Dict[str, np.ndarray]]:
+    """The `positive_pairs` of several batches of lists as one set."""
+    return {side: {name: np.concatenate([p[side][name] for p in parts]) for name in parts[0][side]}
+            for side in ("query", "item")}
+
+
+def with_sampling_probability(pairs: Mapping[str, Mapping[str, np.ndarray]], batch_size: int,
+                              features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
+    """`pairs` with "sampling_probability" [P]: q_j = batch_size·f_j (f_j = frequency of item j
+    among the positives, capped at 1), the probability that j is an in-batch candidate."""
+    ids = pairs["item"][features.item_key][:, 0]
+    if ids.size == 0:
         raise ValueError("the request lists have no positive candidate")
-    item = _item_columns(lists, rows, slots, features)
-    ids = item[features.item_key][:, 0]
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     probability = np.minimum(batch_size * counts[inverse] / ids.size, 1.0).astype(np.float32)
-    query = {name: np.asarray(lists[name])[rows] for name in features.query_names}
-    return {"query": query, "item": item, "sampling_probability": probability}
+    return {"query": dict(pairs["query"]), "item": dict(pairs["item"]), "sampling_probability": probability}
+
+
+def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: str = "gt",
+                    features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
+    """One (request, positive item) pair per positive candidate of the lists, with its in-batch
+    sampling probability: `with_sampling_probability(positive_pairs(lists))`.
+
+    Returns {"query": request features [P, ...], "item": item features [P, ...],
+    "sampling_probability": [P]}.
+    """
+    return with_sampling_probability(positive_pairs(lists, positive, features), batch_size, features)
 
 
 @dataclasses.dataclass
@@ -191,13 +210,23 @@ class ItemCorpus:
 
 def item_corpus_from_lists(*list_sets: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> ItemCorpus:
     """The distinct items of request lists (the first occurrence of each item id)."""
-    columns = []
+    corpus = None
     for lists in list_sets:
-        rows, slots = np.nonzero(np.asarray(lists["mask"]) > 0)
-        columns.append(_item_columns(lists, rows, slots, features))
-    merged = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
-    _, first = np.unique(merged[features.item_key][:, 0], return_index=True)
-    return ItemCorpus({k: v[first] for k, v in merged.items()}, features.item_key)
+        corpus = add_to_corpus(corpus, lists, features)
+    return corpus
+
+
+def add_to_corpus(corpus: Optional[ItemCorpus], lists: Mapping[str, np.ndarray],
+                  features: F.FeatureConfig = F.DEFAULT) -> ItemCorpus:
+    """`corpus` (None: empty) with the items of `lists` it lacks; an item keeps its first
+    occurrence, so batches added one by one give the corpus of all of them at once, in memory of
+    the corpus's size (not the lists')."""
+    rows, slots = np.nonzero(np.asarray(lists["mask"]) > 0)
+    columns = _item_columns(lists, rows, slots, features)
+    if corpus is not None:
+        columns = {k: np.concatenate([corpus.columns[k], v]) for k, v in columns.items()}
+    _, first = np.unique(columns[features.item_key][:, 0], return_index=True)
+    return ItemCorpus({k: v[first] for k, v in columns.items()}, features.item_key)
 
 
 class UniformNegatives:

@@ -11,7 +11,11 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 
 from cascade_ranking.models import export as export_lib
 from cascade_ranking.models.trainers import cascade, common, preranking, retrieval
+from cascade_ranking.schema import features as F
+from cascade_ranking.schema import request_list as RL
 from tests.component_fixtures import request_list_splits
+
+GT_TIER = RL.TIER_INDEX[F.GROUND_TRUTH_TIER]
 
 pytestmark = pytest.mark.slow
 LIST_SIZE = 64  # not the default 60: the Trainers take the list size from the data
@@ -165,6 +169,22 @@ def test_the_normalisers_are_fitted_on_the_first_lists_only(data, monkeypatch):
     first = list_data.load_lists(files, LIST_SIZE, batch_size=4, max_lists=6)
     assert len(first["mask"]) == 8 < len(every["mask"])
     np.testing.assert_array_equal(first["request_id"], every["request_id"][:8])
+
+
+def test_the_retrieval_train_split_read_in_batches_keeps_the_pairs_and_items_of_the_whole(data):
+    """`read_train_split` (7 lists at a time) against `train_split_of` the whole split in memory:
+    the same positive pairs in the same order, the same corpus; and every positive is a GT row."""
+    files = [str(data / "Split-train" / "*")]
+    whole = retrieval.load_lists(files, LIST_SIZE)
+    streamed, reference = retrieval.read_train_split(files, LIST_SIZE, batch_size=7), retrieval.train_split_of(whole)
+    for side in ("query", "item"):
+        for name, values in reference.pairs[side].items():
+            np.testing.assert_array_equal(streamed.pairs[side][name], values)
+    for name, values in reference.corpus.columns.items():
+        np.testing.assert_array_equal(streamed.corpus.columns[name], values)
+    real = whole["mask"] > 0
+    assert len(streamed.pairs["item"]["item_id"]) == (real & (whole["stage"] == GT_TIER)).sum() > 0
+    assert streamed.corpus.size == len(np.unique(whole["item_id"][real]))
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):

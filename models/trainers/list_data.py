@@ -2,7 +2,7 @@
 pre-ranking, joint cascade): request-list TFRecords into numpy, serialized candidate rows for
 warmup files, candidate rows as one-candidate lists for the stage layers, and an atomic save.
 """
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -27,21 +27,28 @@ def list_size_of_splits(fn_args) -> int:
 ADAPT_LISTS = 4096  # the first lists of a train split that the dense normalisers are fitted on
 
 
-def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
-               features: F.FeatureConfig = F.DEFAULT, max_lists: Optional[int] = None) -> Dict[str, np.ndarray]:
-    """Request-list TFRecords → numpy lists (the layout of `models.list_inputs`: query-side
-    multivalent inputs padded to [R, width]); with `max_lists`, only about the first that many
-    (whole batches of `batch_size`)."""
+def iterate_lists(file_patterns, list_size: int, batch_size: int = 1024, features: F.FeatureConfig = F.DEFAULT,
+                  max_lists: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+    """Request-list TFRecords → batches of numpy lists, one at a time (the layout of
+    `models.list_inputs`: query-side multivalent inputs padded to [R, width]); with `max_lists`,
+    only about the first that many (whole batches of `batch_size`)."""
     multivalent = {f.name: f for f in RL.query_inputs(features) if f.multivalent}
-    parts: Dict[str, list] = {}
     batches = LI.request_list_dataset(file_patterns, batch_size, list_size, features=features)
     if max_lists is not None:
         batches = batches.take(-(-max_lists // batch_size))
     for batch in batches:
+        yield {name: (LI.padded(value, multivalent[name]) if name in multivalent else value).numpy()
+               for name, value in batch.items()}
+
+
+def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
+               features: F.FeatureConfig = F.DEFAULT, max_lists: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """`iterate_lists` as one set of numpy lists: the whole split in memory, for eval splits and
+    samples (the Trainers stream their train splits)."""
+    parts: Dict[str, list] = {}
+    for batch in iterate_lists(file_patterns, list_size, batch_size, features, max_lists):
         for name, value in batch.items():
-            if name in multivalent:
-                value = LI.padded(value, multivalent[name])
-            parts.setdefault(name, []).append(value.numpy())
+            parts.setdefault(name, []).append(value)
     if not parts:
         raise ValueError(f"no request lists in {file_patterns}")
     return {k: np.concatenate(v) for k, v in parts.items()}

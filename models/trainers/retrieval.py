@@ -1,10 +1,10 @@
 """Trainer module of the retrieval stage: the two-tower model (`models.retrieval`).
 
 Input: the NegativeSampler's request-list Examples (`fn_args.train_files` / `eval_files`, gzipped
-TFRecords in the `schema.request_list` layout). The (request, GT item) pairs and the item corpus
-need the lists in memory, so the train and eval splits are read with
-`models.list_inputs.request_list_dataset` into numpy (`load_lists`); this fits the synthetic and
-MovieLens sizes, not a production log.
+TFRecords in the `schema.request_list` layout). The train split is read one batch of lists at a
+time (`read_train_split`), keeping only what training needs: the (request, GT item) pairs, the
+distinct items and the first lists for the normalisers. The eval split is read into numpy
+(`load_lists`), and its requests are scored against the corpus `EVAL_CHUNK` at a time.
 
 The list size is the data's (`list_data.list_size_of_splits`: the NegativeSampler's `list_size`).
 custom_config: {"retrieval": JSON object}, keys and defaults in `RetrievalTrainerConfig`:
@@ -52,10 +52,11 @@ from cascade_ranking.models.tasks import build_train_step
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      load_lists, save_with_warmup)
+                                      ADAPT_LISTS, adaptation_lists, iterate_lists, load_lists, save_with_warmup)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "retrieval"
+EVAL_CHUNK = 1024  # eval requests scored against the whole corpus at a time ([chunk, I] scores)
 
 
 @dataclasses.dataclass
@@ -128,8 +129,9 @@ def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, 
     gt = cascade_labels(lists).numpy()
     mask = np.asarray(lists["mask"])
     k = min(int(k), corpus.size)
-    corpus_scores = scorer_u @ R.item_embeddings(model.item_tower, corpus, features=features).T  # [R, I]
-    top = corpus.ids[np.argsort(-corpus_scores, axis=1)[:, :k]]
+    items = R.item_embeddings(model.item_tower, corpus, features=features)
+    top = np.concatenate([corpus.ids[np.argsort(-(scorer_u[i:i + EVAL_CHUNK] @ items.T), axis=1)[:, :k]]  # [R, k]
+                          for i in range(0, len(scorer_u), EVAL_CHUNK)])
     rows, slots = np.nonzero(gt > 0)
     hits = [lists[features.item_key][r, j] in top[r] for r, j in zip(rows, slots)]
     return {
@@ -142,18 +144,45 @@ def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, 
     }
 
 
-def build_model(config: RetrievalTrainerConfig, train: Mapping[str, np.ndarray],
-                features: F.FeatureConfig = F.DEFAULT):
+@dataclasses.dataclass
+class TrainSplit:
+    """What the retrieval Trainer keeps of its train split: the positive (request, item) pairs
+    (`models.retrieval.positive_pairs`), the distinct items (the negatives' corpus) and the first
+    lists (`list_data.adaptation_lists`, for the towers' normalisers). None of them grows with the
+    number of candidate rows: the pairs with the positives, the corpus with the items."""
+
+    pairs: Dict
+    corpus: R.ItemCorpus
+    sample: Dict[str, np.ndarray]
+
+
+def read_train_split(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT,
+                     batch_size: int = 1024) -> TrainSplit:
+    """`TrainSplit` of request-list files, read `batch_size` lists at a time."""
+    pairs, corpus = [], None
+    for batch in iterate_lists(file_patterns, list_size, batch_size, features):
+        pairs.append(R.positive_pairs(batch, features=features))
+        corpus = R.add_to_corpus(corpus, batch, features)
+    if corpus is None:
+        raise ValueError(f"no request lists in {file_patterns}")
+    return TrainSplit(R.concatenate_pairs(pairs), corpus, adaptation_lists(file_patterns, list_size, features))
+
+
+def train_split_of(lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> TrainSplit:
+    """`TrainSplit` of lists already in memory (benches, tests)."""
+    return TrainSplit(R.positive_pairs(lists, features=features), R.item_corpus_from_lists(lists, features=features),
+                      {k: v[:ADAPT_LISTS] for k, v in lists.items()})
+
+
+def build_model(config: RetrievalTrainerConfig, train: TrainSplit, features: F.FeatureConfig = F.DEFAULT):
     """(compiled model with adapted towers, training pairs, batch size, sampled negatives or None) for
-    the train request lists: what `run_fn` fits, and what bench/stage_throughput.py times."""
-    pairs = R.retrieval_pairs(train, config.batch_size, features=features)
-    batch_size = min(config.batch_size, len(pairs["sampling_probability"]))
-    if batch_size != config.batch_size:
-        pairs = R.retrieval_pairs(train, batch_size, features=features)
+    the train split: what `run_fn` fits, and what bench/stage_throughput.py times."""
+    positives = len(train.pairs["item"][features.item_key])
+    batch_size = min(config.batch_size, positives) if positives else config.batch_size
+    pairs = R.with_sampling_probability(train.pairs, batch_size, features)
     model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim, features=features)
-    R.adapt_towers([model.query_tower, model.item_tower], train, features)
-    negatives = (R.UniformNegatives(R.item_corpus_from_lists(train, features=features), config.num_negatives, config.seed)
-                 if config.num_negatives else None)
+    R.adapt_towers([model.query_tower, model.item_tower], train.sample, features)
+    negatives = R.UniformNegatives(train.corpus, config.num_negatives, config.seed) if config.num_negatives else None
     model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
     return model, pairs, batch_size, negatives
 
@@ -174,10 +203,11 @@ def run_fn(fn_args) -> None:
     tf.keras.utils.set_random_seed(config.seed)
     features = common.feature_config(fn_args)
     list_size = list_size_of_splits(fn_args)
-    train = load_lists(fn_args.train_files, list_size, features=features)
+    train = read_train_split(fn_args.train_files, list_size, features)
     evals = load_lists(fn_args.eval_files, list_size, features=features)
-    corpus = R.item_corpus_from_lists(train, evals, features=features)
+    corpus = R.add_to_corpus(train.corpus, evals, features)
     model, pairs, batch_size, negatives = build_model(config, train, features)
+    del train
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
     build_train_step(model, next(iter(R.retrieval_dataset(pairs, batch_size, negatives))))  # traced once
     model.fit(data, epochs=config.epochs, verbose=0,
