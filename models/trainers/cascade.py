@@ -56,7 +56,7 @@ from cascade_ranking.models.ranking_stage import RankingStage
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      adaptation_lists, load_lists, save_with_warmup)
+                                      load_lists, save_with_warmup, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "cascade"
@@ -151,21 +151,35 @@ def _report_sums(lists: Mapping[str, np.ndarray]) -> Dict[str, float]:
                                    y.sum(), w.sum(), (w * y).sum(), (w != 1.0).sum())))
 
 
+class TrainDataReport:
+    """`train_data_report` kept as running sums: `add` one batch of lists at a time, then `result`."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(_REPORT_SUMS, 0.0)
+
+    def add(self, lists: Mapping[str, np.ndarray]) -> None:
+        for name, value in _report_sums(lists).items():
+            self.totals[name] += float(value)
+
+    def result(self) -> Dict[str, float]:
+        totals = self.totals
+        report = {name: int(totals[name]) for name in _REPORT_SUMS if name not in ("shown_weight_sum", "weighted_clicks")}
+        report["shown_weight_sum"] = totals["shown_weight_sum"]
+        report["weighted_click_mean"] = (totals["weighted_clicks"] / totals["shown_weight_sum"]
+                                         if totals["shown_weight_sum"] else float("nan"))
+        return report
+
+
 def train_data_report(batches: Iterable[Mapping[str, np.ndarray]]) -> Dict[str, float]:
     """What the Trainer reads, summed over `batches` of request lists (read one at a time, so the
     split is never held whole): lists, candidate rows (every one trains the cascade losses), the
     shown rows its CTR losses train on (those the NegativeSampler kept: weight > 0) and those it
     sampled out (weight 0), their clicks, Σ sample_weight, and the weighted click mean Σw·y / Σw, an
     unbiased estimate of the unsampled shown click rate (Factory Floor §3.3)."""
-    totals = dict.fromkeys(_REPORT_SUMS, 0.0)
+    report = TrainDataReport()
     for batch in batches:
-        for name, value in _report_sums(batch).items():
-            totals[name] += float(value)
-    report = {name: int(totals[name]) for name in _REPORT_SUMS if name not in ("shown_weight_sum", "weighted_clicks")}
-    report["shown_weight_sum"] = totals["shown_weight_sum"]
-    report["weighted_click_mean"] = (totals["weighted_clicks"] / totals["shown_weight_sum"]
-                                     if totals["shown_weight_sum"] else float("nan"))
-    return report
+        report.add(batch)
+    return report.result()
 
 
 def ctr_metrics(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> Dict[str, float]:
@@ -193,13 +207,13 @@ def run_fn(fn_args) -> None:
     features = common.feature_config(fn_args)
     model = build_model(config, ranker_config, features)
     list_size = list_size_of_splits(fn_args)
-    data = train_data_report(LI.request_list_dataset(fn_args.train_files, 1024, list_size, features=features).map(
-        lambda lists: {name: lists[name] for name in REPORT_COLUMNS}).as_numpy_iterator())
+    report = TrainDataReport()  # summed over the split while it is read once; the first lists kept
+    sample = scan_train_split(fn_args.train_files, list_size, report.add, features)
+    data = report.result()
     logging.info("Training data: %d lists, %d candidate rows read; %d shown rows kept for the CTR losses "
                  "(%d clicks), sample_weight sum %.1f, weighted click mean %.4f", data["lists"],
                  data["candidate_rows"], data["shown_rows"], data["shown_clicks"], data["shown_weight_sum"],
                  data["weighted_click_mean"])
-    sample = adaptation_lists(fn_args.train_files, list_size, features)
     model.adapt(sample)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     model.build_train_step(next(iter(LI.dataset_from_lists(sample, config.batch_size))))

@@ -2,7 +2,7 @@
 pre-ranking, joint cascade): request-list TFRecords into numpy, serialized candidate rows for
 warmup files, candidate rows as one-candidate lists for the stage layers, and an atomic save.
 """
-from typing import Dict, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -52,6 +52,23 @@ def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
     if not parts:
         raise ValueError(f"no request lists in {file_patterns}")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def scan_train_split(file_patterns, list_size: int, visit: Callable[[Dict[str, np.ndarray]], None],
+                     features: F.FeatureConfig = F.DEFAULT, batch_size: int = 1024) -> Dict[str, np.ndarray]:
+    """Reads a train split once, `batch_size` lists at a time: calls `visit` on every batch and
+    returns the first `ADAPT_LISTS` lists (`adaptation_lists`' sample, without a second read)."""
+    sample: Dict[str, list] = {}
+    kept = 0
+    for batch in iterate_lists(file_patterns, list_size, batch_size, features):
+        visit(batch)
+        if kept < ADAPT_LISTS:
+            for name, value in batch.items():
+                sample.setdefault(name, []).append(value)
+            kept += len(batch["mask"])
+    if not sample:
+        raise ValueError(f"no request lists in {file_patterns}")
+    return {k: np.concatenate(v) for k, v in sample.items()}
 
 
 def adaptation_lists(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:

@@ -52,7 +52,7 @@ from cascade_ranking.models.tasks import build_train_step
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      ADAPT_LISTS, adaptation_lists, iterate_lists, load_lists, save_with_warmup)
+                                      ADAPT_LISTS, load_lists, save_with_warmup, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "retrieval"
@@ -159,13 +159,14 @@ class TrainSplit:
 def read_train_split(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT,
                      batch_size: int = 1024) -> TrainSplit:
     """`TrainSplit` of request-list files, read `batch_size` lists at a time."""
-    pairs, corpus = [], None
-    for batch in iterate_lists(file_patterns, list_size, batch_size, features):
+    pairs, corpus = [], [None]
+
+    def visit(batch):
         pairs.append(R.positive_pairs(batch, features=features))
-        corpus = R.add_to_corpus(corpus, batch, features)
-    if corpus is None:
-        raise ValueError(f"no request lists in {file_patterns}")
-    return TrainSplit(R.concatenate_pairs(pairs), corpus, adaptation_lists(file_patterns, list_size, features))
+        corpus[0] = R.add_to_corpus(corpus[0], batch, features)
+
+    sample = scan_train_split(file_patterns, list_size, visit, features, batch_size)
+    return TrainSplit(R.concatenate_pairs(pairs), corpus[0], sample)
 
 
 def train_split_of(lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> TrainSplit:
