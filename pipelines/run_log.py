@@ -22,6 +22,8 @@ import tempfile
 import traceback
 from typing import Iterator, Optional
 
+from absl import logging as absl_logging
+
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 LOG_DIR = "logs"
@@ -104,6 +106,11 @@ class RunLog:
             self._console.setFormatter(self._handler.formatter)
             root.addHandler(self._console)
         root.setLevel(logging.INFO)
+        # absl's own verbosity too: TF's SavedModel writer sets absl's verbosity to FATAL and back to
+        # the verbosity flag's value (WARNING unless set), which silenced every absl INFO record of
+        # the run (the Trainers' own lines among them) from the first export on.
+        self._absl_verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.INFO)
         logging.captureWarnings(True)
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
@@ -126,6 +133,7 @@ class RunLog:
         for handler in self._handlers:
             root.addHandler(handler)
         root.setLevel(self._level)
+        absl_logging.set_verbosity(self._absl_verbosity)
         self._file.close()
 
 

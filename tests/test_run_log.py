@@ -34,6 +34,22 @@ def test_the_run_log_takes_logging_and_fd_2_and_gives_them_back(tmp_path):
     assert os.path.dirname(log.path) == str(tmp_path / run_log.LOG_DIR)
 
 
+def test_absl_info_records_still_reach_the_log_after_a_savedmodel_export(tmp_path):
+    """TF's SavedModel writer resets absl's verbosity to the flag's value; inside the run log that
+    value is INFO, so the Trainers' absl lines after an export are not lost."""
+    import tensorflow as tf
+    from absl import logging as absl_logging
+
+    with run_log.RunLog(str(tmp_path)) as log:
+        absl_logging.info("before the export")
+        module = tf.Module()
+        module.f = tf.function(lambda x: x + 1, input_signature=[tf.TensorSpec([], tf.float32)])
+        tf.saved_model.save(module, str(tmp_path / "model"))
+        absl_logging.info("after the export")
+    text = open(log.path).read()
+    assert "before the export" in text and "after the export" in text
+
+
 def test_the_console_gets_no_library_output_by_default_and_all_of_it_with_verbose(tmp_path, capfd):
     """At the file-descriptor level (what a terminal shows): the default run log keeps logging and
     fd 2 off the console; `verbose` (`cascade run -v`) shows both and still writes the log file."""
