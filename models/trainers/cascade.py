@@ -17,8 +17,10 @@ NegativeSampler's `sample_weight` (Factory Floor §3.3 sampling reaches the serv
 Input: the NegativeSampler's request-list Examples (`fn_args.train_files` / `eval_files`), one
 list per request with every kept candidate: a request never arrives in pieces, and every train
 request is read once per epoch (`models.list_inputs.request_list_dataset`, shuffled by list). The
-train lists are also read once into numpy to fit the dense normalisers and count the training
-data, the eval lists for the metrics. The pipeline's Schema artifact (`fn_args.schema_path`)
+train split is also read once more, a batch of lists at a time (`list_data.scan_train_split`), to
+count the training data (`TrainDataReport`) and keep its first `list_data.ADAPT_LISTS` lists for
+the dense normalisers: the Trainer never holds the train split. The eval lists are read into numpy
+for the metrics. The pipeline's Schema artifact (`fn_args.schema_path`)
 gives the serving parse specs.
 
 custom_config:

@@ -2,8 +2,8 @@
 
 Input: the NegativeSampler's request-list Examples. Training reads them as tf.data
 (`models.list_inputs.request_list_dataset`, whole lists per batch, so every group-wise loss term
-has its request's positive); the train lists are also read once into numpy to fit the dense
-normalisers, and the eval lists for the metrics.
+has its request's positive); the first `list_data.ADAPT_LISTS` train lists are read into numpy to
+fit the dense normalisers (`list_data.adaptation_lists`), and the eval lists for the metrics.
 
 The list size is the data's (`list_data.list_size_of_splits`: the NegativeSampler's `list_size`).
 custom_config: {"preranking": JSON object}, keys and defaults in `PrerankingTrainerConfig`:
