@@ -11,7 +11,7 @@
          │         Trainer.retrieval◄┘      └►Trainer.cascade: pre-ranking + the Factory Floor
          │               │                         │   ranker trained as one network (LCRON)
          │               │              StageModel.preranking (the light pre-ranker alone)
-         │   LatestBlessed.<stage> (Resolver, LatestBlessedModelStrategy): each stage's baseline
+         │   LatestBlessed.<stage> (Resolver, BaselineBeforeCandidateStrategy): each stage's baseline
          │               │                         │
          │               │     Evaluator.ranking (TFMA on the shown eval rows: the ranker's CTR,
          │               │                         │   value + change thresholds) ─┐
