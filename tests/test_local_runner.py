@@ -55,7 +55,8 @@ def test_freed_memory_left_resident_goes_back_to_the_system():
     del blocks
     gc.collect()
     resident = process.memory_info().rss
-    if not local_runner.release_free_heap():
-        pytest.skip("no glibc here: malloc_trim is not called")
+    assert not local_runner.release_free_heap(min_free_bytes=2 ** 50)  # not that much free: kept
+    if not local_runner.release_free_heap(min_free_bytes=100 * 2 ** 20):
+        pytest.skip("no glibc here (or no mallinfo2): malloc_trim is not called")
     assert process.memory_info().rss < resident - 100 * 2 ** 20
     assert len(survivors) == 938
