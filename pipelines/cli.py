@@ -138,7 +138,7 @@ def run_config(args):
 
 
 def _cmd_run(args) -> int:
-    from cascade_ranking.pipelines import html_report, local_runner, report, run_log
+    from cascade_ranking.pipelines import local_runner, report, run_log
 
     config = run_config(args)
     config.validate()
@@ -149,15 +149,8 @@ def _cmd_run(args) -> int:
               f"Beam {config.beam_mode_label()}) into {os.path.abspath(config.output_dir)}; library log: {log.path}")
         try:
             seconds, timings = local_runner.run_with_timings(config, orchestrator=args.orchestrator, check_inputs=False)
-            result = report.collect(config)
-            served = report.served_models(config)
-            checks = None
-            if args.serve_check and served:
-                from cascade_ranking.pipelines import serve_check
-
-                checks = serve_check.serve_check(config.output_dir,
-                                                 cache_file=os.path.join(config.output_dir, serve_check.CACHE_FILE))
-            report_path = html_report.write(config, result, seconds, timings, served, checks)
+            result, served, checks, serve_failure, report_path = collect_and_report(config, seconds, timings,
+                                                                                    args.serve_check)
         except Exception as error:
             raise run_log.explain_failure(error, config, log.path) from error
     print()
@@ -180,10 +173,35 @@ def _cmd_run(args) -> int:
         print(block)
     if checks is not None:
         _print_serve_checks(checks)
-    elif args.serve_check:
+    elif args.serve_check and serve_failure is None:
         print("serve-check: no model was pushed, nothing to check")
     print(f"Report: {report_path}")
+    if serve_failure is not None:
+        raise run_log.RunFailed(f"serve-check failed: {serve_failure}", EXIT_BAD_INPUT)
     return 0
+
+
+def collect_and_report(config, seconds: float, timings, serve_check_wanted: bool):
+    """After the pipeline: its results (`report.collect`), the served models, the serve-check of
+    them when wanted, and report.html. A failed serve-check does not stop the report: it is
+    written with the failure, and returned as its one-line message (`serve_failure`) for the
+    caller to exit on once the table is printed.
+    Returns (result, served, checks or None, serve_failure or None, report path)."""
+    from cascade_ranking.pipelines import html_report, report
+
+    result = report.collect(config)
+    served = report.served_models(config)
+    checks, serve_failure = None, None
+    if serve_check_wanted and served:
+        from cascade_ranking.pipelines import serve_check
+
+        try:
+            checks = serve_check.serve_check(config.output_dir,
+                                             cache_file=os.path.join(config.output_dir, serve_check.CACHE_FILE))
+        except serve_check.ServeCheckError as error:
+            serve_failure = str(error).splitlines()[0] if str(error) else type(error).__name__
+    report_path = html_report.write(config, result, seconds, timings, served, checks, serve_failure)
+    return result, served, checks, serve_failure, report_path
 
 
 def _print_serve_checks(checks) -> None:

@@ -91,7 +91,9 @@ def _counts(result: Dict) -> str:
     return _table(("count", "value"), rows, numeric_from=99) + (f"<p class={css}>{html.escape(warning)}</p>" if warning else "")
 
 
-def _serve_check_cell(check) -> str:
+def _serve_check_cell(check, failure: Optional[str] = None) -> str:
+    if failure is not None:
+        return f"FAILED: {failure}"
     if check is None:
         return "not run"
     when = "passed before, unchanged" if check.cached else "passed"
@@ -99,8 +101,10 @@ def _serve_check_cell(check) -> str:
 
 
 def render(config, result: Dict, seconds: float, timings: Sequence[Tuple[str, float, bool]],
-           served: Dict[str, Tuple[str, bool]], checks=None) -> str:
-    """The page as a string (see the module docstring)."""
+           served: Dict[str, Tuple[str, bool]], checks=None, serve_failure: Optional[str] = None) -> str:
+    """The page as a string (see the module docstring). `serve_failure`: the one-line error of a
+    serve-check that failed (shown for every served model: the check stops at its first error,
+    whose message names the model)."""
     evaluation = result.get("evaluation")
     parts: List[str] = [
         "<!DOCTYPE html>", "<html lang=en><head><meta charset=utf-8>",
@@ -136,18 +140,19 @@ def render(config, result: Dict, seconds: float, timings: Sequence[Tuple[str, fl
     parts.append("<h2 id=served>Served SavedModels</h2>")
     checked = {check.stage: check for check in checks or ()}
     parts.append(_table(("stage", "path", "pushed by this run", "serve-check"),
-                        [(stage, path, "yes" if now else "no (not blessed)", _serve_check_cell(checked.get(stage)))
+                        [(stage, path, "yes" if now else "no (not blessed)",
+                          _serve_check_cell(checked.get(stage), serve_failure))
                          for stage, (path, now) in served.items()],
                         numeric_from=99) if served else "<p>none</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write(config, result: Dict, seconds: float, timings, served, checks=None) -> str:
+def write(config, result: Dict, seconds: float, timings, served, checks=None, serve_failure: Optional[str] = None) -> str:
     """Writes `<output_dir>/report.html` (temporary name, then renamed) and returns its path."""
     path = os.path.abspath(os.path.join(config.output_dir, REPORT_FILE))
     temp = path + ".incomplete"
     with open(temp, "w", encoding="utf-8") as f:
-        f.write(render(config, result, seconds, timings, served, checks))
+        f.write(render(config, result, seconds, timings, served, checks, serve_failure))
     os.replace(temp, path)
     return path

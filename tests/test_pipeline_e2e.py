@@ -392,6 +392,22 @@ def test_serve_check_fails_in_one_line_on_a_broken_warmup_file(resumed_run, tmp_
     assert len(err.splitlines()) == 1 and "tf_serving_warmup_requests" in err and "ranking" in err
 
 
+def test_a_failed_serve_check_still_writes_the_report_with_the_failure(resumed_run, monkeypatch):
+    """`cascade run --serve-check` after the pipeline: a serve-check error does not stop the
+    report; report.html shows it for every served model, and the caller gets its one line."""
+    config, _, timings = resumed_run
+
+    def broken(*args, **kwargs):
+        raise serve_check.ServeCheckError("ranking: signature 'serving_default' output 'ctr' is not finite")
+
+    monkeypatch.setattr(serve_check, "serve_check", broken)
+    result, served, checks, failure, path = cli.collect_and_report(config, 1.0, timings, serve_check_wanted=True)
+    assert checks is None and failure == "ranking: signature 'serving_default' output 'ctr' is not finite"
+    page = open(path, encoding="utf-8").read()
+    assert page.count("FAILED: ranking: signature &#x27;serving_default&#x27; output &#x27;ctr&#x27; is not finite") == len(served) == 3
+    assert "evaluation" in result and "<h2 id=table>" in page
+
+
 def test_the_table_reports_the_evaluators_metrics_beside_the_oracle(resumed_run):
     config, _, _ = resumed_run
     result = report.collect(config)
