@@ -3,6 +3,7 @@ DirectRunner, each component's start and end printed with its time (thin on purp
 import ctypes
 import gc
 import io
+import logging
 import os
 import time
 from typing import List, Tuple
@@ -51,9 +52,11 @@ def release_free_heap(min_free_bytes: int = TRIM_FREE_BYTES) -> bool:
         libc.mallinfo2.restype = _MallInfo2
     except (OSError, AttributeError):
         return False
-    if libc.mallinfo2().fordblks < min_free_bytes:
+    free = libc.mallinfo2().fordblks
+    if free < min_free_bytes:
         return False
     libc.malloc_trim(0)
+    logging.info("Gave %.0f MB of free C heap back to the system (malloc_trim)", free / 2 ** 20)
     return True
 
 
