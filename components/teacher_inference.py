@@ -9,8 +9,8 @@ Beam elements cost ~80 µs of Python each here (reading, reshuffling, batching a
 took 22 s against a model that scores them in 2 s). Each input file is read with tf.data in blocks
 (`_named_blocks`), a file in as many parts as there are workers when the files are fewer than
 the workers (`record_io.file_parts`: no Reshuffle, whose buffer on DirectRunner is the whole
-split); `_ScoreAndWrite` checks a block with one vectorised parse (`record_io.usable_records`; bad records go to the dead-letter
-output with their reason), scores its good records with the SavedModel signature in batches of
+split); `_ScoreAndWrite` checks a block with one vectorised parse (`record_io.usable_records`; bad
+records go to the dead-letter output with their reason), scores its good records with the SavedModel signature in batches of
 `INFERENCE_BATCH` (the model is loaded once per worker process, `apache_beam.utils.shared`), and
 writes them as one gzipped TFRecord file of the output split (to a temporary name, renamed when
 complete, so a retried block rewrites the same file).

@@ -46,6 +46,8 @@ def release_free_heap(min_free_bytes: int = TRIM_FREE_BYTES) -> bool:
     much memory (on DirectRunner a shuffle's buffer is the whole PCollection, in this process)
     leaves it free but still resident, and the components after it would be charged with it. A
     small free heap is kept: giving it back costs page faults when the next component allocates.
+    (`fordblks` counts free chunks whether or not their pages were already given back, so once the
+    heap has had a large free part, every later call trims: a cheap call when nothing is left.)
     False when nothing was trimmed (too little free, or no glibc here)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -55,9 +57,20 @@ def release_free_heap(min_free_bytes: int = TRIM_FREE_BYTES) -> bool:
     free = libc.mallinfo2().fordblks
     if free < min_free_bytes:
         return False
+    before = _resident_bytes()
     libc.malloc_trim(0)
-    logging.info("Gave %.0f MB of free C heap back to the system (malloc_trim)", free / 2 ** 20)
+    logging.info("malloc_trim: %.0f MB of the C heap free; resident memory %.0f → %.0f MB", free / 2 ** 20,
+                 before / 2 ** 20, _resident_bytes() / 2 ** 20)
     return True
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux `/proc/self/statm`; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _dag_runner(orchestrator: str):
