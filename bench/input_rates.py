@@ -1,0 +1,130 @@
+"""Each list- or row-trained Trainer of a finished pipeline run: its input pipeline's rate against
+the rate its training consumed that input (issue 16's goal: the input at ≥ 2× the Trainer's rate).
+
+Both sides are the pipeline's own, read from a finished `cascade run` (default: `cascade_output`):
+
+- **Trainer rate**: from the Trainer's TensorBoard log in its ModelRun (`logs/train/events*`), the
+  wall time between the summaries of its last two epochs is the last epoch's duration; the epoch
+  consumed the Trainer's whole train input (the teacher's shown rows, the cascade's request lists),
+  counted here by a pass over that input. This is the rate of `Model.fit` with the input pipeline
+  running beside it (prefetched), as in the run. The teacher's later epochs read its cache.
+- **Input rate**: the same input function the Trainer calls, on the same files, with the same
+  batch size, uncached, consumed in-graph (`Dataset.reduce`), best of `--repeats` passes:
+    teacher   `models.inputs.shown_row_batches(train rows, 256, the schema's parse spec)`;
+    cascade   `models.list_inputs.request_list_dataset(train lists, 16, list size)`.
+  The retrieval Trainer trains on pairs held in memory (`retrieval_dataset` of numpy arrays), so
+  its input is not read during training; its one read of the lists (`read_train_split`) is timed
+  and reported beside its epoch time.
+
+    python bench/input_rates.py [--output-dir cascade_output] [--repeats 3] [--json FILE]
+
+Lab figures on the pipeline's artifacts; the training side is the run's own.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _latest(pattern: str) -> str:
+    """The artifact directory matching `pattern` with the highest numeric name (TFX's execution id)."""
+    paths = sorted((p for p in glob.glob(pattern) if os.path.basename(p.rstrip("/")).isdigit()),
+                   key=lambda p: int(os.path.basename(p.rstrip("/"))))
+    if not paths:
+        raise SystemExit(f"input_rates: nothing matches {pattern}: run the pipeline first (make demo)")
+    return paths[-1]
+
+
+def last_epoch_seconds(model_run_dir: str) -> float:
+    """The wall time between the last two epoch summaries of a Keras TensorBoard log."""
+    import tensorflow as tf
+
+    times = {}
+    for path in glob.glob(os.path.join(model_run_dir, "logs", "train", "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            if any(v.tag == "epoch_loss" for v in event.summary.value):
+                times[event.step] = event.wall_time
+    if len(times) < 2:
+        raise SystemExit(f"input_rates: {model_run_dir} logs fewer than two epochs")
+    last = sorted(times)[-2:]
+    return times[last[1]] - times[last[0]]
+
+
+def timed_pass(dataset_fn, count_fn, repeats: int):
+    """(best seconds, examples) of full passes of `dataset_fn()` reduced in-graph."""
+    import tensorflow as tf
+
+    best, examples = float("inf"), None
+    for _ in range(repeats):
+        dataset = dataset_fn()
+        start = time.perf_counter()
+        total = dataset.reduce(tf.constant(0, tf.int64), lambda n, batch: n + count_fn(batch))
+        examples = int(total.numpy())
+        best = min(best, time.perf_counter() - start)
+    return best, examples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="cascade_output")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from cascade_ranking.models import inputs
+    from cascade_ranking.models import list_inputs as LI
+    from cascade_ranking.models.trainers import retrieval as retrieval_trainer
+    from cascade_ranking.schema import features as F
+
+    root = os.path.join(args.output_dir, "pipeline_root")
+    rows = os.path.join(_latest(os.path.join(root, "SyntheticExampleGen", "examples", "*")), "Split-train", "*")
+    lists_dir = _latest(os.path.join(root, "NegativeSampler", "request_lists", "*"))
+    train_lists = [os.path.join(lists_dir, "Split-train", "*")]
+    schema = F.load_schema(os.path.join(_latest(os.path.join(root, "ImportSchemaGen", "schema", "*")), "schema.pbtxt"))
+    list_size = LI.list_size_in(train_lists)
+    out = {"output_dir": os.path.abspath(args.output_dir), "stages": {}}
+
+    spec = F.training_parse_spec(schema)
+    seconds, count = timed_pass(lambda: inputs.shown_row_batches([rows], 256, parse_spec=spec),
+                                lambda b: tf.cast(tf.shape(b[F.LABEL_KEY])[0], tf.int64), args.repeats)
+    epoch = last_epoch_seconds(_latest(os.path.join(root, "Trainer.teacher", "model_run", "*")))
+    out["stages"]["teacher"] = {"examples": "shown candidate rows", "per_epoch": count, "input_seconds": seconds,
+                                "input_per_s": count / seconds, "epoch_seconds": epoch, "trainer_per_s": count / epoch}
+
+    seconds, count = timed_pass(lambda: LI.request_list_dataset(train_lists, 16, list_size),
+                                lambda b: tf.cast(tf.shape(b["mask"])[0], tf.int64), args.repeats)
+    epoch = last_epoch_seconds(_latest(os.path.join(root, "Trainer.cascade", "model_run", "*")))
+    out["stages"]["cascade"] = {"examples": "request lists", "per_epoch": count, "input_seconds": seconds,
+                                "input_per_s": count / seconds, "epoch_seconds": epoch, "trainer_per_s": count / epoch}
+
+    start = time.perf_counter()
+    split = retrieval_trainer.read_train_split(train_lists, list_size)
+    read = time.perf_counter() - start
+    epoch = last_epoch_seconds(_latest(os.path.join(root, "Trainer.retrieval", "model_run", "*")))
+    out["stages"]["retrieval"] = {"examples": "request lists, read once into pairs (training reads memory)",
+                                  "read_seconds": read, "pairs": int(len(split.pairs["item"][F.ITEM_KEY])),
+                                  "epoch_seconds": epoch}
+
+    print(f"input pipelines against their Trainers' consumption, run {out['output_dir']}")
+    print(f"{'trainer':<10} {'examples':<22} {'per epoch':>10} {'input /s':>10} {'trainer /s':>11} {'ratio':>6}")
+    for name in ("teacher", "cascade"):
+        s = out["stages"][name]
+        s["ratio"] = s["input_per_s"] / s["trainer_per_s"]
+        print(f"{name:<10} {s['examples']:<22} {s['per_epoch']:>10,} {s['input_per_s']:>10,.0f} "
+              f"{s['trainer_per_s']:>11,.0f} {s['ratio']:>6.1f}")
+    r = out["stages"]["retrieval"]
+    print(f"retrieval  trains on {r['pairs']:,} pairs in memory: its one read of the lists took {r['read_seconds']:.1f} s, "
+          f"an epoch {r['epoch_seconds']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
