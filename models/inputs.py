@@ -69,9 +69,12 @@ def shown_row_batches(
     """Batches of `batch_size` shown rows (ui_position > 0; every row without ui_position): one pass
     over the files, to be iterated once per epoch (`Model.fit(epochs=…)`).
 
-    Rows are parsed `parse_batch_size` at a time and filtered before batching, so a step sees
+    Rows are read `parse_batch_size` at a time and filtered before batching, so a step sees
     `batch_size` training rows however few candidates were shown (`parsed_batches(exposed_only=True)`
-    batches candidate rows, then filters: ~1/5 of a batch on the synthetic data). With `cache` the
+    batches candidate rows, then filters: ~1/5 of a batch on the synthetic data). The filter parses
+    `ui_position` alone and drops the unshown rows' bytes; only the shown rows are parsed whole
+    (parsing every row whole held the teacher's input at 1.8× its training rate, below the 2× goal
+    of issue 16; `bench/input_rates.py`). With `cache` the
     parsed shown rows are read once and kept in memory for the later epochs (they are shuffled again
     every epoch); the caller decides whether they fit (`cache_fits`)."""
     spec = parse_spec or F.training_parse_spec()
@@ -81,9 +84,13 @@ def shown_row_batches(
         ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=not cache)
     ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"), cycle_length=min(4, len(files)),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=shuffle_seed is None)
-    ds = ds.batch(parse_batch_size).map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(parse_batch_size)
     if F.SHOWN_KEY in spec:
-        ds = ds.map(lambda f: _boolean_mask(f, f[F.SHOWN_KEY][:, 0] > F.NOT_SHOWN_POSITION))
+        shown_spec = {F.SHOWN_KEY: spec[F.SHOWN_KEY]}
+        ds = ds.map(lambda raw: tf.boolean_mask(
+            raw, tf.io.parse_example(raw, shown_spec)[F.SHOWN_KEY][:, 0] > F.NOT_SHOWN_POSITION),
+            num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE)
     if cache:  # the filtered parse batches: a few tensors per ~thousand rows, not per row
         ds = ds.cache()
     ds = ds.unbatch()
