@@ -45,30 +45,27 @@ def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
                features: F.FeatureConfig = F.DEFAULT, max_lists: Optional[int] = None) -> Dict[str, np.ndarray]:
     """`iterate_lists` as one set of numpy lists: the whole split in memory, for eval splits and
     samples (the Trainers stream their train splits)."""
-    parts: Dict[str, list] = {}
-    for batch in iterate_lists(file_patterns, list_size, batch_size, features, max_lists):
-        for name, value in batch.items():
-            parts.setdefault(name, []).append(value)
-    if not parts:
+    return _concatenate(list(iterate_lists(file_patterns, list_size, batch_size, features, max_lists)), file_patterns)
+
+
+def _concatenate(batches: Sequence[Mapping[str, np.ndarray]], file_patterns) -> Dict[str, np.ndarray]:
+    """Batches of numpy lists as one set, or a ValueError naming the files when there is none."""
+    if not batches:
         raise ValueError(f"no request lists in {file_patterns}")
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
 def scan_train_split(file_patterns, list_size: int, visit: Callable[[Dict[str, np.ndarray]], None],
                      features: F.FeatureConfig = F.DEFAULT, batch_size: int = 1024) -> Dict[str, np.ndarray]:
     """Reads a train split once, `batch_size` lists at a time: calls `visit` on every batch and
     returns the first `ADAPT_LISTS` lists (`adaptation_lists`' sample, without a second read)."""
-    sample: Dict[str, list] = {}
-    kept = 0
+    sample, kept = [], 0
     for batch in iterate_lists(file_patterns, list_size, batch_size, features):
         visit(batch)
         if kept < ADAPT_LISTS:
-            for name, value in batch.items():
-                sample.setdefault(name, []).append(value)
+            sample.append(batch)
             kept += len(batch["mask"])
-    if not sample:
-        raise ValueError(f"no request lists in {file_patterns}")
-    return {k: np.concatenate(v) for k, v in sample.items()}
+    return _concatenate(sample, file_patterns)
 
 
 def adaptation_lists(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:

@@ -159,14 +159,15 @@ class TrainSplit:
 def read_train_split(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT,
                      batch_size: int = 1024) -> TrainSplit:
     """`TrainSplit` of request-list files, read `batch_size` lists at a time."""
-    pairs, corpus = [], [None]
+    pairs, corpus = [], None
 
     def visit(batch):
+        nonlocal corpus
         pairs.append(R.positive_pairs(batch, features=features))
-        corpus[0] = R.add_to_corpus(corpus[0], batch, features)
+        corpus = R.add_to_corpus(corpus, batch, features)
 
     sample = scan_train_split(file_patterns, list_size, visit, features, batch_size)
-    return TrainSplit(R.concatenate_pairs(pairs), corpus[0], sample)
+    return TrainSplit(R.concatenate_pairs(pairs), corpus, sample)
 
 
 def train_split_of(lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> TrainSplit:
