@@ -44,17 +44,24 @@ width, cut in the lists), and `requests_without_ground_truth` (also per input sp
 
 Pipeline, laid out for DirectRunner's multi-processing mode, where each split's (gzipped, so
 unsplittable) file is read by a single worker and only the stages after a shuffle are spread
-over the workers:
-    read → KeyByRequest   the only per-record work before the shuffle: the request id, read for
-                          512 records at a time by tfx_bsl's C++ Example→Arrow decoder
-    GroupByKey(request)   raw bytes: cheap to encode between stages
-    DecodeRequests        64 requests per decoder call → numpy columns per request (with the raw
-                          bytes of its shown rows beside them), the item corpus entries
-                          (pre-aggregated per batch) and the request times
-    item corpus           CombinePerKey → one compact, numpy-only `ItemCorpus` side input
+over the workers. The shuffle by request goes through files, so that no process holds more than
+one bucket of rows: DirectRunner's GroupByKey holds every row of the input in the runner process
+(the sampler's peak was 15.9 GB at 16× the demo's data with one, 2.2 GB without; BENCHMARKS §5).
+    read → WriteBuckets   the only per-record work before the shuffle: the request id, parsed for
+                          512 records at a time, picks the row's bucket file (`bucket_of`; about
+                          `BUCKET_BYTES` of rows per bucket, at least two buckets per worker)
+    Corpus                per bucket, once every bucket file is complete (a side input lists
+                          them): decodes only the item features and request keys → the item
+                          corpus (CombinePerKey → one compact, numpy-only `ItemCorpus` side
+                          input) and each request's time (→ the time split's cutoff)
+    DecodeRequests        per bucket: its rows grouped by request, 64 requests per decoder call
+                          → numpy columns per request (with the raw bytes of its shown rows)
     BuildLists            `sampling.sample_request_columns` (vectorised; per-row python only for
                           the ~10 shown non-clicks) → the request-list tf.Example, and the
                           request's shown rows when its list goes to eval
+The bucket files live under `<request_lists>/.request_buckets/` and are removed when the run ends,
+whether it succeeds or fails. The corpus counts every row whose item features decode, those cut
+from over-long requests or diverted with a request that spans splits included.
 The output is the same bytes as the row-based reference (`sampling.sample_request` +
 `schema.request_list.build_request_list`) and does not depend on the runner or its workers:
 every order is fixed by sorting (input split, item id, raw bytes), never by arrival order.
@@ -62,6 +69,10 @@ every order is fixed by sorting (input split, item id, raw bytes), never by arri
 """
 import functools
 import json
+import os
+import struct
+import uuid
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
@@ -127,63 +138,6 @@ def _decoder_of(schema: schema_pb2.Schema, names) -> example_coder.ExamplesToRec
     return example_coder.ExamplesToRecordBatchDecoder(sub.SerializeToString())
 
 
-class _KeyByRequest(beam.DoFn):
-    """Blocks of raw records (`record_io.read_blocks`: tf.data reads a file `KEY_BATCH` records at a
-    time) → (request_id, [(split index, raw), ...]): the block's rows of each request, grouped here
-    so the shuffle moves one element per request and block rather than one per row (a combiner
-    lifted by hand: the GroupByKey then joins a request's groups from every block; measured on the
-    demo's 250,000 rows, the sampler went from 18.5 s to 13.1 s). The only per-record work done
-    before the shuffle: a split's file is read by one worker, so this stage does not run in
-    parallel. The request ids of a batch come from one `tf.io.parse_example` (reading only
-    request_id, typed by the serialized schema `schema`: 745k rows/s against 163k for tfx_bsl's
-    decoder of the whole row); records that do not parse or have no request_id go to the
-    dead-letter output."""
-
-    def __init__(self, schema: bytes, split_index: int):
-        self._schema_bytes = schema
-        self._split_index = split_index
-        self._spec = None
-        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
-
-    def setup(self):
-        schema = schema_pb2.Schema.FromString(self._schema_bytes)
-        kinds = {f.name: f.type for f in schema.feature}
-        dtype = tf.string if kinds.get(F.REQUEST_ID_KEY) == schema_pb2.BYTES else tf.int64
-        self._spec = {F.REQUEST_ID_KEY: tf.io.VarLenFeature(dtype)}
-
-    def _request_ids(self, raws: List[bytes]) -> List:
-        """The request id of each record (its first value), or the reason it has none."""
-        try:
-            parsed = tf.io.parse_example(tf.constant(raws, tf.string), self._spec)[F.REQUEST_ID_KEY]
-            indices, values = parsed.indices.numpy(), parsed.values.numpy()
-            first = indices[:, 1] == 0
-            if int(first.sum()) == len(raws):  # every record has a value (rows come in order)
-                return values[first].tolist()
-        except (tf.errors.InvalidArgumentError, ValueError):
-            pass  # a record does not parse, or holds request_id as another type: see each one below
-        out = []  # a bad record in the batch: one at a time, to tell which and why
-        for raw in raws:
-            try:
-                example = tf.train.Example.FromString(raw)
-            except Exception as e:  # protobuf raises DecodeError and friends
-                out.append(f"unparseable tf.Example: {type(e).__name__}")
-                continue
-            features = example.features.feature
-            value = features[F.REQUEST_ID_KEY].int64_list.value if F.REQUEST_ID_KEY in features else ()
-            out.append(int(value[0]) if value else f"missing required feature(s): {F.REQUEST_ID_KEY}")
-        return out
-
-    def process(self, raws: List[bytes]):
-        groups: Dict[int, List[Tuple[int, bytes]]] = {}
-        for raw, request_id in zip(raws, self._request_ids(raws)):
-            if isinstance(request_id, str):
-                self._bad.inc()
-                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, request_id))
-            else:
-                groups.setdefault(request_id, []).append((self._split_index, raw))
-        yield from groups.items()
-
-
 def decoded_keys(features: F.FeatureConfig = F.DEFAULT) -> Tuple[str, ...]:
     """The features the sampler decodes beside the registry's inputs: the request keys, ui_position
     (when not an input), click, stage and the float columns (typed as the packaged schema types them)."""
@@ -231,11 +185,16 @@ class CandidateDecoder:
     a query-side multivalent feature, or names an unknown stage tier.
     """
 
-    def __init__(self, schema: schema_pb2.Schema, features: F.FeatureConfig = F.DEFAULT):
+    def __init__(self, schema: schema_pb2.Schema, features: F.FeatureConfig = F.DEFAULT,
+                 columns: Optional[Iterable[str]] = None):
         check_registry(features)
         self._schema = schema
         self._required = _required_features(schema)
         inputs = features.resolved()
+        if columns is not None:  # only these features, and only their own problems
+            columns = set(columns)
+            self._required = tuple(name for name in self._required if name in columns)
+            inputs = tuple(f for f in inputs if f.name in columns)
         # A row without ui_position was shown (a log without positions: `F.SHOWN_WITHOUT_POSITION`).
         defaults = {F.SHOWN_KEY: F.SHOWN_WITHOUT_POSITION}
         self._scalars = ([(name, 0) for name in RL.REQUEST_KEYS]
@@ -247,6 +206,9 @@ class CandidateDecoder:
         self._ragged = {f.name: (1 if f.role == "query" else 0, f.np_dtype) for f in inputs if f.multivalent}
         decoded = decoded_features(features)
         self._features = decoded + tuple(name for name in self._required if name not in decoded)
+        if columns is not None:
+            self._scalars = [(name, default) for name, default in self._scalars if name in columns]
+            self._features = tuple(name for name in self._features if name in columns)
         self._decoder = _decoder_of(schema, self._features)
 
     def _decode(self, raws: List[bytes]):
@@ -313,6 +275,8 @@ class CandidateDecoder:
             cols[name] = value.astype(object if isinstance(default, bytes) else np.int64)
             flag(lists[name][2] & ~ok, f"{name} has no value")
         for name in FLOAT_COLUMNS:
+            if name not in lists:
+                continue
             value, _ = first_values(name, ROW_DEFAULTS[name])
             cols[name] = value.astype(np.float64)
         for name, size in self._dense.items():
@@ -329,7 +293,9 @@ class CandidateDecoder:
             flag(present & (lengths < fewest), f"{name} has no value")
             cols[f"{name}_values"] = values.astype(dtype)
             cols[f"{name}_offsets"] = offsets.astype(np.int64)
-        offsets, values, present, lengths = lists["stage"]
+        if F.STAGE_KEY not in lists:  # a decoder of some columns only (`columns`)
+            return self._selected(cols, rows, bad, problems)
+        offsets, values, present, lengths = lists[F.STAGE_KEY]
         # A row without a stage (a log without tiers) is ground truth when clicked (`F.tier_without_stage`).
         tier = np.where(cols[F.LABEL_KEY] > 0, RL.TIER_INDEX[F.tier_without_stage(1)],
                         RL.TIER_INDEX[F.tier_without_stage(0)]).astype(np.int64)
@@ -337,7 +303,11 @@ class CandidateDecoder:
             tier[k] = TIER_BY_NAME.get(values[offsets[k]], -1)
         flag(present & (tier < 0), "unknown stage tier")
         cols["tier"] = tier
-        good = np.ones(n, dtype=bool)
+        return self._selected(cols, rows, bad, problems)
+
+    @staticmethod
+    def _selected(cols, rows, bad, problems):
+        good = np.ones(rows.size, dtype=bool)
         for k, texts in problems.items():
             good[k] = False
             bad[int(rows[k])] = "; ".join(texts)
@@ -436,10 +406,6 @@ class _DecodeRequests(beam.DoFn):
         self._split_names = split_names
         self._features = features
         self._decoder = None
-        self._parsed = beam.metrics.Metrics.counter(NAMESPACE, "records_parsed")
-        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
-        self._requests = beam.metrics.Metrics.counter(NAMESPACE, "requests")
-        self._requests_bad = beam.metrics.Metrics.counter(NAMESPACE, "requests_bad")
         self._counters: Dict[str, beam.metrics.metricbase.Counter] = {}
 
     def _inc(self, name: str, n: int = 1):
@@ -450,31 +416,8 @@ class _DecodeRequests(beam.DoFn):
     def setup(self):
         self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes), self._features)
 
-    def start_bundle(self):
-        self._items: Dict[Any, list] = {}  # item id → [count, least features], over the bundle
-
-    def finish_bundle(self):
-        """The bundle's items, each once (`_CountAndPickFeatures` merges them over bundles): one
-        element per item and bundle instead of one per item and batch of requests."""
-        for item, (count, features) in self._items.items():
-            yield beam.pvalue.TaggedOutput(ITEMS_TAG, WindowedValue((item, (count, features)), MIN_TIMESTAMP, [GlobalWindow()]))
-        self._items = {}
-
-    def _item_features(self, request: Dict[str, np.ndarray]) -> List[Tuple]:
-        """Each row's item features (`item_features` of the registry, in its order) as a tuple:
-        an id as it is, a list of ids (all of them) or a dense vector as a tuple."""
-        per_feature = []
-        for f in item_features(self._features):
-            if f.multivalent:
-                offsets, values = request[f"{f.name}_offsets"].tolist(), request[f"{f.name}_values"].tolist()
-                per_feature.append([tuple(values[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
-            elif f.is_dense:
-                per_feature.append([tuple(v) for v in request[f.name].tolist()])
-            else:
-                per_feature.append(request[f.name].tolist())
-        return list(zip(*per_feature)) if per_feature else [()] * int(request["tier"].size)
-
     def process(self, batch):
+        """One batch of requests: [(request_id, [[(split index, raw), ...], ...]), ...]."""
         raws: List[bytes] = []
         splits: List[int] = []
         starts = [0]
@@ -487,16 +430,15 @@ class _DecodeRequests(beam.DoFn):
             request_ids.append(request_id)
         cols, rows, bad = self._decoder.decode(raws)
         for i, reason in sorted(bad.items()):
-            self._bad.inc()
+            self._inc("records_bad")
             yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raws[i], reason))
-        self._parsed.inc(int(rows.size))
+        self._inc("records_parsed", int(rows.size))
         for name, count in value_counts(cols, self._features).items():
             if count:
                 self._inc(name, count)
         bounds = np.searchsorted(rows, starts).tolist()  # the good rows of request k: bounds[k]:bounds[k + 1]
         all_splits = np.asarray(splits, dtype=np.int64)[rows]
         good_raws = [raws[i] for i in rows.tolist()]
-        items = self._items
         key = self._features.item_key
         for k, request_id in enumerate(request_ids):
             a, b = bounds[k], bounds[k + 1]
@@ -507,12 +449,12 @@ class _DecodeRequests(beam.DoFn):
             order = np.lexsort((request[key], request_splits))  # stable: ties keep the raw-bytes order
             request, request_splits = select_rows(request, order), request_splits[order]
             raws_of = [good_raws[a + i] for i in order.tolist()]  # the request's raw rows, in its order
-            self._requests.inc()
+            self._inc("requests")
             if not (request["tier"] == GROUND_TRUTH_TIER_INDEX).any():
                 self._inc(REQUESTS_WITHOUT_GROUND_TRUTH)
                 self._inc(f"{REQUESTS_WITHOUT_GROUND_TRUTH}_{self._split_names[int(request_splits[0])]}")
             if self._config.split == "keep" and np.unique(request_splits).size != 1:
-                self._requests_bad.inc()
+                self._inc("requests_bad")
                 names = sorted({self._split_names[s] for s in request_splits.tolist()})
                 self._inc("candidates_diverted_split", len(raws_of))
                 for raw in raws_of:  # the rows themselves, so nothing is lost
@@ -534,7 +476,209 @@ class _DecodeRequests(beam.DoFn):
                 request_splits = request_splits[keep]
             shown = [raw for raw, position in zip(raws_of, request[F.SHOWN_KEY].tolist()) if position > 0]
             request["input_split"] = request_splits[:1]
-            for item, features in zip(request[key].tolist(), self._item_features(request)):
+            yield request_id, (request, shown)
+
+
+ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
+
+
+# The shuffle by request, through files (`_WriteBuckets` → `_DecodeBuckets`): each worker holds one
+# bucket of rows at a time, where DirectRunner's GroupByKey held every row of the input at once.
+BUCKET_BYTES = 32 << 20  # raw bytes of candidate rows per bucket
+GZIP_RATIO = 10  # raw bytes per gzipped byte of candidate rows (synthetic rows: 372 B raw, 38 B gzipped)
+BUCKETS_DIR = ".request_buckets"  # under the request_lists artifact while the sampler runs; removed after
+_HEADER = struct.Struct("<HI")  # a bucket record: input split index, key length; then the key and the row
+
+
+def bucket_count(files: Iterable[str], parallelism: int) -> int:
+    """Buckets for input files `files`: about `BUCKET_BYTES` of raw rows each (gzipped files count
+    `GZIP_RATIO` times their size), and at least two per worker so every worker has some."""
+    raw = sum(tf.io.gfile.stat(path).length * (GZIP_RATIO if path.endswith(".gz") else 1) for path in files)
+    return max(2 * parallelism, -(-raw // BUCKET_BYTES))
+
+
+def _request_key(request_id) -> bytes:
+    """A request id (int, or bytes for a string id) as bytes that decode back to it."""
+    return b"s" + request_id if isinstance(request_id, bytes) else b"i" + struct.pack("<q", request_id)
+
+
+def bucket_record(split_index: int, request_id, raw: bytes) -> bytes:
+    """One row in a bucket file: its input split, its request id and its raw bytes."""
+    key = _request_key(request_id)
+    return _HEADER.pack(split_index, len(key)) + key + raw
+
+
+def parse_bucket_record(record: bytes) -> Tuple[Any, int, bytes]:
+    """(request id, input split index, raw row) of a `bucket_record`."""
+    split_index, size = _HEADER.unpack_from(record)
+    start = _HEADER.size
+    key = record[start:start + size]
+    request_id = key[1:] if key[:1] == b"s" else struct.unpack("<q", key[1:])[0]
+    return request_id, split_index, record[start + size:]
+
+
+def bucket_of(request_id, buckets: int) -> int:
+    """The bucket of a request: a hash of its id that is the same in every process."""
+    return zlib.crc32(_request_key(request_id)) % buckets
+
+
+def _bucket_file_index(path: str) -> int:
+    return int(os.path.basename(path).split("-")[1])
+
+
+class _WriteBuckets(beam.DoFn):
+    """Blocks of raw records of one input split (tf.data reads a file `KEY_BATCH` records at a time)
+    → each row appended to its request's bucket file (`bucket_record`, uncompressed TFRecords under
+    `directory`, one file per bucket and bundle, renamed `bucket-<index>-<unique>` once complete).
+    Emits the complete files' paths at the end of the bundle. The only per-record work before the
+    shuffle, where a split's (gzipped) file is read by one worker: the request ids of a block come
+    from one `tf.io.parse_example` (reading only request_id, typed by the serialized schema
+    `schema`: 745k rows/s against 163k for tfx_bsl's decoder of the whole row); records that do not
+    parse or have no request_id go to the dead-letter output."""
+
+    def __init__(self, schema: bytes, split_index: int, directory: str, buckets: int):
+        self._schema_bytes = schema
+        self._split_index = split_index
+        self._directory = directory
+        self._buckets = buckets
+        self._spec = None
+        self._bad = beam.metrics.Metrics.counter(NAMESPACE, "records_bad")
+
+    def setup(self):
+        schema = schema_pb2.Schema.FromString(self._schema_bytes)
+        kinds = {f.name: f.type for f in schema.feature}
+        dtype = tf.string if kinds.get(F.REQUEST_ID_KEY) == schema_pb2.BYTES else tf.int64
+        self._spec = {F.REQUEST_ID_KEY: tf.io.VarLenFeature(dtype)}
+
+    def _request_ids(self, raws: List[bytes]) -> List:
+        """The request id of each record (its first value), or the reason it has none."""
+        try:
+            parsed = tf.io.parse_example(tf.constant(raws, tf.string), self._spec)[F.REQUEST_ID_KEY]
+            indices, values = parsed.indices.numpy(), parsed.values.numpy()
+            first = indices[:, 1] == 0
+            if int(first.sum()) == len(raws):  # every record has a value (rows come in order)
+                return values[first].tolist()
+        except (tf.errors.InvalidArgumentError, ValueError):
+            pass  # a record does not parse, or holds request_id as another type: see each one below
+        out = []  # a bad record in the batch: one at a time, to tell which and why
+        for raw in raws:
+            try:
+                example = tf.train.Example.FromString(raw)
+            except Exception as e:  # protobuf raises DecodeError and friends
+                out.append(f"unparseable tf.Example: {type(e).__name__}")
+                continue
+            features = example.features.feature
+            value = features[F.REQUEST_ID_KEY].int64_list.value if F.REQUEST_ID_KEY in features else ()
+            out.append(int(value[0]) if value else f"missing required feature(s): {F.REQUEST_ID_KEY}")
+        return out
+
+    def start_bundle(self):
+        self._writers: Dict[int, Tuple[str, Any]] = {}
+
+    def _writer(self, bucket: int):
+        entry = self._writers.get(bucket)
+        if entry is None:
+            temp = os.path.join(self._directory, f"incomplete-{uuid.uuid4().hex}")
+            entry = self._writers[bucket] = (temp, tf.io.TFRecordWriter(temp))
+        return entry[1]
+
+    def process(self, raws: List[bytes]):
+        for raw, request_id in zip(raws, self._request_ids(raws)):
+            if isinstance(request_id, str):
+                self._bad.inc()
+                yield beam.pvalue.TaggedOutput(record_io.DEAD_LETTER_TAG, (raw, request_id))
+            else:
+                self._writer(bucket_of(request_id, self._buckets)).write(
+                    bucket_record(self._split_index, request_id, raw))
+
+    def finish_bundle(self):
+        for bucket, (temp, writer) in sorted(self._writers.items()):
+            writer.close()
+            path = os.path.join(self._directory, f"bucket-{bucket:05d}-{uuid.uuid4().hex}")
+            tf.io.gfile.rename(temp, path)
+            yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
+        self._writers = {}
+
+
+def read_bucket(files: Iterable[str], bucket: int) -> Dict[Any, List[Tuple[int, bytes]]]:
+    """The rows of one bucket, grouped by request: request id → [(input split index, raw), ...], in
+    the order of its files (sorted by name) and their records."""
+    requests: Dict[Any, List[Tuple[int, bytes]]] = {}
+    for path in sorted(p for p in files if _bucket_file_index(p) == bucket):
+        for records in record_io.file_blocks(path, BUCKET_READ_BLOCK):
+            for record in records:
+                request_id, split_index, raw = parse_bucket_record(record)
+                requests.setdefault(request_id, []).append((split_index, raw))
+    return requests
+
+
+class _DecodeBuckets(_DecodeRequests):
+    """A bucket index → its requests, decoded by `_DecodeRequests`, `DECODE_BATCH` at a time. The
+    side input `files` lists every complete bucket file (so this runs after `_WriteBuckets`); the
+    bucket's rows are read and grouped by request here, one bucket in memory at a time."""
+
+    def process(self, bucket: int, files: List[str]):
+        requests = read_bucket(files, bucket)
+        ids = sorted(requests)
+        for start in range(0, len(ids), DECODE_BATCH):
+            yield from super().process([(request_id, [requests.pop(request_id)])
+                                        for request_id in ids[start:start + DECODE_BATCH]])
+
+
+def corpus_columns(features: F.FeatureConfig = F.DEFAULT) -> Tuple[str, ...]:
+    """What the corpus pass decodes: the request keys, the item key and the other item-side inputs."""
+    return RL.REQUEST_KEYS + (features.item_key,) + tuple(f.name for f in item_features(features))
+
+
+def item_feature_tuples(cols: Dict[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> List[Tuple]:
+    """Each decoded row's item features (`item_features` of the registry, in its order) as a tuple:
+    an id as it is, a list of ids (all of them) or a dense vector as a tuple."""
+    per_feature = []
+    for f in item_features(features):
+        if f.multivalent:
+            offsets, values = cols[f"{f.name}_offsets"].tolist(), cols[f"{f.name}_values"].tolist()
+            per_feature.append([tuple(values[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+        elif f.is_dense:
+            per_feature.append([tuple(v) for v in cols[f.name].tolist()])
+        else:
+            per_feature.append(cols[f.name].tolist())
+    return list(zip(*per_feature)) if per_feature else [()] * int(cols[features.item_key].size)
+
+
+class _BucketCorpus(beam.DoFn):
+    """A bucket index → what the lists pass needs from the whole input, as side inputs: per item
+    (`ITEMS_TAG`) its count and one deterministic choice of its features, pre-aggregated over the
+    bundle; per request (`TIMES_TAG`) its latest request time. It decodes only `corpus_columns`, so
+    the corpus counts every row whose request keys and item features decode, whatever becomes of
+    the row's other features, its request's split or the list size (the rows the lists pass cuts
+    or diverts are items of the log all the same)."""
+
+    def __init__(self, schema: bytes, features: F.FeatureConfig = F.DEFAULT):
+        self._schema_bytes = schema
+        self._features = features
+        self._decoder = None
+
+    def setup(self):
+        self._decoder = CandidateDecoder(schema_pb2.Schema.FromString(self._schema_bytes), self._features,
+                                         columns=corpus_columns(self._features))
+
+    def start_bundle(self):
+        self._items: Dict[Any, list] = {}  # item id → [count, least features], over the bundle
+
+    def finish_bundle(self):
+        """The bundle's items, each once (`_CountAndPickFeatures` merges them over bundles)."""
+        for item, (count, features) in self._items.items():
+            yield beam.pvalue.TaggedOutput(ITEMS_TAG, WindowedValue((item, (count, features)), MIN_TIMESTAMP, [GlobalWindow()]))
+        self._items = {}
+
+    def process(self, bucket: int, files: List[str]):
+        requests = read_bucket(files, bucket)
+        raws = [raw for rows in requests.values() for _, raw in rows]
+        del requests
+        items, key, latest = self._items, self._features.item_key, {}
+        for start in range(0, len(raws), BUCKET_READ_BLOCK):
+            cols, _, _ = self._decoder.decode(raws[start:start + BUCKET_READ_BLOCK])
+            for item, features in zip(cols[key].tolist(), item_feature_tuples(cols, self._features)):
                 entry = items.get(item)
                 if entry is None:
                     items[item] = [1, features]
@@ -542,11 +686,14 @@ class _DecodeRequests(beam.DoFn):
                     entry[0] += 1
                     if features < entry[1]:
                         entry[1] = features
-            yield beam.pvalue.TaggedOutput(TIMES_TAG, int(request["request_time"].max()))
-            yield request_id, (request, shown)
+            for request_id, time in zip(cols[F.REQUEST_ID_KEY].tolist(), cols[F.REQUEST_TIME_KEY].tolist()):
+                if time > latest.get(request_id, time - 1):
+                    latest[request_id] = time
+        for time in latest.values():
+            yield beam.pvalue.TaggedOutput(TIMES_TAG, int(time))
 
 
-ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
+BUCKET_READ_BLOCK = 4096  # bucket records read together
 TRUNCATION_RULE = "keeps the shown rows by position, then the best tiers first, by item id within a tier"
 
 
@@ -800,33 +947,47 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         schema_bytes = schema.SerializeToString()
 
         split_names = tuple(sorted(input_uris))
+        files = {split: record_io.split_files(input_uris[split]) for split in split_names}
+        buckets = bucket_count([path for split in split_names for path in files[split]],
+                               record_io.beam_parallelism(self._beam_pipeline_args))
+        buckets_dir = os.path.join(output.uri, BUCKETS_DIR)
+        if tf.io.gfile.exists(buckets_dir):  # left by a run that was killed
+            tf.io.gfile.rmtree(buckets_dir)
+        tf.io.gfile.makedirs(buckets_dir)
         pipeline = self._make_beam_pipeline()
-        keyed = []
+        written = []
         for index, split in enumerate(split_names):
             parsed = (
                 record_io.read_blocks(pipeline, input_uris[split], split, KEY_BATCH)
-                | f"KeyByRequest[{split}]" >> beam.ParDo(_KeyByRequest(schema_bytes, index)).with_outputs(
-                    record_io.DEAD_LETTER_TAG, main="keyed")
+                | f"WriteBuckets[{split}]" >> beam.ParDo(
+                    _WriteBuckets(schema_bytes, index, buckets_dir, buckets)).with_outputs(
+                    record_io.DEAD_LETTER_TAG, main="files")
             )
             record_io.write_dead_letters(parsed[record_io.DEAD_LETTER_TAG], dead.uri, f"records-{split}")
-            keyed.append(parsed.keyed)
+            written.append(parsed.files)
+        bucket_files = beam.pvalue.AsSingleton(written | "AllBucketFiles" >> beam.Flatten()
+                                               | "BucketFileList" >> beam.combiners.ToList())
+        corpus_pass = (
+            pipeline
+            | "BucketsForCorpus" >> beam.Create(range(buckets))
+            | "Corpus" >> beam.ParDo(_BucketCorpus(schema_bytes, features), files=bucket_files).with_outputs(
+                ITEMS_TAG, TIMES_TAG)
+        )
         requests = (
-            keyed
-            | "AllSplits" >> beam.Flatten()
-            | "GroupRequests" >> beam.GroupByKey()
-            | "BatchRequests" >> beam.BatchElements(min_batch_size=DECODE_BATCH, max_batch_size=DECODE_BATCH)
-            | "DecodeRequests" >> beam.ParDo(_DecodeRequests(schema_bytes, config, split_names, features)).with_outputs(
-                record_io.DEAD_LETTER_TAG, ITEMS_TAG, TIMES_TAG, main="requests")
+            pipeline
+            | "Buckets" >> beam.Create(range(buckets))
+            | "DecodeRequests" >> beam.ParDo(_DecodeBuckets(schema_bytes, config, split_names, features),
+                                             files=bucket_files).with_outputs(record_io.DEAD_LETTER_TAG, main="requests")
         )
         record_io.write_dead_letters(requests[record_io.DEAD_LETTER_TAG], dead.uri, "candidates")
         corpus = (
-            requests[ITEMS_TAG]
+            corpus_pass[ITEMS_TAG]
             | "PerItem" >> beam.CombinePerKey(_CountAndPickFeatures())
             | "CorpusList" >> beam.combiners.ToList()
-            | "Corpus" >> beam.Map(_to_corpus, features)
+            | "ToCorpus" >> beam.Map(_to_corpus, features)
         )
         request_times = (
-            requests[TIMES_TAG]
+            corpus_pass[TIMES_TAG]
             | "Quantiles" >> beam.ApproximateQuantiles.Globally(1001)
             | "Cutoff" >> beam.Map(_time_cutoff, config.eval_fraction)
         )
@@ -843,7 +1004,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             record_io.write_split(lists[split], artifact_utils.get_split_uri([output], split), split)
         record_io.write_split(lists[SHOWN_ROWS_TAG], artifact_utils.get_split_uri([shown_rows], SHOWN_ROWS_SPLIT),
                               f"shown_rows-{SHOWN_ROWS_SPLIT}")
-        counters = record_io.run_and_count(pipeline, NAMESPACE)
+        try:
+            counters = record_io.run_and_count(pipeline, NAMESPACE)
+        finally:
+            tf.io.gfile.rmtree(buckets_dir)
         counters.update({BUCKETS_PREFIX + f.name: f.buckets for f in features.resolved()
                          if not f.is_dense and not f.has_vocabulary})
         record_io.record_counters(output, counters)

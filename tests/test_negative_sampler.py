@@ -57,11 +57,11 @@ def _dead_letters(dead):
     return [json.loads(l) for f in tf.io.gfile.glob(os.path.join(dead.uri, "*.jsonl")) for l in open(f)]
 
 
-def _lists(out, split):
+def _lists(out, split, list_size=RL.LIST_SIZE):
     raw = [e.SerializeToString() for e in example_io.read_examples(os.path.join(out.uri, f"Split-{split}"))]
     if not raw:
         return {}
-    parsed = tf.io.parse_example(raw, RL.parse_spec())
+    parsed = tf.io.parse_example(raw, RL.parse_spec(list_size))
     return {k: (v.numpy() if not isinstance(v, tf.RaggedTensor) else v.to_list()) for k, v in parsed.items()}
 
 
@@ -458,3 +458,65 @@ def test_nan_values_folded_ids_and_requests_without_ground_truth_are_counted_and
     wide = negative_sampler.data_counts(json.load(open(tmp_path / "wide" / "lists" / record_io.METRICS_FILE)))
     assert wide["ids_folded"]["item_id"] == {"ids": 0, "buckets": 20_000}
     assert wide["ids_folded"]["item_tags"] == {"ids": 1, "buckets": 512}
+
+
+# ---- the shuffle by request through bucket files -------------------------------------------------
+
+@pytest.mark.parametrize("request_id", [0, 7, -3, 2**62, b"req-\x00\xff", b""])
+def test_bucket_records_round_trip_and_buckets_hash_the_id_bytes(request_id):
+    raw = b"\x0a\x05 a row"
+    record = negative_sampler.bucket_record(3, request_id, raw)
+    assert negative_sampler.parse_bucket_record(record) == (request_id, 3, raw)
+    key = (b"s" + request_id) if isinstance(request_id, bytes) else b"i" + request_id.to_bytes(8, "little", signed=True)
+    import zlib
+    assert negative_sampler.bucket_of(request_id, 7) == zlib.crc32(key) % 7  # the same in every process
+
+
+def test_bucket_count_follows_the_input_size_with_two_per_worker(tmp_path):
+    gz, plain = tmp_path / "a.gz", tmp_path / "b"
+    gz.write_bytes(b"x" * 1000)
+    plain.write_bytes(b"x" * 5000)
+    assert negative_sampler.bucket_count([str(gz), str(plain)], parallelism=3) == 6
+    size = negative_sampler.BUCKET_BYTES
+    expected = -(-(1000 * negative_sampler.GZIP_RATIO + 5000) // size)
+    assert negative_sampler.bucket_count([str(gz), str(plain)], parallelism=1) == max(2, expected)
+
+
+def test_output_does_not_depend_on_the_bucket_count_and_the_buckets_are_removed(small, tmp_path, monkeypatch):
+    """One bucket per few requests against two buckets: the same lists, shown rows and dead letters,
+    and no bucket file left under the output artifact."""
+    config = SamplerConfig(nonclick_keep_rate=0.5, random_negatives=5, seed=4, split="hash")
+    outputs, buckets = [], []
+    files = [path for split in ("train", "eval") for path in record_io.split_files(os.path.join(small.uri, f"Split-{split}"))]
+    for name, bucket_bytes in (("many", 20_000), ("two", 1 << 40)):
+        monkeypatch.setattr(negative_sampler, "BUCKET_BYTES", bucket_bytes)
+        buckets.append(negative_sampler.bucket_count(files, 1))
+        shown = examples_artifact(str(tmp_path / name / "shown"), splits=())
+        out, dead = _run(tmp_path / name, small, config, outputs={
+            **_outputs(tmp_path / name), "shown_rows": [shown]})
+        assert not tf.io.gfile.exists(os.path.join(out.uri, negative_sampler.BUCKETS_DIR))
+        outputs.append((
+            {split: sorted(_raw_records(os.path.join(out.uri, f"Split-{split}", "*"))) for split in ("train", "eval")},
+            sorted(_raw_records(os.path.join(shown.uri, "Split-eval", "*"))),
+            sorted(json.dumps(d, sort_keys=True) for d in _dead_letters(dead))))
+    assert buckets[0] > 10 and buckets[1] == 2
+    assert outputs[0] == outputs[1]
+    assert sum(len(v) for v in outputs[0][0].values()) == 40 and outputs[0][1] and outputs[0][2]
+
+
+def test_corpus_counts_the_rows_cut_from_long_requests(small, tmp_path):
+    """Every request is cut to 40 of its 50 candidates; the corpus (each candidate's
+    sampling_probability) still counts every row of the input, counted independently here."""
+    config = SamplerConfig(list_size=40, random_negatives=10, seed=2, max_bad_fraction=1.0)
+    out, dead = _run(tmp_path, small, config)
+    counts = collections.Counter(r["item_id"] for split in ("train", "eval") for r in _rows(small, split))
+    total = sum(counts.values())
+    metrics = json.load(open(os.path.join(out.uri, record_io.METRICS_FILE)))
+    assert metrics["candidates_truncated"] == 40 * 10
+    for split in ("train", "eval"):
+        lists = _lists(out, split, list_size=40)
+        for i in range(len(lists["request_id"])):
+            mask = lists["mask"][i].astype(bool)
+            assert mask.sum() == 40
+            np.testing.assert_allclose(lists["sampling_probability"][i][mask],
+                                       [counts[x] / total for x in lists["item_id"][i][mask]], rtol=1e-6)
