@@ -8,6 +8,7 @@ import tensorflow as tf
 from cascade_ranking.datasources import synthetic
 from cascade_ranking.models import list_inputs as LI
 from cascade_ranking.models import retrieval as R
+from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 
 
@@ -155,3 +156,25 @@ def test_trainer_evaluation_leaves_out_and_counts_requests_without_gt(data):
     top = np.argsort(-scores, axis=1)[:, :20]
     by_hand = np.mean([np.isin(np.flatnonzero(gt[r]), top[r]).mean() for r in range(2, 6)])
     assert out["recall_retrieval@20"] == pytest.approx(by_hand)
+
+
+def test_shuffled_pairs_are_the_element_shuffle_of_the_pairs_in_each_pass(data):
+    """`retrieval_dataset` shuffles pair indices and gathers: each pass holds every pair once, in the
+    order tf.data's shuffle of the pairs themselves gives with the same seed, and passes differ."""
+    lists, _ = data
+    pairs = R.retrieval_pairs(lists, 8)
+    count = len(pairs["sampling_probability"])
+    dataset = R.retrieval_dataset(pairs, 8, shuffle_seed=3)
+    reference = tf.data.Dataset.from_tensor_slices(dict(pairs)).shuffle(count, seed=3, reshuffle_each_iteration=True)
+    reference = reference.batch(8, drop_remainder=True)
+    key = F.DEFAULT.item_key
+    passes = []
+    for _ in range(2):
+        got = [(b["item"][key].numpy(), b["sampling_probability"].numpy()) for b in dataset]
+        want = [(b["item"][key].numpy(), b["sampling_probability"].numpy()) for b in reference]
+        assert len(got) == len(want) == count // 8
+        for (g, gp), (w, wp) in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+            np.testing.assert_array_equal(gp, wp)
+        passes.append(np.concatenate([g for g, _ in got]))
+    assert not np.array_equal(passes[0], passes[1])

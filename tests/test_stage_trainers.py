@@ -11,6 +11,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 
 from cascade_ranking.models import export as export_lib
 from cascade_ranking.models.trainers import cascade, common, preranking, retrieval
+from cascade_ranking.models.trainers.list_data import load_lists
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 from tests.component_fixtures import request_list_splits
@@ -30,7 +31,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_examples(data):
-    lists = retrieval.load_lists([str(data / "Split-eval" / "*")], LIST_SIZE)
+    lists = load_lists([str(data / "Split-eval" / "*")], LIST_SIZE)
     return retrieval.candidate_examples(lists, count=12)
 
 
@@ -147,7 +148,7 @@ def test_cascade_module(data, eval_examples, tmp_path, method):
 
 def test_the_training_data_report_streamed_in_batches_matches_the_whole_split(data):
     """`cascade.train_data_report` sums batches of lists; against a count on the whole split."""
-    whole = retrieval.load_lists([str(data / "Split-train" / "*")], LIST_SIZE)
+    whole = load_lists([str(data / "Split-train" / "*")], LIST_SIZE)
     batches = [{name: whole[name][i:i + 7] for name in cascade.REPORT_COLUMNS} for i in range(0, len(whole["mask"]), 7)]
     report = cascade.train_data_report(batches)
     real = whole["mask"] > 0
@@ -175,7 +176,7 @@ def test_the_retrieval_train_split_read_in_batches_keeps_the_pairs_and_items_of_
     """`read_train_split` (7 lists at a time) against `train_split_of` the whole split in memory:
     the same positive pairs in the same order, the same corpus; and every positive is a GT row."""
     files = [str(data / "Split-train" / "*")]
-    whole = retrieval.load_lists(files, LIST_SIZE)
+    whole = load_lists(files, LIST_SIZE)
     streamed, reference = retrieval.read_train_split(files, LIST_SIZE, batch_size=7), retrieval.train_split_of(whole)
     for side in ("query", "item"):
         for name, values in reference.pairs[side].items():

@@ -3,8 +3,9 @@
 Input: the NegativeSampler's request-list Examples (`fn_args.train_files` / `eval_files`, gzipped
 TFRecords in the `schema.request_list` layout). The train split is read one batch of lists at a
 time (`read_train_split`), keeping only what training needs: the (request, GT item) pairs, the
-distinct items and the first lists for the normalisers. The eval split is read into numpy
-(`load_lists`), and its requests are scored against the corpus `EVAL_CHUNK` at a time.
+distinct items and the first lists for the normalisers. The eval split is read twice, `EVAL_CHUNK`
+lists at a time: for its items (the index's corpus), then to score its requests
+(`evaluate_batches`, which keeps only the scores, GT and mask of each candidate).
 
 The list size is the data's (`list_data.list_size_of_splits`: the NegativeSampler's `list_size`).
 custom_config: {"retrieval": JSON object}, keys and defaults in `RetrievalTrainerConfig`:
@@ -30,12 +31,12 @@ Export (`export_retrieval`'s layout, plus one signature), with the warmup file:
                                retrieval stage's score of one candidate (as `TwoTowerScorer`)
 The item corpus of the index is every item seen in the train and eval lists.
 
-The helpers `load_lists`, `candidate_examples` and `candidate_lists` are shared by the
-pre-ranking and cascade Trainer modules.
+The list helpers (`iterate_lists`, `candidate_examples`, `candidate_lists`) are
+`models.trainers.list_data`'s, shared with the pre-ranking and cascade Trainer modules.
 """
 import dataclasses
 import json
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -52,7 +53,8 @@ from cascade_ranking.models.tasks import build_train_step
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      ADAPT_LISTS, load_lists, save_with_warmup, scan_train_split)
+                                      ADAPT_LISTS, iterate_lists, save_with_warmup,
+                                      scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "retrieval"
@@ -119,21 +121,37 @@ def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmu
 # ---------------------------------------------------------------------------------------------
 def evaluate(model: R.RetrievalModel, corpus: R.ItemCorpus, lists: Mapping[str, np.ndarray], k: int,
              quota: int) -> Dict[str, float]:
+    """The eval metrics (module docstring) of lists in memory: `evaluate_batches` of one batch."""
+    return evaluate_batches(model, corpus, [lists], k, quota)
+
+
+def evaluate_batches(model: R.RetrievalModel, corpus: R.ItemCorpus, batches: Iterable[Mapping[str, np.ndarray]],
+                     k: int, quota: int) -> Dict[str, float]:
+    """The eval metrics of batches of lists, read one at a time: of each batch it keeps the u·v of
+    its candidates, its GT and its mask ([R, L] each) and whether each GT item is in the index's
+    top k, so the eval split is never in memory whole."""
     features = model.features
-    scorer_u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in features.query_names}, features),
-                                 training=False).numpy()  # [R, d]
-    size = LI.list_size_of(lists)
-    v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in features.item_names}, features),
-                         training=False).numpy().reshape(len(scorer_u), size, -1)
-    scores = np.einsum("bd,bld->bl", scorer_u, v)
-    gt = cascade_labels(lists).numpy()
-    mask = np.asarray(lists["mask"])
     k = min(int(k), corpus.size)
     items = R.item_embeddings(model.item_tower, corpus, features=features)
-    top = np.concatenate([corpus.ids[np.argsort(-(scorer_u[i:i + EVAL_CHUNK] @ items.T), axis=1)[:, :k]]  # [R, k]
-                          for i in range(0, len(scorer_u), EVAL_CHUNK)])
-    rows, slots = np.nonzero(gt > 0)
-    hits = [lists[features.item_key][r, j] in top[r] for r, j in zip(rows, slots)]
+    kept = {"scores": [], "gt": [], "mask": []}
+    hits = []
+    for lists in batches:
+        scorer_u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in features.query_names},
+                                                         features), training=False).numpy()  # [R, d]
+        size = LI.list_size_of(lists)
+        v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in features.item_names}, features),
+                             training=False).numpy().reshape(len(scorer_u), size, -1)
+        gt = cascade_labels(lists).numpy()
+        kept["scores"].append(np.einsum("bd,bld->bl", scorer_u, v))
+        kept["gt"].append(gt)
+        kept["mask"].append(np.asarray(lists["mask"]))
+        for start in range(0, len(scorer_u), EVAL_CHUNK):
+            top = corpus.ids[np.argsort(-(scorer_u[start:start + EVAL_CHUNK] @ items.T), axis=1)[:, :k]]  # [chunk, k]
+            rows, slots = np.nonzero(gt[start:start + EVAL_CHUNK] > 0)
+            hits += [lists[features.item_key][start + r, j] in top[r] for r, j in zip(rows, slots)]
+    if not kept["mask"]:
+        raise ValueError("no eval request lists")
+    scores, gt, mask = (np.concatenate(kept[name]) for name in ("scores", "gt", "mask"))
     return {
         "requests": int(mask.shape[0]),
         "requests_without_gt": requests_without_gt(gt, mask),
@@ -206,17 +224,22 @@ def run_fn(fn_args) -> None:
     features = common.feature_config(fn_args)
     list_size = list_size_of_splits(fn_args)
     train = read_train_split(fn_args.train_files, list_size, features)
-    evals = load_lists(fn_args.eval_files, list_size, features=features)
-    corpus = R.add_to_corpus(train.corpus, evals, features)
+    corpus, warmup = train.corpus, None
+    for lists in iterate_lists(fn_args.eval_files, list_size, EVAL_CHUNK, features):  # the eval items join the index
+        corpus = R.add_to_corpus(corpus, lists, features)
+        warmup = warmup or candidate_examples(lists, features=features)
+    if warmup is None:
+        raise ValueError(f"no request lists in {fn_args.eval_files}")
     model, pairs, batch_size, negatives = build_model(config, train, features)
     del train
     data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
     build_train_step(model, next(iter(R.retrieval_dataset(pairs, batch_size, negatives))))  # traced once
     model.fit(data, epochs=config.epochs, verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
-    result = evaluate(model, corpus, evals, config.top_k, config.eval_quota)
+    result = evaluate_batches(model, corpus, iterate_lists(fn_args.eval_files, list_size, EVAL_CHUNK, features),
+                              config.top_k, config.eval_quota)
     result["flops"] = flops(model)
     result["schema_path"] = schema_path
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    export(model, corpus, fn_args.serving_model_dir, candidate_examples(evals, features=features), config.top_k, schema)
+    export(model, corpus, fn_args.serving_model_dir, warmup, config.top_k, schema)
