@@ -486,15 +486,18 @@ ITEMS_TAG, TIMES_TAG, SHOWN_ROWS_TAG = "items", "times", "shown_rows"
 # bucket of rows at a time, where DirectRunner's GroupByKey held every row of the input at once.
 BUCKET_BYTES = 32 << 20  # raw bytes of candidate rows per bucket
 GZIP_RATIO = 10  # raw bytes per gzipped byte of candidate rows (synthetic rows: 372 B raw, 38 B gzipped)
+MAX_BUCKETS = 1024
 BUCKETS_DIR = ".request_buckets"  # under the request_lists artifact while the sampler runs; removed after
 _HEADER = struct.Struct("<HI")  # a bucket record: input split index, key length; then the key and the row
 
 
 def bucket_count(files: Iterable[str], parallelism: int) -> int:
     """Buckets for input files `files`: about `BUCKET_BYTES` of raw rows each (gzipped files count
-    `GZIP_RATIO` times their size), and at least two per worker so every worker has some."""
+    `GZIP_RATIO` times their size), at least two per worker so every worker has some, and at most
+    `MAX_BUCKETS` (a bundle of the first stage keeps one open file per bucket it writes to; past
+    32 GB of rows the buckets grow instead)."""
     raw = sum(tf.io.gfile.stat(path).length * (GZIP_RATIO if path.endswith(".gz") else 1) for path in files)
-    return max(2 * parallelism, -(-raw // BUCKET_BYTES))
+    return max(2 * parallelism, min(MAX_BUCKETS, -(-raw // BUCKET_BYTES)))
 
 
 def _request_key(request_id) -> bytes:

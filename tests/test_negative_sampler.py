@@ -480,6 +480,10 @@ def test_bucket_count_follows_the_input_size_with_two_per_worker(tmp_path):
     size = negative_sampler.BUCKET_BYTES
     expected = -(-(1000 * negative_sampler.GZIP_RATIO + 5000) // size)
     assert negative_sampler.bucket_count([str(gz), str(plain)], parallelism=1) == max(2, expected)
+    big = tmp_path / "big"
+    with open(big, "wb") as f:  # sparse: 40 GB of apparent size, no disk
+        f.truncate(40 << 30)
+    assert negative_sampler.bucket_count([str(big)], parallelism=2) == negative_sampler.MAX_BUCKETS
 
 
 def test_output_does_not_depend_on_the_bucket_count_and_the_buckets_are_removed(small, tmp_path, monkeypatch):
