@@ -219,3 +219,23 @@ def test_the_runs_bucket_counts_reach_every_trainers_embeddings(data, tmp_path):
         common.FEATURES_KEY: features}))
     assert _table_rows(tmp_path / "retrieval" / "serving", "item_id") == {50_000}
     assert _table_rows(out_dir / "Format-Serving", "user_id") == {5_000}  # the others keep their defaults
+
+
+def test_the_cascade_eval_read_a_few_lists_at_a_time_equals_the_whole_split(data, monkeypatch):
+    """`cascade.evaluate_eval_split` keeps only scores and labels of each batch of eval lists; its
+    metrics equal `evaluate_cascade` and `ctr_metrics` on the whole eval split in memory."""
+    config = cascade.CascadeTrainerConfig()
+    model = cascade.build_model(config, cascade.ranker_config_from(FnArgs(custom_config={})))
+    model.adapt(load_lists([str(data / "Split-train" / "*")], LIST_SIZE))
+    files = [str(data / "Split-eval" / "*")]
+    whole = load_lists(files, LIST_SIZE)
+    assert len(whole["mask"]) == 4  # read 3 and 1
+    quotas = tuple(int(q) for q in config.eval_quotas)
+    expected = cascade.evaluate_cascade(model.predict_stage_scores(whole), whole, quotas, model.stage_names, "gt")
+    expected["ranker"] = cascade.ctr_metrics(model.ranking_stage.ranker, whole)
+    monkeypatch.setattr(cascade, "EVAL_LISTS", 3)  # two batches
+    got, warmup = cascade.evaluate_eval_split(model, files, LIST_SIZE, quotas, "gt")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
+    assert warmup == retrieval.candidate_examples(whole)

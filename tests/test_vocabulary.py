@@ -231,3 +231,20 @@ def test_the_sampler_counts_no_folded_ids_for_a_vocabulary_feature():
     counts = NS.value_counts(cols, registry)
     assert counts == {NS.FOLDED_PREFIX + "u": 2, NS.CUT_PREFIX + "t": 0}
     assert set(NS.data_counts(counts, registry)["ids_folded"]) == {"u"}
+
+
+def test_out_of_vocabulary_counts_of_two_batches_add_up_to_the_whole(analyzed):
+    """The cascade Trainer counts eval ids out of vocabulary batch by batch (`cascade._add_counts`):
+    two halves of the eval lists give the counts of the whole."""
+    from cascade_ranking.models.trainers import cascade
+
+    registry, _, out = analyzed
+    features = vocabulary.resolve(registry, out)
+    eval_rows = own_logs.rows(4, candidates=30, seed=11)
+    lists = {k: (v.to_tensor().numpy() if isinstance(v, tf.RaggedTensor) else v.numpy())
+             for k, v in _parsed_lists(eval_rows, features).items()}
+    halves = [{k: v[a:b] for k, v in lists.items()} for a, b in ((0, 2), (2, 4))]
+    whole = vocabulary.out_of_vocabulary(lists, features)
+    added = cascade._add_counts(vocabulary.out_of_vocabulary(halves[0], features),
+                                vocabulary.out_of_vocabulary(halves[1], features))
+    assert added == whole and whole["sku"]["of"] > 0

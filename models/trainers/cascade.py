@@ -19,8 +19,8 @@ list per request with every kept candidate: a request never arrives in pieces, a
 request is read once per epoch (`models.list_inputs.request_list_dataset`, shuffled by list). The
 train split is also read once more, a batch of lists at a time (`list_data.scan_train_split`), to
 count the training data (`TrainDataReport`) and keep its first `list_data.ADAPT_LISTS` lists for
-the dense normalisers: the Trainer never holds the train split. The eval lists are read into numpy
-for the metrics. The pipeline's Schema artifact (`fn_args.schema_path`)
+the dense normalisers: the Trainer never holds the train split. The eval split is read and scored
+`EVAL_LISTS` lists at a time (`evaluate_eval_split`): only the scores and labels are kept. The pipeline's Schema artifact (`fn_args.schema_path`)
 gives the serving parse specs.
 
 custom_config:
@@ -58,7 +58,7 @@ from cascade_ranking.models.ranking_stage import RankingStage
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      load_lists, save_with_warmup, scan_train_split)
+                                      iterate_lists, save_with_warmup, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "cascade"
@@ -188,6 +188,12 @@ def ctr_metrics(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray], bat
     """The ranker's CTR at the logged UI treatment on every shown eval row of the lists (sampled out
     or not: the metric is of the data, not of the sample): AUC, PerQueryAUC (grouped by the list each
     row is in), NE and Σŷ/Σy (`models.metrics`)."""
+    return ctr_metrics_of(*ctr_rows(ranker, lists, batch_size))
+
+
+def ctr_rows(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray],
+             batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(click, predicted CTR, request id) of every shown row of the lists, for `ctr_metrics_of`."""
     stage = RankingStage(ranker)
     y, p, q = [], [], []
     for batch in LI.dataset_from_lists(lists, batch_size):
@@ -195,9 +201,53 @@ def ctr_metrics(ranker: FactoryFloorRanker, lists: Mapping[str, np.ndarray], bat
         y.append(tf.reshape(rows[F.LABEL_KEY], [-1]).numpy())
         p.append(tf.sigmoid(tf.reshape(ranker(rows, training=False), [-1])).numpy())
         q.append(tf.reshape(rows[F.REQUEST_ID_KEY], [-1]).numpy())
-    y, p, q = (np.concatenate(a) for a in (y, p, q))
+    return tuple(np.concatenate(a) for a in (y, p, q))
+
+
+def ctr_metrics_of(y: np.ndarray, p: np.ndarray, q: np.ndarray) -> Dict[str, float]:
     return {"shown_rows": int(y.size), "auc": metrics.auc(y, p), "per_query_auc": metrics.per_query_auc(y, p, q),
             "ne": metrics.normalized_entropy(y, p), "calibration": float(p.sum() / max(y.sum(), 1e-12))}
+
+
+EVAL_LISTS = 1024  # eval lists read and scored at a time
+LABEL_COLUMNS = ("mask", "stage", "click")  # what `evaluate_cascade` reads of the lists beside the scores
+
+
+def evaluate_eval_split(model: CascadeModel, file_patterns, list_size: int, quotas: Tuple[int, ...], label: str,
+                        features: F.FeatureConfig = F.DEFAULT) -> Tuple[Dict, list]:
+    """(metrics, warmup examples) of the eval split, read `EVAL_LISTS` lists at a time: of each
+    batch it keeps each stage's scores, the label columns ([R, L] each) and the ranker's (click,
+    CTR, request) of the shown rows, never the lists themselves. The metrics: `evaluate_cascade`,
+    `ranker` (`ctr_metrics`) and, for vocabulary features, `eval_ids_out_of_vocabulary`."""
+    ranker = model.ranking_stage.ranker
+    scores, columns, ctr, oov, warmup = [], {name: [] for name in LABEL_COLUMNS}, [], None, []
+    for lists in iterate_lists(file_patterns, list_size, EVAL_LISTS, features):
+        scores.append(model.predict_stage_scores(lists))
+        for name in LABEL_COLUMNS:
+            columns[name].append(np.asarray(lists[name]))
+        ctr.append(ctr_rows(ranker, lists))
+        if features.vocabulary_features():  # eval ids that share the OOV rows, per vocabulary feature
+            from cascade_ranking.schema import vocabulary
+
+            oov = _add_counts(oov, vocabulary.out_of_vocabulary(lists, features))
+        warmup = warmup or candidate_examples(lists, features=features)
+    if not scores:
+        raise ValueError(f"no request lists in {file_patterns}")
+    stage_scores = [np.concatenate([batch[i] for batch in scores]) for i in range(len(scores[0]))]
+    labels = {name: np.concatenate(parts) for name, parts in columns.items()}
+    result = evaluate_cascade(stage_scores, labels, quotas, model.stage_names, label)
+    result["ranker"] = ctr_metrics_of(*(np.concatenate([part[i] for part in ctr]) for i in range(3)))
+    if oov is not None:
+        result["eval_ids_out_of_vocabulary"] = oov
+    return result, warmup
+
+
+def _add_counts(total, counts):
+    """`vocabulary.out_of_vocabulary` of two batches as one: ids and values read summed."""
+    if total is None:
+        return counts
+    return {name: {**value, "ids": total[name]["ids"] + value["ids"], "of": total[name]["of"] + value["of"]}
+            for name, value in counts.items()}
 
 
 def run_fn(fn_args) -> None:
@@ -226,22 +276,15 @@ def run_fn(fn_args) -> None:
     model.fit(train, epochs=config.epochs, verbose=0, callbacks=common.callbacks(fn_args) + [
         FinalizeRanker(ranking), EpochProgress("cascade", ("loss", "e2e", "ranker_loss"))])
 
-    evals = load_lists(fn_args.eval_files, list_size, features=features)
     quotas = tuple(int(q) for q in config.eval_quotas)
-    result = evaluate_cascade(model.predict_stage_scores(evals), evals, quotas, model.stage_names, config.label)
+    result, warmup = evaluate_eval_split(model, fn_args.eval_files, list_size, quotas, config.label, features)
     light = model.stage_models[0]
     result.update(
         method=config.method, quotas=dict(zip(model.stage_names, quotas)), schema_path=schema_path,
-        train_data=data, ranker=ctr_metrics(ranking.ranker, evals),
-        flops={"preranking": light.flops(), "ranking": ranking.ranker.flops()},
+        train_data=data, flops={"preranking": light.flops(), "ranking": ranking.ranker.flops()},
     )
-    if features.vocabulary_features():  # eval ids that share the OOV rows, per vocabulary feature
-        from cascade_ranking.schema import vocabulary
-
-        result["eval_ids_out_of_vocabulary"] = vocabulary.out_of_vocabulary(evals, features)
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    warmup = candidate_examples(evals, features=features)
     ranker_export.export_ranker(ranking.ranker, fn_args.serving_model_dir, warmup, schema=schema)
     preranker = PrerankerServing(light, schema)
     save_with_warmup(preranker, export_lib.stage_model_dir(fn_args.serving_model_dir, "preranking"),
