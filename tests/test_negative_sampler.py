@@ -524,3 +524,25 @@ def test_corpus_counts_the_rows_cut_from_long_requests(small, tmp_path):
             assert mask.sum() == 40
             np.testing.assert_allclose(lists["sampling_probability"][i][mask],
                                        [counts[x] / total for x in lists["item_id"][i][mask]], rtol=1e-6)
+
+
+def test_item_columns_decoder_matches_the_candidate_decoder_and_flags_bad_records(small):
+    """The corpus pass's `tf.io.parse_example` decoder gives the columns tfx_bsl's decoder gives for
+    the same features, and calls a garbage record and a wrongly typed item feature bad."""
+    raws = _raw_records(os.path.join(small.uri, "Split-train", "data_*"))[:200]
+    example = tf.train.Example.FromString(raws[0])
+    example.features.feature["item_category"].Clear()
+    example.features.feature["item_category"].float_list.value.append(1.5)
+    raws = raws + [GARBAGE, example.SerializeToString()]
+    schema = F.load_schema()
+    reference = negative_sampler.CandidateDecoder(schema, columns=negative_sampler.corpus_columns())
+    fast = negative_sampler.ItemColumnsDecoder(schema)
+    want, want_rows, want_bad = reference.decode(raws)
+    got, got_rows, got_bad = fast.decode(raws)
+    assert got_rows.tolist() == want_rows.tolist() == list(range(200))
+    assert sorted(got_bad) == sorted(want_bad) == [200, 201]
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+        assert got[name].dtype == want[name].dtype, name
+    assert negative_sampler.item_feature_tuples(got) == negative_sampler.item_feature_tuples(want)
