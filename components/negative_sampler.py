@@ -324,9 +324,9 @@ class ItemColumnsDecoder(CandidateDecoder):
     """`CandidateDecoder` of the `corpus_columns` only, parsed by `tf.io.parse_example` (each a
     VarLenFeature typed by the schema): 894k rows/s against 90k for tfx_bsl's decoder, which
     parses every feature of a row whatever it is asked for. A feature present with no value reads
-    as absent here (one sparse tensor cannot tell them apart), so such a row takes the feature's
-    default where `CandidateDecoder` calls it bad; a record that does not parse, or holds a
-    feature with another type, is bad."""
+    as absent here (one sparse tensor cannot tell them apart): a row takes the default of such an
+    optional feature where `CandidateDecoder` calls it bad (a required one is bad in both). A
+    record that does not parse, or holds a feature with another type, is bad."""
 
     def __init__(self, schema: schema_pb2.Schema, features: F.FeatureConfig = F.DEFAULT):
         super().__init__(schema, features, columns=corpus_columns(features))
@@ -445,10 +445,9 @@ def slice_rows(cols: Dict[str, np.ndarray], start: int, stop: int) -> Dict[str, 
 class _DecodeRequests(beam.DoFn):
     """Batches of requests' raw rows (after the shuffle, so this runs on every worker) → one
     element per request: (request_id, (its columns, the raw bytes of its shown rows)), both in a
-    deterministic order (input split, item id, raw bytes). Also emits, per bundle, (item id, (count,
-    item features)) for the item corpus (the registry's `item_features`, in its order), and each
-    request's time for the time split. Bad rows go to the dead-letter output; so does, under
-    split="keep", a request that spans input splits. A batch is decoded by one call of the C++
+    deterministic order (input split, item id, raw bytes). Bad rows go to the dead-letter output;
+    so do, under split="keep", a request that spans input splits, and the rows cut from a request
+    longer than the list (`truncation_order`). A batch is decoded by one call of the C++
     decoder, built in `setup` from the serialized schema `schema` and the registry `features`."""
 
     def __init__(self, schema: bytes, config: SamplerConfig, split_names: Tuple[str, ...],
@@ -656,8 +655,8 @@ class _WriteBuckets(beam.DoFn):
 
 
 def read_bucket(files: Iterable[str], bucket: int) -> Dict[Any, List[Tuple[int, bytes]]]:
-    """The rows of one bucket, grouped by request: request id → [(input split index, raw), ...], in
-    the order of its files (sorted by name) and their records."""
+    """The rows of one bucket, grouped by request: request id → [(input split index, raw), ...]. Their
+    order follows the files' names, which are random: `_DecodeRequests` sorts each request's rows."""
     requests: Dict[Any, List[Tuple[int, bytes]]] = {}
     for path in sorted(p for p in files if _bucket_file_index(p) == bucket):
         for records in record_io.file_blocks(path, BUCKET_READ_BLOCK):
@@ -704,10 +703,9 @@ class _BucketCorpus(beam.DoFn):
     """A bucket index → what the lists pass needs from the whole input, as side inputs: per item
     (`ITEMS_TAG`) its count and one deterministic choice of its features, pre-aggregated over the
     bundle; per request (`TIMES_TAG`) its latest request time. It parses only `corpus_columns`
-    (`ItemColumnsDecoder`), so
-    the corpus counts every row whose request keys and item features decode, whatever becomes of
-    the row's other features, its request's split or the list size (the rows the lists pass cuts
-    or diverts are items of the log all the same)."""
+    (`ItemColumnsDecoder`), so the corpus counts every row whose request keys and item features
+    decode, whatever becomes of the row's other features, its request's split or the list size
+    (the rows the lists pass cuts or diverts are items of the log all the same)."""
 
     def __init__(self, schema: bytes, features: F.FeatureConfig = F.DEFAULT):
         self._schema_bytes = schema

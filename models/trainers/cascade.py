@@ -20,8 +20,8 @@ request is read once per epoch (`models.list_inputs.request_list_dataset`, shuff
 train split is also read once more, a batch of lists at a time (`list_data.scan_train_split`), to
 count the training data (`TrainDataReport`) and keep its first `list_data.ADAPT_LISTS` lists for
 the dense normalisers: the Trainer never holds the train split. The eval split is read and scored
-`EVAL_LISTS` lists at a time (`evaluate_eval_split`): only the scores and labels are kept. The pipeline's Schema artifact (`fn_args.schema_path`)
-gives the serving parse specs.
+`EVAL_LISTS` lists at a time (`evaluate_eval_split`): only the scores and labels are kept. The
+pipeline's Schema artifact (`fn_args.schema_path`) gives the serving parse specs.
 
 custom_config:
     {"cascade": CascadeTrainerConfig JSON, "ranker": RankerConfig JSON (overrides RankerConfig.cascade_stage())}
