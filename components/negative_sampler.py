@@ -171,6 +171,10 @@ def check_registry(features: F.FeatureConfig) -> None:
         raise ValueError(f"features: {', '.join(clashes)} clashes with a column the NegativeSampler decodes")
 
 
+def _undecodable(raw: bytes, error: BaseException) -> str:
+    return f"undecodable candidate row: {str(error).splitlines()[0]}"
+
+
 class CandidateDecoder:
     """Serialized candidate rows → numpy columns (`components.sampling`'s columnar layout) with
     tfx_bsl's C++ Example→Arrow decoder, and the reasons of the rows that cannot be used.
@@ -213,20 +217,14 @@ class CandidateDecoder:
 
     def _decode(self, raws: List[bytes]):
         """(record batch of the decodable rows, their indices, {index: reason} of the others)."""
+        return record_io.decode_block_or_each(raws, self._decode_batch, (RuntimeError,), _undecodable)
+
+    def _decode_batch(self, raws: List[bytes]):
         try:
-            return self._decoder.DecodeBatch(raws), np.arange(len(raws)), {}
+            return self._decoder.DecodeBatch(raws)
         except RuntimeError:
             self._decoder = _decoder_of(self._schema, self._features)  # a failed decode leaves it unusable
-        good, bad = [], {}
-        for i, raw in enumerate(raws):
-            try:
-                self._decoder.DecodeBatch([raw])
-                good.append(i)
-            except RuntimeError as e:
-                self._decoder = _decoder_of(self._schema, self._features)
-                bad[i] = f"undecodable candidate row: {str(e).splitlines()[0]}"
-        batch = self._decoder.DecodeBatch([raws[i] for i in good]) if good else None
-        return batch, np.asarray(good, dtype=np.int64), bad
+            raise
 
     def _feature_lists(self, raws: List[bytes]):
         """({feature: (offsets [n+1], values, present [n], lengths [n])} of the decodable rows, their
@@ -336,19 +334,9 @@ class ItemColumnsDecoder(CandidateDecoder):
 
     def _parse(self, raws: List[bytes]):
         """(parsed sparse tensors of the rows that parse, their indices, {index: reason})."""
-        try:
-            return tf.io.parse_example(tf.constant(raws, tf.string), self._spec), np.arange(len(raws)), {}
-        except (tf.errors.InvalidArgumentError, ValueError):
-            pass
-        good, bad = [], {}
-        for i, raw in enumerate(raws):
-            try:
-                tf.io.parse_example(tf.constant([raw], tf.string), self._spec)
-                good.append(i)
-            except (tf.errors.InvalidArgumentError, ValueError) as e:
-                bad[i] = f"undecodable candidate row: {str(e).splitlines()[0]}"
-        parsed = tf.io.parse_example(tf.constant([raws[i] for i in good], tf.string), self._spec) if good else None
-        return parsed, np.asarray(good, dtype=np.int64), bad
+        return record_io.decode_block_or_each(
+            raws, lambda block: tf.io.parse_example(tf.constant(block, tf.string), self._spec),
+            (tf.errors.InvalidArgumentError, ValueError), _undecodable)
 
     def _feature_lists(self, raws: List[bytes]):
         parsed, rows, bad = self._parse(raws)
@@ -606,24 +594,20 @@ class _WriteBuckets(beam.DoFn):
 
     def _request_ids(self, raws: List[bytes]) -> List:
         """The request id of each record (its first value), or the reason it has none."""
-        try:
-            parsed = tf.io.parse_example(tf.constant(raws, tf.string), self._spec)[F.REQUEST_ID_KEY]
+        parsed, rows, bad = record_io.decode_block_or_each(
+            raws, lambda block: tf.io.parse_example(tf.constant(block, tf.string), self._spec)[F.REQUEST_ID_KEY],
+            (tf.errors.InvalidArgumentError, ValueError),
+            lambda raw, e: (record_io.record_problem(raw)
+                            or f"{F.REQUEST_ID_KEY} is not {self._spec[F.REQUEST_ID_KEY].dtype.name}"))
+        out: List = [bad.get(i) for i in range(len(raws))]
+        if parsed is not None:  # rows come in order: a row's first value has index [row, 0]
             indices, values = parsed.indices.numpy(), parsed.values.numpy()
             first = indices[:, 1] == 0
-            if int(first.sum()) == len(raws):  # every record has a value (rows come in order)
-                return values[first].tolist()
-        except (tf.errors.InvalidArgumentError, ValueError):
-            pass  # a record does not parse, or holds request_id as another type: see each one below
-        out = []  # a bad record in the batch: one at a time, to tell which and why
-        for raw in raws:
-            try:
-                example = tf.train.Example.FromString(raw)
-            except Exception as e:  # protobuf raises DecodeError and friends
-                out.append(f"unparseable tf.Example: {type(e).__name__}")
-                continue
-            features = example.features.feature
-            value = features[F.REQUEST_ID_KEY].int64_list.value if F.REQUEST_ID_KEY in features else ()
-            out.append(int(value[0]) if value else f"missing required feature(s): {F.REQUEST_ID_KEY}")
+            for row, value in zip(rows[indices[first, 0]].tolist(), values[first].tolist()):
+                out[row] = value
+        for i in rows.tolist():  # parsed without a value: tf.io's lenient parser reads some garbage as empty
+            if out[i] is None:
+                out[i] = record_io.record_problem(raws[i]) or f"missing required feature(s): {F.REQUEST_ID_KEY}"
         return out
 
     def start_bundle(self):
@@ -740,8 +724,7 @@ class _BucketCorpus(beam.DoFn):
                     if features < entry[1]:
                         entry[1] = features
             for request_id, time in zip(cols[F.REQUEST_ID_KEY].tolist(), cols[F.REQUEST_TIME_KEY].tolist()):
-                if time > latest.get(request_id, time - 1):
-                    latest[request_id] = time
+                latest[request_id] = max(time, latest.get(request_id, time))
         for time in latest.values():
             yield beam.pvalue.TaggedOutput(TIMES_TAG, int(time))
 

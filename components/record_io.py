@@ -11,9 +11,10 @@ block), and refuses to finish when the bad fraction passes the configured thresh
 import json
 import os
 import uuid
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import apache_beam as beam
+import numpy as np
 import tensorflow as tf
 from tfx import types
 from tfx.dsl.io import fileio
@@ -189,6 +190,27 @@ def usable_records(records: Sequence[bytes], required: Sequence[str] = (F.REQUES
     for index in (empty.nonzero()[0] if empty is not None else ()):
         problems[index] = record_problem(records[index], required)
     return problems
+
+
+def decode_block_or_each(raws: Sequence[bytes], decode: Callable[[List[bytes]], Any],
+                         errors: Tuple[Type[BaseException], ...],
+                         reason: Callable[[bytes, BaseException], str]) -> Tuple[Any, np.ndarray, Dict[int, str]]:
+    """(`decode` of the records that decode, their indices in `raws`, {index: reason} of the
+    others). The whole block is decoded at once; only when that raises one of `errors` is each
+    record decoded alone, to tell which fail and why (`reason(raw, error)`), and the others then
+    decoded together (None when none is left)."""
+    try:
+        return decode(list(raws)), np.arange(len(raws)), {}
+    except errors:
+        pass
+    good, bad = [], {}
+    for i, raw in enumerate(raws):
+        try:
+            decode([raw])
+            good.append(i)
+        except errors as e:
+            bad[i] = reason(raw, e)
+    return (decode([raws[i] for i in good]) if good else None), np.asarray(good, dtype=np.int64), bad
 
 
 def _dead_letter_json(item) -> str:

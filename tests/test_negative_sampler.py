@@ -472,6 +472,38 @@ def test_bucket_records_round_trip_and_buckets_hash_the_id_bytes(request_id):
     assert negative_sampler.bucket_of(request_id, 7) == zlib.crc32(key) % 7  # the same in every process
 
 
+@pytest.mark.parametrize("id_type", [schema_pb2.INT, schema_pb2.BYTES])
+def test_write_buckets_reads_each_request_id_and_names_each_bad_record(id_type):
+    """A block with bad records in it: the good rows keep their ids (int or string, whichever the
+    schema says) and each bad one gets its own reason, as when the block is all good."""
+    schema = schema_pb2.Schema()
+    schema.feature.add(name=F.REQUEST_ID_KEY, type=id_type)
+    writer = negative_sampler._WriteBuckets(schema.SerializeToString(), 0, "unused", 2)
+    writer.setup()
+
+    def row(request_id=None, other_type=False):
+        example = tf.train.Example()
+        feature = example.features.feature
+        feature["item_id"].int64_list.value.append(1)
+        if request_id is not None:
+            wants_bytes = (id_type == schema_pb2.BYTES) != other_type
+            if wants_bytes:
+                feature[F.REQUEST_ID_KEY].bytes_list.value.append(f"r{request_id}".encode())
+            else:
+                feature[F.REQUEST_ID_KEY].int64_list.value.append(request_id)
+        return example.SerializeToString()
+
+    ids = [(f"r{i}".encode() if id_type == schema_pb2.BYTES else i) for i in range(4)]
+    good = [row(i) for i in range(4)]
+    assert writer._request_ids(good) == ids
+    block = good[:2] + [b"\x08\x96\x01 not an Example", row(), row(9, other_type=True)] + good[2:]
+    got = writer._request_ids(block)
+    assert got[:2] + got[5:] == ids
+    assert got[2].startswith("unparseable tf.Example")
+    assert got[3] == "missing required feature(s): request_id"
+    assert got[4] == f"request_id is not {'string' if id_type == schema_pb2.BYTES else 'int64'}"
+
+
 def test_bucket_count_follows_the_input_size_with_two_per_worker(tmp_path):
     gz, plain = tmp_path / "a.gz", tmp_path / "b"
     gz.write_bytes(b"x" * 1000)

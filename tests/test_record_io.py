@@ -37,6 +37,29 @@ def test_usable_records_agrees_with_record_problem_on_every_kind_of_record():
     assert sum(p is None for p in record_io.usable_records(batches["one missing"])) == 5
 
 
+def test_decode_block_or_each_decodes_a_good_block_once_and_tells_each_bad_record():
+    calls = []
+
+    def decode(block):
+        calls.append(len(block))
+        if any(raw.startswith(b"bad") for raw in block):
+            raise ValueError(f"cannot decode {len(block)}")
+        return [raw.upper() for raw in block]
+
+    def reason(raw, error):
+        return f"{raw!r}: {error}"
+
+    decoded, rows, bad = record_io.decode_block_or_each([b"a", b"b"], decode, (ValueError,), reason)
+    assert (decoded, rows.tolist(), bad, calls) == ([b"A", b"B"], [0, 1], {}, [2])
+    calls.clear()
+    decoded, rows, bad = record_io.decode_block_or_each([b"a", b"bad1", b"c", b"bad2"], decode, (ValueError,), reason)
+    assert decoded == [b"A", b"C"] and rows.tolist() == [0, 2]
+    assert bad == {1: "b'bad1': cannot decode 1", 3: "b'bad2': cannot decode 1"}
+    assert calls == [4, 1, 1, 1, 1, 2]  # the block, each record, then the good ones together
+    decoded, rows, bad = record_io.decode_block_or_each([b"bad"], decode, (ValueError,), reason)
+    assert decoded is None and rows.tolist() == [] and list(bad) == [0]
+
+
 def test_atomic_writes_leave_whole_files_and_an_empty_file_for_an_empty_split(tmp_path):
     artifact = tmp_path / "examples"
     train, eval_ = str(artifact / "Split-train"), str(artifact / "Split-eval")

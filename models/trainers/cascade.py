@@ -58,7 +58,7 @@ from cascade_ranking.models.ranking_stage import RankingStage
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      iterate_lists, save_with_warmup, scan_train_split)
+                                      concatenate_batches, iterate_lists, save_with_warmup, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "cascade"
@@ -220,23 +220,22 @@ def evaluate_eval_split(model: CascadeModel, file_patterns, list_size: int, quot
     CTR, request) of the shown rows, never the lists themselves. The metrics: `evaluate_cascade`,
     `ranker` (`ctr_metrics`) and, for vocabulary features, `eval_ids_out_of_vocabulary`."""
     ranker = model.ranking_stage.ranker
-    scores, columns, ctr, oov, warmup = [], {name: [] for name in LABEL_COLUMNS}, [], None, []
+    kept, oov, warmup = [], None, []
     for lists in iterate_lists(file_patterns, list_size, EVAL_LISTS, features):
-        scores.append(model.predict_stage_scores(lists))
-        for name in LABEL_COLUMNS:
-            columns[name].append(np.asarray(lists[name]))
-        ctr.append(ctr_rows(ranker, lists))
+        scores = model.predict_stage_scores(lists)
+        y, p, q = ctr_rows(ranker, lists)
+        kept.append({**{f"scores_{i}": np.asarray(s) for i, s in enumerate(scores)},
+                     **{name: np.asarray(lists[name]) for name in LABEL_COLUMNS}, "ctr_y": y, "ctr_p": p, "ctr_q": q})
         if features.vocabulary_features():  # eval ids that share the OOV rows, per vocabulary feature
             from cascade_ranking.schema import vocabulary
 
             oov = _add_counts(oov, vocabulary.out_of_vocabulary(lists, features))
         warmup = warmup or candidate_examples(lists, features=features)
-    if not scores:
-        raise ValueError(f"no request lists in {file_patterns}")
-    stage_scores = [np.concatenate([batch[i] for batch in scores]) for i in range(len(scores[0]))]
-    labels = {name: np.concatenate(parts) for name, parts in columns.items()}
-    result = evaluate_cascade(stage_scores, labels, quotas, model.stage_names, label)
-    result["ranker"] = ctr_metrics_of(*(np.concatenate([part[i] for part in ctr]) for i in range(3)))
+    columns = concatenate_batches(kept, file_patterns)
+    stage_scores = [columns[f"scores_{i}"] for i in range(len(scores))]
+    result = evaluate_cascade(stage_scores, {name: columns[name] for name in LABEL_COLUMNS}, quotas,
+                              model.stage_names, label)
+    result["ranker"] = ctr_metrics_of(columns["ctr_y"], columns["ctr_p"], columns["ctr_q"])
     if oov is not None:
         result["eval_ids_out_of_vocabulary"] = oov
     return result, warmup

@@ -45,11 +45,12 @@ def load_lists(file_patterns, list_size: int, batch_size: int = 1024,
                features: F.FeatureConfig = F.DEFAULT, max_lists: Optional[int] = None) -> Dict[str, np.ndarray]:
     """`iterate_lists` as one set of numpy lists: the whole split in memory, for eval splits and
     samples (the Trainers stream their train splits)."""
-    return _concatenate(list(iterate_lists(file_patterns, list_size, batch_size, features, max_lists)), file_patterns)
+    return concatenate_batches(list(iterate_lists(file_patterns, list_size, batch_size, features, max_lists)), file_patterns)
 
 
-def _concatenate(batches: Sequence[Mapping[str, np.ndarray]], file_patterns) -> Dict[str, np.ndarray]:
-    """Batches of numpy lists as one set, or a ValueError naming the files when there is none."""
+def concatenate_batches(batches: Sequence[Mapping[str, np.ndarray]], file_patterns) -> Dict[str, np.ndarray]:
+    """Batches of numpy columns (lists, or what a reader kept of them) as one set, column by column,
+    or a ValueError naming the files when there is no batch."""
     if not batches:
         raise ValueError(f"no request lists in {file_patterns}")
     return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
@@ -65,7 +66,7 @@ def scan_train_split(file_patterns, list_size: int, visit: Callable[[Dict[str, n
         if kept < ADAPT_LISTS:
             sample.append(batch)
             kept += len(batch["mask"])
-    return _concatenate(sample, file_patterns)
+    return concatenate_batches(sample, file_patterns)
 
 
 def adaptation_lists(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, np.ndarray]:

@@ -53,7 +53,7 @@ from cascade_ranking.models.tasks import build_train_step
 from cascade_ranking.models.trainers import common
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      ADAPT_LISTS, iterate_lists, save_with_warmup,
+                                      ADAPT_LISTS, concatenate_batches, iterate_lists, save_with_warmup,
                                       scan_train_split)
 from cascade_ranking.schema import features as F
 
@@ -133,8 +133,7 @@ def evaluate_batches(model: R.RetrievalModel, corpus: R.ItemCorpus, batches: Ite
     features = model.features
     k = min(int(k), corpus.size)
     items = R.item_embeddings(model.item_tower, corpus, features=features)
-    kept = {"scores": [], "gt": [], "mask": []}
-    hits = []
+    kept, hits = [], []
     for lists in batches:
         scorer_u = model.query_tower(LI.request_features({n: tf.constant(lists[n]) for n in features.query_names},
                                                          features), training=False).numpy()  # [R, d]
@@ -142,16 +141,13 @@ def evaluate_batches(model: R.RetrievalModel, corpus: R.ItemCorpus, batches: Ite
         v = model.item_tower(LI.candidate_features({n: tf.constant(lists[n]) for n in features.item_names}, features),
                              training=False).numpy().reshape(len(scorer_u), size, -1)
         gt = cascade_labels(lists).numpy()
-        kept["scores"].append(np.einsum("bd,bld->bl", scorer_u, v))
-        kept["gt"].append(gt)
-        kept["mask"].append(np.asarray(lists["mask"]))
+        kept.append({"scores": np.einsum("bd,bld->bl", scorer_u, v), "gt": gt, "mask": np.asarray(lists["mask"])})
         for start in range(0, len(scorer_u), EVAL_CHUNK):
             top = corpus.ids[np.argsort(-(scorer_u[start:start + EVAL_CHUNK] @ items.T), axis=1)[:, :k]]  # [chunk, k]
             rows, slots = np.nonzero(gt[start:start + EVAL_CHUNK] > 0)
             hits += [lists[features.item_key][start + r, j] in top[r] for r, j in zip(rows, slots)]
-    if not kept["mask"]:
-        raise ValueError("no eval request lists")
-    scores, gt, mask = (np.concatenate(kept[name]) for name in ("scores", "gt", "mask"))
+    columns = concatenate_batches(kept, "the eval batches")
+    scores, gt, mask = columns["scores"], columns["gt"], columns["mask"]
     return {
         "requests": int(mask.shape[0]),
         "requests_without_gt": requests_without_gt(gt, mask),
