@@ -62,3 +62,26 @@ def test_a_seeded_pass_takes_the_rows_in_the_same_order_every_time(tmp_path):
         assert len(first) > 1000
         for _ in range(3):
             assert order(make()) == first
+
+
+def test_a_cached_input_reads_the_files_once_and_shuffles_every_epoch(tmp_path):
+    """With `cache` the first epoch keeps the parsed shown rows: the later epochs read memory (the
+    files can be gone), take each shown row once, and in a new order."""
+    root = tmp_path / "rows"
+    synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=100, seed=3), str(root))
+    patterns = [str(root / "Split-train" / "*")]
+    spec = F.training_parse_spec()
+
+    def rows(dataset):
+        return [(int(r), int(i)) for b in dataset for r, i in zip(b[F.REQUEST_ID_KEY][:, 0].numpy(),
+                                                                 b[F.ITEM_KEY][:, 0].numpy())]
+
+    expected = rows(inputs.shown_row_batches(patterns, 16, parse_spec=spec))
+    cached = inputs.shown_row_batches(patterns, 16, parse_spec=spec, shuffle_seed=1, cache=True, parse_batch_size=64)
+    epochs = [rows(cached)]
+    for path in tf.io.gfile.glob(patterns[0]):
+        tf.io.gfile.remove(path)
+    epochs += [rows(cached) for _ in range(2)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(expected) and len(set(epoch)) == len(epoch) > 300
+    assert epochs[0] != epochs[1] != epochs[2]
