@@ -82,6 +82,7 @@ def main() -> None:
 
     from cascade_ranking.models import inputs
     from cascade_ranking.models import list_inputs as LI
+    from cascade_ranking.models.ranker_config import RankerConfig
     from cascade_ranking.models.trainers import retrieval as retrieval_trainer
     from cascade_ranking.schema import features as F
 
@@ -127,7 +128,8 @@ def main() -> None:
         print(f"{name:<10} {s['examples']:<22} {s['per_epoch']:>10,} {s['input_per_s']:>10,.0f} "
               f"{s['trainer_per_s']:>11,.0f} {s['ratio']:>6.1f}")
     t = out["stages"]["teacher"]
-    print(f"teacher    from memory (its later epochs; the demo's split fits cache_train_mb): "
+    fits = inputs.cache_fits([rows], RankerConfig.teacher().cache_train_mb)
+    print(f"teacher    from memory ({'its later epochs' if fits else 'not used: the split is over cache_train_mb'}): "
           f"{t['cached_input_per_s']:,.0f}/s, {t['cached_input_per_s'] / t['trainer_per_s']:.1f}x")
     r = out["stages"]["retrieval"]
     print(f"retrieval  trains on {r['pairs']:,} pairs in memory: its one read of the lists took {r['read_seconds']:.1f} s, "
