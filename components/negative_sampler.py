@@ -638,15 +638,21 @@ class _WriteBuckets(beam.DoFn):
         self._writers = {}
 
 
-def read_bucket(files: Iterable[str], bucket: int) -> Dict[Any, List[Tuple[int, bytes]]]:
-    """The rows of one bucket, grouped by request: request id → [(input split index, raw), ...]. Their
-    order follows the files' names, which are random: `_DecodeRequests` sorts each request's rows."""
-    requests: Dict[Any, List[Tuple[int, bytes]]] = {}
+def bucket_rows(files: Iterable[str], bucket: int) -> Iterable[Tuple[Any, int, bytes]]:
+    """The rows of one bucket as (request id, input split index, raw), in the order of its files'
+    names (which are random) and their records."""
     for path in sorted(p for p in files if _bucket_file_index(p) == bucket):
         for records in record_io.file_blocks(path, BUCKET_READ_BLOCK):
             for record in records:
-                request_id, split_index, raw = parse_bucket_record(record)
-                requests.setdefault(request_id, []).append((split_index, raw))
+                yield parse_bucket_record(record)
+
+
+def read_bucket(files: Iterable[str], bucket: int) -> Dict[Any, List[Tuple[int, bytes]]]:
+    """`bucket_rows` grouped by request: request id → [(input split index, raw), ...]. The order is
+    the files' (random): `_DecodeRequests` sorts each request's rows."""
+    requests: Dict[Any, List[Tuple[int, bytes]]] = {}
+    for request_id, split_index, raw in bucket_rows(files, bucket):
+        requests.setdefault(request_id, []).append((split_index, raw))
     return requests
 
 
@@ -709,9 +715,7 @@ class _BucketCorpus(beam.DoFn):
         self._items = {}
 
     def process(self, bucket: int, files: List[str]):
-        requests = read_bucket(files, bucket)
-        raws = [raw for rows in requests.values() for _, raw in rows]
-        del requests
+        raws = [raw for _, _, raw in bucket_rows(files, bucket)]  # the corpus needs no grouping by request
         items, key, latest = self._items, self._features.item_key, {}
         for start in range(0, len(raws), BUCKET_READ_BLOCK):
             cols, _, _ = self._decoder.decode(raws[start:start + BUCKET_READ_BLOCK])
