@@ -147,7 +147,8 @@ def build_models(train_dir, list_file, lists):
     out = {}
 
     cfg = retrieval_trainer.RetrievalTrainerConfig()
-    model, pairs, batch_size, negatives = retrieval_trainer.build_model(cfg, retrieval_trainer.train_split_of(lists))
+    model, batch_size, negatives = retrieval_trainer.build_model(cfg, retrieval_trainer.train_split_of(lists))
+    pairs = R.retrieval_pairs(lists, batch_size)  # in memory here: the steps are timed on cached batches
     ds, counts = cache_batches(R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=cfg.seed), pairs_of)
     out["retrieval"] = (model, ds, counts, PAIR_DEFINITION.format(pairs=batch_size, negatives=cfg.num_negatives),
                         f"{batch_size} pairs + {cfg.num_negatives} negatives")

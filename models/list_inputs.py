@@ -197,9 +197,12 @@ def list_size_in(file_patterns) -> int:
 
 def request_list_dataset(file_patterns, batch_size: int, list_size: int = RL.LIST_SIZE,
                          shuffle_seed: Optional[int] = None, num_epochs: Optional[int] = 1,
-                         features: F.FeatureConfig = F.DEFAULT) -> tf.data.Dataset:
-    """Batches of parsed request lists from gzipped TFRecords of request-list Examples."""
+                         features: F.FeatureConfig = F.DEFAULT, keys: Optional[Sequence[str]] = None) -> tf.data.Dataset:
+    """Batches of parsed request lists from gzipped TFRecords of request-list Examples (`keys`:
+    only these features of the layout; default all)."""
     spec = RL.parse_spec(list_size, features)
+    if keys is not None:
+        spec = {k: spec[k] for k in keys}
     ds = tf.data.TFRecordDataset(_files(file_patterns), compression_type="GZIP")
     if shuffle_seed is not None:
         ds = ds.shuffle(10_000, seed=shuffle_seed, reshuffle_each_iteration=True)

@@ -18,7 +18,8 @@ written here: the towers, the pair and negative streams, and the export.
 Sampling probabilities (the `sampling_probability` feature, DESIGN §4):
 * an in-batch candidate is present because it is some request's positive; its probability of
   being in a batch of B pairs is q_j = B·f_j, f_j its frequency among the training positives
-  (`retrieval_pairs` records it; Yi et al. §4 estimate f_j by streaming, here it is counted);
+  (`retrieval_pairs` records it in memory, `streamed_pair_dataset` looks it up from the split's
+  `PositiveCounts`; Yi et al. §4 estimate f_j by streaming, here it is counted);
 * a sampled negative records the probability with which it was drawn: q_j = M/N for M
   uniform draws from a corpus of N items (`UniformNegatives`), or the `sampling_probability`
   a NegativeSampler wrote on a `random_neg` candidate (`random_negatives_from_lists`).
@@ -188,6 +189,39 @@ def retrieval_pairs(lists: Mapping[str, np.ndarray], batch_size: int, positive: 
 
 
 @dataclasses.dataclass
+class PositiveCounts:
+    """How often each item is a positive of a train split: `ids` [J] (sorted, int64 or bytes) and
+    `counts` [J]. What the log-q correction of a streamed split needs (q_j = B·f_j, f_j =
+    counts_j / total), in memory of the items' number, not the pairs'."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def sampling_probability(self, batch_size: int) -> np.ndarray:
+        """[J] float32 q_j = min(batch_size·counts_j / total, 1), as `with_sampling_probability`."""
+        return np.minimum(batch_size * self.counts / self.total, 1.0).astype(np.float32)
+
+
+def count_positives(counts: Optional[PositiveCounts], lists: Mapping[str, np.ndarray], positive: str = "gt",
+                    features: F.FeatureConfig = F.DEFAULT) -> PositiveCounts:
+    """`counts` (None: empty) plus the positives of `lists`: batches added one by one give the
+    counts of all of them at once."""
+    rows, slots = np.nonzero(positive_mask(lists, positive))
+    ids = _item_columns(lists, rows, slots, features)[features.item_key][:, 0]
+    if counts is not None:
+        merged_ids = np.concatenate([counts.ids, ids])
+        weights = np.concatenate([counts.counts, np.ones(len(ids), np.int64)])
+    else:
+        merged_ids, weights = ids, np.ones(len(ids), np.int64)
+    unique, inverse = np.unique(merged_ids, return_inverse=True)
+    return PositiveCounts(unique, np.bincount(inverse.reshape(-1), weights=weights, minlength=len(unique)).astype(np.int64))
+
+
+@dataclasses.dataclass
 class ItemCorpus:
     """The item-side inputs of every distinct item (one row per id, sorted by id): `columns`
     maps each item-side feature of the registry to [N, width]; `key` names the item id."""
@@ -277,6 +311,69 @@ def retrieval_dataset(pairs: Mapping, batch_size: int, negatives: Optional[Unifo
           .repeat(num_epochs).batch(batch_size, drop_remainder=True)
           .map(lambda index: tf.nest.map_structure(lambda t: tf.gather(t, index), tensors)))
     return _with_negatives(ds, negatives)
+
+
+LISTS_PER_CHUNK = 4096  # request lists parsed, and their pairs shuffled, at a time by `streamed_pair_dataset`
+
+
+def pairs_of_parsed_lists(lists: Mapping[str, tf.Tensor], list_size: int, positive: str = "gt",
+                          features: F.FeatureConfig = F.DEFAULT) -> Dict[str, Dict[str, tf.Tensor]]:
+    """`positive_pairs` in the graph, for a batch of parsed request lists: {"query": [P, ...],
+    "item": [P, ...]}, one pair per positive candidate, in the same (list, slot) order."""
+    real = lists["mask"] > 0
+    if positive == "gt":
+        stage = lists["stage"]
+        chosen = real & tf.equal(stage, tf.cast(RL.TIER_INDEX[F.GROUND_TRUTH_TIER], stage.dtype))
+    elif positive == "click":
+        chosen = real & (lists["click"] > 0)
+    else:
+        raise ValueError(f"positive must be 'gt' or 'click', got {positive!r}")
+    index = tf.where(chosen)
+    return {"query": {name: tf.gather(lists[name], index[:, 0]) for name in features.query_names},
+            "item": {f.name: tf.gather_nd(tf.reshape(lists[f.name], [-1, list_size, f.width]), index)
+                     for f in features.of_role("item")}}
+
+
+def streamed_pair_dataset(file_patterns, list_size: int, batch_size: int, positives: PositiveCounts,
+                          negatives: Optional[UniformNegatives] = None, shuffle_seed: Optional[int] = None,
+                          num_epochs: int = 1, positive: str = "gt", features: F.FeatureConfig = F.DEFAULT,
+                          lists_per_chunk: int = LISTS_PER_CHUNK) -> tf.data.Dataset:
+    """`retrieval_dataset`'s batches, streamed from request-list files on every pass instead of
+    held in memory. The lists are read `lists_per_chunk` at a time (`list_inputs.request_list_dataset`,
+    which shuffles them with a buffer of 10,000 lists when `shuffle_seed` is set); each chunk's
+    positive pairs are taken out in the graph (`pairs_of_parsed_lists`), permuted as a whole (a
+    stateless shuffle seeded per chunk by `tf.data.Dataset.random`, new on every pass) and cut into
+    batches of `batch_size` pairs (`Dataset.rebatch`, which carries a chunk's remainder into the
+    next batch: P // batch_size batches a pass, as in memory). Memory is bounded by the list buffer
+    and one chunk whatever the split's size, and no step handles one pair at a time (a per-pair
+    `shuffle` ran at 1.3× the Trainer's step rate on the demo; this at 4×).
+
+    A split of at most `lists_per_chunk` lists is shuffled whole on each pass, as in memory; a
+    larger one within chunks of shuffled lists. Each pair's sampling probability is looked up
+    from `positives`, the counts of the whole split: q_j = min(B·f_j, 1), the value
+    `with_sampling_probability` gives the pairs in memory."""
+    key = features.item_key
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(positives.ids), tf.constant(positives.sampling_probability(batch_size))),
+        default_value=0.0)
+    needed = ["mask", "stage" if positive == "gt" else "click", *features.query_names,
+              *(f.name for f in features.of_role("item"))]
+    ds = LI.request_list_dataset(file_patterns, lists_per_chunk, list_size, shuffle_seed=shuffle_seed,
+                                 num_epochs=num_epochs, features=features, keys=needed)
+    ds = ds.map(lambda lists: pairs_of_parsed_lists(lists, list_size, positive, features))
+    if shuffle_seed is not None:
+        def permuted(pairs, seed):
+            count = tf.shape(pairs["item"][key])[0]
+            order = tf.random.experimental.stateless_shuffle(tf.range(count), tf.stack([seed, tf.constant(0, tf.int64)]))
+            return tf.nest.map_structure(lambda t: tf.gather(t, order), pairs)
+
+        seeds = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(permuted)
+
+    def with_probability(batch):
+        return {**batch, "sampling_probability": table.lookup(tf.reshape(batch["item"][key], [-1]))}
+
+    return _with_negatives(ds.rebatch(batch_size, drop_remainder=True).map(with_probability), negatives)
 
 
 def _with_negatives(ds: tf.data.Dataset, negatives: Optional[UniformNegatives]) -> tf.data.Dataset:

@@ -10,6 +10,8 @@ from cascade_ranking.models import list_inputs as LI
 from cascade_ranking.models import retrieval as R
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
+from cascade_ranking.models.trainers.list_data import load_lists
+from tests.component_fixtures import request_list_splits
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,57 @@ def test_trainer_evaluation_leaves_out_and_counts_requests_without_gt(data):
     top = np.argsort(-scores, axis=1)[:, :20]
     by_hand = np.mean([np.isin(np.flatnonzero(gt[r]), top[r]).mean() for r in range(2, 6)])
     assert out["recall_retrieval@20"] == pytest.approx(by_hand)
+
+
+def _pair_rows(batches):
+    """Each pair of a list of batches as one tuple: its query and item values (a multivalent one
+    without its padding: dense padded in memory, ragged when parsed) and its probability."""
+    def cells(values, name):
+        feature = F.DEFAULT.feature(name)
+        if isinstance(values, tf.RaggedTensor):
+            return [tuple(row) for row in values.to_list()]
+        values = np.asarray(values)
+        if feature.multivalent:
+            return [tuple(v for v in row if v != feature.pad_value) for row in values.tolist()]
+        return [tuple(np.ravel(row).tolist()) for row in values]
+
+    rows = []
+    for b in batches:
+        columns = [cells(b[side][k], k) for side in ("query", "item") for k in sorted(b[side])]
+        probability = np.asarray(b["sampling_probability"])
+        rows += [tuple(c[i] for c in columns) + (float(probability[i]),) for i in range(len(probability))]
+    return rows
+
+
+@pytest.mark.parametrize("lists_per_chunk", [4096, 7])
+def test_streamed_pairs_are_the_pairs_in_memory_every_pass_in_a_new_order(tmp_path, lists_per_chunk):
+    """`streamed_pair_dataset` from request-list files against `retrieval_pairs` of the same lists
+    in memory: each pass gives P // B batches of B pairs, the pairs of the whole split (each at most
+    once, those left out only the remainder) with the same sampling probabilities, in a new order on
+    each pass; whole-split chunks (4,096 lists) and chunks of 7 lists alike."""
+    root = request_list_splits(tmp_path, num_requests=30, seed=4, list_size=64)
+    files = [str(root / "Split-train" / "*")]
+    lists = load_lists(files, 64)
+    batch_size = 8
+    reference = R.retrieval_pairs(lists, batch_size)
+    count = len(reference["sampling_probability"])
+    want = _pair_rows([reference])
+    positives = R.count_positives(None, lists)
+    dataset = R.streamed_pair_dataset(files, 64, batch_size, positives, shuffle_seed=3, lists_per_chunk=lists_per_chunk)
+    passes = []
+    for _ in range(2):
+        batches = list(dataset)
+        assert len(batches) == count // batch_size
+        assert all(len(b["sampling_probability"]) == batch_size for b in batches)
+        got = _pair_rows(batches)
+        remaining = list(want)
+        for row in got:  # each streamed pair is a distinct pair of the split, probability included
+            remaining.remove(row)
+        assert len(remaining) == count % batch_size
+        passes.append(got)
+    assert passes[0] != passes[1]
+    unshuffled = _pair_rows(list(R.streamed_pair_dataset(files, 64, batch_size, positives, lists_per_chunk=lists_per_chunk)))
+    assert unshuffled == want[:len(unshuffled)]  # without a seed: the files' order, as positive_pairs
 
 
 def test_shuffled_pairs_are_the_element_shuffle_of_the_pairs_in_each_pass(data):

@@ -172,20 +172,26 @@ def test_the_normalisers_are_fitted_on_the_first_lists_only(data, monkeypatch):
     np.testing.assert_array_equal(first["request_id"], every["request_id"][:8])
 
 
-def test_the_retrieval_train_split_read_in_batches_keeps_the_pairs_and_items_of_the_whole(data):
+def test_the_retrieval_train_split_read_in_batches_keeps_the_counts_and_items_of_the_whole(data):
     """`read_train_split` (7 lists at a time) against `train_split_of` the whole split in memory:
-    the same positive pairs in the same order, the same corpus; and every positive is a GT row."""
+    the same positive counts and corpus; and the counts are those of the GT rows, counted here."""
     files = [str(data / "Split-train" / "*")]
     whole = load_lists(files, LIST_SIZE)
     streamed, reference = retrieval.read_train_split(files, LIST_SIZE, batch_size=7), retrieval.train_split_of(whole)
-    for side in ("query", "item"):
-        for name, values in reference.pairs[side].items():
-            np.testing.assert_array_equal(streamed.pairs[side][name], values)
+    np.testing.assert_array_equal(streamed.positives.ids, reference.positives.ids)
+    np.testing.assert_array_equal(streamed.positives.counts, reference.positives.counts)
     for name, values in reference.corpus.columns.items():
         np.testing.assert_array_equal(streamed.corpus.columns[name], values)
     real = whole["mask"] > 0
-    assert len(streamed.pairs["item"]["item_id"]) == (real & (whole["stage"] == GT_TIER)).sum() > 0
+    gt_items = whole["item_id"][real & (whole["stage"] == GT_TIER)]
+    ids, counts = np.unique(gt_items, return_counts=True)
+    np.testing.assert_array_equal(streamed.positives.ids, ids)
+    np.testing.assert_array_equal(streamed.positives.counts, counts)
+    assert streamed.positives.total == len(gt_items) > 0
     assert streamed.corpus.size == len(np.unique(whole["item_id"][real]))
+    without_gt = retrieval.train_split_of({**whole, "stage": np.full_like(whole["stage"], -1)})
+    with pytest.raises(ValueError, match="no positive candidate"):
+        retrieval.build_model(retrieval.RetrievalTrainerConfig(), without_gt)
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):

@@ -2,8 +2,10 @@
 
 Input: the NegativeSampler's request-list Examples (`fn_args.train_files` / `eval_files`, gzipped
 TFRecords in the `schema.request_list` layout). The train split is read one batch of lists at a
-time (`read_train_split`), keeping only what training needs: the (request, GT item) pairs, the
-distinct items and the first lists for the normalisers. The eval split is read twice, `EVAL_CHUNK`
+time (`read_train_split`), keeping only what training needs: how often each item is a GT positive
+(for the log-q correction), the distinct items and the first lists for the normalisers. Training
+streams the (request, GT item) pairs from the same files on every epoch
+(`models.retrieval.streamed_pair_dataset`), so no pass holds the split in memory. The eval split is read twice, `EVAL_CHUNK`
 lists at a time: for its items (the index's corpus), then to score its requests
 (`evaluate_batches`, which keeps only the scores, GT and mask of each candidate).
 
@@ -160,12 +162,12 @@ def evaluate_batches(model: R.RetrievalModel, corpus: R.ItemCorpus, batches: Ite
 
 @dataclasses.dataclass
 class TrainSplit:
-    """What the retrieval Trainer keeps of its train split: the positive (request, item) pairs
-    (`models.retrieval.positive_pairs`), the distinct items (the negatives' corpus) and the first
+    """What the retrieval Trainer keeps of its train split: how often each item is a positive
+    (`models.retrieval.PositiveCounts`), the distinct items (the negatives' corpus) and the first
     lists (`list_data.adaptation_lists`, for the towers' normalisers). None of them grows with the
-    number of candidate rows: the pairs with the positives, the corpus with the items."""
+    number of candidate rows or of pairs: the counts and the corpus grow with the items."""
 
-    pairs: Dict
+    positives: R.PositiveCounts
     corpus: R.ItemCorpus
     sample: Dict[str, np.ndarray]
 
@@ -173,34 +175,35 @@ class TrainSplit:
 def read_train_split(file_patterns, list_size: int, features: F.FeatureConfig = F.DEFAULT,
                      batch_size: int = 1024) -> TrainSplit:
     """`TrainSplit` of request-list files, read `batch_size` lists at a time."""
-    pairs, corpus = [], None
+    positives, corpus = None, None
 
     def visit(batch):
-        nonlocal corpus
-        pairs.append(R.positive_pairs(batch, features=features))
+        nonlocal positives, corpus
+        positives = R.count_positives(positives, batch, features=features)
         corpus = R.add_to_corpus(corpus, batch, features)
 
     sample = scan_train_split(file_patterns, list_size, visit, features, batch_size)
-    return TrainSplit(R.concatenate_pairs(pairs), corpus, sample)
+    return TrainSplit(positives, corpus, sample)
 
 
 def train_split_of(lists: Mapping[str, np.ndarray], features: F.FeatureConfig = F.DEFAULT) -> TrainSplit:
     """`TrainSplit` of lists already in memory (benches, tests)."""
-    return TrainSplit(R.positive_pairs(lists, features=features), R.item_corpus_from_lists(lists, features=features),
+    return TrainSplit(R.count_positives(None, lists, features=features), R.item_corpus_from_lists(lists, features=features),
                       {k: v[:ADAPT_LISTS] for k, v in lists.items()})
 
 
 def build_model(config: RetrievalTrainerConfig, train: TrainSplit, features: F.FeatureConfig = F.DEFAULT):
-    """(compiled model with adapted towers, training pairs, batch size, sampled negatives or None) for
-    the train split: what `run_fn` fits, and what bench/stage_throughput.py times."""
-    positives = len(train.pairs["item"][features.item_key])
-    batch_size = min(config.batch_size, positives) if positives else config.batch_size
-    pairs = R.with_sampling_probability(train.pairs, batch_size, features)
+    """(compiled model with adapted towers, batch size, sampled negatives or None) for the train
+    split: what `run_fn` fits, and what bench/stage_throughput.py times."""
+    positives = train.positives.total
+    if not positives:
+        raise ValueError("the request lists have no positive candidate")
+    batch_size = min(config.batch_size, positives)
     model = R.RetrievalModel(config.embedding_dim, config.hidden_units, config.output_dim, features=features)
     R.adapt_towers([model.query_tower, model.item_tower], train.sample, features)
     negatives = R.UniformNegatives(train.corpus, config.num_negatives, config.seed) if config.num_negatives else None
     model.compile(optimizer=tf.keras.optimizers.Adagrad(config.learning_rate))
-    return model, pairs, batch_size, negatives
+    return model, batch_size, negatives
 
 
 def flops(model: R.RetrievalModel) -> Dict[str, int]:
@@ -226,11 +229,14 @@ def run_fn(fn_args) -> None:
         warmup = warmup or candidate_examples(lists, features=features)
     if warmup is None:
         raise ValueError(f"no request lists in {fn_args.eval_files}")
-    model, pairs, batch_size, negatives = build_model(config, train, features)
-    del train
-    data = R.retrieval_dataset(pairs, batch_size, negatives, shuffle_seed=config.seed, num_epochs=1)
-    build_train_step(model, next(iter(R.retrieval_dataset(pairs, batch_size, negatives))))  # traced once
-    model.fit(data, epochs=config.epochs, verbose=0,
+    model, batch_size, negatives = build_model(config, train, features)
+
+    def pairs(shuffle_seed=None):
+        return R.streamed_pair_dataset(fn_args.train_files, list_size, batch_size, train.positives, negatives,
+                                       shuffle_seed=shuffle_seed, features=features)
+
+    build_train_step(model, next(iter(pairs())))  # traced once
+    model.fit(pairs(config.seed), epochs=config.epochs, verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
     result = evaluate_batches(model, corpus, iterate_lists(fn_args.eval_files, list_size, EVAL_CHUNK, features),
                               config.top_k, config.eval_quota)
