@@ -345,8 +345,9 @@ def streamed_pair_dataset(file_patterns, list_size: int, batch_size: int, positi
     stateless shuffle seeded per chunk by `tf.data.Dataset.random`, new on every pass) and cut into
     batches of `batch_size` pairs (`Dataset.rebatch`, which carries a chunk's remainder into the
     next batch: P // batch_size batches a pass, as in memory). Memory is bounded by the list buffer
-    and one chunk whatever the split's size, and no step handles one pair at a time (a per-pair
-    `shuffle` ran at 1.3× the Trainer's step rate on the demo; this at 4×).
+    and one chunk whatever the split's size, and no step handles one pair at a time (on the demo's
+    lists an unbatch + per-pair `shuffle` ran at 1.5× the Trainer's step rate; this at 3–5×,
+    bench/input_rates.py).
 
     A split of at most `lists_per_chunk` lists is shuffled whole on each pass, as in memory; a
     larger one within chunks of shuffled lists. Each pair's sampling probability is looked up
