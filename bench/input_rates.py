@@ -119,7 +119,7 @@ def main() -> None:
     read = time.perf_counter() - start
     config = retrieval_trainer.RetrievalTrainerConfig()
     batch_size = min(config.batch_size, split.positives.total)
-    negatives = R.UniformNegatives(split.corpus, config.num_negatives, config.seed)
+    negatives = R.UniformNegatives(split.corpus, config.num_negatives, config.seed) if config.num_negatives else None
     seconds, count = timed_pass(
         lambda: R.streamed_pair_dataset(train_lists, list_size, batch_size, split.positives, negatives, shuffle_seed=0),
         lambda b: tf.cast(tf.shape(b["sampling_probability"])[0], tf.int64), args.repeats)

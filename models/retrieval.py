@@ -159,12 +159,6 @@ def positive_pairs(lists: Mapping[str, np.ndarray], positive: str = "gt",
             "item": _item_columns(lists, rows, slots, features)}
 
 
-def concatenate_pairs(parts: Sequence[Mapping[str, Mapping[str, np.ndarray]]]) -> Dict[str, Dict[str, np.ndarray]]:
-    """The `positive_pairs` of several batches of lists as one set."""
-    return {side: {name: np.concatenate([p[side][name] for p in parts]) for name in parts[0][side]}
-            for side in ("query", "item")}
-
-
 def with_sampling_probability(pairs: Mapping[str, Mapping[str, np.ndarray]], batch_size: int,
                               features: F.FeatureConfig = F.DEFAULT) -> Dict[str, object]:
     """`pairs` with "sampling_probability" [P]: q_j = batch_size·f_j (f_j = frequency of item j
