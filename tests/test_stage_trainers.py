@@ -194,6 +194,22 @@ def test_the_retrieval_train_split_read_in_batches_keeps_the_counts_and_items_of
         retrieval.build_model(retrieval.RetrievalTrainerConfig(), without_gt)
 
 
+def test_an_empty_eval_split_is_a_one_line_error_naming_its_files(tmp_path):
+    """`cascade.evaluate_eval_split` with no list to read stops with an error naming the files: no
+    file (FileNotFoundError), or files without a record (ValueError)."""
+    from cascade_ranking.models.ranker_config import RankerConfig
+
+    model = cascade.build_model(cascade.CascadeTrainerConfig(), RankerConfig())
+    pattern = str(tmp_path / "Split-eval" / "*")
+    with pytest.raises(FileNotFoundError, match="no data files match .*Split-eval"):
+        cascade.evaluate_eval_split(model, [pattern], LIST_SIZE, (40, 20), "gt")
+    os.makedirs(tmp_path / "Split-eval")
+    with tf.io.TFRecordWriter(str(tmp_path / "Split-eval" / "empty.gz"), "GZIP"):
+        pass
+    with pytest.raises(ValueError, match="no request lists in .*Split-eval"):
+        cascade.evaluate_eval_split(model, [pattern], LIST_SIZE, (40, 20), "gt")
+
+
 def test_unknown_config_key_is_an_error(data, tmp_path):
     with pytest.raises(ValueError, match=r"unknown CascadeTrainerConfig field\(s\) epoch;"):
         cascade.run_fn(_fn_args(data, tmp_path, {"cascade": json.dumps({"epoch": 1})}))

@@ -232,7 +232,7 @@ def evaluate_eval_split(model: CascadeModel, file_patterns, list_size: int, quot
             oov = _add_counts(oov, vocabulary.out_of_vocabulary(lists, features))
         warmup = warmup or candidate_examples(lists, features=features)
     columns = concatenate_batches(kept, file_patterns)
-    stage_scores = [columns[f"scores_{i}"] for i in range(len(scores))]
+    stage_scores = [columns[f"scores_{i}"] for i in range(len(model.stage_names))]
     result = evaluate_cascade(stage_scores, {name: columns[name] for name in LABEL_COLUMNS}, quotas,
                               model.stage_names, label)
     result["ranker"] = ctr_metrics_of(columns["ctr_y"], columns["ctr_p"], columns["ctr_q"])
