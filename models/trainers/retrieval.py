@@ -5,9 +5,9 @@ TFRecords in the `schema.request_list` layout). The train split is read one batc
 time (`read_train_split`), keeping only what training needs: how often each item is a GT positive
 (for the log-q correction), the distinct items and the first lists for the normalisers. Training
 streams the (request, GT item) pairs from the same files on every epoch
-(`models.retrieval.streamed_pair_dataset`), so no pass holds the split in memory. The eval split is read twice, `EVAL_CHUNK`
-lists at a time: for its items (the index's corpus), then to score its requests
-(`evaluate_batches`, which keeps only the scores, GT and mask of each candidate).
+(`models.retrieval.streamed_pair_dataset`), so no pass holds the split in memory. The eval split
+is read twice, `EVAL_CHUNK` lists at a time: for its items (the index's corpus), then to score its
+requests (`evaluate_batches`, which keeps only the scores, GT and mask of each candidate).
 
 The list size is the data's (`list_data.list_size_of_splits`: the NegativeSampler's `list_size`).
 custom_config: {"retrieval": JSON object}, keys and defaults in `RetrievalTrainerConfig`:
