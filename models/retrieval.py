@@ -166,8 +166,8 @@ def with_sampling_probability(pairs: Mapping[str, Mapping[str, np.ndarray]], bat
     ids = pairs["item"][features.item_key][:, 0]
     if ids.size == 0:
         raise ValueError("the request lists have no positive candidate")
-    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    probability = np.minimum(batch_size * counts[inverse] / ids.size, 1.0).astype(np.float32)
+    unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    probability = PositiveCounts(unique, counts).sampling_probability(batch_size)[inverse.reshape(-1)]
     return {"query": dict(pairs["query"]), "item": dict(pairs["item"]), "sampling_probability": probability}
 
 
@@ -205,7 +205,7 @@ def count_positives(counts: Optional[PositiveCounts], lists: Mapping[str, np.nda
     """`counts` (None: empty) plus the positives of `lists`: batches added one by one give the
     counts of all of them at once."""
     rows, slots = np.nonzero(positive_mask(lists, positive))
-    ids = _item_columns(lists, rows, slots, features)[features.item_key][:, 0]
+    ids = np.asarray(lists[features.item_key]).reshape(-1, LI.list_size_of(lists))[rows, slots]
     if counts is not None:
         merged_ids = np.concatenate([counts.ids, ids])
         weights = np.concatenate([counts.counts, np.ones(len(ids), np.int64)])

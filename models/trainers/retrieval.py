@@ -231,11 +231,11 @@ def run_fn(fn_args) -> None:
         raise ValueError(f"no request lists in {fn_args.eval_files}")
     model, batch_size, negatives = build_model(config, train, features)
 
-    def pairs(shuffle_seed=None):
+    def pairs(shuffle_seed=None, lists_per_chunk=R.LISTS_PER_CHUNK):
         return R.streamed_pair_dataset(fn_args.train_files, list_size, batch_size, train.positives, negatives,
-                                       shuffle_seed=shuffle_seed, features=features)
+                                       shuffle_seed=shuffle_seed, features=features, lists_per_chunk=lists_per_chunk)
 
-    build_train_step(model, next(iter(pairs())))  # traced once
+    build_train_step(model, next(iter(pairs(lists_per_chunk=64))))  # traced once; one batch needs a few lists
     model.fit(pairs(config.seed), epochs=config.epochs, verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
     result = evaluate_batches(model, corpus, iterate_lists(fn_args.eval_files, list_size, EVAL_CHUNK, features),
