@@ -22,6 +22,18 @@ So a freshly initialised stack is the identity map, and the crosses are blended
 in linearly over the first `ramp_steps` training steps. Unlike ReZero, alpha is
 a fixed schedule, not a trained scalar.
 
+It is computed as the TFRS cross of a scaled base input, with no op of its own per layer:
+
+```
+alpha · (x0 ⊙ (U_l V_l x_l + b_l)) = (alpha · x0) ⊙ (U_l V_l x_l + b_l)
+x_{l+1} = Cross(alpha · x0, x_l)
+```
+
+so a stack scales x0 once and then runs `tfrs.layers.dcn.Cross` as it is. Taking the
+branch back out of `Cross(x0, x) − x` and adding it again cost 3 element-wise ops on
+[batch, d] per layer, forward and backward: measured on [954, 120], 2 layers of rank 32
+(forward + gradient on 2 cores), 1.94 ms against 1.42 ms for the two TFRS layers alone.
+
 The schedule is explicit: `alpha_at(step)`. The step comes either from the
 `step` argument of `call` (pass `optimizer.iterations` when the model is called
 more than once per training step, e.g. with LSPR's perturbed copy), or from the
@@ -44,6 +56,18 @@ def alpha_schedule(step, ramp_steps: int) -> tf.Tensor:
     if ramp_steps == 0:
         return tf.ones_like(step)
     return tf.clip_by_value(step / float(ramp_steps), 0.0, 1.0)
+
+
+def cross_stack_flops(num_layers: int, width: int, projection_dim: Optional[int]) -> int:
+    """FLOPs per row of a `CrossStack` in tf.profiler's convention (a matmul 2·m·k·n, a bias add
+    or an element-wise op one per element): each layer on width D is V (2·D·k), U (2·k·D) + its
+    bias (D), x0 ⊙ (D) and + x (D) = 4·D·k + 3·D, or 2·D² + 3·D at full rank (the TFRS cross);
+    the stack adds alpha · x0 once (D). 0 layers: 0."""
+    if num_layers == 0:
+        return 0
+    d, k = width, projection_dim
+    layer = (4 * d * k if k else 2 * d * d) + 3 * d
+    return num_layers * layer + d
 
 
 def _new_step_counter(layer: tf.keras.layers.Layer) -> tf.Variable:
@@ -116,10 +140,10 @@ class ReZeroCross(tf.keras.layers.Layer):
                 self.step.assign_add(1)
         else:
             current = step
-        alpha = tf.cast(self.alpha_at(current), x.dtype)
-        # tfrs Cross returns x0 ⊙ (U V x + b) + x; take the cross branch back out.
-        branch = self.cross(x0, x) - x
-        return alpha * branch + x
+        alpha = tf.cast(self.alpha_at(current), x0.dtype)
+        # tfrs Cross returns x0 ⊙ (U V x + b) + x: with alpha · x0 in place of x0 that is
+        # alpha · (the cross branch) + x.
+        return self.cross(alpha * x0, x)
 
     def get_config(self):
         cross_config = self.cross.get_config()
@@ -172,6 +196,9 @@ class CrossStack(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         self.step = _new_step_counter(self)
+        for layer in self.cross_layers:  # `call` runs their crosses directly: build each layer (its counter)
+            with tf.name_scope(layer.name):
+                layer.build(input_shape)
         super().build(input_shape)
 
     def alpha_at(self, step) -> tf.Tensor:
@@ -182,9 +209,14 @@ class CrossStack(tf.keras.layers.Layer):
             step = self.step.read_value()
             if training:
                 self.step.assign_add(1)
+        if not self.cross_layers:
+            return x0
+        # One alpha for the stack, so x0 is scaled once and each layer is its TFRS cross alone.
+        scaled_x0 = tf.cast(self.alpha_at(step), x0.dtype) * x0
         x = x0
         for layer in self.cross_layers:
-            x = layer(x0, x, training=training, step=step)
+            with tf.name_scope(layer.name):
+                x = layer.cross(scaled_x0, x)
         return x
 
     def get_config(self):

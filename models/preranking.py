@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from cascade_ranking.models import list_inputs as LI
 from cascade_ranking.models import losses as losses_lib
-from cascade_ranking.models.cross import CrossStack
+from cascade_ranking.models.cross import CrossStack, cross_stack_flops
 from cascade_ranking.models.embedding import FeatureEmbedding
 from cascade_ranking.models.retrieval import Tower, build_mlp, dense_flops
 from cascade_ranking.models.tasks import HAPTask, StageModel
@@ -226,11 +226,10 @@ class StrongRanker(tf.keras.layers.Layer):
         return tf.reshape(self.score_candidates(x0, training), [-1, size])
 
     def flops(self) -> Dict[str, int]:
-        """{'per_candidate': cross layers + MLP}. A low-rank cross layer on width D, rank k:
-        V (2·D·k), U (2·k·D) + bias (D), x0 ⊙ (D), + x (D) [tfrs Cross], and the ReZero wrapper's
-        − x, α ·, + x (3·D) [models.cross] = 4·D·k + 6·D."""
+        """{'per_candidate': cross layers + MLP}; the cross stack's count is
+        `models.cross.cross_stack_flops` (L · (4·D·k + 3·D) + D at rank k)."""
         d, k = self.input_dim, self.projection_dim
-        cross = self.num_cross_layers * (4 * d * k + 6 * d)
+        cross = cross_stack_flops(self.num_cross_layers, d, k)
         return {"per_candidate": cross + dense_flops((d,) + self.units), "per_request": 0}
 
 

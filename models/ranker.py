@@ -316,9 +316,10 @@ class FactoryFloorRanker(StageModel):
                                    which is the CTR path at another UI treatment)
             per_candidate          both: what `serving_default` runs per candidate
             per_ui_treatment       the U tower (Q·U only; served from a cached table by `score_ui_grid`)
-        A low-rank cross layer on width D with rank k is 4·D·k + 6·D (V, U with its bias, x0 ⊙, + x,
-        and the ReZero wrapper's 3·D; as `models.preranking.StrongRanker.flops`), a full-rank one
-        2·D² + 6·D; a LowRankDense(units n, rank r) on width m is 2·m·r + 2·r·n + n."""
+        A cross stack is `models.cross.cross_stack_flops` (L · (4·D·k + 3·D) + D on width D at rank
+        k, L · (2·D² + 3·D) + D at full rank); a LowRankDense(units n, rank r) on width m is
+        2·m·r + 2·r·n + n."""
+        from cascade_ranking.models.cross import cross_stack_flops
         from cascade_ranking.models.retrieval import dense_flops
 
         c = self.config
@@ -326,15 +327,15 @@ class FactoryFloorRanker(StageModel):
         sizes.update({f.name: f.size for f in self.features.dense_features()})
         width = sum(sizes[name] for name in self.quality_names)
         k = c.cross_projection_dim
-        cross_layer = (4 * width * k if k else 2 * width * width) + 6 * width
+        cross_stack = cross_stack_flops(c.cross_layers, width, k)
         cascade = 0
         if c.cascade_score == "tower":
-            cascade = c.cross_layers * cross_layer + dense_flops((width,) + tuple(c.cascade_head_units) + (1,))
+            cascade = cross_stack + dense_flops((width,) + tuple(c.cascade_head_units) + (1,))
         elif c.cascade_score == "head":
             cascade = dense_flops((c.hidden_units[-1] if c.hidden_units else width,) + tuple(c.cascade_head_units) + (1,))
         total = 0
         if self.cross is not None:
-            total += c.cross_layers * cross_layer
+            total += cross_stack
         for layer, units in zip(self.hidden, c.hidden_units):
             if isinstance(layer, LowRankDense):
                 total += 2 * width * layer.rank + 2 * layer.rank * units + units

@@ -124,9 +124,10 @@ def test_flops_per_candidate_match_tf_profiler_and_a_hand_count():
     # Hand count. Light per candidate: item MLP 16→16→8, u ⊙ v (8), head 24→6→1.
     light_hand = (2 * 16 * 16 + 16) + (2 * 16 * 8 + 8) + 8 + (2 * 24 * 6 + 6) + (2 * 6 * 1 + 1)
     assert light.flops()["per_candidate"] == light_hand
-    # Strong per candidate: 2 cross layers on D = 36, k = 3, then MLP 36→10→5→1.
+    # Strong per candidate: 2 cross layers on D = 36, k = 3 (V, U, its bias, x0 ⊙, + x), α · x0 once
+    # for the stack, then MLP 36→10→5→1.
     d = 36
-    strong_hand = 2 * (2 * d * 3 + 2 * 3 * d + d + d + d + 3 * d) + (2 * d * 10 + 10) + (2 * 10 * 5 + 5) + (2 * 5 + 1)
+    strong_hand = 2 * (2 * d * 3 + 2 * 3 * d + d + d + d) + d + (2 * d * 10 + 10) + (2 * 10 * 5 + 5) + (2 * 5 + 1)
     assert strong.flops()["per_candidate"] == strong_hand
     # tf.profiler on the per-candidate graphs at N = 1 and N = 5 rows.
     small, big = _profiled_flops(

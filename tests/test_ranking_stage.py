@@ -141,7 +141,7 @@ def test_ranking_stage_flops_add_the_tower_to_the_ctr_path():
     width = sum(c.embedding_dim for f in F.SPARSE_FEATURES if f.tower == "quality") + sum(
         f.size for f in F.DENSE_FEATURES)
     k = c.cross_projection_dim
-    cross = 4 * width * k + 6 * width
+    cross = c.cross_layers * (4 * width * k + 3 * width) + width  # layers (V, U + bias, x0 ⊙, + x), then α · x0 once
     tower_mlp = 2 * width * 8 + 8 + 2 * 8 * 1 + 1
     assert flops["cascade_per_candidate"] == cross + tower_mlp
     body = cross + 2 * width * 16 + 16
