@@ -83,6 +83,17 @@ def test_retrieval_module(data, eval_examples, tmp_path):
     order = np.argsort(-brute)[:10]
     np.testing.assert_allclose(top["scores"].numpy()[0], brute[order], rtol=1e-4, atol=1e-4)
     assert set(top["item_ids"].numpy()[0].tolist()) == set(ids[order].tolist())
+    # index_recall@10: the share of the eval split's GT candidates whose item is in the brute-force
+    # top 10 of the exported items for its request's query embedding.
+    lists = load_lists([str(data / "Split-eval" / "*")], LIST_SIZE)
+    real = np.asarray(lists["mask"]) > 0
+    every_candidate = tf.constant(retrieval.candidate_examples(lists, count=int(real.sum())))  # in np.nonzero order
+    is_gt = (np.asarray(lists["stage"]) == GT_TIER)[real]
+    u_all = loaded.signatures["query_embedding"](examples=every_candidate)["embedding"].numpy()[is_gt]
+    top10 = ids[np.argsort(-(u_all @ items.T), axis=1)[:, :10]]
+    in_top = [item in top for item, top in zip(np.asarray(lists["item_id"])[real][is_gt], top10)]
+    assert len(in_top) > 20
+    assert abs(metrics["index_recall@10"] - np.mean(in_top)) <= 1.0 / len(in_top) + 1e-9  # one GT row of float slack
     # `score` is u·v of each candidate.
     score = _finite(loaded.signatures["score"](examples=examples)["score"], len(eval_examples))
     row = {int(i): k for k, i in enumerate(ids)}

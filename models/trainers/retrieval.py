@@ -145,7 +145,9 @@ def evaluate_batches(model: R.RetrievalModel, corpus: R.ItemCorpus, batches: Ite
         gt = cascade_labels(lists).numpy()
         kept.append({"scores": np.einsum("bd,bld->bl", scorer_u, v), "gt": gt, "mask": np.asarray(lists["mask"])})
         for start in range(0, len(scorer_u), EVAL_CHUNK):
-            top = corpus.ids[np.argsort(-(scorer_u[start:start + EVAL_CHUNK] @ items.T), axis=1)[:, :k]]  # [chunk, k]
+            # The index's top k of each request, unordered (only membership is read): argpartition is
+            # linear in the corpus, where a full argsort was n log n (0.8 s of the demo's 10k items).
+            top = corpus.ids[np.argpartition(-(scorer_u[start:start + EVAL_CHUNK] @ items.T), k - 1, axis=1)[:, :k]]
             rows, slots = np.nonzero(gt[start:start + EVAL_CHUNK] > 0)
             hits += [lists[features.item_key][start + r, j] in top[r] for r, j in zip(rows, slots)]
     columns = concatenate_batches(kept, "the eval batches")
