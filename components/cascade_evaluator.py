@@ -378,7 +378,9 @@ def tfma_eval_config(config: EvaluatorConfig = EvaluatorConfig(), features: F.Fe
     """The standard TFX Evaluator's EvalConfig for the ranker's CTR on the shown eval rows.
 
     Model specs `candidate` and `baseline` (is_baseline), both scored by `config.ctr_output`
-    (`serving_default` → `ctr`), label `click`; slices: overall, ui_position, ui_format; metrics ExampleCount, AUC,
+    (`serving_default` → `ctr`), label `click`; slices: overall, then one per feature of
+    `config.tfma_slice_features` (none by default; each must be a univalent UI id of the feature
+    registry, else ValueError naming it and the ones there are); metrics ExampleCount, AUC,
     Calibration (Σŷ / Σy), BinaryCrossentropy, MeanLabel, MeanPrediction. Thresholds: AUC ≥
     `config.tfma_min_auc` and no more than `config.tfma_auc_tolerance` below the baseline's,
     Calibration within `config.tfma_calibration_range`, all on the overall slice (the other slices are
@@ -397,16 +399,20 @@ reported, not gated). Without a baseline model TFX's Evaluator
         and a position or format slice of a few hundred rows is click noise."""
         return tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)
 
+    ui_ids = [f.name for f in features.of_role("ui") if f.kind == "id"]
+    unknown = [name for name in config.tfma_slice_features if name not in ui_ids]
+    if unknown:
+        raise ValueError(f"evaluator.tfma_slice_features: {', '.join(map(repr, unknown))} is not a univalent UI id "
+                         f"feature of the registry; those are {ui_ids}")
     signature, prediction_key = config.ctr_output
     spec = dict(signature_name=signature, label_key=F.LABEL_KEY, prediction_key=prediction_key,
                 preprocessing_function_names=[])
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(name="candidate", **spec), tfma.ModelSpec(name="baseline", is_baseline=True, **spec)],
-        # Slices: overall and each univalent UI id of the registry. No tier slice: the rows are the
-        # shown ones, which are all of the ground-truth tier (or of none, in a log without tiers), so
-        # it repeated the overall slice at a quarter of the Evaluator's per-row cost.
-        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f.name]) for f in features.of_role("ui")
-                                              if f.kind == "id"],
+        # Slices: overall, and the UI ids asked for. No tier slice: the rows are the shown ones,
+        # which are all of the ground-truth tier (or of none, in a log without tiers), so it
+        # repeated the overall slice at a quarter of the Evaluator's per-row cost.
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[name]) for name in config.tfma_slice_features],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[overall(auc)]),

@@ -279,7 +279,7 @@ def test_tfma_eval_config_gates_the_ctr_against_the_baseline():
     assert [(s.name, s.is_baseline, s.signature_name, s.label_key, s.prediction_key) for s in config.model_specs] == [
         ("candidate", False, "serving_default", "click", "ctr"), ("baseline", True, "serving_default", "click", "ctr")]
     assert all(list(s.preprocessing_function_names) == [] for s in config.model_specs)
-    assert [list(s.feature_keys) for s in config.slicing_specs] == [[], ["ui_position"], ["ui_format"]]
+    assert [list(s.feature_keys) for s in config.slicing_specs] == [[]]  # the gated slice only, by default
     metrics = {m.class_name: m for m in config.metrics_specs[0].metrics}
     assert set(metrics) == {"ExampleCount", "AUC", "Calibration", "BinaryCrossentropy", "MeanLabel", "MeanPrediction"}
     for name in ("AUC", "Calibration"):  # the overall slice is gated; the others are only reported
@@ -298,6 +298,17 @@ def test_tfma_eval_config_gates_the_ctr_against_the_baseline():
     assert len(first_run.model_specs) == 1 and not first_run.model_specs[0].is_baseline
     assert not tfma.utils.has_change_threshold(first_run)  # the AUC change threshold is dropped
     tfma.utils.verify_eval_config(tfma.utils.update_eval_config_with_defaults(config, has_baseline=True, rubber_stamp=True))
+
+
+def test_tfma_slices_are_the_ui_ids_asked_for_and_an_unknown_one_is_a_one_line_error():
+    sliced = cascade_evaluator.tfma_eval_config(EvaluatorConfig(tfma_slice_features=("ui_format", "ui_position")))
+    assert [list(s.feature_keys) for s in sliced.slicing_specs] == [[], ["ui_format"], ["ui_position"]]
+    tfma.utils.verify_eval_config(sliced)
+    with pytest.raises(ValueError, match=r"'item_id' is not a univalent UI id feature of the registry; those are "
+                                         r"\['ui_position', 'ui_format'\]"):
+        cascade_evaluator.tfma_eval_config(EvaluatorConfig(tfma_slice_features=("item_id",)))
+    with pytest.raises(ValueError, match="tfma_slice_features must be a list of feature names"):
+        EvaluatorConfig(tfma_slice_features="ui_position")
 
 
 def test_a_baseline_with_another_stages_signatures_is_dropped(setup, tmp_path):
