@@ -48,6 +48,16 @@ def test_teacher_module_trains_on_rows_without_a_rank_loss_and_is_wider_than_the
     assert RankerConfig.teacher().hidden_units > RankerConfig().hidden_units
     m = _metrics(tmp_path)
     assert m["examples"] > 0 and 0 <= m["auc"] <= 1 and m["schema_path"].endswith("schema.pbtxt")
+    # The eval metrics are over the eval split's shown rows, counted here from the raw records.
+    shown, clicks, candidates = 0, 0, 0
+    for raw in tf.data.TFRecordDataset(tf.io.gfile.glob(str(data / "Split-eval" / "*")), compression_type="GZIP"):
+        candidates += 1
+        feature = tf.train.Example.FromString(raw.numpy()).features.feature
+        if feature["ui_position"].int64_list.value[0] > 0:
+            shown += 1
+            clicks += feature["click"].int64_list.value[0]
+    assert 0 < m["examples"] == shown < candidates  # not every candidate was shown
+    assert m["click_rate"] == pytest.approx(clicks / shown)
 
 
 def test_the_teacher_refuses_a_per_request_rank_loss(data, tmp_path):
