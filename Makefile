@@ -51,11 +51,13 @@ bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(PY) bench/pipeline_runs.py --runs 3 --json $(BENCH_OUT)/pipeline_runs.json
 	tmp=$$(mktemp -d) && $(VENV)/bin/cascade run --output-dir $$tmp/run > $$tmp/run.log 2>&1 \
-	  && $(PY) bench/ranker_variants.py --run $$tmp/run --json $(BENCH_OUT)/ranker_variants.json && rm -rf $$tmp
+	  && $(PY) bench/ranker_variants.py --run $$tmp/run --json $(BENCH_OUT)/ranker_variants.json \
+	  && $(PY) bench/tfma_slices.py --output-dir $$tmp/run --json $(BENCH_OUT)/tfma_slices.json && rm -rf $$tmp
 	$(PY) bench/ranking_ablations.py --json $(BENCH_OUT)/ranking_ablations.json
 	$(PY) bench/data_sampling.py --json $(BENCH_OUT)/data_sampling.json
 	$(PY) bench/cascade_lcron.py --json $(BENCH_OUT)/cascade_lcron.json
 	$(PY) bench/ranking_speed.py --json $(BENCH_OUT)/ranking_speed.json
+	$(PY) bench/cross_stack_cost.py
 	$(PY) bench/stage_throughput.py --json $(BENCH_OUT)/stage_throughput.json
 	$(PY) bench/component_throughput.py --requests 1000 --repeats 2 --json $(BENCH_OUT)/component_throughput.json
 	$(PY) bench/demo_wall.py --json $(BENCH_OUT)/demo_wall.json

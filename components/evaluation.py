@@ -101,9 +101,9 @@ class EvaluatorConfig:
     # Features the TFMA Evaluator also slices its metrics by (each UI id of the feature registry,
     # e.g. ("ui_position", "ui_format")); by default it computes the overall slice only, the one
     # it gates and the run's report reads. Each slice costs TFMA's per-row work again: on the
-    # demo's 10,180 shown eval rows the Evaluator alone took 6.8 s overall-only, 9.7 s with
-    # ui_format, 11.2 s with ui_position and 12.2 s with both. The calibration per ui_position is in
-    # this evaluator's metrics.json either way (`calibration_by_position`).
+    # demo's 10,180 shown eval rows TFMA alone took 7.9 s overall-only, 9.9 s with ui_format,
+    # 10.8 s with ui_position and 13.8 s with both (`bench/tfma_slices.py`). The calibration per
+    # ui_position is in this evaluator's metrics.json either way (`calibration_by_position`).
     tfma_slice_features: Tuple[str, ...] = ()
 
     def __post_init__(self):
