@@ -110,6 +110,9 @@ class EvaluatorConfig:
         if isinstance(self.tfma_slice_features, str) or not all(
                 isinstance(name, str) and name for name in self.tfma_slice_features):
             raise ValueError(f"tfma_slice_features must be a list of feature names, got {self.tfma_slice_features!r}")
+        repeated = sorted({name for name in self.tfma_slice_features if self.tfma_slice_features.count(name) > 1})
+        if repeated:
+            raise ValueError(f"tfma_slice_features names {', '.join(repeated)} more than once")
         for stage, metric, bound, _ in self.thresholds:
             self._check_metric(stage, metric, "thresholds")
             if bound not in ("min", "max"):

@@ -309,6 +309,8 @@ def test_tfma_slices_are_the_ui_ids_asked_for_and_an_unknown_one_is_a_one_line_e
         cascade_evaluator.tfma_eval_config(EvaluatorConfig(tfma_slice_features=("item_id",)))
     with pytest.raises(ValueError, match="tfma_slice_features must be a list of feature names"):
         EvaluatorConfig(tfma_slice_features="ui_position")
+    with pytest.raises(ValueError, match="tfma_slice_features names ui_position more than once"):
+        EvaluatorConfig(tfma_slice_features=("ui_position", "ui_format", "ui_position"))
 
 
 def test_a_baseline_with_another_stages_signatures_is_dropped(setup, tmp_path):
