@@ -34,12 +34,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _latest(pattern: str) -> str:
-    """The artifact directory matching `pattern` with the highest numeric name (TFX's execution id)."""
+def latest_artifact(pattern: str) -> str:
+    """The artifact directory matching `pattern` with the highest numeric name (TFX's execution id);
+    also used by `bench/tfma_slices.py`."""
     paths = sorted((p for p in glob.glob(pattern) if os.path.basename(p.rstrip("/")).isdigit()),
                    key=lambda p: int(os.path.basename(p.rstrip("/"))))
     if not paths:
-        raise SystemExit(f"input_rates: nothing matches {pattern}: run the pipeline first (make demo)")
+        raise SystemExit(f"nothing matches {pattern}: run the pipeline first (make demo, or cascade run --output-dir DIR)")
     return paths[-1]
 
 
@@ -89,10 +90,10 @@ def main() -> None:
     from cascade_ranking.schema import features as F
 
     root = os.path.join(args.output_dir, "pipeline_root")
-    rows = os.path.join(_latest(os.path.join(root, "SyntheticExampleGen", "examples", "*")), "Split-train", "*")
-    lists_dir = _latest(os.path.join(root, "NegativeSampler", "request_lists", "*"))
+    rows = os.path.join(latest_artifact(os.path.join(root, "SyntheticExampleGen", "examples", "*")), "Split-train", "*")
+    lists_dir = latest_artifact(os.path.join(root, "NegativeSampler", "request_lists", "*"))
     train_lists = [os.path.join(lists_dir, "Split-train", "*")]
-    schema = F.load_schema(os.path.join(_latest(os.path.join(root, "ImportSchemaGen", "schema", "*")), "schema.pbtxt"))
+    schema = F.load_schema(os.path.join(latest_artifact(os.path.join(root, "ImportSchemaGen", "schema", "*")), "schema.pbtxt"))
     list_size = LI.list_size_in(train_lists)
     out = {"output_dir": os.path.abspath(args.output_dir), "stages": {}}
 
@@ -100,7 +101,7 @@ def main() -> None:
     count_rows = lambda b: tf.cast(tf.shape(b[F.LABEL_KEY])[0], tf.int64)  # noqa: E731
     seconds, count = timed_pass(lambda: inputs.shown_row_batches([rows], 256, parse_spec=spec, shuffle_seed=0),
                                 count_rows, args.repeats)
-    epoch = fastest_epoch_seconds(_latest(os.path.join(root, "Trainer.teacher", "model_run", "*")))
+    epoch = fastest_epoch_seconds(latest_artifact(os.path.join(root, "Trainer.teacher", "model_run", "*")))
     cached = inputs.shown_row_batches([rows], 256, parse_spec=spec, shuffle_seed=0, cache=True)
     timed_pass(lambda: cached, count_rows, 1)  # the first pass fills the cache
     cached_seconds, _ = timed_pass(lambda: cached, count_rows, args.repeats)
@@ -110,7 +111,7 @@ def main() -> None:
 
     seconds, count = timed_pass(lambda: LI.request_list_dataset(train_lists, 16, list_size),
                                 lambda b: tf.cast(tf.shape(b["mask"])[0], tf.int64), args.repeats)
-    epoch = fastest_epoch_seconds(_latest(os.path.join(root, "Trainer.cascade", "model_run", "*")))
+    epoch = fastest_epoch_seconds(latest_artifact(os.path.join(root, "Trainer.cascade", "model_run", "*")))
     out["stages"]["cascade"] = {"examples": "request lists", "per_epoch": count, "input_seconds": seconds,
                                 "input_per_s": count / seconds, "epoch_seconds": epoch, "trainer_per_s": count / epoch}
 
@@ -123,7 +124,7 @@ def main() -> None:
     seconds, count = timed_pass(
         lambda: R.streamed_pair_dataset(train_lists, list_size, batch_size, split.positives, negatives, shuffle_seed=0),
         lambda b: tf.cast(tf.shape(b["sampling_probability"])[0], tf.int64), args.repeats)
-    epoch = fastest_epoch_seconds(_latest(os.path.join(root, "Trainer.retrieval", "model_run", "*")))
+    epoch = fastest_epoch_seconds(latest_artifact(os.path.join(root, "Trainer.retrieval", "model_run", "*")))
     out["stages"]["retrieval"] = {"examples": "(request, GT item) pairs", "per_epoch": count, "input_seconds": seconds,
                                   "input_per_s": count / seconds, "epoch_seconds": epoch, "trainer_per_s": count / epoch,
                                   "read_seconds": read}

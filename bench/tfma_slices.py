@@ -17,7 +17,6 @@ prints its seconds and its overall AUC, calibration and log loss (which must not
 A lab figure on the pipeline's artifacts: TFMA's start-up is in every variant, as in the pipeline.
 """
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -27,20 +26,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from input_rates import latest_artifact  # noqa: E402  (bench/ is the script's own directory)
+
 VARIANTS = {
     "overall": (),
     "overall + ui_format": ("ui_format",),
     "overall + ui_position": ("ui_position",),
     "overall + ui_position + ui_format": ("ui_position", "ui_format"),
 }
-
-
-def _latest(pattern: str) -> str:
-    paths = sorted((p for p in glob.glob(pattern) if os.path.basename(p.rstrip("/")).isdigit()),
-                   key=lambda p: int(os.path.basename(p.rstrip("/"))))
-    if not paths:
-        raise SystemExit(f"no artifact matches {pattern}: run `cascade run --output-dir DIR` first")
-    return paths[-1]
 
 
 def run_variant(slices, model_dir: str, data_pattern: str):
@@ -71,8 +64,8 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     root = os.path.join(args.output_dir, "pipeline_root")
-    model_dir = os.path.join(_latest(os.path.join(root, "Trainer.cascade", "model", "*")), "Format-Serving")
-    rows = os.path.join(_latest(os.path.join(root, "NegativeSampler", "shown_rows", "*")), "Split-eval", "*")
+    model_dir = os.path.join(latest_artifact(os.path.join(root, "Trainer.cascade", "model", "*")), "Format-Serving")
+    rows = os.path.join(latest_artifact(os.path.join(root, "NegativeSampler", "shown_rows", "*")), "Split-eval", "*")
     print(f"model {model_dir}\nrows {rows}", flush=True)
     times = {name: [] for name in VARIANTS}
     figures = {}
