@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) bench/cascade_lcron.py --json $(BENCH_OUT)/cascade_lcron.json
 	$(PY) bench/ranking_speed.py --json $(BENCH_OUT)/ranking_speed.json
 	$(PY) bench/cross_stack_cost.py
+	$(PY) bench/concurrent_nodes.py --teacher-before-gate --json $(BENCH_OUT)/concurrent_nodes.json
 	$(PY) bench/stage_throughput.py --json $(BENCH_OUT)/stage_throughput.json
 	$(PY) bench/component_throughput.py --requests 1000 --repeats 2 --json $(BENCH_OUT)/component_throughput.json
 	$(PY) bench/demo_wall.py --json $(BENCH_OUT)/demo_wall.json
