@@ -28,9 +28,22 @@ were never at risk of a click).
 
 Every request draws from its own generator seeded by (seed, request index), so output does not
 depend on how requests are sharded across workers, and the same seed gives the same bytes.
+
+Spans with drift (`write_spans`, `cascade generate --spans K --drift d`): span k (1-based) holds
+requests [(k−1)·N, k·N), later in time than span k−1's, drawn from the world after k−1 drift
+steps. Each step, with its own generator seeded by (seed, step):
+    item popularity    log π_i ← log π_i + d·std(log π)·ε_i      (renormalised; the observable
+                       standardised log popularity x_i4 and β·pop_i follow)
+    user tastes        w_u ← w_u + d·std(w)·ε_u                  (a move the user's features do not
+                       show: only the user id can follow it)
+    position effect    exam(p) = 1 / (1 + c_k·(p − 1)),  c_k = 0.35·(1 + d)^(k−1)
+so a model trained on an older span is stale on a newer one. d = 0: every span is a fresh draw of
+the same world.
 """
+import copy
 import dataclasses
 import hashlib
+import os
 from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
@@ -42,6 +55,7 @@ from cascade_ranking.schema import features as F
 
 START_TIME = 1_767_225_600  # 2026-01-01T00:00:00Z
 _WORLD_STREAM = 0x5EED_0F_5EED
+_DRIFT_STREAM = 0xD21F7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +89,7 @@ class SyntheticConfig:
             raise InputError(f"num_requests must be positive, got {self.num_requests}")
         if self.seed < 0:
             raise InputError(f"seed must be >= 0, got {self.seed}")
+
         per_tier = F.CANDIDATES_PER_TIER
         keep = (self.pool_size,) + tuple(self.stage_keep)
         if len(self.stage_keep) != 4 or len(self.stage_noise) != 4:
@@ -83,6 +98,14 @@ class SyntheticConfig:
             raise InputError(f"each stage must drop >= {per_tier} items and the last keep {per_tier}: {keep}")
         if self.num_items < self.pool_size:
             raise InputError(f"num_items ({self.num_items}) must be >= pool_size ({self.pool_size})")
+
+
+MAX_DRIFT = 10.0
+
+
+def check_drift(drift: float) -> None:
+    if not 0.0 <= drift <= MAX_DRIFT:
+        raise InputError(f"drift must be in [0, {MAX_DRIFT:g}], got {drift}")
 
 
 def exam_probability(position: np.ndarray, decay: float) -> np.ndarray:
@@ -130,6 +153,36 @@ class World:
         self.token_embedding = rng.normal(size=(c.num_query_tokens + 1, d)) * 0.8
         self.user_topic = rng.integers(0, c.num_query_tokens // 50, size=c.num_users)
         self.pop_z = pop_z
+        self.position_decay = c.position_decay
+
+    def drifted(self, steps: int, drift: float) -> "World":
+        """This world `steps` spans later (the module docstring's drift, d = `drift`): item
+        popularity and user tastes take `steps` random-walk steps, each from its own generator
+        seeded by (seed, step), and the position decay grows by (1 + d) a step. The same world
+        for steps = 0 or d = 0."""
+        c = self.config
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        check_drift(drift)
+        if steps == 0 or drift == 0.0:
+            return self
+        world = copy.copy(self)
+        log_pop = np.log(self.item_popularity)
+        scale, taste_scale = log_pop.std(), self.user_latent.std()
+        user_latent = self.user_latent
+        for step in range(1, steps + 1):
+            rng = np.random.default_rng([c.seed, _DRIFT_STREAM, step])
+            log_pop = log_pop + drift * scale * rng.normal(size=log_pop.size)
+            user_latent = user_latent + drift * taste_scale * rng.normal(size=user_latent.shape)
+        popularity = np.exp(log_pop - log_pop.max())
+        world.item_popularity = popularity / popularity.sum()
+        log_pop = np.log(world.item_popularity)
+        world.pop_z = (log_pop - log_pop.mean()) / log_pop.std()
+        world.item_dense = self.item_dense.copy()
+        world.item_dense[:, 3] = world.pop_z
+        world.user_latent = user_latent
+        world.position_decay = c.position_decay * (1.0 + drift) ** steps
+        return world
 
     def relevance(self, user: int, query_tokens: np.ndarray, items: np.ndarray) -> np.ndarray:
         c = self.config
@@ -143,7 +196,7 @@ class World:
     def true_ctr(self, relevance: np.ndarray, position: np.ndarray, ui_format: np.ndarray) -> np.ndarray:
         c = self.config
         fmt = np.asarray(c.format_effect)[ui_format]
-        return 1.0 / (1.0 + np.exp(-relevance)) * exam_probability(position, c.position_decay) * fmt
+        return 1.0 / (1.0 + np.exp(-relevance)) * exam_probability(position, self.position_decay) * fmt
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -268,6 +321,21 @@ def split_requests(world: World, start: int, stop: int,
     return by_split
 
 
+def _write_requests(world: World, start: int, stop: int, split_buckets: Tuple[Tuple[str, int], ...],
+                    root: str) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Writes requests [start, stop) of `world` into `root`'s Split-<name>/ files; returns the rows
+    and the requests per split."""
+    requests = {name: 0 for name, _ in split_buckets}
+    with SplitWriter(root, [name for name, _ in split_buckets]) as writer:
+        for chunk in range(start, stop, ENCODE_CHUNK_REQUESTS):
+            by_split = split_requests(world, chunk, min(chunk + ENCODE_CHUNK_REQUESTS, stop), split_buckets)
+            for split, generated in by_split.items():
+                requests[split] += len(generated)
+                for raw in encode_requests(generated):
+                    writer.write(split, raw)
+    return writer.counts, requests
+
+
 def write_dataset(
     config: SyntheticConfig,
     out_dir: str,
@@ -280,15 +348,41 @@ def write_dataset(
     """
     config.validate()
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        rows, requests = _write_requests(World(config), 0, config.num_requests, split_buckets, tmp)
+        report = {"source": "synthetic", "config": dataclasses.asdict(config), "rows": rows, "requests": requests}
+        write_report(tmp, report)
+    return report
+
+
+def write_spans(
+    config: SyntheticConfig,
+    out_dir: str,
+    spans: int,
+    drift: float = 0.0,
+    split_buckets: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1)),
+    overwrite: bool = False,
+) -> dict:
+    """Writes `spans` spans of `config.num_requests` requests each, `out_dir/span-<k>/Split-<name>/`
+    for k = 1..spans (TFX's span convention, `datasources.spans`), atomically: span k holds requests
+    [(k−1)·N, k·N) of the world after k−1 drift steps of size `drift` (`World.drifted`, the module
+    docstring).
+    Each span also gets its own report.json; the top one lists them all."""
+    config.validate()
+    check_drift(drift)
+    if spans < 1:
+        raise InputError(f"spans must be >= 1, got {spans}")
+    from cascade_ranking.datasources.spans import span_dir_name
+
+    n = config.num_requests
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         world = World(config)
-        requests = {name: 0 for name, _ in split_buckets}
-        with SplitWriter(tmp, [name for name, _ in split_buckets]) as writer:
-            for chunk in range(0, config.num_requests, ENCODE_CHUNK_REQUESTS):
-                by_split = split_requests(world, chunk, min(chunk + ENCODE_CHUNK_REQUESTS, config.num_requests), split_buckets)
-                for split, generated in by_split.items():
-                    requests[split] += len(generated)
-                    for raw in encode_requests(generated):
-                        writer.write(split, raw)
-        report = {"source": "synthetic", "config": dataclasses.asdict(config), "rows": writer.counts, "requests": requests}
+        per_span = {}
+        for k in range(1, spans + 1):
+            root = os.path.join(tmp, span_dir_name(k))
+            rows, requests = _write_requests(world.drifted(k - 1, drift), (k - 1) * n, k * n, split_buckets, root)
+            per_span[k] = {"rows": rows, "requests": requests, "request_ids": [(k - 1) * n, k * n]}
+            write_report(root, {"source": "synthetic", "span": k, "drift": drift, "config": dataclasses.asdict(config),
+                                **per_span[k]})
+        report = {"source": "synthetic", "drift": drift, "config": dataclasses.asdict(config), "spans": per_span}
         write_report(tmp, report)
     return report

@@ -58,12 +58,19 @@ def _cmd_generate(args) -> int:
     from cascade_ranking.datasources import synthetic
 
     config = synthetic.SyntheticConfig(num_requests=args.requests, seed=args.seed)
+    if args.drift and args.spans is None:
+        raise ValueError("--drift changes the world between spans: give --spans K too")
     start = time.time()
-    report = synthetic.write_dataset(config, args.out, overwrite=args.overwrite)
-    seconds = time.time() - start
-    rows = sum(report["rows"].values())
-    print(f"wrote {rows} candidate rows of {config.num_requests} requests to {args.out} "
-          f"({report['rows']}) in {seconds:.1f}s")
+    if args.spans is None:
+        report = synthetic.write_dataset(config, args.out, overwrite=args.overwrite)
+        rows = sum(report["rows"].values())
+        print(f"wrote {rows} candidate rows of {config.num_requests} requests to {args.out} "
+              f"({report['rows']}) in {time.time() - start:.1f}s")
+        return 0
+    report = synthetic.write_spans(config, args.out, args.spans, drift=args.drift, overwrite=args.overwrite)
+    rows = sum(sum(span["rows"].values()) for span in report["spans"].values())
+    print(f"wrote {args.spans} spans of {config.num_requests} requests ({rows} candidate rows, drift {args.drift:g}) "
+          f"to {args.out}/span-1 … span-{args.spans} in {time.time() - start:.1f}s")
     return 0
 
 
@@ -98,7 +105,7 @@ def pipeline_config(args, **where):
     from cascade_ranking.pipelines.config import load_config
 
     config = load_config(args.config, args.set or ())
-    changes = {"source": args.source, "examples_dir": args.examples_dir}
+    changes = {"source": args.source, "examples_dir": args.examples_dir, "span": args.span}
     synthetic = config.synthetic
     if args.seed is not None:
         synthetic = dataclasses.replace(synthetic, seed=args.seed)
@@ -267,6 +274,8 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--source", choices=("synthetic", "examples"),
                       help="built-in synthetic data (default), or an Examples dir of candidate rows (cascade generate/convert)")
     data.add_argument("--examples-dir", help="Examples directory for --source examples")
+    data.add_argument("--span", type=_non_negative_int,
+                      help="the span to read of an --examples-dir of spans (span-1/, span-2/, …; default: the newest)")
     data.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
     data.add_argument("--seed", type=_non_negative_int, help="synthetic data seed (default 0)")
     data.add_argument("--max-bad-fraction", type=_fraction, default=None,
@@ -310,12 +319,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_init(args) -> int:
+    from cascade_ranking.datasources import spans
     from cascade_ranking.pipelines.init_config import CONFIG_FILE, SCHEMA_FILE, check_inputs_and_outputs, infer
     from cascade_ranking.pipelines.run_log import RunLog
 
     check_inputs_and_outputs(args.examples_dir, args.out, args.overwrite)
     with RunLog(args.out, startup=args.startup_output) as log:  # TFDV's and Beam's output
-        print(f"computing TFDV statistics of {args.examples_dir}/Split-train (library log: {log.path})")
+        root = spans.split_root(args.examples_dir, None)
+        print(f"computing TFDV statistics of {root}/Split-train (library log: {log.path})")
         report = infer(args.examples_dir, args.out, overwrite=args.overwrite, request_key=args.request_key,
                        label=args.label, request_time=args.request_time, lookup=args.lookup)
     for line in report.lines():
@@ -342,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output directory (Split-train/, Split-eval/)")
     gen.add_argument("--requests", type=_positive_int, default=5_000, help="number of requests (50 rows each)")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+    gen.add_argument("--spans", type=_positive_int, default=None,
+                     help="write K spans of --requests each, span-1/ … span-K/ (TFX's span convention), later ones "
+                          "newer; without it, one Examples directory")
+    gen.add_argument("--drift", type=float, default=0.0,
+                     help="how much item popularity, user tastes and the position effect change from one span to "
+                          "the next (0: none; 0.3 makes an older span's model stale)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     gen.set_defaults(func=_cmd_generate)
 

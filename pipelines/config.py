@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cascade_ranking.components.evaluation import EvaluatorConfig
 from cascade_ranking.components.sampling import SamplerConfig
+from cascade_ranking.datasources import spans
 from cascade_ranking.datasources.example_io import InputError, check_examples_dir
 from cascade_ranking.datasources.synthetic import SyntheticConfig
 from cascade_ranking.models import stages as stage_registry
@@ -62,6 +63,9 @@ class PipelineConfig:
     # Split-train/ and Split-eval/ of candidate rows, e.g. from `cascade convert` or `cascade generate`).
     source: str = "synthetic"
     examples_dir: Optional[str] = None
+    # An examples_dir of spans (span-1/, span-2/, …, each with Split-train/ and Split-eval/; TFX's
+    # span convention, `datasources.spans`) is read one span a run: `span`, or the newest when None.
+    span: Optional[int] = None
     synthetic: SyntheticConfig = SyntheticConfig()
     # Stage models.
     teacher: RankerConfig = RankerConfig.teacher()  # the wider, deeper ranker of the teacher pass
@@ -121,10 +125,13 @@ class PipelineConfig:
                 raise ValueError("source 'examples' needs examples_dir")
             if "://" not in self.examples_dir and not os.path.isdir(self.examples_dir):
                 raise FileNotFoundError(f"data path {self.examples_dir} does not exist")
+            root = self.split_root()
             for split in ("train", "eval") if "://" not in self.examples_dir else ():
-                path = os.path.join(self.examples_dir, f"Split-{split}")
+                path = os.path.join(root, f"Split-{split}")
                 if not os.path.isdir(path):
                     raise FileNotFoundError(f"data path {path} does not exist (expected Split-train/ and Split-eval/)")
+        elif self.span is not None:
+            raise ConfigError(f"span {self.span}: only source 'examples' reads spans (synthetic data is one span)")
         if self.source == "synthetic":
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:
@@ -199,8 +206,19 @@ class PipelineConfig:
         the data; the local runner calls this once per run."""
         if self.source != "examples" or "://" in (self.examples_dir or ""):
             return
-        check_examples_dir(self.examples_dir, self.local_schema(),
+        check_examples_dir(self.split_root(), self.local_schema(),
                            required=self.features.model_inputs + self.keys.data_columns())
+
+    def read_span(self) -> Optional[int]:
+        """The span of examples_dir this run reads (`datasources.spans.chosen_span`: `span`, or the
+        newest), None when it has no spans or the source is synthetic."""
+        if self.source != "examples" or not self.examples_dir:
+            return None
+        return spans.chosen_span(self.examples_dir, self.span)
+
+    def split_root(self) -> str:
+        """The directory with the run's Split-train/ and Split-eval/: the read span's, or examples_dir."""
+        return spans.split_root(self.examples_dir, self.span)
 
     def local_schema(self):
         """The run's schema (`schema_file`, default the packaged one) when it is a local file, else
@@ -244,7 +262,7 @@ class PipelineConfig:
         if self.source == "synthetic":
             return self.synthetic.num_requests * len(STAGE_TIERS) * CANDIDATES_PER_TIER
         if self.source == "examples" and self.examples_dir and "://" not in self.examples_dir:
-            size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(self.examples_dir)
+            size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(self.split_root())
                        for name in names)
             return size // AUTO_BYTES_PER_ROW
         return None

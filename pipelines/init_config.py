@@ -2,7 +2,8 @@
 
     cascade init --examples-dir D --out DIR [--lookup hash|vocabulary]
 
-reads the Examples directory D (Split-train/, Split-eval/ of candidate-row tf.Examples), computes
+reads the Examples directory D (Split-train/, Split-eval/ of candidate-row tf.Examples; of a
+directory of spans, span-<k>/, its newest span: `datasources.spans`), computes
 TFDV statistics of its train split (`tfdv.generate_statistics_from_tfrecord`, Beam DirectRunner)
 and infers a TFMD schema from them (`tfdv.infer_schema`, with feature shapes). On top of TFDV's
 inference it writes what the package's contract needs and TFDV cannot know:
@@ -345,9 +346,11 @@ def check_inputs_and_outputs(examples_dir: str, out_dir: str, overwrite: bool = 
     from cascade_ranking.datasources.example_io import InputError, check_examples_dir
     from cascade_ranking.pipelines.run_log import check_writable
 
+    from cascade_ranking.datasources import spans
+
     if not os.path.isdir(examples_dir):
         raise InputError(f"data path {examples_dir} does not exist")
-    check_examples_dir(examples_dir)
+    check_examples_dir(spans.split_root(examples_dir, None))
     paths = {name: os.path.join(out_dir, name) for name in (SCHEMA_FILE, CONFIG_FILE)}
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not overwrite:
@@ -365,14 +368,17 @@ def infer(examples_dir: str, out_dir: str, overwrite: bool = False, request_key:
 
     from cascade_ranking.pipelines.config import PipelineConfig, dump_config
 
+    from cascade_ranking.datasources import spans
+
     paths = check_inputs_and_outputs(examples_dir, out_dir, overwrite)
-    stats = tfdv.generate_statistics_from_tfrecord(os.path.join(examples_dir, "Split-train", "*"))
+    root = spans.split_root(examples_dir, None)  # a directory of spans: its newest span
+    stats = tfdv.generate_statistics_from_tfrecord(os.path.join(root, "Split-train", "*"))
     schema = tfdv.infer_schema(stats, infer_feature_shape=True)
     keys = find_keys([f.name for f in schema.feature], request_key, label, request_time)
     report = refine(schema, stats, keys)
     candidates = [f.name for f in schema.feature if f.name not in report.added]
     registry = infer_registry(schema, stats, report,
-                              request_level_features(examples_dir, candidates, request_key=keys.request_id), keys,
+                              request_level_features(root, candidates, request_key=keys.request_id), keys,
                               lookup=lookup)
     _write_atomically(paths[SCHEMA_FILE], text_format.MessageToString(schema))
     config = PipelineConfig(source="examples", examples_dir=os.path.abspath(examples_dir),

@@ -58,6 +58,7 @@ from cascade_ranking.components.negative_sampler import NegativeSampler
 from cascade_ranking.components.stage_model import StageModel
 from cascade_ranking.components.synthetic_example_gen import SyntheticExampleGen
 from cascade_ranking.components.teacher_inference import TeacherInference
+from cascade_ranking.datasources import spans
 from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.trainers.common import FEATURES_KEY, STAGE_OPTIONS_KEY
 from cascade_ranking.pipelines.baseline_strategy import BaselineBeforeCandidateStrategy
@@ -83,14 +84,13 @@ def _absolute(path: str) -> str:
 def example_source(config: PipelineConfig):
     if config.source == "synthetic":
         return SyntheticExampleGen(config=config.synthetic)
+    span = config.read_span()  # the span pinned when the run starts: the one check_inputs read
     return components.ImportExampleGen(
         input_base=_absolute(config.examples_dir),
-        input_config=example_gen_pb2.Input(
-            splits=[
-                example_gen_pb2.Input.Split(name="train", pattern="Split-train/*"),
-                example_gen_pb2.Input.Split(name="eval", pattern="Split-eval/*"),
-            ]
-        ),
+        input_config=example_gen_pb2.Input(splits=[
+            example_gen_pb2.Input.Split(name=split, pattern=spans.split_pattern(split, spanned=span is not None))
+            for split in ("train", "eval")]),
+        range_config=spans.range_config(span),
     )
 
 

@@ -22,11 +22,15 @@ def _run(capsys, *argv):
         (["generate", "--out", "OUT", "--requests", "lots"], "--requests"),
         (["generate", "--out", "OUT", "--seed", "-1"], "--seed"),
         (["generate", "--requests", "5"], "--out"),
+        (["generate", "--out", "OUT", "--requests", "5", "--drift", "0.3"], "--spans"),
+        (["generate", "--out", "OUT", "--requests", "5", "--spans", "2", "--drift", "-1"], "drift"),
+        (["generate", "--out", "OUT", "--requests", "5", "--spans", "0"], "--spans"),
         (["convert", "movielens", "--src", "/no/such/dir", "--out", "OUT"], "/no/such/dir"),
         (["convert", "obd", "--src", "/no/such/dir", "--out", "OUT"], "/no/such/dir"),
         (["convert", "netflix", "--src", "x", "--out", "OUT"], "netflix"),
         (["run", "--source", "examples", "--examples-dir", "/no/such/dir"], "/no/such/dir"),
         (["run", "--source", "examples"], "examples_dir"),
+        (["run", "--span", "2"], "span 2"),
         (["run", "--requests", "0"], "--requests"),
         (["run", "--nonclick-keep-rate", "1.5"], "--nonclick-keep-rate"),
         (["run", "--activation", "sigmoidish"], "sigmoidish"),
@@ -54,6 +58,22 @@ def test_generate_writes_splits(capsys, tmp_path):
     # A second run into the same directory refuses to clobber it, in one line.
     code, _, err = _run(capsys, "generate", "--out", str(out), "--requests", "12")
     assert code == 2 and "exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_writes_spans_and_run_reads_the_one_named(capsys, tmp_path):
+    out = tmp_path / "spans"
+    code, stdout, _ = _run(capsys, "generate", "--out", str(out), "--requests", "6", "--spans", "3", "--drift", "0.2")
+    assert code == 0 and "3 spans of 6 requests" in stdout
+    for k in (1, 2, 3):
+        ids = {ex.features.feature["request_id"].int64_list.value[0]
+               for s in ("train", "eval") for ex in example_io.read_examples(str(out / f"span-{k}" / f"Split-{s}"))}
+        assert ids == set(range((k - 1) * 6, k * 6))
+    config = cli.run_config(cli.build_parser().parse_args(
+        ["run", "--source", "examples", "--examples-dir", str(out), "--span", "2"]))
+    assert config.span == 2 and config.read_span() == 2 and config.split_root() == str(out / "span-2")
+    code, _, err = _run(capsys, "run", "--source", "examples", "--examples-dir", str(out), "--span", "4",
+                        "--output-dir", str(tmp_path / "run"))
+    assert code == 2 and err.strip().endswith("it has span(s) 1, 2, 3")
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["convert"], ["run"]])

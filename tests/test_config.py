@@ -114,6 +114,8 @@ def test_cascade_config_prints_a_config_that_reads_back_to_the_same_run(tmp_path
     ("cascade: {method: lcronn}\n", (), r"cascade: method must be one of"),
     ("", ("--set", "retrieval.epochs=0"), r"retrieval: epochs must be > 0, got 0"),
     ("synthetic: {num_requests: -3}\n", (), r"synthetic: num_requests must be positive"),
+    ("span: 2\n", (), r"span 2: only source 'examples' reads spans"),
+    ("span: two\n", (), r"span: expected an int, got 'two'"),
 ])
 def test_a_bad_config_is_one_line_naming_the_file_or_override_and_the_key(tmp_path, capsys, content, argv, named):
     path = tmp_path / "bad.yaml"

@@ -148,3 +148,76 @@ def test_existing_output_is_not_clobbered(tmp_path):
     with pytest.raises(example_io.InputError, match="exists"):
         synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=2), str(out))
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_spans_continue_the_request_stream_and_span_1_is_the_undrifted_log(tmp_path):
+    config = synthetic.SyntheticConfig(num_requests=40, seed=2)
+    report = synthetic.write_spans(config, str(tmp_path / "spans"), spans=3, drift=0.4)
+    synthetic.write_dataset(config, str(tmp_path / "flat"))
+    for split in ("train", "eval"):  # span 1 is the log `cascade generate` writes without spans
+        assert not filecmp.dircmp(str(tmp_path / "flat" / f"Split-{split}"),
+                                  str(tmp_path / "spans" / "span-1" / f"Split-{split}")).diff_files
+    last_time = -1
+    for k in (1, 2, 3):
+        rows = [ex.features.feature for s in ("train", "eval")
+                for ex in example_io.read_examples(str(tmp_path / "spans" / f"span-{k}" / f"Split-{s}"))]
+        ids = {f["request_id"].int64_list.value[0] for f in rows}
+        times = [f["request_time"].int64_list.value[0] for f in rows]
+        assert ids == set(range((k - 1) * 40, k * 40))
+        assert min(times) > last_time  # each span is later than the one before
+        last_time = max(times)
+        assert sum(report["spans"][k]["rows"].values()) == len(rows) == 40 * 50
+
+
+def test_drift_moves_popularity_tastes_and_the_position_effect():
+    config = synthetic.SyntheticConfig(num_requests=10, seed=4)
+    world = synthetic.World(config)
+    assert world.drifted(3, 0.0) is world and world.drifted(0, 0.5) is world
+    later = world.drifted(2, 0.5)
+    assert later.position_decay == pytest.approx(config.position_decay * 1.5 ** 2)
+    # Popularity: still a distribution, its standardised log is the observable 4th item feature.
+    assert later.item_popularity.sum() == pytest.approx(1.0)
+    log_pop = np.log(later.item_popularity)
+    np.testing.assert_allclose(later.pop_z, (log_pop - log_pop.mean()) / log_pop.std(), rtol=1e-6)
+    np.testing.assert_allclose(later.item_dense[:, 3], later.pop_z, rtol=1e-5)
+    np.testing.assert_array_equal(later.item_dense[:, :3], world.item_dense[:, :3])
+    # Two random-walk steps of d·std(w) per coordinate: the tastes moved by about √2·0.5·std(w).
+    step = (later.user_latent - world.user_latent).std()
+    assert step == pytest.approx(np.sqrt(2) * 0.5 * world.user_latent.std(), rel=0.05)
+    assert np.corrcoef(np.log(later.item_popularity), np.log(world.item_popularity))[0, 1] < 0.9
+    # The same steps for the same seed, another walk for another seed.
+    np.testing.assert_array_equal(world.drifted(2, 0.5).user_latent, later.user_latent)
+    other = synthetic.World(synthetic.SyntheticConfig(num_requests=10, seed=5)).drifted(2, 0.5)
+    assert not np.allclose(other.user_latent - synthetic.World(other.config).user_latent,
+                           later.user_latent - world.user_latent)
+
+
+def _auc(scores, labels):
+    order = np.argsort(scores)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    positives = labels == 1
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return (ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.5])
+def test_a_stale_world_ranks_a_newer_spans_clicks_worse(drift):
+    """The oracle of span 1 (its relevance ρ) against the oracle of span 3, on span 3's shown rows:
+    with drift the stale one ranks the clicks worse; without, they are the same."""
+    config = synthetic.SyntheticConfig(num_requests=600, seed=6)
+    first = synthetic.World(config)
+    third = first.drifted(2, drift)
+    stale, fresh, clicks = [], [], []
+    for r in range(2 * config.num_requests, 3 * config.num_requests):
+        request = synthetic.generate_request(third, r)
+        shown = request["ui_position"] > 0
+        user, tokens, items = request["user_id"][0], request["query_tokens"][0], request["item_id"][shown]
+        stale.append(first.relevance(user, tokens, items))
+        fresh.append(third.relevance(user, tokens, items))
+        clicks.append(request["click"][shown])
+    stale, fresh, clicks = map(np.concatenate, (stale, fresh, clicks))
+    if drift == 0.0:
+        np.testing.assert_array_equal(stale, fresh)
+    else:
+        assert _auc(fresh, clicks) > _auc(stale, clicks) + 0.02
