@@ -55,7 +55,7 @@ from cascade_ranking.models.ranker import FactoryFloorRanker
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.ranking_stage import RankingStage
-from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers import common, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       concatenate_batches, iterate_lists, save_with_warmup, scan_train_split)
@@ -269,11 +269,13 @@ def run_fn(fn_args) -> None:
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     model.build_train_step(next(iter(LI.dataset_from_lists(sample, config.batch_size))))
     del sample
+    warm = warm_start.restore(model, fn_args, "Trainer.cascade")
     train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
                                     features=features)
     ranking = model.ranking_stage
-    model.fit(train, epochs=config.epochs, verbose=0, callbacks=common.callbacks(fn_args) + [
-        FinalizeRanker(ranking), EpochProgress("cascade", ("loss", "e2e", "ranker_loss"))])
+    model.fit(train, epochs=warm_start.epochs(fn_args, config.epochs, warm), verbose=0,
+              callbacks=common.callbacks(fn_args) + [
+                  FinalizeRanker(ranking), EpochProgress("cascade", ("loss", "e2e", "ranker_loss"))])
 
     quotas = tuple(int(q) for q in config.eval_quotas)
     result, warmup = evaluate_eval_split(model, fn_args.eval_files, list_size, quotas, config.label, features)
@@ -288,3 +290,4 @@ def run_fn(fn_args) -> None:
     preranker = PrerankerServing(light, schema)
     save_with_warmup(preranker, export_lib.stage_model_dir(fn_args.serving_model_dir, "preranking"),
                      {"serving_default": preranker.serve}, warmup)
+    warm_start.save(model, fn_args)

@@ -52,7 +52,7 @@ from cascade_ranking.models.cascade_model import cascade_labels
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.metrics import requests_without_gt, stage_recall
 from cascade_ranking.models.tasks import build_train_step
-from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers import common, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       ADAPT_LISTS, concatenate_batches, iterate_lists, save_with_warmup,
@@ -238,7 +238,8 @@ def run_fn(fn_args) -> None:
                                        shuffle_seed=shuffle_seed, features=features, lists_per_chunk=lists_per_chunk)
 
     build_train_step(model, next(iter(pairs(lists_per_chunk=64))))  # traced once; one batch needs a few lists
-    model.fit(pairs(config.seed), epochs=config.epochs, verbose=0,
+    warm = warm_start.restore(model, fn_args, "Trainer.retrieval")
+    model.fit(pairs(config.seed), epochs=warm_start.epochs(fn_args, config.epochs, warm), verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
     result = evaluate_batches(model, corpus, iterate_lists(fn_args.eval_files, list_size, EVAL_CHUNK, features),
                               config.top_k, config.eval_quota)
@@ -247,3 +248,4 @@ def run_fn(fn_args) -> None:
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
     export(model, corpus, fn_args.serving_model_dir, warmup, config.top_k, schema)
+    warm_start.save(model, fn_args)

@@ -20,7 +20,7 @@ from absl import logging
 
 from cascade_ranking.models import inputs, ranker, ranker_export
 from cascade_ranking.models.ranker_config import RankerConfig
-from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers import common, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.schema import features as F
 
@@ -47,7 +47,8 @@ def run_fn(fn_args) -> None:
     model.compile()
     first = inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema))
     model.build_train_step(next(iter(first)))  # so that fit traces its step once
-    model.fit(train, epochs=config.epochs, verbose=0,
+    warm = warm_start.restore(model, fn_args, "Trainer.teacher")
+    model.fit(train, epochs=warm_start.epochs(fn_args, config.epochs, warm), verbose=0,
               callbacks=common.callbacks(fn_args) + [EpochProgress("teacher", ("loss", "logistic"))])
     result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)
     result["schema_path"] = schema_path
@@ -55,3 +56,4 @@ def run_fn(fn_args) -> None:
     common.write_eval_metrics(fn_args.model_run_dir, result)
     ranker_export.export_ranker(model, fn_args.serving_model_dir, common.warmup_examples(fn_args.eval_files),
                                 schema=schema)
+    warm_start.save(model, fn_args)
