@@ -66,6 +66,12 @@ class PipelineConfig:
     # An examples_dir of spans (span-1/, span-2/, …, each with Split-train/ and Split-eval/; TFX's
     # span convention, `datasources.spans`) is read one span a run: `span`, or the newest when None.
     span: Optional[int] = None
+    # Continuous training on spans (issue 17): each Trainer starts from the newest model it trained on
+    # an older span (`pipelines.warm_start_strategy`, `models.trainers.warm_start`) and trains
+    # `warm_start_epochs` on the new one (one pass: Factory Floor's online training). No effect
+    # without spans; false: every span trains afresh.
+    warm_start: bool = True
+    warm_start_epochs: int = 1
     synthetic: SyntheticConfig = SyntheticConfig()
     # Stage models.
     teacher: RankerConfig = RankerConfig.teacher()  # the wider, deeper ranker of the teacher pass
@@ -132,6 +138,8 @@ class PipelineConfig:
                     raise FileNotFoundError(f"data path {path} does not exist (expected Split-train/ and Split-eval/)")
         elif self.span is not None:
             raise ConfigError(f"span {self.span}: only source 'examples' reads spans (synthetic data is one span)")
+        if self.warm_start_epochs <= 0:
+            raise ConfigError(f"warm_start_epochs must be > 0, got {self.warm_start_epochs}")
         if self.source == "synthetic":
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:

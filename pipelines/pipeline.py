@@ -61,7 +61,9 @@ from cascade_ranking.components.teacher_inference import TeacherInference
 from cascade_ranking.datasources import spans
 from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.trainers.common import FEATURES_KEY, STAGE_OPTIONS_KEY
+from cascade_ranking.models.trainers import warm_start
 from cascade_ranking.pipelines.baseline_strategy import BaselineBeforeCandidateStrategy
+from cascade_ranking.pipelines.warm_start_strategy import WarmStartStrategy
 from cascade_ranking.pipelines.config import PipelineConfig, to_json
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import vocabulary
@@ -129,14 +131,33 @@ def vocabulary_transform(examples, schema, features: F.FeatureConfig) -> Optiona
     )
 
 
-def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, after, features,
-             transform_graph=None) -> components.Trainer:
+def warm_start_model(trainer: str, span: int) -> Resolver:
+    """`WarmStart.<trainer>`: the newest model of `Trainer.<trainer>` trained on a span below `span`
+    (`pipelines.warm_start_strategy`; empty on the first span). The model channel names its
+    producer, so the query adds no edge to the graph."""
+    return Resolver(strategy_class=WarmStartStrategy, config={"span": span},
+                    model=Channel(type=standard_artifacts.Model, producer_component_id=f"Trainer.{trainer}",
+                                  output_key="model")).with_id(f"WarmStart.{trainer}")
+
+
+def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, after, config: PipelineConfig,
+             transform_graph=None, warm_starts: Optional[dict] = None) -> components.Trainer:
     """`Trainer.<name>` running `run_fn`; every one gets the run's FeatureConfig under custom_config
-    "features", and the Transform output (vocabularies) when some feature has lookup vocabulary."""
-    custom_config = {**custom_config, FEATURES_KEY: to_json(features)}
+    "features", and the Transform output (vocabularies) when some feature has lookup vocabulary.
+    On spans, custom_config "warm_start" carries the run's span (the Trainer records it in its
+    warm-start checkpoint) and, when `warm_starts` is a dict (the run warm-starts), the Trainer's
+    base_model is `warm_start_model`'s, whose node is added to `warm_starts` under `name`."""
+    custom_config = {**custom_config, FEATURES_KEY: to_json(config.features)}
+    span = config.read_span()
+    base_model = None
+    if span is not None:
+        custom_config[warm_start.WARM_START_KEY] = json.dumps({"span": span, "epochs": config.warm_start_epochs})
+        if warm_starts is not None:
+            warm_starts[name] = warm_start_model(name, span)
+            base_model = warm_starts[name].outputs["model"]
     trainer = components.Trainer(
         run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
-        transform_graph=transform_graph,
+        transform_graph=transform_graph, base_model=base_model,
     ).with_id(f"Trainer.{name}")
     trainer.add_upstream_node(after)
     return trainer
@@ -200,10 +221,13 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     example_validator = components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
     anomaly_gate = AnomalyGate(anomalies=example_validator.outputs["anomalies"])
 
+    # Each Trainer's WarmStart Resolver, when the run reads a span and warm-starts (not on Kubeflow:
+    # its compiler takes TFX's stock strategies only).
+    warm_starts = {} if config.warm_start and not kubeflow and config.read_span() is not None else None
     transform = vocabulary_transform(rows, schema, config.features)
     graph = transform.outputs["transform_graph"] if transform else None
     teacher = _trainer("teacher", TEACHER_RUN_FN, rows, schema, {"ranker": config.teacher.to_json()},
-                       after=anomaly_gate, features=config.features, transform_graph=graph)
+                       after=anomaly_gate, config=config, transform_graph=graph, warm_starts=warm_starts)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
     sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
@@ -213,7 +237,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     # their Trainers on the request lists, and a StageModel for each stage served out of another's.
     stages = [s for s in stage_registry.registered() if s.name in config.stages]
     trainers = {t.name: _trainer(t.name, t.run_fn, request_lists, schema, stage_trainer_config(t, config),
-                                 after=anomaly_gate, features=config.features, transform_graph=graph)
+                                 after=anomaly_gate, config=config, transform_graph=graph, warm_starts=warm_starts)
                 for t in stage_registry.trainers(config.stages)}
     stage_models = {s.name: StageModel(model=trainers[s.trainer.name].outputs["model"], stage=s.name).with_id(
         s.model_source[0]) for s in stages if s.extracted}
@@ -238,7 +262,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
         components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate,
-                    *([transform] if transform else []), teacher,
+                    *([transform] if transform else []), *(warm_starts or {}).values(), teacher,
                     teacher_inference, sampler, *trainers.values(), *stage_models.values(),
                     *baselines.values(), tfma_evaluator,
                     evaluator, *pushers],

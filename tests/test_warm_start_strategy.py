@@ -1,0 +1,100 @@
+"""`pipelines.warm_start_strategy` and the pipeline's warm start on spans, checked on a run's own
+artifacts: span 2's Trainers read span 1's models as `base_model`, continue their step counters,
+record their span, and a rerun of span 2 is answered by the cache."""
+import json
+import os
+
+import ml_metadata as mlmd
+import pytest
+from tfx.orchestration import metadata
+from tfx.types import standard_artifacts
+
+from cascade_ranking.components.evaluation import EvaluatorConfig
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
+from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
+from cascade_ranking.pipelines import local_runner
+from cascade_ranking.pipelines.config import PipelineConfig
+from cascade_ranking.pipelines.warm_start_strategy import INFO_PATH, WarmStartStrategy, model_span
+
+TRAINERS = ("teacher", "cascade", "retrieval")
+
+
+def _model(tmp_path, artifact_id, span):
+    model = standard_artifacts.Model()
+    model.id = artifact_id
+    model.uri = str(tmp_path / f"model{artifact_id}")
+    if span is not None:
+        os.makedirs(os.path.join(model.uri, os.path.dirname(INFO_PATH)))
+        with open(os.path.join(model.uri, INFO_PATH), "w") as f:
+            json.dump({"span": span, "fingerprint": "x"}, f)
+    return model
+
+
+def test_the_base_is_the_newest_model_of_the_latest_older_span(tmp_path):
+    models = [_model(tmp_path, 3, 1), _model(tmp_path, 7, 1), _model(tmp_path, 5, 2), _model(tmp_path, 9, None),
+              _model(tmp_path, 11, 3)]
+    assert [model_span(m) for m in models] == [1, 1, 2, None, 3]
+
+    def base(span):
+        return [m.id for m in WarmStartStrategy(span).resolve_artifacts(None, {"model": models})["model"]]
+
+    assert base(1) == []  # nothing older: trained afresh
+    assert base(2) == [7]  # span 1's newest (a rerun of span 1 made model 7)
+    assert base(3) == [5]  # span 2's, though span 1 has newer ids
+    assert base(4) == [11]
+    assert WarmStartStrategy(2).resolve_artifacts(None, {})["model"] == []
+
+
+# ---- the pipeline on two spans -----------------------------------------------------------------
+REQUESTS = 150
+
+
+def _config(examples_dir, output_dir, span):
+    return PipelineConfig(
+        source="examples", examples_dir=examples_dir, span=span, output_dir=output_dir,
+        teacher=RankerConfig.teacher(epochs=3, hidden_units=(32,), cross_layers=1),
+        ranker=RankerConfig.cascade_stage(hidden_units=(64,), cascade_head_units=(32,)),
+        retrieval=RetrievalTrainerConfig(epochs=3, batch_size=64),
+        cascade=CascadeTrainerConfig(epochs=3, batch_size=8),
+        evaluator=EvaluatorConfig(thresholds=(), change_thresholds=(), tfma_min_auc=0.0, tfma_auc_tolerance=1.0,
+                                  tfma_calibration_range=(0.0, 1e9)),
+        beam_mode="in_process")
+
+
+def _trainer_io(config, trainer):
+    """(base_model ids read, model ids written) of each execution of `Trainer.<trainer>`, oldest first."""
+    store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path)))
+    context = store.get_context_by_type_and_name("node", f"{config.pipeline_name}.Trainer.{trainer}")
+    runs = []
+    for execution in sorted(store.get_executions_by_context(context.id), key=lambda e: e.id):
+        events = store.get_events_by_execution_ids([execution.id])
+        read = [e.artifact_id for e in events if e.type == mlmd.proto.Event.INPUT and e.path.steps[0].key == "base_model"]
+        written = [e.artifact_id for e in events if e.type == mlmd.proto.Event.OUTPUT and e.path.steps[0].key == "model"]
+        runs.append((read, written, store.get_artifacts_by_id(written)))
+    return runs
+
+
+@pytest.mark.slow
+def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys):
+    spans_dir, out = str(tmp_path / "log"), str(tmp_path / "run")
+    synthetic.write_spans(synthetic.SyntheticConfig(num_requests=REQUESTS, seed=3), spans_dir, spans=2, drift=0.3)
+    timings = []
+    for span in (1, 2, 2):
+        _, components = local_runner.run_with_timings(_config(spans_dir, out, span), show_progress=False)
+        timings.append({node: cached for node, _, cached in components})
+    printed = capsys.readouterr().out
+    config = _config(spans_dir, out, 2)
+    for trainer in TRAINERS:
+        (read1, written1, [model1]), (read2, written2, [model2]), (read3, written3, _) = _trainer_io(config, trainer)
+        assert read1 == [] and read2 == written1  # span 1 trained afresh, span 2 from span 1's model
+        assert (read3, written3) == (read2, written2)  # the rerun of span 2: the same base, the cached model
+        info1, info2 = (json.load(open(os.path.join(m.uri, INFO_PATH))) for m in (model1, model2))
+        assert (info1["span"], info2["span"]) == (1, 2)
+        # The step counter went on: span 2's one pass added about a third of span 1's three epochs.
+        added = info2["optimizer_steps"] - info1["optimizer_steps"]
+        assert 0 < added < info1["optimizer_steps"] / 2, (trainer, info1, info2)
+        assert f"Trainer.{trainer}: warm start from {model1.uri} (span 1)" in printed
+        assert timings[2][f"Trainer.{trainer}"] and timings[2][f"WarmStart.{trainer}"] is not None
+    assert not any(timings[1][f"Trainer.{t}"] for t in TRAINERS)
