@@ -188,6 +188,54 @@ def _cmd_run(args) -> int:
     return 0
 
 
+STREAM_OUTPUT_DIR = "cascade_stream"
+
+
+def _cmd_stream(args) -> int:
+    from cascade_ranking.datasources import synthetic
+    from cascade_ranking.pipelines import run_log, stream
+
+    args.drift_given = args.drift is not None
+    args.drift = stream.DEFAULT_DRIFT if args.drift is None else args.drift
+    if args.output_dir is None:
+        args.output_dir = STREAM_OUTPUT_DIR
+    config = run_config(args)
+    if config.span is not None:
+        raise ValueError("cascade stream runs every span in order: --span picks one, for cascade run")
+    numbers = None
+    if config.source == "synthetic":
+        config.validate()
+        synthetic.check_drift(args.drift)
+    else:
+        if args.drift_given:
+            raise ValueError("--drift shapes synthetic spans: your own spans drift as they do")
+        config.validate()
+        numbers = stream.span_numbers(config, args.spans)
+    run_log.check_writable(config.output_dir)
+    with run_log.RunLog(config.output_dir, startup=args.startup_output, verbose=args.verbose) as log:
+        if numbers is None:
+            count = args.spans or 3
+            print(f"writing {count} synthetic spans of {config.synthetic.num_requests} requests, drift {args.drift:g}, "
+                  f"into {os.path.join(config.output_dir, stream.SPANS_DIR)}")
+            spans_dir = stream.write_synthetic_spans(config, count, args.drift)
+            config = config.replace(source="examples", examples_dir=spans_dir)
+            numbers = stream.span_numbers(config)
+        print(f"Streaming spans {', '.join(map(str, numbers))} of {config.examples_dir} into "
+              f"{os.path.join(os.path.abspath(config.output_dir), stream.RUN_DIR)} (warm start: "
+              f"{'on' if config.warm_start else 'off'}); library log: {log.path}")
+        try:
+            records = stream.run_stream(config, numbers)
+        except Exception as error:
+            raise run_log.explain_failure(error, config, log.path) from error
+        paths = stream.save(records, config.output_dir)
+    print()
+    print("Per span: the span's model on its eval rows, and the previous blessed ranker on the same rows (progressive "
+          "validation: a model scored on a span it has not trained on)")
+    print(stream.format_records(records))
+    print(f"Written: {paths['json']}, {paths['png']}")
+    return 0
+
+
 def collect_and_report(config, seconds: float, timings, serve_check_wanted: bool):
     """After the pipeline: its results (`report.collect`), the served models, the serve-check of
     them when wanted, and report.html. A failed serve-check does not stop the report: it is
@@ -383,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--orchestrator", choices=("local", "beam"), default="local",
                      help="TFX LocalDagRunner, or BeamDagRunner (the whole pipeline as a Beam pipeline)")
     run.set_defaults(func=_cmd_run)
+
+    stream_parser = sub.add_parser("stream", help="run the pipeline span after span (warm starts, progressive "
+                                                  "validation) and print the per-span table")
+    _add_pipeline_flags(stream_parser)
+    _add_run_flags(stream_parser)
+    stream_parser.add_argument("--spans", type=_positive_int,
+                               help="synthetic: how many spans to write and stream (default 3); your --examples-dir "
+                                    "of spans: stream its first K (default all)")
+    stream_parser.add_argument("--drift", type=float, default=None,
+                               help="synthetic spans: how much the world changes from one span to the next (default 0.3)")
+    stream_parser.set_defaults(func=_cmd_stream)
 
     init = sub.add_parser("init", help="infer a starter schema and config from your own Examples dir (TFDV)")
     init.add_argument("--examples-dir", required=True, help="Examples directory (Split-train/, Split-eval/)")

@@ -31,6 +31,10 @@ def _run(capsys, *argv):
         (["run", "--source", "examples", "--examples-dir", "/no/such/dir"], "/no/such/dir"),
         (["run", "--source", "examples"], "examples_dir"),
         (["run", "--span", "2"], "span 2"),
+        (["stream", "--span", "2"], "--span picks one"),
+        (["stream", "--drift", "-0.5"], "drift must be in"),
+        (["stream", "--source", "examples", "--examples-dir", "EMPTY"], "has no span-<number>/ directories"),
+        (["stream", "--source", "examples", "--examples-dir", "EMPTY", "--drift", "0.2"], "--drift shapes synthetic"),
         (["run", "--requests", "0"], "--requests"),
         (["run", "--nonclick-keep-rate", "1.5"], "--nonclick-keep-rate"),
         (["run", "--activation", "sigmoidish"], "sigmoidish"),
@@ -39,7 +43,12 @@ def _run(capsys, *argv):
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, argv, names):
-    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    if "EMPTY" in argv:  # an Examples directory without spans
+        from cascade_ranking.datasources import synthetic
+        synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=5), str(tmp_path / "flat"))
+    argv = [str(tmp_path / "out") if a == "OUT" else str(tmp_path / "flat") if a == "EMPTY" else a for a in argv]
+    if argv[0] == "stream" and "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "out")]
     code, _, err = _run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
@@ -76,7 +85,7 @@ def test_generate_writes_spans_and_run_reads_the_one_named(capsys, tmp_path):
     assert code == 2 and err.strip().endswith("it has span(s) 1, 2, 3")
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["convert"], ["run"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["convert"], ["run"], ["stream"]])
 def test_every_subcommand_has_help(capsys, command):
     code, out, _ = _run(capsys, *command, "--help")
     assert code == 0

@@ -5,20 +5,28 @@ import json
 import os
 
 import ml_metadata as mlmd
+import numpy as np
 import pytest
+import tensorflow as tf
 from tfx.orchestration import metadata
 from tfx.types import standard_artifacts
 
 from cascade_ranking.components.evaluation import EvaluatorConfig
-from cascade_ranking.datasources import synthetic
+from cascade_ranking.datasources import example_io, synthetic
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
-from cascade_ranking.pipelines import local_runner
+from cascade_ranking.pipelines import local_runner, stream
 from cascade_ranking.pipelines.config import PipelineConfig
 from cascade_ranking.pipelines.warm_start_strategy import INFO_PATH, WarmStartStrategy, model_span
 
 TRAINERS = ("teacher", "cascade", "retrieval")
+
+
+def pairwise_auc(labels, scores):
+    """P(a clicked row outscores an unclicked one), ties counting a half: every pair compared."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return float(np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])))
 
 
 def _model(tmp_path, artifact_id, span):
@@ -78,14 +86,13 @@ def _trainer_io(config, trainer):
 
 @pytest.mark.slow
 def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys):
-    spans_dir, out = str(tmp_path / "log"), str(tmp_path / "run")
+    """`cascade stream`'s runner over two spans, then span 2 once more."""
+    spans_dir, out = str(tmp_path / "log"), str(tmp_path / "stream")
     synthetic.write_spans(synthetic.SyntheticConfig(num_requests=REQUESTS, seed=3), spans_dir, spans=2, drift=0.3)
-    timings = []
-    for span in (1, 2, 2):
-        _, components = local_runner.run_with_timings(_config(spans_dir, out, span), show_progress=False)
-        timings.append({node: cached for node, _, cached in components})
+    records = stream.run_stream(_config(spans_dir, out, None), [1, 2], show_progress=False)
+    config = _config(spans_dir, os.path.join(out, stream.RUN_DIR), 2)
+    _, rerun = local_runner.run_with_timings(config, show_progress=False)
     printed = capsys.readouterr().out
-    config = _config(spans_dir, out, 2)
     for trainer in TRAINERS:
         (read1, written1, [model1]), (read2, written2, [model2]), (read3, written3, _) = _trainer_io(config, trainer)
         assert read1 == [] and read2 == written1  # span 1 trained afresh, span 2 from span 1's model
@@ -96,5 +103,26 @@ def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys
         added = info2["optimizer_steps"] - info1["optimizer_steps"]
         assert 0 < added < info1["optimizer_steps"] / 2, (trainer, info1, info2)
         assert f"Trainer.{trainer}: warm start from {model1.uri} (span 1)" in printed
-        assert timings[2][f"Trainer.{trainer}"] and timings[2][f"WarmStart.{trainer}"] is not None
-    assert not any(timings[1][f"Trainer.{t}"] for t in TRAINERS)
+    cached = {node: hit for node, _, hit in rerun}
+    assert all(cached[f"Trainer.{t}"] for t in TRAINERS)
+    assert [r["span"] for r in records] == [1, 2]
+    assert records[0]["warm_started"] == [] and records[1]["warm_started"] == sorted(TRAINERS)
+
+    # Progressive validation of span 2: span 1's ranker (the blessed baseline) on span 2's shown eval
+    # rows, against an independent scoring of those rows with span 1's served model.
+    assert records[0]["baseline"]["auc"] is None
+    (_, _, [ranker1]), _, _ = _trainer_io(config, "cascade")
+    serve = tf.saved_model.load(os.path.join(ranker1.uri, "Format-Serving")).signatures["serving_default"]
+    shown = [ex for ex in example_io.read_examples(os.path.join(spans_dir, "span-2", "Split-eval"))
+             if ex.features.feature["ui_position"].int64_list.value[0] > 0]
+    ctr = serve(tf.constant([ex.SerializeToString() for ex in shown]))["ctr"].numpy().reshape(-1)
+    clicks = np.array([ex.features.feature["click"].int64_list.value[0] for ex in shown])
+    assert records[1]["baseline"]["auc"] == pytest.approx(pairwise_auc(clicks, ctr), abs=1e-4)
+    assert records[1]["baseline"]["calibration"] == pytest.approx(ctr.sum() / clicks.sum(), rel=1e-3)
+    assert records[1]["model"]["auc"] != pytest.approx(records[1]["baseline"]["auc"], abs=1e-4)
+
+    paths = stream.save(records, out)
+    assert json.load(open(paths["json"]))[1]["baseline"]["auc"] == records[1]["baseline"]["auc"]
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = stream.format_records(records).splitlines()
+    assert len(table) == 3 and table[2].split()[0] == "2" and "–" not in table[2]
