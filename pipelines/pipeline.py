@@ -21,6 +21,11 @@
                                └─► Pusher.<stage>, each gated by its own stage's blessing,
                                    into <serving_dir>/<stage>/<version>/
 
+On an examples_dir of spans (`datasources.spans`): ImportExampleGen reads the run's span, and each
+Trainer gets as `base_model` the newest model it trained on an older span (`WarmStart.<trainer>`
+Resolvers, `pipelines.warm_start_strategy`; `config.warm_start`), which it continues from
+(`models.trainers.warm_start`).
+
 Only when some feature of the registry has `lookup: vocabulary`: a standard TFX Transform on the
 example source's train split (`schema.vocabulary`: one `tft.vocabulary` per such feature, nothing
 materialized) whose transform_graph every Trainer reads its vocabulary files from.
