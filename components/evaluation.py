@@ -215,7 +215,10 @@ def cascade_metrics(rows: Mapping[str, np.ndarray], stage_keys: Sequence[str], c
 def baseline_cascade_metrics(rows: Mapping[str, np.ndarray], stage_keys: Sequence[str], baselines: Mapping[str, str],
                              config: EvaluatorConfig) -> Dict[str, object]:
     """Recall@|GT|@q, chance and lift of each stage's baseline alone, at the stage's quota and keyed
-    by the stage's input (like `cascade`), for the stages in `baselines` (stage input → baseline column)."""
+    by the stage's input (like `cascade`), for the stages in `baselines` (stage input → baseline column);
+    and when every stage has one, `e2e_recall` of the baselines' cascade (the same `metrics.e2e_recall`
+    and quotas as the model's): on spans, the previous models' cascade on the new span, the
+    progressive validation of e2e recall."""
     quotas = stage_quotas(stage_keys, config)
     keys = [k for k in stage_keys if k in baselines]
     lists, mask = request_lists(rows["request_id"], {baselines[k]: rows[baselines[k]] for k in keys}
@@ -223,6 +226,10 @@ def baseline_cascade_metrics(rows: Mapping[str, np.ndarray], stage_keys: Sequenc
     out: Dict[str, object] = {"stages": keys, "quotas": [quotas[k] for k in keys]}
     for key in keys:
         out.update(_stage_recalls(lists[baselines[key]], lists["gt"] & mask, mask, key, quotas[key]))
+    if keys and keys == list(stage_keys):
+        stage_scores = [np.where(mask, lists[baselines[k]].astype(np.float64), -np.inf) for k in keys]
+        out["e2e_recall"] = metrics.e2e_recall(stage_scores, lists["gt"] & mask, quotas=tuple(quotas[k] for k in keys),
+                                               mask=mask)
     return out
 
 

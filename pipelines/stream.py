@@ -11,7 +11,8 @@ each Trainer warm-starts from its model of the span before (`models.trainers.war
 each stage is evaluated against its latest blessed model on the new span's eval rows. That
 baseline, the model of an earlier span scored on data it has not seen, is the progressive
 validation of the span. Printed: one row per span with the model's e2e recall, AUC, PerQueryAUC,
-NE and calibration, and the same of the baseline ranker where one was blessed; written:
+NE and calibration, and the same of the baselines (the ranker's where one was blessed, the e2e
+recall where every stage had one); written:
 `<output dir>/stream.json` and `stream.png` (AUC and NE over spans).
 """
 import dataclasses
@@ -52,8 +53,8 @@ def write_synthetic_spans(config: PipelineConfig, count: int, drift: float) -> s
 
 def span_metrics(evaluation: Dict) -> Dict[str, Dict[str, Optional[float]]]:
     """{"model": …, "baseline": …} of METRICS from a CascadeEvaluator's metrics.json; the baseline's
-    are those of the ranking stage's baseline (None when the stage had none), its e2e recall None
-    (the evaluator scores each baseline stage alone)."""
+    are those of the ranking stage's baseline (None when the stage had none), and the e2e recall of
+    the baselines' cascade (None unless every stage had a baseline)."""
     click_rate = evaluation["click_rate"]
 
     def of(section: Optional[Dict], e2e: Optional[float]) -> Dict[str, Optional[float]]:
@@ -63,7 +64,7 @@ def span_metrics(evaluation: Dict) -> Dict[str, Dict[str, Optional[float]]]:
                 "ne": section["ne"], "calibration": section["mean_prediction"] / click_rate}
 
     return {"model": of(evaluation["model"], evaluation["cascade"]["e2e_recall"]),
-            "baseline": of(evaluation.get("baseline"), None)}
+            "baseline": of(evaluation.get("baseline"), evaluation.get("baseline_cascade", {}).get("e2e_recall"))}
 
 
 def run_stream(base: PipelineConfig, span_numbers: List[int], show_progress: bool = True,
@@ -87,12 +88,13 @@ def format_records(records: List[Dict]) -> str:
     def cell(value):
         return "–" if value is None else f"{value:.4f}"
 
-    header = ["span", "s", "e2e", "AUC", "PQAUC", "NE", "calib", "│", "prev AUC", "prev PQAUC", "prev NE", "prev calib"]
+    header = ["span", "s", "e2e", "AUC", "PQAUC", "NE", "calib", "│", "prev e2e", "prev AUC", "prev PQAUC", "prev NE",
+              "prev calib"]
     rows = [header]
     for r in records:
         m, b = r["model"], r["baseline"]
         rows.append([str(r["span"]), f"{r['seconds']:.0f}", *(cell(m[k]) for k in METRICS),
-                     "│", cell(b["auc"]), cell(b["per_query_auc"]), cell(b["ne"]), cell(b["calibration"])])
+                     "│", *(cell(b[k]) for k in METRICS)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 

@@ -134,6 +134,7 @@ def test_metrics_equal_independent_computations(setup, tmp_path):
         assert cascade[f"chance_at_{q}/{key}"] == pytest.approx(chance, abs=1e-9)
         assert cascade[f"recall_lift_at_{q}/{key}"] == pytest.approx((recall - chance) / (1 - chance), abs=1e-9)
     assert metrics["baseline_cascade"]["stages"] == ["model"]
+    assert "e2e_recall" not in metrics["baseline_cascade"]  # the pre-ranking stage had no baseline
     assert metrics["baseline_cascade"]["recall_at_20/model"] == pytest.approx(_recall(req, stage, base, 20), abs=1e-9)
     assert metrics["counters"]["records_scored"] == len(req)
     assert metrics["blessed"] == metrics["blessings"]["ranking"]["blessed"]
@@ -141,6 +142,40 @@ def test_metrics_equal_independent_computations(setup, tmp_path):
     for name in ("calibration.png", "recall_at_k.png"):
         with open(os.path.join(outputs["evaluation"][0].uri, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_baselines_cascade_gets_its_e2e_recall_when_every_stage_has_a_baseline():
+    """On spans the baselines are the previous span's models: their chained e2e recall on the new
+    span is the progressive figure `cascade stream` prints. Checked against a hand-made chain."""
+    rng = np.random.default_rng(4)
+    n, requests = 40, 25
+    rows = {"request_id": np.repeat(np.arange(requests), n), "click": np.zeros(n * requests, int),
+            "ui_position": np.tile(np.where(np.arange(n) < 10, np.arange(n) + 1, 0), requests),
+            "true_ctr": -np.ones(n * requests)}
+    gt = np.zeros(n * requests, bool)
+    for r in range(requests):
+        gt[r * n + rng.choice(n, 4, replace=False)] = True
+    rows["stage"] = np.where(gt, "rerank_pos", "prerank_neg")
+    rows["click"][gt & (rows["ui_position"] > 0)] = 1
+    rows["click"][rows["ui_position"] == 1] = 1  # every request has a click and a non-click among its shown rows
+    rows["click"][rows["ui_position"] == 2] = 0
+    for key in ("preranking_model", "model", "baseline_preranking_model", "baseline_model"):
+        rows[key] = gt * rng.uniform(0.0, 1.5) + rng.random(n * requests)
+    for key in ("model", "baseline_model"):
+        rows[f"{key}/ctr"] = 1 / (1 + np.exp(-rows[key]))
+    config = EvaluatorConfig(quotas=(12, 5))
+    both = evaluation.evaluate(rows, ["preranking_model", "model"], config,
+                               baselines={"preranking_model": "baseline_preranking_model", "model": "baseline_model"})
+    recalls = []
+    for r in range(requests):
+        sel = rows["request_id"] == r
+        survivors = np.argsort(-rows["baseline_preranking_model"][sel], kind="stable")[:12]
+        final = survivors[np.argsort(-rows["baseline_model"][sel][survivors], kind="stable")[:5]]
+        recalls.append(gt[sel][final].sum() / gt[sel].sum())
+    assert both["baseline_cascade"]["e2e_recall"] == pytest.approx(np.mean(recalls), abs=1e-12)
+    assert both["baseline_cascade"]["e2e_recall"] != pytest.approx(both["cascade"]["e2e_recall"], abs=1e-6)
+    one = evaluation.evaluate(rows, ["preranking_model", "model"], config, baselines={"model": "baseline_model"})
+    assert "e2e_recall" not in one["baseline_cascade"]
 
 
 def test_each_stage_is_blessed_by_its_own_thresholds(setup, tmp_path):
