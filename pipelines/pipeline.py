@@ -146,14 +146,13 @@ def warm_start_model(trainer: str, span: int) -> Resolver:
 
 
 def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, after, config: PipelineConfig,
-             transform_graph=None, warm_starts: Optional[dict] = None) -> components.Trainer:
+             span: Optional[int] = None, transform_graph=None, warm_starts: Optional[dict] = None) -> components.Trainer:
     """`Trainer.<name>` running `run_fn`; every one gets the run's FeatureConfig under custom_config
     "features", and the Transform output (vocabularies) when some feature has lookup vocabulary.
-    On spans, custom_config "warm_start" carries the run's span (the Trainer records it in its
-    warm-start checkpoint) and, when `warm_starts` is a dict (the run warm-starts), the Trainer's
+    On spans (`span`: the run's `config.read_span()`), custom_config "warm_start" carries it (the
+    Trainer records it in its warm-start checkpoint) and, when `warm_starts` is a dict (the run warm-starts), the Trainer's
     base_model is `warm_start_model`'s, whose node is added to `warm_starts` under `name`."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(config.features)}
-    span = config.read_span()
     base_model = None
     if span is not None:
         custom_config[warm_start.WARM_START_KEY] = json.dumps({"span": span, "epochs": config.warm_start_epochs})
@@ -228,11 +227,12 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
 
     # Each Trainer's WarmStart Resolver, when the run reads a span and warm-starts (not on Kubeflow:
     # its compiler takes TFX's stock strategies only).
-    warm_starts = {} if config.warm_start and not kubeflow and config.read_span() is not None else None
+    span = config.read_span()
+    warm_starts = {} if config.warm_start and not kubeflow and span is not None else None
     transform = vocabulary_transform(rows, schema, config.features)
     graph = transform.outputs["transform_graph"] if transform else None
     teacher = _trainer("teacher", TEACHER_RUN_FN, rows, schema, {"ranker": config.teacher.to_json()},
-                       after=anomaly_gate, config=config, transform_graph=graph, warm_starts=warm_starts)
+                       after=anomaly_gate, config=config, span=span, transform_graph=graph, warm_starts=warm_starts)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
     sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
@@ -242,7 +242,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     # their Trainers on the request lists, and a StageModel for each stage served out of another's.
     stages = [s for s in stage_registry.registered() if s.name in config.stages]
     trainers = {t.name: _trainer(t.name, t.run_fn, request_lists, schema, stage_trainer_config(t, config),
-                                 after=anomaly_gate, config=config, transform_graph=graph, warm_starts=warm_starts)
+                                 after=anomaly_gate, config=config, span=span, transform_graph=graph, warm_starts=warm_starts)
                 for t in stage_registry.trainers(config.stages)}
     stage_models = {s.name: StageModel(model=trainers[s.trainer.name].outputs["model"], stage=s.name).with_id(
         s.model_source[0]) for s in stages if s.extracted}

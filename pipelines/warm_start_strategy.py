@@ -13,25 +13,21 @@ checkpoint (written before warm starts existed) is skipped.
 Written by hand: TFX has no strategy that relates a model to the span of the run. Kubeflow V2
 compiles only TFX's stock strategies, so the Kubeflow compile has no warm start.
 """
-import json
-import os
 from typing import Dict, List, Optional
 
-import tensorflow as tf
 from tfx import types
 from tfx.dsl.components.common import resolver
 
+from cascade_ranking.models.trainers import warm_start
+
 MODEL_KEY = "model"
-INFO_PATH = os.path.join("checkpoint", "warm_start.json")  # `models.trainers.warm_start`'s, under the Model's uri
+INFO_PATH = warm_start.INFO_PATH  # the Trainers' warm-start record, under a Model's uri
 
 
 def model_span(model: types.Artifact) -> Optional[int]:
     """The span a model was trained on (its warm-start record), None when it has no record."""
-    path = os.path.join(model.uri, INFO_PATH)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f).get("span")
+    info = warm_start.read_info(model.uri)
+    return None if info is None else info.get("span")
 
 
 class WarmStartStrategy(resolver.ResolverStrategy):

@@ -34,6 +34,7 @@ from absl import logging
 
 CHECKPOINT_DIR = "checkpoint"
 INFO_FILE = "warm_start.json"
+INFO_PATH = os.path.join(CHECKPOINT_DIR, INFO_FILE)  # under a Model artifact's uri
 _PREFIX = "ckpt"
 
 
@@ -72,6 +73,16 @@ def save(model: tf.keras.Model, fn_args) -> str:
         tf.io.gfile.rmtree(directory)
     tf.io.gfile.rename(tmp, directory)
     return directory
+
+
+def read_info(model_uri: str) -> Optional[dict]:
+    """The warm-start record (`warm_start.json`: fingerprint, span, optimizer steps) of the Model
+    artifact at `model_uri`, None when it has none."""
+    path = os.path.join(model_uri, INFO_PATH)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
 
 
 def base_checkpoint(fn_args) -> Optional[str]:
@@ -116,13 +127,11 @@ def restore(model: tf.keras.Model, fn_args, name: str) -> bool:
     if directory is None:
         return False
     base = model_root(fn_args.base_model)
-    info_path = os.path.join(directory, INFO_FILE)
+    info = read_info(base)
     restored = False
-    if not tf.io.gfile.exists(info_path):
+    if info is None:
         message = f"{name}: trained afresh: the base model {base} has no warm-start checkpoint"
     else:
-        with tf.io.gfile.GFile(info_path) as f:
-            info = json.load(f)
         if info["fingerprint"] != fingerprint(model):
             message = (f"{name}: trained afresh: the base model {base} has another architecture (its variables' "
                        f"shapes differ: the config changed)")
