@@ -83,3 +83,12 @@ def range_config(span: Optional[int]):
 
     return range_config_pb2.RangeConfig(
         static_range=range_config_pb2.StaticRange(start_span_number=span, end_span_number=span))
+
+
+def window_range_config(first: int, last: int):
+    """The RangeConfig of spans `first` … `last` (TFX's `SpanRangeStrategy` takes it: ExampleGen
+    itself reads one span per run)."""
+    from tfx.proto import range_config_pb2
+
+    return range_config_pb2.RangeConfig(
+        static_range=range_config_pb2.StaticRange(start_span_number=first, end_span_number=last))

@@ -105,7 +105,8 @@ def pipeline_config(args, **where):
     from cascade_ranking.pipelines.config import load_config
 
     config = load_config(args.config, args.set or ())
-    changes = {"source": args.source, "examples_dir": args.examples_dir, "span": args.span}
+    changes = {"source": args.source, "examples_dir": args.examples_dir, "span": args.span,
+               "span_window": args.window}
     synthetic = config.synthetic
     if args.seed is not None:
         synthetic = dataclasses.replace(synthetic, seed=args.seed)
@@ -203,8 +204,9 @@ def _cmd_stream(args) -> int:
     if config.span is not None:
         raise ValueError("cascade stream runs every span in order: --span picks one, for cascade run")
     numbers = None
+    window = config.span_window  # a window of synthetic spans is checked once they are spans
     if config.source == "synthetic":
-        config.validate()
+        config.replace(span_window=1).validate()
         synthetic.check_drift(args.drift)
     else:
         if args.drift_given:
@@ -218,11 +220,12 @@ def _cmd_stream(args) -> int:
             print(f"writing {count} synthetic spans of {config.synthetic.num_requests} requests, drift {args.drift:g}, "
                   f"into {os.path.join(config.output_dir, stream.SPANS_DIR)}")
             spans_dir = stream.write_synthetic_spans(config, count, args.drift)
-            config = config.replace(source="examples", examples_dir=spans_dir)
+            config = config.replace(source="examples", examples_dir=spans_dir, span_window=window)
             numbers = stream.span_numbers(config)
         print(f"Streaming spans {', '.join(map(str, numbers))} of {config.examples_dir} into "
               f"{os.path.join(os.path.abspath(config.output_dir), stream.RUN_DIR)} (warm start: "
-              f"{'on' if config.warm_start else 'off'}); library log: {log.path}")
+              f"{'on' if config.warm_start else 'off'}, training window: {config.span_window} span"
+              f"{'s' if config.span_window > 1 else ''}); library log: {log.path}")
         try:
             records = stream.run_stream(config, numbers)
         except Exception as error:
@@ -324,6 +327,9 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--examples-dir", help="Examples directory for --source examples")
     data.add_argument("--span", type=_non_negative_int,
                       help="the span to read of an --examples-dir of spans (span-1/, span-2/, …; default: the newest)")
+    data.add_argument("--window", type=_positive_int,
+                      help="train on a rolling window of this many spans, ending at the run's span (default 1: the "
+                           "span alone; the eval is the run's span's)")
     data.add_argument("--requests", type=_positive_int, help="synthetic requests (default: SyntheticConfig.num_requests)")
     data.add_argument("--seed", type=_non_negative_int, help="synthetic data seed (default 0)")
     data.add_argument("--max-bad-fraction", type=_fraction, default=None,

@@ -72,6 +72,10 @@ class PipelineConfig:
     # without spans; false: every span trains afresh.
     warm_start: bool = True
     warm_start_epochs: int = 1
+    # The rolling window of spans a run on span k trains on: spans k−span_window+1 … k (the eval is
+    # span k's alone; `components.span_window`, TFX's SpanRangeStrategy). 1: the run's span only.
+    # A window with warm_start false is the retrain-from-scratch alternative to warm starts.
+    span_window: int = 1
     synthetic: SyntheticConfig = SyntheticConfig()
     # Stage models.
     teacher: RankerConfig = RankerConfig.teacher()  # the wider, deeper ranker of the teacher pass
@@ -140,6 +144,14 @@ class PipelineConfig:
             raise ConfigError(f"span {self.span}: only source 'examples' reads spans (synthetic data is one span)")
         if self.warm_start_epochs <= 0:
             raise ConfigError(f"warm_start_epochs must be > 0, got {self.warm_start_epochs}")
+        if self.span_window < 1:
+            raise ConfigError(f"span_window must be >= 1 (the spans a run trains on), got {self.span_window}")
+        if self.span_window > 1 and self.source != "examples":
+            raise ConfigError(f"span_window {self.span_window}: only source 'examples' with an examples_dir of spans "
+                              f"has spans to window")
+        if self.span_window > 1 and self.read_span() is None:
+            raise ConfigError(f"span_window {self.span_window}: {self.examples_dir} has no span-<number>/ directories "
+                              f"(name the span of a remote examples_dir: span: N)")
         if self.source == "synthetic":
             self.synthetic.validate()
         if self.beam_mode not in BEAM_MODES:

@@ -11,7 +11,8 @@ from typing import List, Tuple
 from tfx.orchestration import metadata as tfx_metadata
 
 from cascade_ranking.pipelines.config import PipelineConfig
-from cascade_ranking.pipelines.pipeline import create_pipeline
+from cascade_ranking.datasources import spans
+from cascade_ranking.pipelines.pipeline import create_pipeline, example_source
 from cascade_ranking.pipelines.progress import ComponentProgress
 from cascade_ranking.pipelines.run_lock import RunLock
 
@@ -85,6 +86,42 @@ def _dag_runner(orchestrator: str):
     raise ValueError(f"unknown orchestrator {orchestrator!r}; choose one of {', '.join(ORCHESTRATORS)}")
 
 
+def window_spans_to_import(config: PipelineConfig) -> List[int]:
+    """The older spans of the run's window that are in examples_dir (`datasources.spans`), oldest first:
+    those `import_window_spans` reads; empty without a window."""
+    span = config.read_span()
+    if span is None or config.span_window <= 1:
+        return []
+    present = spans.find_spans(config.examples_dir)
+    return [s for s in range(max(1, span - config.span_window + 1), span) if s in present]
+
+
+def import_window_spans(config: PipelineConfig, metadata_connection_config, orchestrator: str = "local",
+                        report=print) -> List[Tuple[int, bool]]:
+    """Reads the window's older spans into this pipeline's MLMD, where the run's `SpanWindow.examples`
+    Resolver finds them: for each, a run of this pipeline's ImportExampleGen alone, on that span
+    (same pipeline name, root and node id). A span an earlier run read is a cache hit; a span this
+    output directory never read (a first run with a window, or spans added out of order) is read
+    now. Returns (span, cached) for each."""
+    from tfx.orchestration.pipeline import Pipeline
+
+    done = []
+    for span in window_spans_to_import(config):
+        span_config = config.replace(span=span)
+        progress = ComponentProgress(stream=io.StringIO())
+        with progress:
+            _dag_runner(orchestrator).run(Pipeline(
+                pipeline_name=config.pipeline_name, pipeline_root=os.path.abspath(config.pipeline_root),
+                components=[example_source(span_config)], enable_cache=True,
+                metadata_connection_config=metadata_connection_config,
+                beam_pipeline_args=config.beam_pipeline_args()))
+        cached = all(hit for _, _, hit in progress.timings)
+        done.append((span, cached))
+        if not cached:
+            report(f"span {span}: read into the window of span {config.read_span()} ({span_config.split_root()})")
+    return done
+
+
 def run(config: PipelineConfig, orchestrator: str = "local", show_progress: bool = True,
         check_inputs: bool = True) -> float:
     """Runs the pipeline to completion and returns its wall time in seconds."""
@@ -108,6 +145,7 @@ def run_with_timings(config: PipelineConfig, orchestrator: str = "local", show_p
     progress = ComponentProgress(stream=None if show_progress else io.StringIO(), before_launch=collect_and_freeze_garbage)
     with RunLock(config.output_dir, report=print if show_progress else lambda line: None):
         start = time.time()
+        import_window_spans(config, metadata, orchestrator, report=print if show_progress else lambda line: None)
         try:
             with progress:
                 runner.run(pipeline)

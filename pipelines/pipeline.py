@@ -50,6 +50,7 @@ from tfx import components
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.common.resolver import Resolver
 from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
+from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
 from tfx.orchestration.pipeline import Pipeline
 from tfx.proto import pusher_pb2, transform_pb2
 from tfx.types import standard_artifacts
@@ -60,6 +61,7 @@ from cascade_ranking.components.anomaly_gate import AnomalyGate
 from cascade_ranking.components.cascade_evaluator import BLESSING_OUTPUTS, CascadeEvaluator, tfma_eval_config
 from cascade_ranking.components.key_mapper import KeyMapper
 from cascade_ranking.components.negative_sampler import NegativeSampler
+from cascade_ranking.components.span_window import SpanWindow
 from cascade_ranking.components.stage_model import StageModel
 from cascade_ranking.components.synthetic_example_gen import SyntheticExampleGen
 from cascade_ranking.components.teacher_inference import TeacherInference
@@ -69,7 +71,7 @@ from cascade_ranking.models.trainers.common import FEATURES_KEY, STAGE_OPTIONS_K
 from cascade_ranking.models.trainers import warm_start
 from cascade_ranking.pipelines.baseline_strategy import BaselineBeforeCandidateStrategy
 from cascade_ranking.pipelines.warm_start_strategy import WarmStartStrategy
-from cascade_ranking.pipelines.config import PipelineConfig, to_json
+from cascade_ranking.pipelines.config import ConfigError, PipelineConfig, to_json
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import vocabulary
 
@@ -99,6 +101,28 @@ def example_source(config: PipelineConfig):
             for split in ("train", "eval")]),
         range_config=spans.range_config(span),
     )
+
+
+EXAMPLE_GEN_ID = "ImportExampleGen"
+
+
+def span_window(example_gen, config: PipelineConfig, span: int) -> tuple:
+    """(the `SpanWindow.examples` Resolver, the SpanWindow) of a run on `span` that trains on
+    `config.span_window` spans: TFX's `SpanRangeStrategy` with the static range [span−N+1, span]
+    over every Examples artifact ImportExampleGen wrote into this pipeline's MLMD
+    (`components.span_window`). The Resolver runs after this run's ImportExampleGen, so the run's
+    own span is among them."""
+    first = max(1, span - config.span_window + 1)
+    resolver = Resolver(
+        strategy_class=SpanRangeStrategy,
+        config={"range_config": spans.window_range_config(first, span)},
+        window_examples=Channel(type=standard_artifacts.Examples, producer_component_id=EXAMPLE_GEN_ID,
+                                output_key="examples"),
+    ).with_id("SpanWindow.examples")
+    resolver.add_upstream_node(example_gen)
+    window = SpanWindow(examples=example_gen.outputs["examples"],
+                        window_examples=resolver.outputs["window_examples"], span=span, window=config.span_window)
+    return resolver, window
 
 
 def schema_source(config: PipelineConfig) -> str:
@@ -215,6 +239,14 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     config.validate()
     example_gen = example_source(config)
     rows = example_gen.outputs["examples"]
+    span = config.read_span()
+    window_nodes = ()
+    if span is not None and config.span_window > 1:
+        if kubeflow:
+            raise ConfigError("span_window > 1 runs on the local runners only: its Resolver's SpanRangeStrategy is "
+                              "not among the strategies Kubeflow V2 compiles")
+        window_nodes = span_window(example_gen, config, span)
+        rows = window_nodes[1].outputs["output_examples"]
     key_mapper = None
     if config.keys.mapped:  # the log names its keys otherwise: add request_id, click, request_time
         key_mapper = KeyMapper(examples=rows, keys=config.keys, max_bad_fraction=config.sampler.max_bad_fraction)
@@ -227,7 +259,6 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
 
     # Each Trainer's WarmStart Resolver, when the run reads a span and warm-starts (not on Kubeflow:
     # its compiler takes TFX's stock strategies only).
-    span = config.read_span()
     warm_starts = {} if config.warm_start and not kubeflow and span is not None else None
     transform = vocabulary_transform(rows, schema, config.features)
     graph = transform.outputs["transform_graph"] if transform else None
@@ -266,7 +297,7 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     return Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=_absolute(config.pipeline_root),
-        components=[example_gen, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate,
+        components=[example_gen, *window_nodes, *([key_mapper] if key_mapper else []), statistics_gen, schema_gen, example_validator, anomaly_gate,
                     *([transform] if transform else []), *(warm_starts or {}).values(), teacher,
                     teacher_inference, sampler, *trainers.values(), *stage_models.values(),
                     *baselines.values(), tfma_evaluator,
