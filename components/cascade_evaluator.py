@@ -59,6 +59,7 @@ from cascade_ranking.models.config import config_from_dict
 from cascade_ranking.components.evaluation import (BASELINE_INPUTS, CTR_STAGE, RANKING_INPUT, STAGE_INPUTS, STAGES,
                                                    EvaluatorConfig)
 from cascade_ranking.models import stages as stage_registry
+from cascade_ranking.models.trainers import warm_start
 from cascade_ranking.schema import features as F
 
 NAMESPACE = "cascade_evaluator"
@@ -340,6 +341,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             write_blessing(artifact_utils.get_single_instance(output_dict[BLESSING_OUTPUTS[stage]]), verdict,
                            stage_models[stage], baselines[stage])
         metrics["blessings"] = verdicts
+        # On spans (issue 17): the span the ranking model was trained on, and its baseline's (the
+        # latest blessed model: span t−1's when that one was blessed). The baseline's metrics on this
+        # span's eval rows are the progressive validation of the span.
+        for key, model in (("span", stage_models[CTR_STAGE]), ("baseline_span", baselines[CTR_STAGE])):
+            metrics[key] = warm_start.trained_span(model.uri) if model is not None else None
+        if metrics["span"] is not None:
+            evaluation_artifact.set_int_custom_property("span", metrics["span"])
         metrics["blessed"], metrics["blessing_reasons"] = verdicts[CTR_STAGE]["blessed"], verdicts[CTR_STAGE]["reasons"]
         io_utils.write_string_file(os.path.join(evaluation_artifact.uri, record_io.METRICS_FILE),
                                    json.dumps(metrics, indent=2, sort_keys=True, default=float))

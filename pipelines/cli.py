@@ -232,8 +232,8 @@ def _cmd_stream(args) -> int:
             raise run_log.explain_failure(error, config, log.path) from error
         paths = stream.save(records, config.output_dir)
     print()
-    print("Per span: the span's model on its eval rows, and the previous blessed ranker on the same rows (progressive "
-          "validation: a model scored on a span it has not trained on)")
+    print("Per span: the span's model on its eval rows, and the latest blessed ranker before it (trained on span "
+          "'prev of span') on the same rows (progressive validation: a model scored on a span it has not trained on)")
     print(stream.format_records(records))
     print(f"Written: {paths['json']}, {paths['png']}")
     return 0

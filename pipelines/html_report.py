@@ -9,7 +9,9 @@ a Kubeflow run or send to a colleague:
 - the wall time of every component, and whether the MLMD cache answered it;
 - the data counts: rows read, used, diverted by reason, requests without ground truth, NaN values
   read as 0, ids folded, eval ids out of vocabulary (`report.count_rows`);
-- the served SavedModels, with the result of `cascade run --serve-check` when it ran.
+- the served SavedModels, with the result of `cascade run --serve-check` when it ran;
+- on spans: the run's span, training window and warm start, and every span evaluated in this output
+  directory with its progressive validation (`report.span_history`), as a table and `spans.png`.
 
 Written by hand with the standard library (`html.escape`, `base64`): no template engine or
 plotting library is needed for a static page. The file is written under a temporary name and
@@ -24,6 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from cascade_ranking.pipelines import report
 
 REPORT_FILE = "report.html"
+SPANS_PLOT = "spans.png"  # written by `write` into the output directory on spans (`stream.plot`)
 PLOTS = (("calibration.png", "Calibration: mean prediction against click rate per CTR bucket"),
          ("recall_at_k.png", "Recall@k of the ranking and pre-ranking stages"))
 
@@ -82,6 +85,25 @@ def _blessings(evaluation: Dict) -> str:
     return _table(("stage", "verdict", "reasons", "baseline", "notes"), rows, numeric_from=99, row_classes=classes)
 
 
+def _spans(config, result: Dict) -> str:
+    history = result["spans"]
+    evaluation = result["evaluation"]
+    window = (f"spans {max(1, evaluation['span'] - config.span_window + 1)}–{evaluation['span']}"
+              if config.span_window > 1 else "this span alone")
+    warm = (f"on: each Trainer continues from its model of the latest older span, {config.warm_start_epochs} "
+            f"epoch(s)" if config.warm_start else "off: every span trains afresh")
+    parts = [f"<p>This run: span {evaluation['span']}; trained on {window}; warm start {warm}. The baseline of a "
+             f"span is the latest blessed ranker (span t−1's when it was blessed), scored on the span's eval rows "
+             f"before the span's model replaces it: the progressive validation.</p>"]
+    keys = ("e2e_recall", "auc", "per_query_auc", "ne", "calibration")
+    parts.append(_table(("span", "e2e recall", "AUC", "PerQueryAUC", "NE", "calibration", "baseline of span",
+                         "baseline e2e", "baseline AUC", "baseline PQAUC", "baseline NE", "baseline calibration"),
+                        [(r["span"], *(r["model"][k] for k in keys), r["baseline_span"] or "none",
+                          *(r["baseline"][k] for k in keys)) for r in history]))
+    parts.append(_image(os.path.join(config.output_dir, SPANS_PLOT), "AUC and NE over spans"))
+    return "".join(parts)
+
+
 def _counts(result: Dict) -> str:
     rows = report.count_rows(result)
     if rows is None:
@@ -128,6 +150,9 @@ def render(config, result: Dict, seconds: float, timings: Sequence[Tuple[str, fl
         parts.append(_blessings(evaluation))
     if "tfma" in result:
         parts.append(f"<p>{html.escape(report.tfma_line(result['tfma']))}</p>")
+    if result.get("spans"):
+        parts.append("<h2 id=spans>Spans</h2>")
+        parts.append(_spans(config, result))
     if evaluation is not None:
         parts.append("<h2 id=plots>Plots</h2>")
         parts.extend(_image(os.path.join(result["evaluation_uri"], name), caption) for name, caption in PLOTS)
@@ -149,7 +174,12 @@ def render(config, result: Dict, seconds: float, timings: Sequence[Tuple[str, fl
 
 
 def write(config, result: Dict, seconds: float, timings, served, checks=None, serve_failure: Optional[str] = None) -> str:
-    """Writes `<output_dir>/report.html` (temporary name, then renamed) and returns its path."""
+    """Writes `<output_dir>/report.html` (temporary name, then renamed), and on spans first
+    `<output_dir>/spans.png`; returns the report's path."""
+    if result.get("spans"):
+        from cascade_ranking.pipelines import stream
+
+        stream.plot(result["spans"], os.path.join(config.output_dir, SPANS_PLOT))
     path = os.path.abspath(os.path.join(config.output_dir, REPORT_FILE))
     temp = path + ".incomplete"
     with open(temp, "w", encoding="utf-8") as f:

@@ -24,7 +24,9 @@
 On an examples_dir of spans (`datasources.spans`): ImportExampleGen reads the run's span, and each
 Trainer gets as `base_model` the newest model it trained on an older span (`WarmStart.<trainer>`
 Resolvers, `pipelines.warm_start_strategy`; `config.warm_start`), which it continues from
-(`models.trainers.warm_start`).
+(`models.trainers.warm_start`). With `span_window: N > 1`, a `SpanWindow.examples` Resolver (TFX
+`SpanRangeStrategy`) and the `SpanWindow` component (`components.span_window`) stand between
+ImportExampleGen and everything else: the train split of spans k−N+1 … k, the eval split of span k.
 
 Only when some feature of the registry has `lookup: vocabulary`: a standard TFX Transform on the
 example source's train split (`schema.vocabulary`: one `tft.vocabulary` per such feature, nothing

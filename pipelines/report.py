@@ -106,10 +106,52 @@ def _run_metrics(store: mlmd.MetadataStore, node_context: str) -> Optional[Dict]
         return json.load(f)
 
 
+SPAN_METRICS = ("e2e_recall", "auc", "per_query_auc", "ne", "calibration")
+
+
+def span_metrics(evaluation: Dict) -> Dict[str, Dict[str, Optional[float]]]:
+    """{"model": …, "baseline": …} of SPAN_METRICS from a CascadeEvaluator's metrics.json; the
+    baseline's are those of the ranking stage's baseline (None when the stage had none), and the e2e
+    recall of the baselines' cascade (None unless every stage had a baseline)."""
+    click_rate = evaluation["click_rate"]
+
+    def of(section: Optional[Dict], e2e: Optional[float]) -> Dict[str, Optional[float]]:
+        if section is None:
+            return dict.fromkeys(SPAN_METRICS)
+        return {"e2e_recall": e2e, "auc": section["auc"], "per_query_auc": section["per_query_auc"],
+                "ne": section["ne"], "calibration": section["mean_prediction"] / click_rate}
+
+    return {"model": of(evaluation["model"], evaluation["cascade"]["e2e_recall"]),
+            "baseline": of(evaluation.get("baseline"), evaluation.get("baseline_cascade", {}).get("e2e_recall"))}
+
+
+def span_history(config: PipelineConfig) -> List[Dict]:
+    """Every span this output directory's CascadeEvaluator evaluated, oldest first, from the
+    evaluation artifacts in MLMD (the newest evaluation of each span): {"span", "baseline_span",
+    "model": …, "baseline": …} (`span_metrics`). Empty when no evaluation recorded a span (data
+    without spans)."""
+    store = _store(config)
+    node = f"{config.pipeline_name}.{EVALUATOR_ID}"
+    produced = {a.id for c in store.get_contexts_by_type("node") if c.name == node
+                for a in store.get_artifacts_by_context(c.id)}
+    newest: Dict[int, Dict] = {}
+    for artifact in sorted((a for a in store.get_artifacts_by_type("ModelEvaluation") if a.id in produced),
+                           key=lambda a: a.id):
+        path = os.path.join(artifact.uri, record_io.METRICS_FILE)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            evaluation = json.load(f)
+        if evaluation.get("span") is not None:
+            newest[evaluation["span"]] = {"span": evaluation["span"], "baseline_span": evaluation.get("baseline_span"),
+                                          **span_metrics(evaluation)}
+    return [newest[span] for span in sorted(newest)]
+
+
 def collect(config: PipelineConfig) -> Dict:
     """{"evaluation": the CascadeEvaluator's metrics, "evaluation_uri", "tfma": the TFMA summary,
     "<trainer>_trainer" (e.g. "cascade_trainer", "retrieval_trainer"): each stage Trainer's eval
-    metrics, "pushed": {stage: path}}."""
+    metrics, "pushed": {stage: path}, and on spans "spans": `span_history`}."""
     store = _store(config)
     name = config.pipeline_name
     result = {"pushed": pushed_models(config)}
@@ -118,6 +160,8 @@ def collect(config: PipelineConfig) -> Dict:
         with open(os.path.join(evaluation.uri, record_io.METRICS_FILE)) as f:
             result["evaluation"] = json.load(f)
         result["evaluation_uri"] = evaluation.uri
+        if result["evaluation"].get("span") is not None:  # on spans: every span evaluated so far
+            result["spans"] = span_history(config)
     tfma_evaluation = latest_artifact(store, "ModelEvaluation", f"{name}.{TFMA_EVALUATOR_ID}")
     if tfma_evaluation is not None:
         result["tfma"] = tfma_summary(tfma_evaluation.uri)

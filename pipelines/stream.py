@@ -3,6 +3,7 @@ runs it as logs arrive (issue 17: Factory Floor §2.1's online training in TFX t
 
     cascade stream --spans 3 [--drift 0.3] [--requests N] [--output-dir DIR]      synthetic spans
     cascade stream --source examples --examples-dir MY_LOGS [--config F]          your own span-<k>/ dirs
+    … [--window N] [--set warm_start=false]        train each span on the last N spans (from scratch)
 
 With synthetic data it first writes `--spans` spans with drift into `<output dir>/spans`
 (`datasources.synthetic.write_spans`; kept, so a second stream reuses them). Then, for each span in
@@ -11,7 +12,8 @@ each Trainer warm-starts from its model of the span before (`models.trainers.war
 each stage is evaluated against its latest blessed model on the new span's eval rows. That
 baseline, the model of an earlier span scored on data it has not seen, is the progressive
 validation of the span. Printed: one row per span with the model's e2e recall, AUC, PerQueryAUC,
-NE and calibration, and the same of the baselines (the ranker's where one was blessed, the e2e
+NE and calibration, and the same of the baselines (the ranker's where one was blessed, with the
+span it was trained on: span t−1's, or an older one when span t−1's was not blessed; the e2e
 recall where every stage had one); written:
 `<output dir>/stream.json` and `stream.png` (AUC and NE over spans).
 """
@@ -29,7 +31,7 @@ from cascade_ranking.pipelines.config import PipelineConfig
 SPANS_DIR, RUN_DIR = "spans", "run"
 DEFAULT_DRIFT = 0.3  # a stale model costs about 0.03 of the oracle's AUC two spans later (tests/test_synthetic.py)
 STREAM_JSON, STREAM_PNG = "stream.json", "stream.png"
-METRICS = ("e2e_recall", "auc", "per_query_auc", "ne", "calibration")
+METRICS = run_report.SPAN_METRICS
 
 
 def write_synthetic_spans(config: PipelineConfig, count: int, drift: float) -> str:
@@ -51,22 +53,6 @@ def write_synthetic_spans(config: PipelineConfig, count: int, drift: float) -> s
     return directory
 
 
-def span_metrics(evaluation: Dict) -> Dict[str, Dict[str, Optional[float]]]:
-    """{"model": …, "baseline": …} of METRICS from a CascadeEvaluator's metrics.json; the baseline's
-    are those of the ranking stage's baseline (None when the stage had none), and the e2e recall of
-    the baselines' cascade (None unless every stage had a baseline)."""
-    click_rate = evaluation["click_rate"]
-
-    def of(section: Optional[Dict], e2e: Optional[float]) -> Dict[str, Optional[float]]:
-        if section is None:
-            return dict.fromkeys(METRICS)
-        return {"e2e_recall": e2e, "auc": section["auc"], "per_query_auc": section["per_query_auc"],
-                "ne": section["ne"], "calibration": section["mean_prediction"] / click_rate}
-
-    return {"model": of(evaluation["model"], evaluation["cascade"]["e2e_recall"]),
-            "baseline": of(evaluation.get("baseline"), evaluation.get("baseline_cascade", {}).get("e2e_recall"))}
-
-
 def run_stream(base: PipelineConfig, span_numbers: List[int], show_progress: bool = True,
                report=print) -> List[Dict]:
     """Runs `base` (source examples, its examples_dir of spans) on each span in order into
@@ -78,7 +64,8 @@ def run_stream(base: PipelineConfig, span_numbers: List[int], show_progress: boo
         report(f"— span {span} of {span_numbers[-1]} —")
         seconds, timings = local_runner.run_with_timings(config, show_progress=show_progress)
         evaluation = run_report.collect(config)["evaluation"]
-        records.append({"span": span, "seconds": round(seconds, 1), **span_metrics(evaluation),
+        records.append({"span": span, "seconds": round(seconds, 1), **run_report.span_metrics(evaluation),
+                        "baseline_span": evaluation.get("baseline_span"),
                         "warm_started": sorted({name.split(".", 1)[1] for name, _, _ in timings
                                                 if name.startswith("WarmStart.")} if span != span_numbers[0] else [])})
     return records
@@ -88,13 +75,14 @@ def format_records(records: List[Dict]) -> str:
     def cell(value):
         return "–" if value is None else f"{value:.4f}"
 
-    header = ["span", "s", "e2e", "AUC", "PQAUC", "NE", "calib", "│", "prev e2e", "prev AUC", "prev PQAUC", "prev NE",
+    header = ["span", "s", "e2e", "AUC", "PQAUC", "NE", "calib", "│", "prev of span", "prev e2e", "prev AUC", "prev PQAUC", "prev NE",
               "prev calib"]
     rows = [header]
     for r in records:
         m, b = r["model"], r["baseline"]
         rows.append([str(r["span"]), f"{r['seconds']:.0f}", *(cell(m[k]) for k in METRICS),
-                     "│", *(cell(b[k]) for k in METRICS)])
+                     "│", "–" if r.get("baseline_span") is None else str(r["baseline_span"]),
+                     *(cell(b[k]) for k in METRICS)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 

@@ -26,8 +26,7 @@ INFO_PATH = warm_start.INFO_PATH  # the Trainers' warm-start record, under a Mod
 
 def model_span(model: types.Artifact) -> Optional[int]:
     """The span a model was trained on (its warm-start record), None when it has no record."""
-    info = warm_start.read_info(model.uri)
-    return None if info is None else info.get("span")
+    return warm_start.trained_span(model.uri)
 
 
 class WarmStartStrategy(resolver.ResolverStrategy):

@@ -16,9 +16,12 @@ from cascade_ranking.datasources import example_io, synthetic
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
-from cascade_ranking.pipelines import local_runner, stream
+from cascade_ranking.models.config import to_dict
+from cascade_ranking.pipelines import cli, html_report, local_runner, stream
+from cascade_ranking.pipelines import report as run_report
 from cascade_ranking.pipelines.config import PipelineConfig
 from cascade_ranking.pipelines.warm_start_strategy import INFO_PATH, WarmStartStrategy, model_span
+from tests.test_html_report import parse_report
 
 TRAINERS = ("teacher", "cascade", "retrieval")
 
@@ -86,13 +89,24 @@ def _trainer_io(config, trainer):
 
 @pytest.mark.slow
 def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys):
-    """`cascade stream`'s runner over two spans, then span 2 once more."""
+    """`cascade stream` over a user's two spans with a config file, as the README shows it, then
+    span 2 once more."""
     spans_dir, out = str(tmp_path / "log"), str(tmp_path / "stream")
     synthetic.write_spans(synthetic.SyntheticConfig(num_requests=REQUESTS, seed=3), spans_dir, spans=2, drift=0.3)
-    records = stream.run_stream(_config(spans_dir, out, None), [1, 2], show_progress=False)
+    config_file = str(tmp_path / "config.json")
+    with open(config_file, "w") as f:
+        json.dump({k: v for k, v in to_dict(_config(spans_dir, out, None)).items()
+                   if k not in ("source", "examples_dir", "span", "output_dir")}, f)
+    assert cli.main(["stream", "--config", config_file, "--source", "examples", "--examples-dir", spans_dir,
+                     "--output-dir", out]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, stream.STREAM_JSON)) as f:
+        records = json.load(f)
     config = _config(spans_dir, os.path.join(out, stream.RUN_DIR), 2)
     _, rerun = local_runner.run_with_timings(config, show_progress=False)
-    printed = capsys.readouterr().out
+    table = printed[printed.index("Per span:"):].splitlines()[1:4]
+    assert table[0].split()[:3] == ["span", "s", "e2e"] and [row.split()[0] for row in table[1:]] == ["1", "2"]
+    assert f"{records[1]['model']['auc']:.4f}" in table[2] and f"{records[1]['baseline']['auc']:.4f}" in table[2]
     for trainer in TRAINERS:
         (read1, written1, [model1]), (read2, written2, [model2]), (read3, written3, _) = _trainer_io(config, trainer)
         assert read1 == [] and read2 == written1  # span 1 trained afresh, span 2 from span 1's model
@@ -107,6 +121,7 @@ def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys
     assert all(cached[f"Trainer.{t}"] for t in TRAINERS)
     assert [r["span"] for r in records] == [1, 2]
     assert records[0]["warm_started"] == [] and records[1]["warm_started"] == sorted(TRAINERS)
+    assert (records[0]["baseline_span"], records[1]["baseline_span"]) == (None, 1)
 
     # Progressive validation of span 2: span 1's ranker (the blessed baseline) on span 2's shown eval
     # rows, against an independent scoring of those rows with span 1's served model.
@@ -120,6 +135,21 @@ def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys
     assert records[1]["baseline"]["auc"] == pytest.approx(pairwise_auc(clicks, ctr), abs=1e-4)
     assert records[1]["baseline"]["calibration"] == pytest.approx(ctr.sum() / clicks.sum(), rel=1e-3)
     assert records[1]["model"]["auc"] != pytest.approx(records[1]["baseline"]["auc"], abs=1e-4)
+
+    # The evaluation artifact records the spans; the report's history of spans is read back from MLMD
+    # and is what the stream printed; report.html shows it with the plot.
+    result = run_report.collect(config)
+    assert (result["evaluation"]["span"], result["evaluation"]["baseline_span"]) == (2, 1)
+    history = result["spans"]
+    assert [(h["span"], h["baseline_span"]) for h in history] == [(1, None), (2, 1)]
+    assert [h["model"] for h in history] == [r["model"] for r in records]
+    assert history[1]["baseline"] == records[1]["baseline"]
+    page = parse_report(html_report.write(config, result, 1.0, rerun, {}))
+    assert "spans" in page["sections"]
+    rows = page["tables"]["spans"]
+    assert [row[0] for row in rows[1:]] == ["1", "2"] and rows[2][6] == "1"
+    assert rows[2][2] == f"{records[1]['model']['auc']:.4f}" and rows[2][8] == f"{records[1]['baseline']['auc']:.4f}"
+    assert any(image.startswith(b"\x89PNG") for image in page["images"])
 
     paths = stream.save(records, out)
     assert json.load(open(paths["json"]))[1]["baseline"]["auc"] == records[1]["baseline"]["auc"]

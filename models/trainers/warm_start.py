@@ -17,8 +17,11 @@ the Trainer side:
     base model's value, so the step counter, and with it the curriculum's ramps (`models.curriculum`
     reads `optimizer.iterations`), continue where they stopped, the duals keep their values, and the
     dense features are normalised with the base model's statistics (`refresh_adapted_layers`).
-    A base model of another architecture (a changed config), or without a checkpoint (written
-    before warm starts existed), is not used: the Trainer trains afresh and says why, in one line.
+    A base model of another architecture (a changed config), with other vocabularies (`lookup:
+    vocabulary` features: each span's Transform ranks the ids anew, so a table row belongs to another
+    id; `vocabularies`), or without a checkpoint (written before warm starts existed), is not used:
+    the Trainer trains afresh and says why, in one line. Remapping the rows of a changed vocabulary
+    (as `tf.compat.v1.train.warm_start`'s VocabInfo did) is not done: hashed ids warm-start.
 
 Written by hand: TFX's Trainer passes `base_model` to the run_fn and leaves the rest to it, and
 Keras' `BackupAndRestore` (`common.callbacks`) resumes a killed run of the same inputs, not a
@@ -57,6 +60,20 @@ def fingerprint(model: tf.keras.Model) -> str:
     return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
 
 
+def vocabularies(model: tf.keras.Model) -> dict:
+    """feature → a hash of its vocabulary, for every `lookup: vocabulary` feature of the model's
+    embedding layers (Keras `StringLookup`/`IntegerLookup`, `models.embedding`); {} with hashed ids.
+    A table's row i belongs to the vocabulary's i-th id, so a base model whose vocabulary differs
+    (each span's Transform ranks the ids anew) cannot lend its rows, even when the table sizes
+    match (a `max_tokens` cap)."""
+    digests = {}
+    for layer in model.submodules:
+        for name, lookup in (getattr(layer, "lookups", None) or {}).items():
+            tokens = [t.decode() if isinstance(t, bytes) else str(t) for t in lookup.get_vocabulary()]
+            digests[name] = hashlib.sha256("\n".join(tokens).encode()).hexdigest()[:16]
+    return dict(sorted(digests.items()))
+
+
 def save(model: tf.keras.Model, fn_args) -> str:
     """Writes `<model>/checkpoint/` (the module docstring) for the next span's warm start, with the
     run's span (`settings`); returns its directory. Written under a temporary name and renamed."""
@@ -67,7 +84,7 @@ def save(model: tf.keras.Model, fn_args) -> str:
         tf.io.gfile.rmtree(tmp)
     tf.train.Checkpoint(model=model).write(os.path.join(tmp, _PREFIX))
     with tf.io.gfile.GFile(os.path.join(tmp, INFO_FILE), "w") as f:
-        json.dump({"fingerprint": fingerprint(model), "span": span,
+        json.dump({"fingerprint": fingerprint(model), "span": span, "vocabularies": vocabularies(model),
                    "optimizer_steps": int(model.optimizer.iterations.numpy())}, f, sort_keys=True)
     if tf.io.gfile.exists(directory):
         tf.io.gfile.rmtree(directory)
@@ -83,6 +100,13 @@ def read_info(model_uri: str) -> Optional[dict]:
         return None
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+def trained_span(model_uri: str) -> Optional[int]:
+    """The span the Model artifact at `model_uri` was trained on (its warm-start record), None when
+    it has no record (trained on data without spans, or before warm starts existed)."""
+    info = read_info(model_uri)
+    return None if info is None else info.get("span")
 
 
 def base_checkpoint(fn_args) -> Optional[str]:
@@ -132,9 +156,13 @@ def restore(model: tf.keras.Model, fn_args, name: str) -> bool:
     if info is None:
         message = f"{name}: trained afresh: the base model {base} has no warm-start checkpoint"
     else:
+        changed = sorted(k for k, v in vocabularies(model).items() if info.get("vocabularies", {}).get(k) != v)
         if info["fingerprint"] != fingerprint(model):
             message = (f"{name}: trained afresh: the base model {base} has another architecture (its variables' "
-                       f"shapes differ: the config changed)")
+                       f"shapes differ: the config changed, or a vocabulary's size)")
+        elif changed:
+            message = (f"{name}: trained afresh: the vocabularies of {', '.join(changed)} differ from the base model's "
+                       f"{base} (their embedding rows belong to other ids; hashed ids warm-start)")
         else:
             tf.train.Checkpoint(model=model).read(os.path.join(directory, _PREFIX)).assert_existing_objects_matched()
             refresh_adapted_layers(model)
