@@ -24,7 +24,7 @@ help:
 	@echo "make demo       run the local TFX pipeline on built-in synthetic data"
 	@echo "make test       run the whole test suite"
 	@echo "make test-fast  run the tests not marked slow"
-	@echo "make bench      rerun every figure of BENCHMARKS.md (about 3 h) and draw its plots"
+	@echo "make bench      rerun every figure of BENCHMARKS.md (about 4 h) and draw its plots"
 
 install: $(STAMP)
 
@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) bench/calibration_check.py --json $(BENCH_OUT)/calibration_check.json
 	$(PY) bench/calibration_check.py --bias-alpha 0.01 0.001 --only-extra --json $(BENCH_OUT)/calibration_check_alpha.json
 	$(PY) bench/obd_calibration.py --json $(BENCH_OUT)/obd_calibration.json
+	$(PY) bench/continuous_training.py --variants warm1 warm2 window2 window2x3 --json $(BENCH_OUT)/continuous_training.json
 	$(PY) bench/report.py --results $(BENCH_OUT) --plots
 
 clean:
