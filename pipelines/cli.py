@@ -194,7 +194,7 @@ STREAM_OUTPUT_DIR = "cascade_stream"
 
 def _cmd_stream(args) -> int:
     from cascade_ranking.datasources import synthetic
-    from cascade_ranking.pipelines import run_log, stream
+    from cascade_ranking.pipelines import html_report, run_log, stream
 
     args.drift_given = args.drift is not None
     args.drift = stream.DEFAULT_DRIFT if args.drift is None else args.drift
@@ -236,6 +236,7 @@ def _cmd_stream(args) -> int:
           "'prev of span') on the same rows (progressive validation: a model scored on a span it has not trained on)")
     print(stream.format_records(records))
     print(f"Written: {paths['json']}, {paths['png']}")
+    print(f"Report: {os.path.abspath(os.path.join(config.output_dir, stream.RUN_DIR, html_report.REPORT_FILE))}")
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 from cascade_ranking.datasources import spans as spans_lib
 from cascade_ranking.datasources import synthetic
-from cascade_ranking.pipelines import local_runner
+from cascade_ranking.pipelines import html_report, local_runner
 from cascade_ranking.pipelines import report as run_report
 from cascade_ranking.pipelines.config import PipelineConfig
 
@@ -56,14 +56,18 @@ def write_synthetic_spans(config: PipelineConfig, count: int, drift: float) -> s
 def run_stream(base: PipelineConfig, span_numbers: List[int], show_progress: bool = True,
                report=print) -> List[Dict]:
     """Runs `base` (source examples, its examples_dir of spans) on each span in order into
-    `<output dir>/run`; returns one record per span (span, seconds, warm-started trainers, metrics)."""
+    `<output dir>/run`, writing its `report.html` after each; returns one record per span (span,
+    seconds, warm-started trainers, metrics)."""
     records = []
     for span in span_numbers:
         config = base.replace(span=span, output_dir=os.path.join(base.output_dir, RUN_DIR))
         config.validate()
         report(f"— span {span} of {span_numbers[-1]} —")
         seconds, timings = local_runner.run_with_timings(config, show_progress=show_progress)
-        evaluation = run_report.collect(config)["evaluation"]
+        result = run_report.collect(config)
+        evaluation = result["evaluation"]
+        # The run's report.html (and spans.png): the newest span's, with every span so far.
+        html_report.write(config, result, seconds, timings, run_report.served_models(config))
         records.append({"span": span, "seconds": round(seconds, 1), **run_report.span_metrics(evaluation),
                         "baseline_span": evaluation.get("baseline_span"),
                         "warm_started": sorted({name.split(".", 1)[1] for name, _, _ in timings

@@ -85,6 +85,28 @@ def test_generate_writes_spans_and_run_reads_the_one_named(capsys, tmp_path):
     assert code == 2 and err.strip().endswith("it has span(s) 1, 2, 3")
 
 
+def test_stream_of_synthetic_spans_keeps_the_window(capsys, tmp_path, monkeypatch):
+    """`cascade stream --spans 2 --window 2`: synthetic data has no spans to window until the stream
+    writes them, so the window is checked then and reaches every span's run (runs stubbed)."""
+    from cascade_ranking.pipelines import stream
+
+    seen = []
+
+    def run_stream(config, numbers, **_):
+        config.validate()
+        seen.append((config.source, config.span_window, config.warm_start, list(numbers)))
+        empty = dict.fromkeys(stream.METRICS)
+        return [{"span": n, "seconds": 1.0, "model": empty, "baseline": empty, "baseline_span": None,
+                 "warm_started": []} for n in numbers]
+
+    monkeypatch.setattr(stream, "run_stream", run_stream)
+    code, out, _ = _run(capsys, "stream", "--spans", "2", "--requests", "4", "--window", "2", "--set",
+                        "warm_start=false", "--output-dir", str(tmp_path / "out"))
+    assert code == 0, out
+    assert seen == [("examples", 2, False, [1, 2])]
+    assert "training window: 2 spans" in out and "warm start: off" in out
+
+
 @pytest.mark.parametrize("command", [[], ["generate"], ["convert"], ["run"], ["stream"]])
 def test_every_subcommand_has_help(capsys, command):
     code, out, _ = _run(capsys, *command, "--help")

@@ -144,7 +144,9 @@ def test_span_2_warm_starts_from_span_1_and_its_rerun_is_cached(tmp_path, capsys
     assert [(h["span"], h["baseline_span"]) for h in history] == [(1, None), (2, 1)]
     assert [h["model"] for h in history] == [r["model"] for r in records]
     assert history[1]["baseline"] == records[1]["baseline"]
-    page = parse_report(html_report.write(config, result, 1.0, rerun, {}))
+    report_path = os.path.join(out, stream.RUN_DIR, html_report.REPORT_FILE)  # written by the stream
+    assert f"Report: {os.path.abspath(report_path)}" in printed
+    page = parse_report(report_path)
     assert "spans" in page["sections"]
     rows = page["tables"]["spans"]
     assert [row[0] for row in rows[1:]] == ["1", "2"] and rows[2][6] == "1"
