@@ -86,14 +86,20 @@ def _dag_runner(orchestrator: str):
     raise ValueError(f"unknown orchestrator {orchestrator!r}; choose one of {', '.join(ORCHESTRATORS)}")
 
 
-def window_spans_to_import(config: PipelineConfig) -> List[int]:
-    """The older spans of the run's window that are in examples_dir (`datasources.spans`), oldest first:
-    those `import_window_spans` reads; empty without a window."""
+def window_spans(config: PipelineConfig) -> Tuple[List[int], List[int]]:
+    """(the older spans of the run's window that are in examples_dir, those that are not), oldest
+    first: `import_window_spans` reads the first and names the second; both empty without a window."""
     span = config.read_span()
     if span is None or config.span_window <= 1:
-        return []
+        return [], []
     present = spans.find_spans(config.examples_dir)
-    return [s for s in range(max(1, span - config.span_window + 1), span) if s in present]
+    older = range(max(1, span - config.span_window + 1), span)
+    return [s for s in older if s in present], [s for s in older if s not in present]
+
+
+def window_spans_to_import(config: PipelineConfig) -> List[int]:
+    """The older spans of the run's window that are in examples_dir (`datasources.spans`)."""
+    return window_spans(config)[0]
 
 
 def import_window_spans(config: PipelineConfig, metadata_connection_config, orchestrator: str = "local",
@@ -105,8 +111,12 @@ def import_window_spans(config: PipelineConfig, metadata_connection_config, orch
     now. Returns (span, cached) for each."""
     from tfx.orchestration.pipeline import Pipeline
 
+    present, absent = window_spans(config)
+    if absent:
+        report(f"warning: the window of span {config.read_span()} ({config.span_window} spans) lacks span(s) "
+               f"{', '.join(map(str, absent))}: not in {config.examples_dir}; it trains on the spans there are")
     done = []
-    for span in window_spans_to_import(config):
+    for span in present:
         span_config = config.replace(span=span)
         progress = ComponentProgress(stream=io.StringIO())
         with progress:

@@ -101,6 +101,8 @@ def test_window_config_is_checked(tmp_path):
     assert local_runner.window_spans_to_import(config.replace(span_window=5)) == [1, 2]
     assert local_runner.window_spans_to_import(config.replace(span=1, span_window=5)) == []
     assert local_runner.window_spans_to_import(config) == []
+    os.rename(os.path.join(log, "span-2"), os.path.join(log, "span-2-moved"))  # a gap in the log
+    assert local_runner.window_spans(config.replace(span_window=3)) == ([1], [2])
     static = spans.window_range_config(2, 4).static_range
     assert (static.start_span_number, static.end_span_number) == (2, 4)
 
