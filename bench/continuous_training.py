@@ -69,19 +69,12 @@ def variant_config(config: PipelineConfig, settings: dict) -> PipelineConfig:
 
 def ranker_model_uri(config: PipelineConfig, span: int) -> str:
     """The Model of Trainer.cascade (the ranker's) trained on `span`, from the run's MLMD."""
-    import ml_metadata as mlmd
-    from tfx.orchestration import metadata
+    from cascade_ranking.models.trainers import warm_start
+    from cascade_ranking.pipelines import report as run_report
 
-    from cascade_ranking.pipelines.warm_start_strategy import model_span
-
-    store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path)))
-    context = store.get_context_by_type_and_name("node", f"{config.pipeline_name}.Trainer.cascade")
-    from tfx.types import standard_artifacts
-
-    for artifact in store.get_artifacts_by_context(context.id):
-        model = standard_artifacts.Model()
-        model.set_mlmd_artifact(artifact)
-        if artifact.type_id == store.get_artifact_type("Model").id and model_span(model) == span:
+    store = run_report._store(config)  # pylint: disable=protected-access
+    for artifact in run_report.node_artifacts(store, "Model", f"{config.pipeline_name}.Trainer.cascade"):
+        if warm_start.trained_span(artifact.uri) == span:
             return artifact.uri
     raise LookupError(f"no ranker model of span {span} in {config.metadata_path}")
 

@@ -95,7 +95,7 @@ def _spans(config, result: Dict) -> str:
     parts = [f"<p>This run: span {evaluation['span']}; trained on {window}; warm start {warm}. The baseline of a "
              f"span is the latest blessed ranker (span t−1's when it was blessed), scored on the span's eval rows "
              f"before the span's model replaces it: the progressive validation.</p>"]
-    keys = ("e2e_recall", "auc", "per_query_auc", "ne", "calibration")
+    keys = report.SPAN_METRICS
     parts.append(_table(("span", "e2e recall", "AUC", "PerQueryAUC", "NE", "calibration", "baseline of span",
                          "baseline e2e", "baseline AUC", "baseline PQAUC", "baseline NE", "baseline calibration"),
                         [(r["span"], *(r["model"][k] for k in keys), r["baseline_span"] or "none",

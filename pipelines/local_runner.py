@@ -97,11 +97,6 @@ def window_spans(config: PipelineConfig) -> Tuple[List[int], List[int]]:
     return [s for s in older if s in present], [s for s in older if s not in present]
 
 
-def window_spans_to_import(config: PipelineConfig) -> List[int]:
-    """The older spans of the run's window that are in examples_dir (`datasources.spans`)."""
-    return window_spans(config)[0]
-
-
 def import_window_spans(config: PipelineConfig, metadata_connection_config, orchestrator: str = "local",
                         report=print) -> List[Tuple[int, bool]]:
     """Reads the window's older spans into this pipeline's MLMD, where the run's `SpanWindow.examples`

@@ -35,14 +35,20 @@ def _store(config: PipelineConfig) -> mlmd.MetadataStore:
     return mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(os.path.abspath(config.metadata_path)))
 
 
-def latest_artifact(store: mlmd.MetadataStore, type_name: str, node_context: str):
-    """The newest artifact of a type attached to a pipeline node's context (`<pipeline>.<node id>`)."""
+def node_artifacts(store: mlmd.MetadataStore, type_name: str, node_context: str) -> list:
+    """The artifacts of a type attached to a pipeline node's context (`<pipeline>.<node id>`), oldest
+    first (by MLMD id)."""
     produced = set()
     for context in store.get_contexts_by_type("node"):
         if context.name == node_context:
             produced |= {a.id for a in store.get_artifacts_by_context(context.id)}
-    artifacts = [a for a in store.get_artifacts_by_type(type_name) if a.id in produced]
-    return max(artifacts, key=lambda a: a.id) if artifacts else None
+    return sorted((a for a in store.get_artifacts_by_type(type_name) if a.id in produced), key=lambda a: a.id)
+
+
+def latest_artifact(store: mlmd.MetadataStore, type_name: str, node_context: str):
+    """The newest artifact of a type attached to a pipeline node's context (`<pipeline>.<node id>`)."""
+    artifacts = node_artifacts(store, type_name, node_context)
+    return artifacts[-1] if artifacts else None
 
 
 def served_models(config: PipelineConfig) -> Dict[str, Tuple[str, bool]]:
@@ -130,13 +136,8 @@ def span_history(config: PipelineConfig) -> List[Dict]:
     evaluation artifacts in MLMD (the newest evaluation of each span): {"span", "baseline_span",
     "model": …, "baseline": …} (`span_metrics`). Empty when no evaluation recorded a span (data
     without spans)."""
-    store = _store(config)
-    node = f"{config.pipeline_name}.{EVALUATOR_ID}"
-    produced = {a.id for c in store.get_contexts_by_type("node") if c.name == node
-                for a in store.get_artifacts_by_context(c.id)}
     newest: Dict[int, Dict] = {}
-    for artifact in sorted((a for a in store.get_artifacts_by_type("ModelEvaluation") if a.id in produced),
-                           key=lambda a: a.id):
+    for artifact in node_artifacts(_store(config), "ModelEvaluation", f"{config.pipeline_name}.{EVALUATOR_ID}"):
         path = os.path.join(artifact.uri, record_io.METRICS_FILE)
         if not os.path.exists(path):
             continue

@@ -97,10 +97,10 @@ def test_window_config_is_checked(tmp_path):
     synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=4), flat)
     with pytest.raises(ConfigError, match="has no span-<number>/ directories"):
         config.replace(examples_dir=flat, span=None, span_window=2).validate()
-    assert local_runner.window_spans_to_import(config.replace(span_window=2)) == [2]
-    assert local_runner.window_spans_to_import(config.replace(span_window=5)) == [1, 2]
-    assert local_runner.window_spans_to_import(config.replace(span=1, span_window=5)) == []
-    assert local_runner.window_spans_to_import(config) == []
+    assert local_runner.window_spans(config.replace(span_window=2))[0] == [2]
+    assert local_runner.window_spans(config.replace(span_window=5))[0] == [1, 2]
+    assert local_runner.window_spans(config.replace(span=1, span_window=5))[0] == []
+    assert local_runner.window_spans(config)[0] == []
     os.rename(os.path.join(log, "span-2"), os.path.join(log, "span-2-moved"))  # a gap in the log
     assert local_runner.window_spans(config.replace(span_window=3)) == ([1], [2])
     static = spans.window_range_config(2, 4).static_range
