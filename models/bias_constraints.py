@@ -134,7 +134,10 @@ class BiasConstraints(tf.Module):
         self.dual_learning_rate = float(dual_learning_rate)
         self.duals = tf.Variable(
             tf.zeros([self.num_slices], tf.float32), trainable=False,
-            name="bias_duals")
+            name="bias_duals",
+            # Under a multi-replica strategy each replica ascends on its share of the batch: the
+            # replicas' steps are averaged (the ascent step on the global batch).
+            aggregation=tf.VariableAggregation.MEAN)
 
     def slice_ids(self, predictions, categories=None) -> tf.Tensor:
         """[N, F] slice ids: CTR bucket of `predictions`, then offset `categories`."""

@@ -201,8 +201,13 @@ class CascadeModel(StageModel):
             self.ranking_stage.after_step(terms["_ranker_terms"])
 
     def predict_stage_scores(self, lists: Mapping[str, np.ndarray], batch_size: int = 256) -> List[np.ndarray]:
-        """Every stage's [R, L] scores on in-memory request lists."""
-        stacked = self.predict(LI.dataset_from_lists(lists, batch_size), verbose=0)
+        """Every stage's [R, L] scores on in-memory request lists. The model is called in a
+        tf.function of its own, not through Keras `predict`, which under MultiWorkerMirroredStrategy
+        would need every worker (only the chief evaluates: `models.trainers.distribute`)."""
+        if getattr(self, "_score_lists", None) is None:
+            self._score_lists = tf.function(lambda batch: self(batch, training=False), autograph=False)
+        stacked = np.concatenate([self._score_lists(batch).numpy()
+                                  for batch in LI.dataset_from_lists(lists, batch_size)])
         return [stacked[:, i] for i in range(stacked.shape[1])]
 
 

@@ -90,7 +90,8 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                 raise ValueError(f"feature {name}: its vocabulary file gives {lookup.vocabulary_size()} rows "
                                  f"(ids + OOV), the registry says {spec.num_buckets}")
         self.normalizers = {f.name: tf.keras.layers.Normalization(axis=-1, name=f"{f.name}_norm") for f in self.dense_features}
-        self.nan_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="dense_nan_count")
+        self.nan_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="dense_nan_count",
+                                     aggregation=tf.VariableAggregation.SUM)  # replicas' counts add up
 
     def adapt(self, batches: tf.data.Dataset, steps: int = 50) -> None:
         """Fits the dense normalisers on the first `steps` training batches of parsed features (NaN

@@ -27,7 +27,11 @@ metrics; written here is only what it lacks:
   (d) `step_logs(terms, training)`: the logged names and values (by default every term not
       starting with "_", the values of this batch), so trainers, callbacks and TensorBoard keep
       reading the names they read;
-  (e) `build_train_step(batch)`: the step's variables created before `fit`, so it is traced once.
+  (e) `build_train_step(batch)`: the step's variables created before `fit`, so it is traced once;
+  (f) under a synchronous multi-replica strategy (`models.trainers.distribute`), the gradient of a
+      replica's loss is divided by the number of replicas, so their sum is the gradient of the
+      global batch's mean loss (Keras's compiled losses do the same; tfrs.Model does not);
+  (g) the logs of a step are the mean over the replicas (`replica_mean`), not Keras's sum.
 The steps are plain TF code (no Python control flow on tensors), so they are not converted by
 autograph (`do_not_convert`): converting the stage models' code cost seconds per trace.
 Like the hand-written steps it replaces, and unlike tfrs.Model's, it adds no `regularization_loss`
@@ -57,6 +61,15 @@ def build_train_step(model: tfrs.Model, batch) -> None:
         else [(model.optimizer, model.trainable_variables)]
     for optimizer, variables in pairs:
         optimizer.build(variables)
+
+
+def replica_mean(logs: Terms) -> Terms:
+    """(g) Keras sums a step's logs over the replicas of a (non-TPU) strategy; each float log is
+    divided by the replicas, so the logged value is their mean (unchanged in one process)."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas == 1:
+        return logs
+    return {name: value / replicas if value.dtype.is_floating else value for name, value in logs.items()}
 
 
 class StageModel(tfrs.Model):
@@ -93,11 +106,14 @@ class StageModel(tfrs.Model):
     def train_step(self, inputs):
         with tf.GradientTape() as tape:
             terms = self.compute_terms(inputs, training=True)
+            # (f) Under MultiWorkerMirroredStrategy the replicas' gradients are summed: the loss of a
+            # replica's share of the batch is divided by the replicas (1 without a strategy).
+            objective = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
         variables = self.trainable_variables
-        gradients = tape.gradient(terms["loss"], variables)
+        gradients = tape.gradient(objective, variables)
         self.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])  # (c)
         self.after_step(terms)
-        return self.step_logs(terms, training=True)
+        return replica_mean(self.step_logs(terms, training=True))
 
     @tf.autograph.experimental.do_not_convert
     def predict_step(self, data):
@@ -105,7 +121,7 @@ class StageModel(tfrs.Model):
 
     @tf.autograph.experimental.do_not_convert
     def test_step(self, inputs):
-        return self.step_logs(self.compute_terms(inputs, training=False), training=False)
+        return replica_mean(self.step_logs(self.compute_terms(inputs, training=False), training=False))
 
 
 class FactoryFloorTask(tf.keras.layers.Layer, tfrs.tasks.Task):

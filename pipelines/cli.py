@@ -478,11 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_flags(kfp)
     kfp.add_argument("--out", required=True, help="output JSON path")
     kfp.add_argument("--image", default="gcr.io/my-project/cascade-ranking:latest",
-                     help="container image with this package installed")
+                     help="container image with this package installed (also the Vertex AI "
+                          "training jobs' image unless training_cluster.image is set)")
     kfp.add_argument("--pipeline-root", default="gs://my-bucket/cascade-ranking", help="pipeline root (gs://...)")
     kfp.add_argument("--schema-file", default="/pipeline/schema/schema.pbtxt", help="schema.pbtxt path inside the image")
-    kfp.add_argument("--project", default="my-project", help="GCP project for Dataflow")
-    kfp.add_argument("--region", default="us-central1", help="Dataflow region")
+    kfp.add_argument("--project", default="my-project",
+                     help="GCP project for Dataflow and the Vertex AI training jobs (unless training_cluster.vertex_project is set)")
+    kfp.add_argument("--region", default="us-central1",
+                     help="Dataflow and Vertex AI training region (unless training_cluster.vertex_region is set)")
     kfp.add_argument("--temp-location", help="Dataflow temp location (default: <pipeline root>/beam-tmp)")
     kfp.set_defaults(func=_cmd_compile_kubeflow)
     return parser

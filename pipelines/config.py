@@ -7,6 +7,7 @@ for the joint pre-ranking + ranking training), plus `SamplerConfig` for the Nega
 and `cascade compile-kubeflow` build it from the same flags (`pipelines.cli.pipeline_config`).
 """
 import dataclasses
+import importlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,9 +23,11 @@ from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.schema.features import CANDIDATES_PER_TIER, STAGE_TIERS, FeatureConfig
 from cascade_ranking.schema.keys import KeyConfig
 from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
+from cascade_ranking.models.trainers.distribute import ClusterConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
 
 SOURCES = ("synthetic", "examples")
+TEACHER_RUN_FN = "cascade_ranking.models.trainers.teacher.run_fn"
 CASCADE_STAGES = stage_registry.names()  # every stage of the registry (`models.stages`), cascade order
 BEAM_MODES = ("auto", "in_process", "in_memory", "multi_processing")
 # `beam_mode: auto` runs the Beam components in one process up to this many input candidate rows,
@@ -85,6 +88,11 @@ class PipelineConfig:
     cascade: CascadeTrainerConfig = dataclasses.field(default_factory=CascadeTrainerConfig)
     sampler: SamplerConfig = SamplerConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
+    # Training beyond one process (issue 18): the Trainers named in training_cluster.trainers train
+    # on a tf.distribute cluster from TF_CONFIG, started on localhost by `cascade run`
+    # (`components.local_cluster_trainer`) or as Vertex AI worker pools by `cascade compile-kubeflow`.
+    # workers 0: one process, as before (`models.trainers.distribute.ClusterConfig`).
+    training_cluster: ClusterConfig = ClusterConfig()
     # The trained stages, earliest first: the stage registry's (`models.stages`), or any of them
     # that keeps the required ones, e.g. pre-ranking and ranking alone (a 2-stage cascade: no
     # retrieval Trainer, no retrieval model evaluated or pushed).
@@ -161,6 +169,24 @@ class PipelineConfig:
             raise ValueError("the pipeline evaluates on the source's eval split: sampler.split must be 'keep'")
         self.check_quotas()
         self.check_features()
+        self.check_training_cluster()
+
+    def check_training_cluster(self) -> None:
+        """The cluster's Trainers exist in this run and train under its strategy (each Trainer module
+        lists its `DISTRIBUTE_STRATEGIES`); otherwise a one-line ConfigError."""
+        cluster = self.training_cluster
+        if not cluster.distributed:
+            return
+        run_fns = {"teacher": TEACHER_RUN_FN, **{t.name: t.run_fn for t in stage_registry.trainers(self.stages)}}
+        for name in cluster.trainers:
+            if name not in run_fns:
+                raise ConfigError(f"training_cluster.trainers: no Trainer {name!r} in this run "
+                                  f"(choose from {', '.join(run_fns)})")
+            module = importlib.import_module(run_fns[name].rsplit(".", 1)[0])
+            supported = getattr(module, "DISTRIBUTE_STRATEGIES", ())
+            if cluster.strategy not in supported:
+                raise ConfigError(f"Trainer.{name} does not train under {cluster.strategy} (it supports "
+                                  f"{', '.join(supported) or 'one process only'}): remove it from training_cluster.trainers")
 
     def check_features(self) -> None:
         """The ranker configs against the feature registry: a Q·U ranker needs UI features, and a

@@ -50,6 +50,7 @@ from typing import Optional
 # tfx.v1 is not imported: it imports kfp (about 3 s), which only the Kubeflow compile needs.
 from tfx import components
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
+from tfx.dsl.components.base import executor_spec
 from tfx.dsl.components.common.resolver import Resolver
 from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
 from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
@@ -61,6 +62,7 @@ from tfx.proto import example_gen_pb2
 
 from cascade_ranking.components.anomaly_gate import AnomalyGate
 from cascade_ranking.components.cascade_evaluator import BLESSING_OUTPUTS, CascadeEvaluator, tfma_eval_config
+from cascade_ranking.components import local_cluster_trainer
 from cascade_ranking.components.key_mapper import KeyMapper
 from cascade_ranking.components.negative_sampler import NegativeSampler
 from cascade_ranking.components.span_window import SpanWindow
@@ -70,14 +72,13 @@ from cascade_ranking.components.teacher_inference import TeacherInference
 from cascade_ranking.datasources import spans
 from cascade_ranking.models import stages as stage_registry
 from cascade_ranking.models.trainers.common import FEATURES_KEY, STAGE_OPTIONS_KEY
-from cascade_ranking.models.trainers import warm_start
+from cascade_ranking.models.trainers import distribute, warm_start
 from cascade_ranking.pipelines.baseline_strategy import BaselineBeforeCandidateStrategy
 from cascade_ranking.pipelines.warm_start_strategy import WarmStartStrategy
-from cascade_ranking.pipelines.config import ConfigError, PipelineConfig, to_json
+from cascade_ranking.pipelines.config import TEACHER_RUN_FN, ConfigError, PipelineConfig, to_json
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import vocabulary
 
-TEACHER_RUN_FN = "cascade_ranking.models.trainers.teacher.run_fn"
 STAGES = stage_registry.names()  # the served stages of the registry (`models.stages`), cascade order
 EVALUATOR_ID = "CascadeEvaluator"
 TFMA_EVALUATOR_ID = f"Evaluator.{stage_registry.ctr_stage().name}"
@@ -172,12 +173,16 @@ def warm_start_model(trainer: str, span: int) -> Resolver:
 
 
 def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, after, config: PipelineConfig,
-             span: Optional[int] = None, transform_graph=None, warm_starts: Optional[dict] = None) -> components.Trainer:
+             span: Optional[int] = None, transform_graph=None, warm_starts: Optional[dict] = None,
+             kubeflow: bool = False) -> components.Trainer:
     """`Trainer.<name>` running `run_fn`; every one gets the run's FeatureConfig under custom_config
     "features", and the Transform output (vocabularies) when some feature has lookup vocabulary.
     On spans (`span`: the run's `config.read_span()`), custom_config "warm_start" carries it (the
     Trainer records it in its warm-start checkpoint) and, when `warm_starts` is a dict (the run warm-starts), the Trainer's
-    base_model is `warm_start_model`'s, whose node is added to `warm_starts` under `name`."""
+    base_model is `warm_start_model`'s, whose node is added to `warm_starts` under `name`.
+    A Trainer of `config.training_cluster.trainers` gets the cluster under custom_config "cluster" and
+    trains on it: on localhost (`components.local_cluster_trainer`) or, compiled for Kubeflow, as
+    a Vertex AI job (`vertex_trainer`)."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(config.features)}
     base_model = None
     if span is not None:
@@ -185,12 +190,32 @@ def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, afte
         if warm_starts is not None:
             warm_starts[name] = warm_start_model(name, span)
             base_model = warm_starts[name].outputs["model"]
-    trainer = components.Trainer(
-        run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
-        transform_graph=transform_graph, base_model=base_model,
-    ).with_id(f"Trainer.{name}")
+    cluster = config.training_cluster
+    if cluster.runs(name):
+        custom_config[distribute.CLUSTER_KEY] = cluster.to_json()
+    if cluster.runs(name) and kubeflow:
+        trainer = vertex_trainer(name, run_fn, examples, schema, custom_config, transform_graph, base_model, config)
+    else:
+        executor = {} if not cluster.runs(name) else dict(
+            custom_executor_spec=executor_spec.ExecutorClassSpec(local_cluster_trainer.Executor))
+        trainer = components.Trainer(
+            run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
+            transform_graph=transform_graph, base_model=base_model, **executor,
+        )
+    trainer = trainer.with_id(f"Trainer.{name}")
     trainer.add_upstream_node(after)
     return trainer
+
+
+def vertex_trainer(name: str, run_fn: str, examples, schema, custom_config: dict, transform_graph, base_model,
+                   config: PipelineConfig):
+    """`Trainer.<name>` as a Vertex AI training job whose worker pools are `config.training_cluster`'s
+    (chief, workers, parameter servers): `pipelines.vertex_training`."""
+    from cascade_ranking.pipelines import vertex_training
+
+    return vertex_training.trainer(run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
+                                   transform_graph=transform_graph, base_model=base_model,
+                                   cluster=config.training_cluster)
 
 
 def stage_trainer_config(trainer: stage_registry.StageTrainer, config: PipelineConfig) -> dict:
@@ -265,7 +290,8 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     transform = vocabulary_transform(rows, schema, config.features)
     graph = transform.outputs["transform_graph"] if transform else None
     teacher = _trainer("teacher", TEACHER_RUN_FN, rows, schema, {"ranker": config.teacher.to_json()},
-                       after=anomaly_gate, config=config, span=span, transform_graph=graph, warm_starts=warm_starts)
+                       after=anomaly_gate, config=config, span=span, transform_graph=graph, warm_starts=warm_starts,
+                       kubeflow=kubeflow)
     teacher_inference = TeacherInference(examples=rows, model=teacher.outputs["model"])
     scored_rows = teacher_inference.outputs["output_examples"]
     sampler = NegativeSampler(examples=scored_rows, schema=schema, config=config.sampler, features=config.features)
@@ -275,7 +301,8 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
     # their Trainers on the request lists, and a StageModel for each stage served out of another's.
     stages = [s for s in stage_registry.registered() if s.name in config.stages]
     trainers = {t.name: _trainer(t.name, t.run_fn, request_lists, schema, stage_trainer_config(t, config),
-                                 after=anomaly_gate, config=config, span=span, transform_graph=graph, warm_starts=warm_starts)
+                                 after=anomaly_gate, config=config, span=span, transform_graph=graph, warm_starts=warm_starts,
+                                 kubeflow=kubeflow)
                 for t in stage_registry.trainers(config.stages)}
     stage_models = {s.name: StageModel(model=trainers[s.trainer.name].outputs["model"], stage=s.name).with_id(
         s.model_source[0]) for s in stages if s.extracted}

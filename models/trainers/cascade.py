@@ -55,13 +55,15 @@ from cascade_ranking.models.ranker import FactoryFloorRanker
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.ranking_stage import RankingStage
-from cascade_ranking.models.trainers import common, warm_start
+from cascade_ranking.models.trainers import common, distribute, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       concatenate_batches, iterate_lists, save_with_warmup, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "cascade"
+# The strategies it trains under on a training cluster (`models.trainers.distribute`).
+DISTRIBUTE_STRATEGIES = (distribute.MIRRORED, distribute.PARAMETER_SERVER)
 RANKER_KEY = "ranker"
 STAGES = ("prerank", "rank")
 
@@ -256,7 +258,8 @@ def run_fn(fn_args) -> None:
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the joint cascade with %s; ranker %s; schema %s", config, ranker_config, schema_path)
     features = common.feature_config(fn_args)
-    model = build_model(config, ranker_config, features)
+    cluster = distribute.cluster_config(fn_args)
+    strategy = distribute.strategy_for("cascade", DISTRIBUTE_STRATEGIES, cluster.min_shard_bytes)
     list_size = list_size_of_splits(fn_args)
     report = TrainDataReport()  # summed over the split while it is read once; the first lists kept
     sample = scan_train_split(fn_args.train_files, list_size, report.add, features)
@@ -265,29 +268,40 @@ def run_fn(fn_args) -> None:
                  "(%d clicks), sample_weight sum %.1f, weighted click mean %.4f", data["lists"],
                  data["candidate_rows"], data["shown_rows"], data["shown_clicks"], data["shown_weight_sum"],
                  data["weighted_click_mean"])
-    model.adapt(sample)
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
-    model.build_train_step(next(iter(LI.dataset_from_lists(sample, config.batch_size))))
-    del sample
-    warm = warm_start.restore(model, fn_args, "Trainer.cascade")
-    train = LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
-                                    features=features)
+    with distribute.scope(strategy):
+        model = build_model(config, ranker_config, features)
+        model.adapt(sample)
+        model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+        model.build_train_step(next(iter(LI.dataset_from_lists(sample, config.batch_size))))
+        del sample
+        warm = warm_start.restore(model, fn_args, "Trainer.cascade")
+
+    def train():
+        return LI.request_list_dataset(fn_args.train_files, config.batch_size, list_size, shuffle_seed=config.seed,
+                                       features=features)
+
     ranking = model.ranking_stage
-    model.fit(train, epochs=warm_start.epochs(fn_args, config.epochs, warm), verbose=0,
-              callbacks=common.callbacks(fn_args) + [
-                  FinalizeRanker(ranking), EpochProgress("cascade", ("loss", "e2e", "ranker_loss"))])
+    distribute.fit(model, train, strategy, epochs=warm_start.epochs(fn_args, config.epochs, warm),
+                   callbacks=common.callbacks(fn_args) + [
+                       FinalizeRanker(ranking), EpochProgress("cascade", ("loss", "e2e", "ranker_loss"))],
+                   steps_per_epoch=-(-data["lists"] // config.batch_size))
 
     quotas = tuple(int(q) for q in config.eval_quotas)
-    result, warmup = evaluate_eval_split(model, fn_args.eval_files, list_size, quotas, config.label, features)
     light = model.stage_models[0]
-    result.update(
-        method=config.method, quotas=dict(zip(model.stage_names, quotas)), schema_path=schema_path,
-        train_data=data, flops={"preranking": light.flops(), "ranking": ranking.ranker.flops()},
-    )
-    logging.info("Eval metrics: %s", json.dumps(result))
-    common.write_eval_metrics(fn_args.model_run_dir, result)
-    ranker_export.export_ranker(ranking.ranker, fn_args.serving_model_dir, warmup, schema=schema)
-    preranker = PrerankerServing(light, schema)
-    save_with_warmup(preranker, export_lib.stage_model_dir(fn_args.serving_model_dir, "preranking"),
-                     {"serving_default": preranker.serve}, warmup)
-    warm_start.save(model, fn_args)
+    if distribute.is_chief():  # only the chief evaluates
+        result, warmup = evaluate_eval_split(model, fn_args.eval_files, list_size, quotas, config.label, features)
+        result.update(
+            method=config.method, quotas=dict(zip(model.stage_names, quotas)), schema_path=schema_path,
+            train_data=data, flops={"preranking": light.flops(), "ranking": ranking.ranker.flops()},
+        )
+        logging.info("Eval metrics: %s", json.dumps(result))
+        common.write_eval_metrics(fn_args.model_run_dir, result)
+    else:
+        warmup = candidate_examples(next(iter(iterate_lists(fn_args.eval_files, list_size, EVAL_LISTS, features))),
+                                    features=features)
+    with distribute.chief_outputs(fn_args) as outputs:  # only the chief's export is kept
+        ranker_export.export_ranker(ranking.ranker, outputs.serving_model_dir, warmup, schema=schema)
+        preranker = PrerankerServing(light, schema)
+        save_with_warmup(preranker, export_lib.stage_model_dir(outputs.serving_model_dir, "preranking"),
+                         {"serving_default": preranker.serve}, warmup)
+        warm_start.save(model, outputs)

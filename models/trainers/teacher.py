@@ -20,11 +20,14 @@ from absl import logging
 
 from cascade_ranking.models import inputs, ranker, ranker_export
 from cascade_ranking.models.ranker_config import RankerConfig
-from cascade_ranking.models.trainers import common, warm_start
+from cascade_ranking.models.trainers import common, distribute, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "ranker"
+# The strategies it trains under on a training cluster (`models.trainers.distribute`): rows in any
+# order, so both (the duals, the curriculum step and the cross ramp are checked in tests/test_distribute.py).
+DISTRIBUTE_STRATEGIES = (distribute.MIRRORED, distribute.PARAMETER_SERVER)
 
 
 def run_fn(fn_args) -> None:
@@ -36,24 +39,32 @@ def run_fn(fn_args) -> None:
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the teacher with %s (schema %s)", config, schema_path)
     tf.keras.utils.set_random_seed(config.lspr_seed)
+    cluster = distribute.cluster_config(fn_args)
+    strategy = distribute.strategy_for("teacher", DISTRIBUTE_STRATEGIES, cluster.min_shard_bytes)
     cache = inputs.cache_fits(fn_args.train_files, config.cache_train_mb)
     logging.info("Teacher input: %d shown rows a batch; parsed rows cached in memory: %s", config.batch_size, cache)
-    train = inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema),
-                                     shuffle_seed=0, cache=cache)
-    model = ranker.FactoryFloorRanker(config, common.feature_config(fn_args))
-    # The dense normalisers adapt on the first rows in file order (a pipeline of their own: adapting on
-    # `train` would fill its shuffle buffer and leave a partial cache).
-    model.adapt(inputs.shown_row_batches(fn_args.train_files, 128, parse_spec=F.training_parse_spec(schema)))
-    model.compile()
-    first = inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema))
-    model.build_train_step(next(iter(first)))  # so that fit traces its step once
-    warm = warm_start.restore(model, fn_args, "Trainer.teacher")
-    model.fit(train, epochs=warm_start.epochs(fn_args, config.epochs, warm), verbose=0,
-              callbacks=common.callbacks(fn_args) + [EpochProgress("teacher", ("loss", "logistic"))])
-    result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)
-    result["schema_path"] = schema_path
-    logging.info("Eval metrics: %s", json.dumps(result))
-    common.write_eval_metrics(fn_args.model_run_dir, result)
-    ranker_export.export_ranker(model, fn_args.serving_model_dir, common.warmup_examples(fn_args.eval_files),
-                                schema=schema)
-    warm_start.save(model, fn_args)
+
+    def train():
+        return inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema),
+                                        shuffle_seed=0, cache=cache)
+
+    with distribute.scope(strategy):
+        model = ranker.FactoryFloorRanker(config, common.feature_config(fn_args))
+        # The dense normalisers adapt on the first rows in file order (a pipeline of their own: adapting on
+        # `train` would fill its shuffle buffer and leave a partial cache).
+        model.adapt(inputs.shown_row_batches(fn_args.train_files, 128, parse_spec=F.training_parse_spec(schema)))
+        model.compile()
+        first = inputs.shown_row_batches(fn_args.train_files, config.batch_size, parse_spec=F.training_parse_spec(schema))
+        model.build_train_step(next(iter(first)))  # so that fit traces its step once
+        warm = warm_start.restore(model, fn_args, "Trainer.teacher")
+    distribute.fit(model, train, strategy, epochs=warm_start.epochs(fn_args, config.epochs, warm),
+                   callbacks=common.callbacks(fn_args) + [EpochProgress("teacher", ("loss", "logistic"))])
+    warmup = common.warmup_examples(fn_args.eval_files)
+    if distribute.is_chief():  # only the chief evaluates
+        result = common.evaluate_ctr_model(model, fn_args.eval_files, schema)
+        result["schema_path"] = schema_path
+        logging.info("Eval metrics: %s", json.dumps(result))
+        common.write_eval_metrics(fn_args.model_run_dir, result)
+    with distribute.chief_outputs(fn_args) as outputs:  # only the chief's export is kept
+        ranker_export.export_ranker(model, outputs.serving_model_dir, warmup, schema=schema)
+        warm_start.save(model, outputs)
