@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",  # the Trainers' epoch progress bars (already in the stack through TFX)
 ]
 
+SCANN = "scann==1.3.0"  # the release built against TF 2.15
+
 # The repository's top-level folders, installed under `cascade_ranking`.
 _SUBPACKAGES = sorted(
     p for p in setuptools.find_packages(include=["models*", "components*", "pipelines*", "datasources*", "schema*"]))
@@ -33,6 +35,8 @@ setuptools.setup(
     package_dir={f"cascade_ranking.{p}": p.replace(".", "/") for p in _SUBPACKAGES},
     package_data={"cascade_ranking.schema": ["*.pbtxt"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    # scann: the ScaNN retrieval index (`retrieval.index: scann`, models/scann_index.py); its cp310
+    # wheel pins tensorflow~=2.15.0. The tests exercise it, so the test extra has it too.
+    extras_require={"scann": [SCANN], "test": ["pytest==9.2.0", SCANN]},
     entry_points={"console_scripts": ["cascade=cascade_ranking.pipelines.cli:main"]},
 )

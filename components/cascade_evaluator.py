@@ -58,7 +58,7 @@ from cascade_ranking.components.negative_sampler import FEATURES_PROPERTY, data_
 from cascade_ranking.models.config import config_from_dict
 from cascade_ranking.components.evaluation import (BASELINE_INPUTS, CTR_STAGE, RANKING_INPUT, STAGE_INPUTS, STAGES,
                                                    EvaluatorConfig)
-from cascade_ranking.models import stages as stage_registry
+from cascade_ranking.models import scann_index, stages as stage_registry
 from cascade_ranking.models.trainers import warm_start
 from cascade_ranking.schema import features as F
 
@@ -150,7 +150,7 @@ class _ScoreBlock(beam.DoFn):
     def setup(self):
         self._calls = []  # (signature function, [(column, output key)]): one call per signature and batch
         for path, columns in self._models.values():
-            signatures = tf.saved_model.load(path).signatures
+            signatures = scann_index.load_saved_model(path).signatures  # a ScaNN retrieval index needs its ops
             for signature_name in sorted({signature for _, signature, _ in columns}):
                 self._calls.append((signatures[signature_name],
                                     [(column, key) for column, signature, key in columns if signature == signature_name]))

@@ -24,12 +24,14 @@ Sampling probabilities (the `sampling_probability` feature, DESIGN §4):
   uniform draws from a corpus of N items (`UniformNegatives`), or the `sampling_probability`
   a NegativeSampler wrote on a `random_neg` candidate (`random_negatives_from_lists`).
 
-Serving (DESIGN §7, §10): the query tower and a `tfrs.layers.factorized_top_k.BruteForce` index
-over the item corpus are saved, not a `tfrs.Model` with FactorizedTopK metrics. The index is
-called once before saving. Signatures:
+Serving (DESIGN §7, §10): the query tower and a top-k index over the item corpus are saved, not a
+`tfrs.Model` with FactorizedTopK metrics. The index is `tfrs.layers.factorized_top_k.BruteForce`
+(exact, the default) or ScaNN (approximate), as `models.scann_index.IndexConfig` says
+(`corpus_index`); it is called once before saving. Signatures:
     serving_default(examples: serialized request-context tf.Examples) → {item_ids [N, K], scores [N, K]}
     query_embedding(examples) → {embedding [N, d]}
-    item_embeddings() → {item_ids [I], embeddings [I, d]}   (the index's own candidate table)
+    item_embeddings() → {item_ids [I], embeddings [I, d]}   (the corpus table the index was built
+                        from, kept on the serving module: with either index, no ScaNN op)
 """
 import dataclasses
 from typing import Dict, Mapping, Optional, Sequence
@@ -40,6 +42,7 @@ import tensorflow_recommenders as tfrs
 
 from cascade_ranking.models import export as export_lib
 from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models import scann_index
 from cascade_ranking.models.embedding import FeatureEmbedding, fit_normalizer
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
@@ -451,13 +454,23 @@ def request_context_spec(schema=None, features: F.FeatureConfig = F.DEFAULT) -> 
 
 
 class RetrievalServing(tf.Module):
-    """What is saved: the query tower and a BruteForce index over the item embeddings."""
+    """What is saved: the query tower, a top-k index over the item embeddings (BruteForce or ScaNN,
+    `scann_index.build_index`) and the corpus table it was built from, `item_ids` [I] and
+    `embeddings` [I, d] (what `item_embeddings` returns): BruteForce's own two variables, or for
+    ScaNN a copy held by this module."""
 
-    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.BruteForce, schema=None,
-                 features: F.FeatureConfig = F.DEFAULT):
+    def __init__(self, query_tower: Tower, index: tfrs.layers.factorized_top_k.TopK, item_ids: tf.Tensor,
+                 embeddings: np.ndarray, schema=None, features: F.FeatureConfig = F.DEFAULT):
         super().__init__()
         self.query_tower = query_tower
         self.index = index
+        if isinstance(index, tfrs.layers.factorized_top_k.BruteForce):
+            # BruteForce keeps the table in these two variables (tfrs 0.7.3): the same objects, saved once.
+            self.corpus_ids, self.corpus_embeddings = index._identifiers, index._candidates
+        else:  # ScaNN's table is inside its searcher: a copy of the table, read with no ScaNN op
+            self.corpus_ids = tf.Variable(item_ids, trainable=False, name="corpus_ids")
+            self.corpus_embeddings = tf.Variable(tf.constant(embeddings, tf.float32), trainable=False,
+                                                 name="corpus_embeddings")
         self._schema = schema
         self._features = features
         self._spec = request_context_spec(schema, features)
@@ -477,8 +490,11 @@ class RetrievalServing(tf.Module):
 
     @tf.function(input_signature=[], autograph=False)
     def item_embeddings(self):
-        # BruteForce keeps its candidate table in these two variables (tfrs 0.7.3).
-        return {"item_ids": tf.identity(self.index._identifiers), "embeddings": tf.identity(self.index._candidates)}
+        return {"item_ids": tf.identity(self.corpus_ids), "embeddings": tf.identity(self.corpus_embeddings)}
+
+    def signatures(self) -> Dict:
+        return {"serving_default": self.serve, "query_embedding": self.query_embedding,
+                "item_embeddings": self.item_embeddings}
 
 
 def item_embeddings(item_tower: Tower, corpus: ItemCorpus, batch_size: int = 4096,
@@ -499,25 +515,37 @@ def corpus_identifiers(corpus: ItemCorpus) -> tf.Tensor:
     return tf.constant(ids.astype(np.int64))
 
 
+def corpus_index(query_tower: Tower, item_tower: Tower, corpus: ItemCorpus, k: int,
+                 index: Optional[scann_index.IndexConfig] = None, features: F.FeatureConfig = F.DEFAULT):
+    """(index, item ids [I], item embeddings [I, d]): the top-min(k, I) index `index` names
+    (default BruteForce; `scann_index.build_index`) over the item tower's embeddings of the corpus,
+    queried through the query tower. What both retrieval exporters save."""
+    embeddings = item_embeddings(item_tower, corpus, features=features)
+    ids = corpus_identifiers(corpus)
+    return scann_index.build_index(query_tower, embeddings, ids, k, index), ids, embeddings
+
+
+def save_serving(module: RetrievalServing, export_dir: str, warmup_examples: Sequence[bytes]) -> str:
+    """Calls the module's index once on the warmup examples (building its graph), then saves the
+    module's signatures atomically with the warmup file; a ScaNN index is saved with the options
+    its ops need (`scann_index.save_options`; none for BruteForce)."""
+    module.serve(tf.constant(list(warmup_examples)))
+    return export_lib.save_atomically(module, export_dir, module.signatures(),
+                                      lambda tmp: export_lib.write_warmup_requests(tmp, list(warmup_examples)),
+                                      options=scann_index.save_options(module.index))
+
+
 def export_retrieval(query_tower: Tower, item_tower: Tower, corpus: ItemCorpus, export_dir: str,
-                     warmup_examples: Sequence[bytes], k: int = 100, features: F.FeatureConfig = F.DEFAULT) -> str:
-    """Saves query tower + BruteForce top-k index over the corpus (atomically, with a warmup file).
+                     warmup_examples: Sequence[bytes], k: int = 100, features: F.FeatureConfig = F.DEFAULT,
+                     index: Optional[scann_index.IndexConfig] = None) -> str:
+    """Saves query tower + top-k index over the corpus (BruteForce, or what `index` names),
+    atomically, with a warmup file.
 
     `warmup_examples`: serialized tf.Examples holding request features; the index is called on
     them once before saving (DESIGN §10) and they become the TF Serving warmup requests.
     """
     if not warmup_examples:
         raise ValueError("export_retrieval needs at least one warmup example")
-    k = min(int(k), corpus.size)
-    index = tfrs.layers.factorized_top_k.BruteForce(query_tower, k=k)
-    index.index(tf.constant(item_embeddings(item_tower, corpus, features=features)),
-                identifiers=corpus_identifiers(corpus))
-    module = RetrievalServing(query_tower, index, features=features)
-    module.serve(tf.constant(list(warmup_examples)))  # builds the index's graph before saving
-    signatures = {
-        "serving_default": module.serve,
-        "query_embedding": module.query_embedding,
-        "item_embeddings": module.item_embeddings,
-    }
-    return export_lib.save_atomically(module, export_dir, signatures,
-                                      lambda tmp: export_lib.write_warmup_requests(tmp, list(warmup_examples)))
+    built, ids, embeddings = corpus_index(query_tower, item_tower, corpus, k, index, features)
+    return save_serving(RetrievalServing(query_tower, built, ids, embeddings, features=features), export_dir,
+                        warmup_examples)

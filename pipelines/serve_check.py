@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from cascade_ranking.models import scann_index
 from cascade_ranking.models.export import WARMUP_FILE
 
 EXAMPLE_SOURCES = ("SyntheticExampleGen", "ImportExampleGen")
@@ -142,7 +143,10 @@ def replay_warmup(stage: str, model_dir: str, signatures) -> int:
 
 
 def check_model(stage: str, model_dir: str, examples: List[bytes]) -> ModelCheck:
-    loaded = tf.saved_model.load(model_dir)
+    try:
+        loaded = scann_index.load_saved_model(model_dir)  # a ScaNN retrieval index needs its ops registered
+    except scann_index.ScannNotInstalled as e:
+        raise ServeCheckError(f"{stage}: {e}") from None
     result = ModelCheck(stage=stage, path=model_dir)
     if not loaded.signatures:
         raise ServeCheckError(f"{stage}: {model_dir} has no signatures")

@@ -15,17 +15,24 @@ custom_config: {"retrieval": JSON object}, keys and defaults in `RetrievalTraine
     of training pairs), num_negatives 256 (uniform corpus negatives per batch, 0 = in-batch only),
     learning_rate 0.05 (Adagrad), embedding_dim 16, hidden_units [64], output_dim 32,
     top_k 100 (index size of serving_default, capped at the corpus), eval_quota 40 (the stage's
-    quota q in the per-list recall), seed 0.
+    quota q in the per-list recall), seed 0; index "brute_force" (exact) or "scann" (approximate,
+    needs `pip install 'cascade-ranking[scann]'`) and ScaNN's parameters scann_num_leaves,
+    scann_leaves_to_search, scann_reorder (0: automatic), scann_dims_per_block 2, scann_avq_ratio 4
+    (`models.scann_index`, whose docstring has the method, the automatic values and the TF Serving
+    caveat: a stock TF Serving build lacks ScaNN's ops).
 
 Training: `RetrievalModel.fit` (Keras) with TensorBoard + BackupAndRestore (`common.callbacks`).
 eval_metrics.json: on the eval lists, with GT = the `rerank_pos` tier,
     recall_retrieval@|GT|   Recall@|GT|@|GT| of u·v within each list
     recall_retrieval@<q>    Recall@|GT|@q within each list (the stage's cascade quota)
     index_recall@<K>        share of the eval GT (request, item) pairs whose item is in the
-                            exported index's top K for that request (corpus-wide retrieval)
+                            exact top K of u·v over the corpus for that request (corpus-wide
+                            retrieval: the BruteForce index's answer; a ScaNN index returns
+                            ~98 % of that top K, bench/retrieval_index.py)
     requests, requests_without_gt   lists evaluated / lists without a real GT candidate (left
                             out of the recalls)
-Export (`export_retrieval`'s layout, plus one signature), with the warmup file:
+Export (`export_retrieval`'s layout, plus one signature, with the index `index` names), with the
+warmup file:
     serving_default(examples)  request (or candidate-row) tf.Examples → {item_ids [N, K], scores [N, K]}
     query_embedding(examples)  → {embedding [N, d]}
     item_embeddings()          → {item_ids [I], embeddings [I, d]}
@@ -38,16 +45,16 @@ The list helpers (`iterate_lists`, `candidate_examples`, `candidate_lists`) are
 """
 import dataclasses
 import json
-from typing import Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 from absl import logging
 
 from cascade_ranking.models import export as export_lib
 from cascade_ranking.models import list_inputs as LI
 from cascade_ranking.models import retrieval as R
+from cascade_ranking.models import scann_index
 from cascade_ranking.models.cascade_model import cascade_labels
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.metrics import requests_without_gt, stage_recall
@@ -55,8 +62,7 @@ from cascade_ranking.models.tasks import build_train_step
 from cascade_ranking.models.trainers import common, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
-                                      ADAPT_LISTS, concatenate_batches, iterate_lists, save_with_warmup,
-                                      scan_train_split)
+                                      ADAPT_LISTS, concatenate_batches, iterate_lists, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "retrieval"
@@ -75,11 +81,30 @@ class RetrievalTrainerConfig:
     top_k: int = 100
     eval_quota: int = 40
     seed: int = 0
+    # The exported top-k index (`models.scann_index`): "brute_force" (exact u·v over the whole
+    # corpus) or "scann" (approximate, ScaNN: needs the scann package, `pip install
+    # 'cascade-ranking[scann]'`, and a TF Serving build with ScaNN's ops to serve it).
+    index: str = "brute_force"
+    # ScaNN's parameters (ignored by brute_force), for a corpus of N items: k-means leaves L (0: round(√N)),
+    scann_num_leaves: int = 0
+    # leaves searched per query S (0: a fifth of L, or enough to hold 40·scann_reorder items),
+    scann_leaves_to_search: int = 0
+    # candidates rescored exactly R (0: min(N, 10·top_k); else >= top_k),
+    scann_reorder: int = 0
+    # dimensions per product-quantization block (16 centres per block),
+    scann_dims_per_block: int = 2
+    # and the anisotropic loss's ratio h_∥/h_⊥ at the 5 % quantile of the item norms (0: plain squared error).
+    scann_avq_ratio: float = scann_index.DEFAULT_AVQ_RATIO
 
     def __post_init__(self):
         check_positive(self, "epochs", "batch_size", "learning_rate", "embedding_dim", "output_dim", "top_k", "eval_quota")
         if self.num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
+        self.index_config()  # validates the index fields
+
+    def index_config(self) -> scann_index.IndexConfig:
+        """The index fields as `scann_index.IndexConfig` (same names)."""
+        return scann_index.IndexConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(scann_index.IndexConfig)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,9 +113,9 @@ class RetrievalTrainerConfig:
 class ScoringRetrievalServing(R.RetrievalServing):
     """`RetrievalServing` plus `score`: u·v of serialized candidate-row tf.Examples."""
 
-    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index, schema=None,
-                 features: F.FeatureConfig = F.DEFAULT):
-        super().__init__(query_tower, index, schema, features)
+    def __init__(self, query_tower: R.Tower, item_tower: R.Tower, index, item_ids: tf.Tensor, embeddings: np.ndarray,
+                 schema=None, features: F.FeatureConfig = F.DEFAULT):
+        super().__init__(query_tower, index, item_ids, embeddings, schema, features)
         self.item_tower = item_tower
         self._schema = schema
         self._candidate_spec = candidate_parse_spec(schema, features)
@@ -102,20 +127,18 @@ class ScoringRetrievalServing(R.RetrievalServing):
         v = self.item_tower(LI.candidate_features(lists, self._features), training=False)
         return {"score": tf.reduce_sum(u * v, axis=-1)}
 
+    def signatures(self) -> Dict:
+        return {**super().signatures(), "score": self.score}
+
 
 def export(model: R.RetrievalModel, corpus: R.ItemCorpus, export_dir: str, warmup: Sequence[bytes], k: int,
-           schema=None) -> str:
-    """`models.retrieval.export_retrieval` with the extra `score` signature (same layout); requests
-    are parsed with `schema` (the pipeline's; default: the packaged one)."""
-    k = min(int(k), corpus.size)
-    index = tfrs.layers.factorized_top_k.BruteForce(model.query_tower, k=k)
-    index.index(tf.constant(R.item_embeddings(model.item_tower, corpus, features=model.features)),
-                identifiers=R.corpus_identifiers(corpus))
-    module = ScoringRetrievalServing(model.query_tower, model.item_tower, index, schema, model.features)
-    module.serve(tf.constant(list(warmup)))  # builds the index's graph before saving
-    signatures = {"serving_default": module.serve, "query_embedding": module.query_embedding,
-                  "item_embeddings": module.item_embeddings, "score": module.score}
-    return save_with_warmup(module, export_dir, signatures, warmup)
+           schema=None, index: Optional[scann_index.IndexConfig] = None) -> str:
+    """`models.retrieval.export_retrieval` with the extra `score` signature (same layout, same index
+    choice: `index`, default BruteForce); requests are parsed with `schema` (the pipeline's;
+    default: the packaged one)."""
+    built, ids, embeddings = R.corpus_index(model.query_tower, model.item_tower, corpus, k, index, model.features)
+    module = ScoringRetrievalServing(model.query_tower, model.item_tower, built, ids, embeddings, schema, model.features)
+    return R.save_serving(module, export_dir, warmup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +242,8 @@ def flops(model: R.RetrievalModel) -> Dict[str, int]:
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
     config = common.config_from(fn_args, CONFIG_KEY, RetrievalTrainerConfig)
+    if config.index == "scann":
+        scann_index.require_scann()  # before training: one line naming the fix
     schema, schema_path = common.pipeline_schema(fn_args)
     logging.info("Training the retrieval model with %s (schema %s)", config, schema_path)
     tf.keras.utils.set_random_seed(config.seed)
@@ -247,5 +272,5 @@ def run_fn(fn_args) -> None:
     result["schema_path"] = schema_path
     logging.info("Eval metrics: %s", json.dumps(result))
     common.write_eval_metrics(fn_args.model_run_dir, result)
-    export(model, corpus, fn_args.serving_model_dir, warmup, config.top_k, schema)
+    export(model, corpus, fn_args.serving_model_dir, warmup, config.top_k, schema, config.index_config())
     warm_start.save(model, fn_args)
