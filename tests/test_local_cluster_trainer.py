@@ -19,7 +19,7 @@ from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.models.trainers import common, distribute
 from cascade_ranking.models.trainers.distribute import ClusterConfig
 from cascade_ranking.schema import features as F
-from tests.component_fixtures import schema_artifact, synthetic_examples
+from tests.component_fixtures import examples_artifact, request_list_splits, schema_artifact, synthetic_examples
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,14 @@ def data(tmp_path_factory):
     return examples, schema
 
 
-def _run(data, out, cluster: ClusterConfig, during=None):
-    """Trainer.teacher's executor on `data` into `out` (`during(model_run_dir)` runs in a thread)."""
+def _run(data, out, cluster: ClusterConfig, during=None, trainer="teacher", config=None):
+    """Trainer.<trainer>'s executor on `data` into `out` (`during(model_run_dir)` runs in a thread)."""
     examples, schema = data
     model, model_run = standard_artifacts.Model(), standard_artifacts.ModelRun()
     model.uri, model_run.uri = str(out / "model"), str(out / "model_run")
-    custom_config = {"ranker": json.dumps({"epochs": 2, "batch_size": 128}),
-                     distribute.CLUSTER_KEY: cluster.to_json()}
-    exec_properties = {"run_fn": "cascade_ranking.models.trainers.teacher.run_fn",
+    config = config or {"ranker": json.dumps({"epochs": 2, "batch_size": 128})}
+    custom_config = {**config, distribute.CLUSTER_KEY: cluster.to_json()}
+    exec_properties = {"run_fn": f"cascade_ranking.models.trainers.{trainer}.run_fn",
                        "custom_config": json.dumps(custom_config), "train_args": "{}", "eval_args": "{}"}
     thread = threading.Thread(target=during, args=(model_run.uri,), daemon=True) if during else None
     if thread:
@@ -135,3 +135,31 @@ def test_a_failing_task_stops_the_cluster_with_one_line_naming_it_and_its_log(da
     with pytest.raises(RuntimeError, match=r"the training cluster's worker-0 failed \(exit code -9; log .*worker-0.log\)"):
         _run(data, tmp_path, ClusterConfig(workers=2, trainers=("teacher",)), during=kill_the_worker)
     assert not os.path.exists(os.path.join(tmp_path, "model", "Format-Serving"))
+
+
+@pytest.fixture(scope="module")
+def request_lists(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster_lists")
+    lists = request_list_splits(root, num_requests=300, seed=5, list_size=60)
+    schema = schema_artifact(str(root / "schema"), F.load_schema(F.SCHEMA_PATH))
+    return examples_artifact(str(lists)), schema
+
+
+def test_retrieval_under_parameter_servers_splits_its_embedding_tables_and_serves(request_lists, tmp_path, capsys):
+    """Two parameter servers and a 16 KiB min_shard_bytes: every embedding table of at least 32 KiB
+    (item_id: 10,000 rows × 16 × 4 bytes) is split in two, trained, and exported whole."""
+    config = {"retrieval": json.dumps({"epochs": 2, "batch_size": 32, "num_negatives": 32, "top_k": 20})}
+    one_uri, one_run = _run(request_lists, tmp_path / "one", ClusterConfig(), trainer="retrieval", config=config)
+    cluster = ClusterConfig(workers=2, parameter_servers=2, min_shard_bytes=16 << 10, trainers=("retrieval",))
+    model_uri, model_run_uri = _run(request_lists, tmp_path / "ps", cluster, trainer="retrieval", config=config)
+    console = capsys.readouterr().out
+    assert "variables split across the parameter servers: " in console
+    assert "item_tower/embedding/item_id_embedding/embeddings (2 shards)" in console
+    served = tf.saved_model.load(os.path.join(model_uri, "Format-Serving")).signatures
+    one = tf.saved_model.load(os.path.join(one_uri, "Format-Serving")).signatures
+    table, one_table = served["item_embeddings"](), one["item_embeddings"]()
+    assert table["embeddings"].shape == one_table["embeddings"].shape  # the whole corpus, from both shards
+    assert (table["item_ids"].numpy() == one_table["item_ids"].numpy()).all()
+    recall = json.load(open(os.path.join(model_run_uri, common.EVAL_METRICS_FILE)))["recall_retrieval@40"]
+    one_recall = json.load(open(os.path.join(one_run, common.EVAL_METRICS_FILE)))["recall_retrieval@40"]
+    assert 0 < recall and recall == pytest.approx(one_recall, abs=0.05)

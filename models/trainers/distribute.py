@@ -30,6 +30,7 @@ is written here is the TF_CONFIG parsing, the refusals, and the chief-only rules
 - a Trainer names the strategies it supports; another one fails with one line naming the Trainer
   and the strategy (e.g. the teacher under ParameterServerStrategy).
 """
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -249,6 +250,13 @@ def cluster_config(fn_args) -> ClusterConfig:
     return common.config_from(fn_args, CLUSTER_KEY, ClusterConfig)
 
 
+def sharded_variables(model: tf.keras.Model) -> dict:
+    """variable name → number of shards, for each variable the partitioner split (its shards are
+    named `<name>/part_<i>`)."""
+    shards = collections.Counter(v.name.split("/part_")[0] for v in model.variables if "/part_" in v.name)
+    return dict(sorted(shards.items()))
+
+
 def fit(model: tf.keras.Model, make_dataset, strategy: Optional[tf.distribute.Strategy], epochs: int,
         callbacks, steps_per_epoch: Optional[int] = None):
     """`model.fit` on the batches of `make_dataset()` (a function returning a tf.data.Dataset of
@@ -273,6 +281,10 @@ def fit(model: tf.keras.Model, make_dataset, strategy: Optional[tf.distribute.St
     if steps_per_epoch is None:
         steps_per_epoch = int(make_dataset().reduce(0, lambda count, _: count + 1).numpy())
     logging.info("ParameterServerStrategy: %d steps an epoch", steps_per_epoch)
+    split = sharded_variables(model)
+    if split:
+        print("  variables split across the parameter servers: "
+              + ", ".join(f"{name} ({shards} shards)" for name, shards in split.items()), flush=True)
 
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         return make_dataset().shard(input_context.num_input_pipelines, input_context.input_pipeline_id).repeat()

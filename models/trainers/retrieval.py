@@ -59,13 +59,18 @@ from cascade_ranking.models.cascade_model import cascade_labels
 from cascade_ranking.models.config import check_positive
 from cascade_ranking.models.metrics import requests_without_gt, stage_recall
 from cascade_ranking.models.tasks import build_train_step
-from cascade_ranking.models.trainers import common, warm_start
+from cascade_ranking.models.trainers import common, distribute, warm_start
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import (candidate_examples, candidate_lists, candidate_parse_spec, list_size_of_splits,
                                       ADAPT_LISTS, concatenate_batches, iterate_lists, scan_train_split)
 from cascade_ranking.schema import features as F
 
 CONFIG_KEY = "retrieval"
+# The strategies it trains under on a training cluster (`models.trainers.distribute`): only
+# ParameterServer, where each worker steps on whole batches. Under MultiWorkerMirrored each replica
+# would hold part of the batch, and the in-batch softmax (`tfrs.tasks.Retrieval`) would score every
+# query against its replica's candidates only: fewer negatives, another objective.
+DISTRIBUTE_STRATEGIES = (distribute.PARAMETER_SERVER,)
 EVAL_CHUNK = 1024  # eval requests scored against the whole corpus at a time ([chunk, I] scores)
 
 
@@ -256,16 +261,21 @@ def run_fn(fn_args) -> None:
         warmup = warmup or candidate_examples(lists, features=features)
     if warmup is None:
         raise ValueError(f"no request lists in {fn_args.eval_files}")
-    model, batch_size, negatives = build_model(config, train, features)
+    cluster = distribute.cluster_config(fn_args)
+    strategy = distribute.strategy_for("retrieval", DISTRIBUTE_STRATEGIES, cluster.min_shard_bytes)
+    with distribute.scope(strategy):
+        model, batch_size, negatives = build_model(config, train, features)
 
     def pairs(shuffle_seed=None, lists_per_chunk=R.LISTS_PER_CHUNK):
         return R.streamed_pair_dataset(fn_args.train_files, list_size, batch_size, train.positives, negatives,
                                        shuffle_seed=shuffle_seed, features=features, lists_per_chunk=lists_per_chunk)
 
-    build_train_step(model, next(iter(pairs(lists_per_chunk=64))))  # traced once; one batch needs a few lists
-    warm = warm_start.restore(model, fn_args, "Trainer.retrieval")
-    model.fit(pairs(config.seed), epochs=warm_start.epochs(fn_args, config.epochs, warm), verbose=0,
-              callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")])
+    with distribute.scope(strategy):
+        build_train_step(model, next(iter(pairs(lists_per_chunk=64))))  # traced once; one batch needs a few lists
+        warm = warm_start.restore(model, fn_args, "Trainer.retrieval")
+    distribute.fit(model, lambda: pairs(config.seed), strategy, epochs=warm_start.epochs(fn_args, config.epochs, warm),
+                   callbacks=common.callbacks(fn_args) + [EpochProgress("retrieval")],
+                   steps_per_epoch=train.positives.total // batch_size)  # the pairs' batches of one pass
     result = evaluate_batches(model, corpus, iterate_lists(fn_args.eval_files, list_size, EVAL_CHUNK, features),
                               config.top_k, config.eval_quota)
     result["flops"] = flops(model)
