@@ -4,4 +4,4 @@
 FROM python:3.10-slim
 WORKDIR /pipeline
 COPY . /pipeline
-RUN pip install --no-cache-dir -c constraints.txt -e .
+RUN pip install --no-cache-dir -c constraints.txt -e '.[scann]'
