@@ -9,7 +9,7 @@ from absl import logging
 from cascade_ranking.models import export, inputs
 from cascade_ranking.models.baseline_ranker import BaselineRanker
 from cascade_ranking.models.config import TrainerConfig
-from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers import common, distribute
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 
 
@@ -22,8 +22,13 @@ def _optimizer(config: TrainerConfig) -> tf.keras.optimizers.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r} (adam, adagrad)")
 
 
+# One process only (not a Trainer of the pipeline's training_cluster): a TF_CONFIG cluster is refused.
+DISTRIBUTE_STRATEGIES = ()
+
+
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
+    distribute.strategy_for("baseline", DISTRIBUTE_STRATEGIES)
     config = TrainerConfig.from_dict(common.config_json(fn_args, "trainer"))
     logging.info("Training the baseline DNN with %s", config)
     tf.keras.utils.set_random_seed(config.shuffle_seed)

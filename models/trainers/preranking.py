@@ -44,7 +44,7 @@ from cascade_ranking.models.cascade_model import cascade_labels
 from cascade_ranking.models.metrics import e2e_recall, requests_without_gt, stage_recall
 from cascade_ranking.models.preranking import HAPPreranker, LightPreranker, StrongRanker, hap_flops, route
 from cascade_ranking.models.retrieval import adapt_towers
-from cascade_ranking.models.trainers import common
+from cascade_ranking.models.trainers import common, distribute
 from cascade_ranking.models.trainers.epoch_progress import EpochProgress
 from cascade_ranking.models.trainers.list_data import adaptation_lists, candidate_examples, candidate_lists, list_size_of_splits, load_lists, save_with_warmup
 from cascade_ranking.schema import features as F
@@ -117,8 +117,13 @@ def evaluate(model: HAPPreranker, lists: Mapping[str, np.ndarray], quota: int) -
     }
 
 
+# One process only (not a Trainer of the pipeline's training_cluster): a TF_CONFIG cluster is refused.
+DISTRIBUTE_STRATEGIES = ()
+
+
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor)."""
+    distribute.strategy_for("preranking", DISTRIBUTE_STRATEGIES)
     config = common.config_from(fn_args, CONFIG_KEY, PrerankingTrainerConfig)
     logging.info("Training HAP with %s", config)
     tf.keras.utils.set_random_seed(config.seed)
