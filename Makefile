@@ -70,6 +70,12 @@ bench: $(STAMP)
 	$(PY) bench/calibration_check.py --bias-alpha 0.01 0.001 --only-extra --json $(BENCH_OUT)/calibration_check_alpha.json
 	$(PY) bench/obd_calibration.py --json $(BENCH_OUT)/obd_calibration.json
 	$(PY) bench/continuous_training.py --variants warm1 warm2 window2 window2x3 --json $(BENCH_OUT)/continuous_training.json
+	tmp=$$(mktemp -d) && $(VENV)/bin/cascade run --output-dir $$tmp/run > $$tmp/run.log 2>&1 \
+	  && $(PY) bench/distributed_training.py --run $$tmp/run --part speed --json $(BENCH_OUT)/distributed_speed.json \
+	  && $(PY) bench/distributed_training.py --run $$tmp/run --part capacity --cap-gb 4 --ps 2 --start-rows 2097152 \
+	       --json $(BENCH_OUT)/distributed_capacity.json && rm -rf $$tmp
+	$(PY) bench/retrieval_index.py --json $(BENCH_OUT)/retrieval_index.json
+	$(PY) bench/retrieval_index.py --clusters 1 --json $(BENCH_OUT)/retrieval_index_noise.json
 	$(PY) bench/report.py --results $(BENCH_OUT) --plots
 
 clean:

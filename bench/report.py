@@ -358,6 +358,79 @@ def save(fig, plt, out_dir, name):
     return path
 
 
+# ---- beyond one machine (BENCHMARKS §9) ---------------------------------------------------------
+def distributed_speed_table(data):
+    """bench/distributed_training.py --part speed: per Trainer and cluster, steps/s (epochs after the
+    first), its ratio to the one-process run of the same repeat, the wall-time ratio and the quality."""
+    rows = []
+    for node, clusters in data.items():
+        reference = clusters["one process"]
+        for name, runs in clusters.items():
+            quality = _distributed_quality(runs)
+            rows.append([node, name, len(runs), mean_std([r["steps_per_s"] for r in runs], 1),
+                         "×" + mean_std([r["steps_per_s"] / ref["steps_per_s"] for r, ref in zip(runs, reference)], 2),
+                         "×" + mean_std([r["wall_s"] / ref["wall_s"] for r, ref in zip(runs, reference)], 2),
+                         quality.get("e2e_recall", "–"), quality.get("auc", quality.get("recall@40", "–")),
+                         quality.get("ne", "–")])
+    return markdown(["Trainer", "cluster", "repeats", "steps/s", "steps/s vs one process", "Trainer wall vs one process",
+                     "e2e recall", "AUC (retrieval: recall@40)", "NE"], rows)
+
+
+def _distributed_quality(runs):
+    metrics = [r["metrics"] for r in runs]
+    if "e2e_recall" in metrics[0]:
+        return {"e2e_recall": mean_std([m["e2e_recall"] for m in metrics]), "auc": mean_std([m["ranker"]["auc"] for m in metrics]),
+                "ne": mean_std([m["ranker"]["ne"] for m in metrics])}
+    if "auc" in metrics[0]:
+        return {"auc": mean_std([m["auc"] for m in metrics]), "ne": mean_std([m["ne"] for m in metrics])}
+    return {"recall@40": mean_std([m["recall_retrieval@40"] for m in metrics])}
+
+
+def distributed_capacity_table(data):
+    """bench/distributed_training.py --part capacity: the peak resident memory of each process of the
+    teacher Trainer by item_id table size, one process against ParameterServer."""
+    rows = []
+    for t in data["trials"]:
+        peaks = t["peak_rss_mb"]
+        servers = [mb for task, mb in peaks.items() if task.startswith("ps-")]
+        rows.append([t["layout"], f"{t['rows']:,}", f"{t['rows'] * data['embedding_dim'] * 4 / 2 ** 20:,.0f}",
+                     "yes" if t["ok"] else "no", f"{max(peaks.values()):,}",
+                     f"{peaks.get('one process', peaks.get('chief-0', 0)):,}",
+                     f"{max(servers):,}" if servers else "–", f"{peaks['worker-0']:,}" if "worker-0" in peaks else "–"])
+    table = markdown(["layout", "item_id rows", "table MiB", "trained and exported", "largest process peak MiB",
+                      "one process / chief peak MiB", "largest ps peak MiB", "worker peak MiB"], rows)
+    layouts = list(dict.fromkeys(t["layout"] for t in data["trials"]))
+    budgets = [[f"{gb} GiB"] + [f"{largest_within(data, gb * 1024).get(layout, 0):,}" for layout in layouts]
+               for gb in (4, 6, 8, 12)]
+    return table + "\n\nThe largest item_id table (rows) whose every process stays within a machine of\n\n" + markdown(
+        ["machine memory", *layouts], budgets)
+
+
+def largest_within(data, budget_mb: float) -> dict:
+    """layout → the largest table (rows) whose every process peaked within `budget_mb`."""
+    out = {}
+    for t in data["trials"]:
+        if t["ok"] and max(t["peak_rss_mb"].values()) <= budget_mb:
+            out[t["layout"]] = max(out.get(t["layout"], 0), t["rows"])
+    return out
+
+
+def retrieval_index_table(data):
+    """bench/retrieval_index.py: BruteForce against ScaNN as served SavedModels, over the seeds."""
+    runs = data["runs"]
+    rows = []
+    for index in ("brute_force", "scann"):
+        recall = [r[index].get("recall_at_100", r[index].get("recall_at_100_vs_numpy")) for r in runs]
+        speed_1 = [r["ratios"]["speedup_1_query"] if index == "scann" else 1.0 for r in runs]
+        speed_100 = [r["ratios"]["speedup_100_queries"] if index == "scann" else 1.0 for r in runs]
+        rows.append([index, len(runs), mean_std([r[index]["build_s"] for r in runs], 2),
+                     f"{np.mean([r[index]['saved_mb'] for r in runs]):.0f}",
+                     mean_std([r[index]["ms_1_query"] for r in runs], 2), mean_std([r[index]["ms_100_queries"] for r in runs], 1),
+                     "×" + mean_std(speed_1, 1), "×" + mean_std(speed_100, 1), mean_std(recall, 4)])
+    return markdown(["index", "seeds", "build s", "SavedModel MB", "ms, 1 query", "ms, 100 queries",
+                     "speed-up, 1 query", "speed-up, 100 queries", "recall@100 vs exact"], rows)
+
+
 SECTIONS = {  # json name -> (table, plot or None)
     "pipeline_runs": (pipeline_runs_table, ()),
     "pipeline_runs_movielens_clicks": (pipeline_runs_table, ()),
@@ -377,6 +450,11 @@ SECTIONS = {  # json name -> (table, plot or None)
     "calibration_check_alpha": (calibration_check_table, ()),
     "obd_calibration": (obd_calibration_table, ()),
     "cascade_lcron_movielens_drop_no_gt": (cascade_table, ()),
+    # beyond one machine
+    "distributed_speed": (distributed_speed_table, ()),
+    "distributed_capacity": (distributed_capacity_table, ()),
+    "retrieval_index": (retrieval_index_table, ()),
+    "retrieval_index_noise": (retrieval_index_table, ()),
 }
 
 
