@@ -1,6 +1,7 @@
 """models.trainers.distribute: the cluster read from TF_CONFIG, the chief, the config's refusals, and a
 training step under a 2-replica synchronous strategy equal to the one-process step on the same
-global batch (the loss and logs per replica, the bias-constraint duals averaged)."""
+global batch (the loss and logs per replica, the bias-constraint duals averaged): the ranker's, and
+the joint cascade's with LCRON's uncertainty weights."""
 import json
 import os
 import subprocess
@@ -132,4 +133,69 @@ def test_a_step_on_two_replicas_equals_the_one_process_step_on_the_global_batch(
     assert result["max_weight_change"] > 1e-3 and result["max_weight_diff"] < 1e-5
     assert any(abs(d) > 1e-4 for d in result["duals_one"])  # the duals did step
     assert result["duals_two"] == pytest.approx(result["duals_one"], abs=1e-6)
+    assert result["loss_two"] == pytest.approx(result["loss_one"], rel=1e-5)
+
+
+# One step of the joint cascade (pre-ranker + ranking stage, LCRON with its uncertainty weights w_i,
+# the ranker's own optimizer, bias constraints and curriculum past their ramps) on the same 8
+# request lists: in one process and under MirroredStrategy over 2 logical CPUs (4 lists a replica;
+# every synthetic request shows 10 candidates, so the ranker's per-row means cover equal counts).
+_CASCADE_STEP = r"""
+import json, os, sys, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from cascade_ranking.datasources import synthetic
+from cascade_ranking.models import list_inputs as LI
+from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig, build_model
+
+root = sys.argv[1]
+synthetic.write_dataset(synthetic.SyntheticConfig(num_requests=30, seed=5), root)
+lists = LI.request_lists_from_candidates(os.path.join(root, "Split-train"))
+lists = {k: np.asarray(v)[:8] for k, v in lists.items()}
+config = CascadeTrainerConfig(method="lcron", batch_size=8, embedding_dim=4)
+ranker = RankerConfig.cascade_stage(hidden_units=(16,), cascade_head_units=(8,), embedding_dim=4, cross_layers=1,
+                                    cross_projection_dim=4, qu_dim=4, ui_hidden_units=(4,), ema_momentum=0.0,
+                                    rank_start_step=0, rank_ramp_steps=1, bias_start_step=0, bias_ramp_steps=1,
+                                    distill_start_step=0, distill_ramp_steps=1)
+
+def one_step(strategy):
+    with strategy.scope():
+        model = build_model(config, ranker)  # seeds TF with config.seed
+        model.adapt(lists)
+        model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+        model.build_train_step(next(iter(LI.dataset_from_lists(lists, 8))))
+        model.optimizer.iterations.assign(10)
+        model.ranking_stage.optimizer.iterations.assign(10)
+    start = [v.numpy() for v in model.trainable_variables]
+    logs = model.fit(LI.dataset_from_lists(lists, 8), epochs=1, verbose=0).history
+    values = [v.numpy() for v in model.trainable_variables]
+    w = [v.numpy() for v in model.trainable_variables if v.name.split("/")[-1] == "w:0"]  # LCRON's w_i
+    duals = model.ranking_stage.ranker.bias_constraints.duals.numpy()
+    change = max(float(np.max(np.abs(a - b))) for a, b in zip(values, start))
+    return values, w, duals, float(logs["loss"][0]), change
+
+one, w_one, duals_one, loss_one, change = one_step(tf.distribute.get_strategy())
+two, w_two, duals_two, loss_two, _ = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+print(json.dumps({"variables": len(one), "max_weight_change": change,
+                  "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(one, two)),
+                  "w_one": [x.tolist() for x in w_one], "w_two": [x.tolist() for x in w_two],
+                  "duals_diff": float(np.max(np.abs(duals_one - duals_two))), "duals_moved": float(np.max(np.abs(duals_one))),
+                  "loss_one": loss_one, "loss_two": loss_two}))
+"""
+
+
+def test_a_cascade_step_on_two_replicas_equals_the_one_process_step(tmp_path):
+    """The joint cascade's step under a 2-replica strategy: LCRON's uncertainty weights, every
+    stage's weights (the ranker's through its own optimizer) and the ranker's duals move as in one
+    process on the same 8 lists."""
+    run = subprocess.run([sys.executable, "-c", _CASCADE_STEP, str(tmp_path / "examples")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    (w_one,), (w_two,) = result["w_one"], result["w_two"]
+    assert max(abs(w - 1.0) for w in w_one) > 1e-4  # the uncertainty weights moved from their initial 1
+    assert w_two == pytest.approx(w_one, abs=1e-6)
+    assert result["max_weight_change"] > 1e-4 and result["max_weight_diff"] < 1e-5
+    assert result["duals_moved"] > 1e-5 and result["duals_diff"] < 1e-6
     assert result["loss_two"] == pytest.approx(result["loss_one"], rel=1e-5)
