@@ -38,6 +38,7 @@ from tfx.orchestration import metadata
 from tfx.orchestration.portable.mlmd import execution_lib
 from tfx.types import artifact_utils
 
+import report  # bench/report.py: the tables BENCHMARKS §9 shows
 from cascade_ranking.components import local_cluster_trainer
 from cascade_ranking.models.trainers import common, distribute
 from cascade_ranking.models.trainers.distribute import ClusterConfig
@@ -122,18 +123,12 @@ def run_trainer(run_dir: str, node: str, cluster: ClusterConfig, root: str) -> d
     return {"wall_s": wall, "steps_per_s": statistics.mean(rates) if rates else None, "metrics": metrics}
 
 
-def executor_argv(inputs, outputs, properties):
-    return [sys.executable, "-m", "tfx.scripts.run_executor", "--executor_class_path",
-            local_cluster_trainer.GENERIC_EXECUTOR, "--inputs", artifact_utils.jsonify_artifact_dict(inputs),
-            "--outputs", artifact_utils.jsonify_artifact_dict(outputs), "--exec-properties", json.dumps(properties)]
-
-
 def one_process(inputs, outputs, properties, root):
     """TFX's GenericExecutor in one new process (the command a cluster task runs, without TF_CONFIG)."""
     env = {k: v for k, v in os.environ.items() if k != distribute.TF_CONFIG_ENV}
     log = os.path.join(root, "one_process.log")
     with open(log, "w") as f:
-        code = subprocess.call(executor_argv(inputs, outputs, properties), env=env, stdout=f, stderr=subprocess.STDOUT,
+        code = subprocess.call(local_cluster_trainer.executor_argv(inputs, outputs, properties), env=env, stdout=f, stderr=subprocess.STDOUT,
 )
     text = open(log).read()
     sys.stdout.write("".join(line + "\n" for line in text.splitlines() if " epoch " in line))
@@ -156,48 +151,14 @@ def speed(args) -> dict:
         for repeat in range(args.repeats):
             for name, cluster in CLUSTERS.items():
                 cluster = ClusterConfig(**{**cluster.__dict__, "trainers": (trainer,)})
-                if not cluster.distributed or cluster.strategy in supported(node):
+                if not cluster.distributed or cluster.strategy in distribute.supported_strategies(
+                        f"cascade_ranking.models.trainers.{trainer}.run_fn"):
                     root = tempfile.mkdtemp(prefix="bench_dist_")
                     print(f"{node}, {name}, repeat {repeat + 1}", flush=True)
                     result = run_trainer(args.run, node, cluster, root)
                     results.setdefault(node, {}).setdefault(name, []).append(result)
                     shutil.rmtree(root, ignore_errors=True)
     return results
-
-
-def supported(node: str):
-    import importlib
-
-    module = importlib.import_module(f"cascade_ranking.models.trainers.{node.split('.')[1]}")
-    return getattr(module, "DISTRIBUTE_STRATEGIES", ())
-
-
-def quality(metrics: dict) -> dict:
-    if "e2e_recall" in metrics:
-        return {"e2e_recall": metrics["e2e_recall"], "auc": metrics["ranker"]["auc"], "ne": metrics["ranker"]["ne"]}
-    if "auc" in metrics:
-        return {"auc": metrics["auc"], "ne": metrics["ne"]}
-    return {k: v for k, v in metrics.items() if k.startswith("recall_retrieval")}
-
-
-def print_speed(results: dict) -> None:
-    for node, by_cluster in results.items():
-        print(f"\n{node} (mean ± std over {len(next(iter(by_cluster.values())))} repeats)")
-        reference = by_cluster["one process"]
-        for name, runs in by_cluster.items():
-            rates = [r["steps_per_s"] for r in runs]
-            ratios = [r["steps_per_s"] / ref["steps_per_s"] for r, ref in zip(runs, reference)]
-            walls = [r["wall_s"] / ref["wall_s"] for r, ref in zip(runs, reference)]
-            figures = {k: [quality(r["metrics"])[k] for r in runs] for k in quality(runs[0]["metrics"])}
-            print(f"  {name:22s} {mean_std(rates, 1)} steps/s  ×{mean_std(ratios, 2)}  wall ×{mean_std(walls, 2)}  "
-                  + "  ".join(f"{k} {mean_std(v, 4)}" for k, v in figures.items()))
-
-
-def mean_std(values, digits):
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "–"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -281,7 +242,7 @@ def capacity(args) -> dict:
                     if cluster.distributed:
                         local_cluster_trainer.Executor().Do(inputs, outputs, properties)
                     else:
-                        popen = subprocess.Popen(executor_argv(inputs, outputs, properties),
+                        popen = subprocess.Popen(local_cluster_trainer.executor_argv(inputs, outputs, properties),
                                                  env={k: v for k, v in os.environ.items() if k != distribute.TF_CONFIG_ENV},
                                                  stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, "log"), "w"))
                         holder["one process"] = popen.pid
@@ -302,12 +263,6 @@ def capacity(args) -> dict:
     return results
 
 
-def print_capacity(results: dict) -> None:
-    print(f"\nPeak resident memory (MiB) per process, item_id table of N rows × {results['embedding_dim']}:")
-    for t in results["trials"]:
-        print(f"  {t['layout']:22s} {t['rows']:>12,} rows  {'ok' if t['ok'] else 'FAILED'}  {t['peak_rss_mb']}")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="cascade_output", help="a finished `cascade run` output directory")
@@ -322,10 +277,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.part == "speed":
         results = speed(args)
-        print_speed(results)
+        print("\n" + report.distributed_speed_table(results))
     else:
         results = capacity(args)
-        print_capacity(results)
+        print("\n" + report.distributed_capacity_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

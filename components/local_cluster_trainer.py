@@ -57,6 +57,15 @@ def free_ports(count: int) -> List[int]:
             s.close()
 
 
+def executor_argv(input_dict, output_dict, exec_properties) -> List[str]:
+    """The command every task runs: TFX's GenericExecutor on the Trainer's inputs, outputs and exec
+    properties (`tfx.scripts.run_executor`, as in a Vertex AI replica)."""
+    return [sys.executable, "-m", "tfx.scripts.run_executor", "--executor_class_path", GENERIC_EXECUTOR,
+            "--inputs", artifact_utils.jsonify_artifact_dict(input_dict),
+            "--outputs", artifact_utils.jsonify_artifact_dict(output_dict),
+            "--exec-properties", json.dumps(exec_properties)]
+
+
 def cluster_spec(counts: Dict[str, int]) -> Dict[str, List[str]]:
     """TF_CONFIG's "cluster": job name → localhost addresses."""
     ports = iter(free_ports(sum(counts.values())))
@@ -125,10 +134,7 @@ class Executor(trainer_executor.GenericExecutor):
         model_run = artifact_utils.get_single_uri(output_dict["model_run"])
         log_dir = os.path.join(model_run, "cluster")
         os.makedirs(log_dir, exist_ok=True)
-        argv = [sys.executable, "-m", "tfx.scripts.run_executor", "--executor_class_path", GENERIC_EXECUTOR,
-                "--inputs", artifact_utils.jsonify_artifact_dict(input_dict),
-                "--outputs", artifact_utils.jsonify_artifact_dict(output_dict),
-                "--exec-properties", json.dumps(exec_properties)]
+        argv = executor_argv(input_dict, output_dict, exec_properties)
         spec = cluster_spec(cluster.task_counts())
         print(f"  training cluster: {cluster.strategy}, "
               + ", ".join(f"{len(v)} {k}" for k, v in spec.items()) + f" on localhost (logs: {log_dir})", flush=True)

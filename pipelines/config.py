@@ -7,7 +7,6 @@ for the joint pre-ranking + ranking training), plus `SamplerConfig` for the Nega
 and `cascade compile-kubeflow` build it from the same flags (`pipelines.cli.pipeline_config`).
 """
 import dataclasses
-import importlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,6 +22,7 @@ from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.schema.features import CANDIDATES_PER_TIER, STAGE_TIERS, FeatureConfig
 from cascade_ranking.schema.keys import KeyConfig
 from cascade_ranking.models.trainers.cascade import CascadeTrainerConfig
+from cascade_ranking.models.trainers import distribute
 from cascade_ranking.models.trainers.distribute import ClusterConfig
 from cascade_ranking.models.trainers.retrieval import RetrievalTrainerConfig
 
@@ -182,8 +182,7 @@ class PipelineConfig:
             if name not in run_fns:
                 raise ConfigError(f"training_cluster.trainers: no Trainer {name!r} in this run "
                                   f"(choose from {', '.join(run_fns)})")
-            module = importlib.import_module(run_fns[name].rsplit(".", 1)[0])
-            supported = getattr(module, "DISTRIBUTE_STRATEGIES", ())
+            supported = distribute.supported_strategies(run_fns[name])
             if cluster.strategy not in supported:
                 raise ConfigError(f"Trainer.{name} does not train under {cluster.strategy} (it supports "
                                   f"{', '.join(supported) or 'one process only'}): remove it from training_cluster.trainers")

@@ -182,7 +182,7 @@ def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, afte
     base_model is `warm_start_model`'s, whose node is added to `warm_starts` under `name`.
     A Trainer of `config.training_cluster.trainers` gets the cluster under custom_config "cluster" and
     trains on it: on localhost (`components.local_cluster_trainer`) or, compiled for Kubeflow, as
-    a Vertex AI job (`vertex_trainer`)."""
+    a Vertex AI job (`pipelines.vertex_training`)."""
     custom_config = {**custom_config, FEATURES_KEY: to_json(config.features)}
     base_model = None
     if span is not None:
@@ -194,7 +194,10 @@ def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, afte
     if cluster.runs(name):
         custom_config[distribute.CLUSTER_KEY] = cluster.to_json()
     if cluster.runs(name) and kubeflow:
-        trainer = vertex_trainer(name, run_fn, examples, schema, custom_config, transform_graph, base_model, config)
+        from cascade_ranking.pipelines import vertex_training  # TFX's Vertex extension: imported for a compile only
+
+        trainer = vertex_training.trainer(run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
+                                          transform_graph=transform_graph, base_model=base_model, cluster=cluster)
     else:
         executor = {} if not cluster.runs(name) else dict(
             custom_executor_spec=executor_spec.ExecutorClassSpec(local_cluster_trainer.Executor))
@@ -205,17 +208,6 @@ def _trainer(name: str, run_fn: str, examples, schema, custom_config: dict, afte
     trainer = trainer.with_id(f"Trainer.{name}")
     trainer.add_upstream_node(after)
     return trainer
-
-
-def vertex_trainer(name: str, run_fn: str, examples, schema, custom_config: dict, transform_graph, base_model,
-                   config: PipelineConfig):
-    """`Trainer.<name>` as a Vertex AI training job whose worker pools are `config.training_cluster`'s
-    (chief, workers, parameter servers): `pipelines.vertex_training`."""
-    from cascade_ranking.pipelines import vertex_training
-
-    return vertex_training.trainer(run_fn=run_fn, examples=examples, schema=schema, custom_config=custom_config,
-                                   transform_graph=transform_graph, base_model=base_model,
-                                   cluster=config.training_cluster)
 
 
 def stage_trainer_config(trainer: stage_registry.StageTrainer, config: PipelineConfig) -> dict:

@@ -34,6 +34,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -43,6 +44,7 @@ import tensorflow as tf
 from absl import logging
 
 from cascade_ranking.models.config import check_positive
+from cascade_ranking.models.trainers import common
 
 TF_CONFIG_ENV = "TF_CONFIG"
 MIRRORED = "multi_worker_mirrored"
@@ -245,9 +247,14 @@ def wait_for_chief_export(serving_model_dir: str, timeout_s: float = CHIEF_EXPOR
 
 def cluster_config(fn_args) -> ClusterConfig:
     """The Trainer's ClusterConfig (custom_config "cluster"; one process when absent)."""
-    from cascade_ranking.models.trainers import common  # common imports this module's callers
-
     return common.config_from(fn_args, CLUSTER_KEY, ClusterConfig)
+
+
+def supported_strategies(run_fn: str) -> Tuple[str, ...]:
+    """The strategies the Trainer module of `run_fn` ("<module>.run_fn") trains under: its
+    `DISTRIBUTE_STRATEGIES` (none: one process only)."""
+    module = importlib.import_module(run_fn.rsplit(".", 1)[0])
+    return tuple(getattr(module, "DISTRIBUTE_STRATEGIES", ()))
 
 
 def sharded_variables(model: tf.keras.Model) -> dict:
