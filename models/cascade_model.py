@@ -33,7 +33,8 @@ padded slots are left out of the sum and the count; no gradient reaches the teac
 Factory Floor ranker as the last stage (`models.ranking_stage.RankingStage`, what the pipeline
 trains): the stage's scores are its cascade score, and the ranker's own loss on the list's shown
 rows is added, L += L_FF (logistic, RankNet, distillation, bias constraints, LSPR; weighted by
-`sample_weight`). The ranker steps with its own optimizer (Adagrad + EMA by default), every other
+`sample_weight`). The ranker steps with its own optimizer(s) (Adagrad + EMA by default; with
+"shampoo", Shampoo for its dense weights and Adagrad for its embedding tables), every other
 variable (the other stages, LCRON's w_i, the ranker's cascade tower) with the model's; after each
 step the ranker's duals and ramp move. Its distillation replaces the `distill_weight` term.
 
@@ -193,8 +194,8 @@ class CascadeModel(StageModel):
         if ranking is None:
             return [(self.optimizer, variables)]
         ranker_vars = {id(v) for v in ranking.ranker_variables}
-        return [(self.optimizer, [v for v in variables if id(v) not in ranker_vars]),
-                (ranking.optimizer, [v for v in variables if id(v) in ranker_vars])]
+        return [(self.optimizer, [v for v in variables if id(v) not in ranker_vars])] + \
+            ranking.optimizer_variables([v for v in variables if id(v) in ranker_vars])
 
     def after_step(self, terms) -> None:
         if self.ranking_stage is not None:

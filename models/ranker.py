@@ -72,6 +72,14 @@ Optimisation: `compile()` builds the config's optimizer (Adagrad by default, as 
 with `ema_momentum > 0` Keras keeps an exponential moving average of the weights and `fit` ends by
 writing it into the model (the served weights). The embedding tables learn at
 `embedding_lr_multiplier` × the learning rate (`models.embedding.FeatureEmbedding`).
+With `optimizer: shampoo` (Factory Floor §4.2) there are two optimizers: `self.optimizer` is
+Shampoo with AdaGrad grafting (`models.shampoo`) for every variable but the embedding tables, and
+`embedding_optimizer` an Adagrad at the same learning rate (and EMA) for the tables (FeatureEmbedding's
+variables), through the StageModel hooks (a) `apply_gradients` / `optimizer_variables`
+(`optimizer_split`). `self.optimizer.iterations` (Shampoo's) stays the step of the curriculum;
+the tables' Adagrad counts its own steps, which nothing reads. A checkpoint holds both optimizers
+(the second is a checkpoint-only child, as the duals: not in the SavedModel), and `fit` ends by
+writing each one's EMA into its own variables.
 `build_and_train` does adapt + compile + fit.
 """
 import dataclasses
@@ -87,6 +95,7 @@ from cascade_ranking.models.config import config_from_dict, to_dict
 from cascade_ranking.models.cross import CrossStack
 from cascade_ranking.models.embedding import FeatureEmbedding
 from cascade_ranking.models.ranker_config import RankerConfig
+from cascade_ranking.models.shampoo import Shampoo
 from cascade_ranking.models.tasks import FactoryFloorTask, StageModel
 from cascade_ranking.schema import features as F
 
@@ -97,6 +106,7 @@ WEIGHT_TERMS = ("rank_weight", "distill_weight", "bias_weight", "cross_alpha")
 LIST_INDEX_KEY = "_request_list_index"
 LIST_MASK_KEY = "_request_list_mask"
 BIAS_CHECKPOINT_KEY = "bias_constraints"  # checkpoint-only child holding the duals (not in the SavedModel)
+EMBEDDING_OPTIMIZER_KEY = "embedding_optimizer"  # checkpoint-only child: the tables' Adagrad of optimizer "shampoo"
 # The default registry's views (the model's own come from its FeatureConfig).
 DENSE_NAMES = tuple(f.name for f in F.DENSE_FEATURES)
 QUALITY_FEATURES = tuple(f.name for f in F.SPARSE_FEATURES if f.tower == "quality") + DENSE_NAMES  # what Q reads
@@ -180,6 +190,7 @@ class FactoryFloorRanker(StageModel):
             bias_constraint=curriculum.Ramp(1.0 if c.bias_constraints else 0.0, c.bias_start_step, c.bias_ramp_steps),
         )
         self._bias = _Untracked(self._make_bias_constraints(c, features) if c.bias_constraints else None)
+        self._embedding_optimizer = _Untracked(None)  # set by compile(): the tables' Adagrad of "shampoo"
         self._loss_tracker = tf.keras.metrics.MeanTensor(name="loss_terms")  # running means of LOSS_TERMS
         self._eval_auc = tf.keras.metrics.AUC(from_logits=True, name="auc")
         self.task = FactoryFloorTask(rank_loss=c.rank_loss != "none", distillation=c.distill_weight > 0,
@@ -220,7 +231,37 @@ class FactoryFloorRanker(StageModel):
             self.cascade_head.trainable = False
         if optimizer is None:
             optimizer = make_optimizer(self.config)
+            self._embedding_optimizer.value = make_embedding_optimizer(self.config)
+        else:  # a given optimizer steps every variable
+            self._embedding_optimizer.value = None
         super().compile(optimizer=optimizer, **kwargs)
+
+    @property
+    def embedding_optimizer(self) -> Optional[tf.keras.optimizers.Optimizer]:
+        """The embedding tables' own optimizer (Adagrad, with optimizer "shampoo"), None when
+        `self.optimizer` steps every variable."""
+        return self._embedding_optimizer.value
+
+    def optimizer_variables(self, variables) -> list:
+        """(optimizer, variables) pairs of `apply_gradients`: the embedding tables with
+        `embedding_optimizer` when there is one, every other variable with `self.optimizer`."""
+        return optimizer_split(self.optimizer, self.embedding_optimizer, self.embedding.trainable_variables,
+                               variables)
+
+    def apply_gradients(self, grads_and_vars) -> None:
+        """One step of each optimizer on its variables (`optimizer_variables`)."""
+        if self.embedding_optimizer is None:
+            self.optimizer.apply_gradients(grads_and_vars)
+        else:
+            apply_split(self.optimizer_variables([v for _, v in grads_and_vars]), grads_and_vars)
+
+    def fit(self, *args, **kwargs):
+        """Keras `fit`; with an `embedding_optimizer` that keeps an EMA, training ends by writing it
+        into the tables too, as Keras does for `self.optimizer`'s (`FinalizeEmbeddingOptimizer`)."""
+        optimizer = self.embedding_optimizer
+        if optimizer is not None and optimizer.use_ema:
+            kwargs["callbacks"] = [FinalizeEmbeddingOptimizer()] + list(kwargs.get("callbacks") or [])
+        return super().fit(*args, **kwargs)
 
     @property
     def metrics(self):
@@ -238,6 +279,8 @@ class FactoryFloorRanker(StageModel):
         children = super()._trackable_children(save_type, **kwargs)
         if save_type == "checkpoint" and self._bias.value is not None:
             children[BIAS_CHECKPOINT_KEY] = self._bias.value
+        if save_type == "checkpoint" and self._embedding_optimizer.value is not None:
+            children[EMBEDDING_OPTIMIZER_KEY] = self._embedding_optimizer.value
         return children
 
     def adapt(self, batches: tf.data.Dataset, steps: int = 50) -> None:
@@ -535,15 +578,82 @@ class FactoryFloorRanker(StageModel):
             self.cross.step.assign(tf.cast(iterations, tf.int64))
 
 
+def _ema(config: RankerConfig) -> dict:
+    return dict(use_ema=True, ema_momentum=config.ema_momentum) if config.ema_momentum > 0 else {}
+
+
 def make_optimizer(config: RankerConfig) -> tf.keras.optimizers.Optimizer:
-    """The config's optimizer, with the EMA of `ema_momentum`."""
+    """The config's optimizer, with the EMA of `ema_momentum`: Adagrad, Adam, Shampoo with AdaGrad
+    grafting (`models.shampoo`; with `make_embedding_optimizer` for the embedding tables) or TFRS's
+    ClippyAdagrad."""
     name = config.optimizer.lower()
-    ema = dict(use_ema=True, ema_momentum=config.ema_momentum) if config.ema_momentum > 0 else {}
+    ema = _ema(config)
     if name == "adagrad":
         return tf.keras.optimizers.Adagrad(config.learning_rate, **ema)
     if name == "adam":
         return tf.keras.optimizers.Adam(config.learning_rate, **ema)
+    if name == "shampoo":
+        return Shampoo(config.learning_rate, block_size=config.shampoo_block_size,
+                       start_preconditioning_step=config.shampoo_start_step,
+                       preconditioning_compute_steps=config.shampoo_update_every,
+                       matrix_epsilon=config.shampoo_epsilon, beta2=config.shampoo_beta2,
+                       momentum=config.shampoo_momentum, **ema)
+    if name == "clippy_adagrad":
+        try:
+            from tensorflow_recommenders.experimental.optimizers import ClippyAdagrad
+        except ImportError:
+            raise ValueError("optimizer clippy_adagrad needs tensorflow_recommenders.experimental.optimizers."
+                             "ClippyAdagrad, which the installed tensorflow-recommenders does not have") from None
+        return ClippyAdagrad(config.learning_rate, **ema)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def make_embedding_optimizer(config: RankerConfig) -> Optional[tf.keras.optimizers.Optimizer]:
+    """The embedding tables' own optimizer: with optimizer "shampoo", Adagrad at the same learning
+    rate and EMA (Factory Floor §4.2: second-order for the dense layers, AdaGrad for the
+    embeddings); None otherwise (the config's optimizer steps every variable)."""
+    if config.optimizer.lower() != "shampoo":
+        return None
+    return tf.keras.optimizers.Adagrad(config.learning_rate, name="EmbeddingAdagrad", **_ema(config))
+
+
+def optimizer_split(primary, tables_optimizer, tables, variables) -> list:
+    """(optimizer, variables) pairs: with `tables_optimizer` the variables among `tables` step with it
+    and the others with `primary`; without it, `primary` steps every variable. (The split of
+    `FactoryFloorRanker.optimizer_variables` and `ranking_stage.RankingStage.optimizer_variables`,
+    which `models.tasks.build_train_step` builds.)"""
+    variables = list(variables)
+    if tables_optimizer is None:
+        return [(primary, variables)]
+    table_ids = {id(v) for v in tables}
+    return [(primary, [v for v in variables if id(v) not in table_ids]),
+            (tables_optimizer, [v for v in variables if id(v) in table_ids])]
+
+
+def apply_split(pairs, grads_and_vars) -> None:
+    """One `apply_gradients` of each optimizer of `pairs` ((optimizer, variables), `optimizer_split`)
+    with its variables' gradients."""
+    gradients = {id(v): g for g, v in grads_and_vars}
+    for optimizer, variables in pairs:
+        optimizer.apply_gradients([(gradients[id(v)], v) for v in variables])
+
+
+def finalize_ema(optimizer: tf.keras.optimizers.Optimizer, variables) -> None:
+    """Writes `optimizer`'s EMA into those of `variables` it steps (no-op without EMA or before it
+    was built)."""
+    if not getattr(optimizer, "use_ema", False) or not getattr(optimizer, "_built", False):
+        return
+    # pylint: disable=protected-access  (Keras's index of the variables it was built on)
+    optimizer.finalize_variable_values([v for v in variables if optimizer._var_key(v) in optimizer._index_dict])
+
+
+class FinalizeEmbeddingOptimizer(tf.keras.callbacks.Callback):
+    """Writes the EMA of the ranker's `embedding_optimizer` into the embedding tables when training
+    ends (Keras's `fit` does it for `model.optimizer` only, when it trained at least one epoch)."""
+
+    def on_train_end(self, logs=None):
+        if self.model.embedding_optimizer is not None and self.params.get("epochs", 1) > 0:
+            finalize_ema(self.model.embedding_optimizer, self.model.embedding.trainable_variables)
 
 
 # ---- input pipeline that keeps requests whole (bench/ lab path) -----------------------------------

@@ -17,6 +17,9 @@ Switches (a value of 0 / "none" / False turns the technique off):
     distill_weight          max weight of the distillation loss (0 = off)
     bias_constraints        slice-calibration duals (Factory Floor §7)
     lspr                    loss-balanced small perturbation regularisation (off by default)
+    optimizer               "adagrad" (default), "adam", "shampoo" (dense weights; the embedding
+                            tables keep Adagrad: `models.shampoo`, Factory Floor §4.2) or
+                            "clippy_adagrad" (TFRS's ClippyAdagrad)
 """
 import dataclasses
 import json
@@ -26,7 +29,7 @@ from cascade_ranking.models.config import config_from_dict, to_dict
 
 RANK_LOSSES = ("none", "multi_objective", "multi_task")
 CASCADE_SCORES = ("reference_ui", "head", "tower")
-OPTIMIZERS = ("adagrad", "adam")
+OPTIMIZERS = ("adagrad", "adam", "shampoo", "clippy_adagrad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +99,22 @@ class RankerConfig:
     # Adagrad 0.1 × 3 epochs gives AUC 0.8273 (Adam 2e-3 × 1 epoch 0.8236, × 2 epochs 0.8129:
     # the ids overfit); at 20,000 requests Adam 2e-3 × 1 epoch learns the id residuals that
     # Adagrad does not (0.8299 ± 0.0003 vs 0.8246 ± 0.0006), so larger data sets should switch.
+    # optimizer: one of OPTIMIZERS (`models.ranker.make_optimizer`). "shampoo" steps the dense weights with
+    # Shampoo grafted onto AdaGrad's step size (`models.shampoo.Shampoo`) and the embedding tables with
+    # Adagrad at the same learning rate (Factory Floor §4.2); "clippy_adagrad" is TFRS's ClippyAdagrad.
     optimizer: str = "adagrad"
     learning_rate: float = 0.1
+    # Shampoo (optimizer "shampoo" only; `models.shampoo` has the formulas):
+    shampoo_block_size: int = 128  # largest block side b of a preconditioned matrix (blocks of ≤ b × b)
+    shampoo_start_step: int = 100  # warm-up t₀: the first t₀ steps are plain AdaGrad's (statistics accumulate)
+    shampoo_update_every: int = 10  # k: the inverse 4th roots L^-1/4, R^-1/4 are recomputed every k steps from t₀
+    shampoo_epsilon: float = 1e-6  # ε of the roots' ridge ε·λ_max (relative to the largest eigenvalue)
+    shampoo_beta2: float = 1.0  # 1: L, R are sums of G·Gᵀ, Gᵀ·G; < 1: exponential moving averages with this decay
+    shampoo_momentum: float = 0.0  # μ of a momentum on the grafted update (0: none)
     # The embedding tables learn at embedding_lr_multiplier × learning_rate (`FeatureEmbedding`'s
-    # reparametrisation: one optimizer, one EMA). Measured in the joint cascade: 3 gives the cascade
-    # tower the id signal it needs at no CTR cost (bench/ranker_variants.py).
+    # reparametrisation, which needs no optimizer of its own; with "shampoo" it applies to the tables' Adagrad).
+    # Measured in the joint cascade: 3 gives the cascade tower the id signal it needs at no CTR cost
+    # (bench/ranker_variants.py).
     embedding_lr_multiplier: float = 1.0
     ema_momentum: float = 0.99  # > 0: serve the exponential moving average of the weights (Keras `use_ema`)
     # Shown rows per batch when trained on rows (the teacher: no per-request loss; `inputs.shown_row_batches`;
@@ -124,6 +138,14 @@ class RankerConfig:
             raise ValueError(f"cascade_score must be one of {CASCADE_SCORES}, got {self.cascade_score!r}")
         if self.optimizer.lower() not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.shampoo_block_size < 1 or self.shampoo_update_every < 1 or self.shampoo_start_step < 0:
+            raise ValueError("shampoo_block_size and shampoo_update_every must be >= 1, shampoo_start_step >= 0")
+        if not self.shampoo_epsilon >= 0:
+            raise ValueError(f"shampoo_epsilon must be >= 0, got {self.shampoo_epsilon}")
+        if not 0.0 < self.shampoo_beta2 <= 1.0:
+            raise ValueError(f"shampoo_beta2 must be in (0, 1], got {self.shampoo_beta2}")
+        if not 0.0 <= self.shampoo_momentum < 1.0:
+            raise ValueError(f"shampoo_momentum must be in [0, 1), got {self.shampoo_momentum}")
         if not self.embedding_lr_multiplier > 0:
             raise ValueError(f"embedding_lr_multiplier must be > 0, got {self.embedding_lr_multiplier}")
         if not 0.0 <= self.rank_alpha <= 1.0:

@@ -23,8 +23,11 @@ file order. Teacher logits of rows that were not shown are never distilled: the 
 learned CTR on shown rows.
 
 Optimisation: the ranker keeps its own optimizer (`RankerConfig.optimizer`, Adagrad with an EMA
-of the weights by default, as the Factory Floor ranker trains); a cascade head or tower, which
-only the cascade loss trains, steps with the cascade's optimizer, as the other stages do.
+of the weights by default, as the Factory Floor ranker trains); with "shampoo" two of them, as the
+ranker alone has (`models.ranker`): Shampoo (`self.optimizer`, whose step drives the curriculum)
+for its dense weights and an Adagrad (`embedding_optimizer`) for its embedding tables. A cascade
+head or tower, which only the cascade loss trains, steps with the cascade's optimizer, as the
+other stages do.
 After each step the bias-constraint duals take their ascent step and the cross stack's ramp moves
 (`FactoryFloorRanker.after_step`). `finalize` writes the EMA weights into the ranker after training.
 
@@ -38,7 +41,8 @@ import tensorflow as tf
 
 from cascade_ranking.models import losses
 from cascade_ranking.models.embedding import fit_normalizer
-from cascade_ranking.models.ranker import LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker, make_optimizer
+from cascade_ranking.models.ranker import (LIST_INDEX_KEY, LIST_MASK_KEY, FactoryFloorRanker, apply_split, finalize_ema,
+                                           make_embedding_optimizer, make_optimizer, optimizer_split)
 from cascade_ranking.schema import features as F
 from cascade_ranking.schema import request_list as RL
 
@@ -69,6 +73,7 @@ class RankingStage(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.ranker = ranker
         self.optimizer = make_optimizer(ranker.config)
+        self.embedding_optimizer = make_embedding_optimizer(ranker.config)  # the tables' Adagrad of "shampoo", else None
 
     @property
     def step(self) -> tf.Variable:
@@ -112,9 +117,18 @@ class RankingStage(tf.keras.layers.Layer):
         terms = self.ranker.loss_terms(self.shown_rows(lists, rows), step=step, training=training)
         return scores, terms
 
+    def optimizer_variables(self, variables) -> list:
+        """(optimizer, variables) pairs of the ranker's `variables`: the embedding tables with
+        `embedding_optimizer` when there is one, the others with `self.optimizer`."""
+        return optimizer_split(self.optimizer, self.embedding_optimizer, self.ranker.embedding.trainable_variables,
+                               variables)
+
     def apply_gradients(self, grads_and_vars) -> None:
-        """The ranker's optimizer step on `ranker_variables`."""
-        self.optimizer.apply_gradients(grads_and_vars)
+        """The ranker's optimizer step(s) on `ranker_variables`."""
+        if self.embedding_optimizer is None:
+            self.optimizer.apply_gradients(grads_and_vars)
+        else:
+            apply_split(self.optimizer_variables([v for _, v in grads_and_vars]), grads_and_vars)
 
     def after_step(self, terms: Dict[str, tf.Tensor]) -> None:
         self.ranker.after_step(terms, self.optimizer.iterations)
@@ -122,8 +136,12 @@ class RankingStage(tf.keras.layers.Layer):
     def finalize(self) -> None:
         """Writes the EMA of the ranker's weights into them (no-op without EMA), as Keras `fit`
         does for a compiled model's own optimizer."""
-        if getattr(self.optimizer, "use_ema", False):
-            self.optimizer.finalize_variable_values(self.ranker_variables)
+        if self.embedding_optimizer is None:
+            if getattr(self.optimizer, "use_ema", False):
+                self.optimizer.finalize_variable_values(self.ranker_variables)
+            return
+        for optimizer, variables in self.optimizer_variables(self.ranker_variables):
+            finalize_ema(optimizer, variables)
 
     def adapt(self, lists) -> None:
         """Fits the ranker's dense normalisers on the real candidates of training lists (numpy)."""

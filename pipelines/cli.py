@@ -120,6 +120,8 @@ def pipeline_config(args, **where):
         ranker = ranker.replace(rank_loss=args.rank_loss)
     if args.lspr:
         ranker = ranker.replace(lspr=True)
+    if getattr(args, "optimizer", None) is not None:
+        ranker = ranker.replace(optimizer=args.optimizer)
     if args.no_bias_constraints:
         ranker = ranker.replace(bias_constraints=False)
     if args.no_distill:
@@ -349,6 +351,11 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
     techniques.add_argument("--no-distill", action="store_true", help="no distillation from the teacher")
     techniques.add_argument("--no-bias-constraints", action="store_true", help="no calibration duals in the ranker")
     techniques.add_argument("--lspr", action="store_true", help="LSPR perturbed copies in the ranker")
+    from cascade_ranking.models.ranker_config import OPTIMIZERS  # light: no TensorFlow
+
+    techniques.add_argument("--optimizer", choices=OPTIMIZERS,
+                            help="the ranker's optimizer (ranker.optimizer; default adagrad): shampoo steps its dense "
+                                 "weights with Shampoo grafted onto AdaGrad, its embedding tables with Adagrad")
     techniques.add_argument("--nonclick-keep-rate", type=_keep_rate,
                             help="class rebalancing: keep shown non-clicks at this rate, weight 1/rate (default 1)")
     techniques.add_argument("--low-loss-keep-rate", type=_keep_rate,
