@@ -27,7 +27,7 @@ from cascade_ranking.components import record_io
 from cascade_ranking.datasources import synthetic
 from cascade_ranking.models.config import config_from_dict
 
-DEFAULT_SPLITS: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1))
+DEFAULT_SPLITS: Tuple[Tuple[str, int], ...] = synthetic.DEFAULT_SPLIT_BUCKETS  # (("train", 4), ("eval", 1))
 REQUESTS_PER_SHARD = 500  # one file per split and shard
 COUNTER_NAMESPACE = "synthetic_example_gen"
 

@@ -39,12 +39,59 @@ steps. Each step, with its own generator seeded by (seed, step):
     position effect    exam(p) = 1 / (1 + c_k·(p − 1)),  c_k = 0.35·(1 + d)^(k−1)
 so a model trained on an older span is stale on a newer one. d = 0: every span is a fresh draw of
 the same world.
+
+Testbed knobs (fields of SyntheticConfig, `SyntheticConfig.knobs` gives their effective values).
+Each is off in the "default" preset, which gives exactly the log described above (the same bytes
+for the same seed as before the knobs existed: every new random draw comes from its own generators,
+seeded by (seed, _TESTBED_STREAM) for the world and (seed, request index, _TESTBED_STREAM) for a
+request, so the default path's draws are untouched):
+    cross_strength c, num_crosses K   explicit feature crosses in the relevance logit:
+                       ρ(r, i) += c/√K · Σ_{k=1..K} s_k · a_{j_k}(i) · b_{l_k}(r)
+                       a(i) = (x_i1, x_i2, x_i3) (item_dense but its popularity),
+                       b(r) = (z_u (the 4 user_dense values), √1.5·(device − 1), √2·cos(2π·hour/24),
+                       √2·sin(2π·hour/24)) (each of about unit variance), the K pairs (j_k, l_k)
+                       drawn without replacement from the 3 × 7 grid and the signs s_k = ±1 with the
+                       world: Var(cross term) ≈ c². Products of observable inputs, what a DCN cross
+                       layer represents exactly. c = 0: none (`World.relevance` needs the request's
+                       hour and device when c > 0). NB ρ already holds products of observables
+                       without them (v_i·w_u contains x_iᵀ·Aᵀ·B·z_u), but none with the context.
+    position_by_relevance   the logging policy shows the 10 re-ranked items in the order of their
+                       true relevance ρ (the best on top) instead of the re-ranker's noisy order
+                       (σ = stage_noise[3]), so in the logs position and relevance are confounded
+                       (rank correlation −1 within a request, against about −0.65 by default).
+    randomized_eval_fraction f   a randomised slice of the eval split: the eval requests (by
+                       `request_split` with the default 4:1 train/eval buckets, DEFAULT_SPLIT_BUCKETS)
+                       whose uniform draw u(seed, request id) < f show their 10 items at a uniformly
+                       random permutation of positions 1..10; clicks follow those positions.
+                       `is_randomized(config, request_id)` / `randomized_requests(config, ids)`
+                       name them; no train request is randomised. Written with other split buckets,
+                       the same request ids are randomised, whichever split they land in.
+    ctr_scale κ        true CTR = κ · σ(ρ) · exam(p) · fmt: rare clicks at κ < 1 (the order by ρ, and
+                       so the logging cascade, is unchanged).
+    item_zipf α_i, user_zipf α_u   Zipf exponents of item popularity (π_i ∝ rank^−α_i, default 0.9)
+                       and user activity (∝ rank^−α_u, default 0.8): heavier tails above them.
+                       (Retrieval samples its 500 items without replacement, so the head is in every
+                       pool either way: a heavier item tail shows below the head, in fewer distinct
+                       items logged.)
+Presets (`preset`, `PRESET_KNOBS`):
+    default   cross_strength 0, num_crosses 8, position_by_relevance false, randomized_eval_fraction 0,
+              ctr_scale 1, item_zipf 0.9, user_zipf 0.8: the log above.
+    hard      cross_strength 1.8, num_crosses 8, position_by_relevance true, randomized_eval_fraction
+              0.5, ctr_scale 0.06, item_zipf 1.15, user_zipf 1.1: the conditions the Factory Floor
+              techniques are for. Measured (seed 0, 2,000 requests): shown CTR 1.4 % (default 15.5 %;
+              1.3–1.7 % over seeds 0–5), the crosses 49 % of the within-request variance of ρ, the
+              randomised slice about 10 % of all requests (half the eval split). Drift over time
+              comes from spans (`write_spans`, `cascade generate --spans K --drift d`), with any preset.
+A knob left None takes its preset's value; a knob given explicitly wins over the preset
+(SyntheticConfig(preset="hard", ctr_scale=1.0) is "hard" with the default click rate), the same
+through `config_from_dict`, YAML (`synthetic: {preset: hard, ctr_scale: 1.0}`) and
+`--set synthetic.preset=hard`.
 """
 import copy
 import dataclasses
 import hashlib
 import os
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -56,6 +103,36 @@ from cascade_ranking.schema import features as F
 START_TIME = 1_767_225_600  # 2026-01-01T00:00:00Z
 _WORLD_STREAM = 0x5EED_0F_5EED
 _DRIFT_STREAM = 0xD21F7
+_TESTBED_STREAM = 0x7E57_BED  # the testbed knobs' own draws (crosses, random positions)
+_RANDOMIZED_STREAM = 0x7A_9D0  # which eval requests are randomised
+DEFAULT_SPLIT_BUCKETS: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1))
+PRESETS = ("default", "hard")
+CROSS_ITEM_VALUES = 3  # a(i): item_dense[:3] (not the popularity, item_dense[3])
+CROSS_REQUEST_VALUES = 7  # b(r): user_dense, device, hour (cos, sin)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedKnobs:
+    """The effective testbed knobs of a SyntheticConfig (its preset's, overridden by the knobs it
+    sets; the module docstring gives each one's formula)."""
+
+    __test__ = False  # not a pytest class
+
+    cross_strength: float
+    num_crosses: int
+    position_by_relevance: bool
+    randomized_eval_fraction: float
+    ctr_scale: float
+    item_zipf: float
+    user_zipf: float
+
+
+PRESET_KNOBS: Dict[str, TestbedKnobs] = {
+    "default": TestbedKnobs(cross_strength=0.0, num_crosses=8, position_by_relevance=False,
+                            randomized_eval_fraction=0.0, ctr_scale=1.0, item_zipf=0.9, user_zipf=0.8),
+    "hard": TestbedKnobs(cross_strength=1.8, num_crosses=8, position_by_relevance=True,
+                         randomized_eval_fraction=0.5, ctr_scale=0.06, item_zipf=1.15, user_zipf=1.1),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +157,16 @@ class SyntheticConfig:
     position_decay: float = 0.35
     format_effect: Tuple[float, ...] = (0.75, 1.0, 0.9)
     seconds_between_requests: int = 30
+    # Testbed knobs (the module docstring): "default" leaves them all off, "hard" turns them on. A
+    # knob left None takes the preset's value (`PRESET_KNOBS`); one given explicitly wins.
+    preset: str = "default"
+    cross_strength: Optional[float] = None
+    num_crosses: Optional[int] = None
+    position_by_relevance: Optional[bool] = None
+    randomized_eval_fraction: Optional[float] = None
+    ctr_scale: Optional[float] = None
+    item_zipf: Optional[float] = None
+    user_zipf: Optional[float] = None
 
     def __post_init__(self):
         self.validate()  # a config that exists is valid (`models.config`)
@@ -98,6 +185,37 @@ class SyntheticConfig:
             raise InputError(f"each stage must drop >= {per_tier} items and the last keep {per_tier}: {keep}")
         if self.num_items < self.pool_size:
             raise InputError(f"num_items ({self.num_items}) must be >= pool_size ({self.pool_size})")
+        self._validate_knobs()
+
+    def _validate_knobs(self) -> None:
+        if self.preset not in PRESETS:
+            raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        k = self.knobs
+
+        def number(name, low, high):
+            value = getattr(k, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise InputError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+        number("cross_strength", 0.0, 10.0)
+        number("randomized_eval_fraction", 0.0, 1.0)
+        number("item_zipf", 0.0, 3.0)
+        number("user_zipf", 0.0, 3.0)
+        if isinstance(k.ctr_scale, bool) or not isinstance(k.ctr_scale, (int, float)) or not 0.0 < k.ctr_scale <= 1.0:
+            raise InputError(f"ctr_scale must be a number in (0, 1], got {k.ctr_scale!r}")
+        pairs = CROSS_ITEM_VALUES * CROSS_REQUEST_VALUES
+        if isinstance(k.num_crosses, bool) or not isinstance(k.num_crosses, int) or not 1 <= k.num_crosses <= pairs:
+            raise InputError(f"num_crosses must be an int in [1, {pairs}], got {k.num_crosses!r}")
+        if not isinstance(k.position_by_relevance, bool):
+            raise InputError(f"position_by_relevance must be true or false, got {k.position_by_relevance!r}")
+
+    @property
+    def knobs(self) -> TestbedKnobs:
+        """The effective testbed knobs: the preset's, with every knob this config sets (not None)."""
+        base = PRESET_KNOBS.get(self.preset, PRESET_KNOBS["default"])
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(TestbedKnobs)
+                 if getattr(self, f.name) is not None}
+        return dataclasses.replace(base, **given)
 
 
 MAX_DRIFT = 10.0
@@ -122,7 +240,8 @@ class World:
         d = c.latent_dim
         self.config = c
         # Items.
-        item_pop = 1.0 / np.arange(1, c.num_items + 1) ** 0.9
+        knobs = c.knobs
+        item_pop = 1.0 / np.arange(1, c.num_items + 1) ** knobs.item_zipf
         rng.shuffle(item_pop)
         self.item_popularity = item_pop / item_pop.sum()
         log_pop = np.log(self.item_popularity)
@@ -143,7 +262,7 @@ class World:
                 own[-1] = rng.integers(1, c.num_item_tags + 1)
             self.item_tags.append(np.unique(own))
         # Users.
-        act = 1.0 / np.arange(1, c.num_users + 1) ** 0.8
+        act = 1.0 / np.arange(1, c.num_users + 1) ** knobs.user_zipf
         rng.shuffle(act)
         self.user_activity = act / act.sum()
         self.user_dense = rng.normal(size=(c.num_users, 4)).astype(np.float32)
@@ -154,6 +273,17 @@ class World:
         self.user_topic = rng.integers(0, c.num_query_tokens // 50, size=c.num_users)
         self.pop_z = pop_z
         self.position_decay = c.position_decay
+        # Explicit crosses (testbed knob): ρ += a(i)ᵀ·W·b(r), W holding ±c/√K at K (item, request)
+        # value pairs, drawn from the testbed's own generator (the draws above stay as they were).
+        self.knobs = knobs
+        self.cross_matrix = None
+        if knobs.cross_strength > 0:
+            testbed = np.random.default_rng([c.seed, _TESTBED_STREAM])
+            pairs = testbed.choice(CROSS_ITEM_VALUES * CROSS_REQUEST_VALUES, size=knobs.num_crosses, replace=False)
+            signs = testbed.choice([-1.0, 1.0], size=knobs.num_crosses)
+            cross = np.zeros(CROSS_ITEM_VALUES * CROSS_REQUEST_VALUES)
+            cross[pairs] = signs * knobs.cross_strength / np.sqrt(knobs.num_crosses)
+            self.cross_matrix = cross.reshape(CROSS_ITEM_VALUES, CROSS_REQUEST_VALUES)
 
     def drifted(self, steps: int, drift: float) -> "World":
         """This world `steps` spans later (the module docstring's drift, d = `drift`): item
@@ -184,19 +314,45 @@ class World:
         world.position_decay = c.position_decay * (1.0 + drift) ** steps
         return world
 
-    def relevance(self, user: int, query_tokens: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def request_values(self, user: int, hour: int, device: int) -> np.ndarray:
+        """b(r) of the explicit crosses: the user's dense features, the device and the hour of day,
+        each of about unit variance (the module docstring)."""
+        angle = 2.0 * np.pi * hour / 24.0
+        context = [np.sqrt(1.5) * (device - 1.0), np.sqrt(2.0) * np.cos(angle), np.sqrt(2.0) * np.sin(angle)]
+        return np.concatenate([self.user_dense[user].astype(np.float64), context])
+
+    def cross_term(self, user: int, items: np.ndarray, hour: int, device: int) -> np.ndarray:
+        """The explicit crosses' share of the relevance logit, a(i)ᵀ·W·b(r) (0 without crosses)."""
+        if self.cross_matrix is None:
+            return np.zeros(np.shape(items))
+        item_values = self.item_dense[items, :CROSS_ITEM_VALUES].astype(np.float64)
+        return item_values @ (self.cross_matrix @ self.request_values(user, hour, device))
+
+    def relevance(self, user: int, query_tokens: np.ndarray, items: np.ndarray,
+                  hour: Optional[int] = None, device: Optional[int] = None) -> np.ndarray:
+        """The true relevance logit ρ of `items` for the request (the module docstring). With
+        explicit crosses (cross_strength > 0) it needs the request's hour and device."""
         c = self.config
         context = self.user_latent[user] + self.token_embedding[query_tokens].mean(axis=0)
-        return (
+        rho = (
             c.relevance_scale * (self.item_latent[items] @ context) / np.sqrt(c.latent_dim)
             + c.popularity_weight * self.pop_z[items]
             + c.relevance_bias
         )
+        if self.cross_matrix is not None:
+            if hour is None or device is None:
+                raise ValueError("relevance with explicit crosses (cross_strength > 0) needs the request's "
+                                 "hour and device")
+            rho = rho + self.cross_term(user, items, hour, device)
+        return rho
 
     def true_ctr(self, relevance: np.ndarray, position: np.ndarray, ui_format: np.ndarray) -> np.ndarray:
         c = self.config
         fmt = np.asarray(c.format_effect)[ui_format]
-        return 1.0 / (1.0 + np.exp(-relevance)) * exam_probability(position, self.position_decay) * fmt
+        ctr = 1.0 / (1.0 + np.exp(-relevance)) * exam_probability(position, self.position_decay) * fmt
+        if self.knobs.ctr_scale != 1.0:
+            ctr = self.knobs.ctr_scale * ctr
+        return ctr
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -224,7 +380,7 @@ def generate_request(world: World, request_index: int) -> Dict[str, Any]:
 
     # Retrieval pool by popularity (Gumbel top-k = sampling without replacement ∝ popularity).
     pool = _top_k(np.log(world.item_popularity) + rng.gumbel(size=c.num_items), c.pool_size)
-    relevance = world.relevance(user, query_tokens, pool)
+    relevance = world.relevance(user, query_tokens, pool, hour, device)
     alive = np.arange(c.pool_size)  # indices into pool of the survivors
     tiers = {}
     dropped_tier_names = ("prerank_neg", "coarse_neg", "rank_neg", "rerank_neg")
@@ -236,9 +392,18 @@ def generate_request(world: World, request_index: int) -> Dict[str, Any]:
         alive = kept  # best first by this stage's score
     tiers["rerank_pos"] = alive
 
-    # Shown items (the ground truth) get positions in re-rank order and random formats.
+    # Shown items (the ground truth) get positions in re-rank order and random formats. Testbed
+    # knobs: position_by_relevance puts them in true-relevance order (the best on top); a request
+    # of the randomised slice shows them at a random permutation of the positions, drawn from the
+    # request's own testbed generator (the draws of `rng` stay those of the default log).
+    knobs = world.knobs
+    if knobs.position_by_relevance:
+        tiers["rerank_pos"] = alive[np.argsort(-relevance[alive], kind="stable")]
     shown = tiers[F.GROUND_TRUTH_TIER]
     shown_positions = np.arange(1, shown.size + 1)
+    if knobs.randomized_eval_fraction > 0 and is_randomized(c, request_index):
+        testbed = np.random.default_rng([c.seed, request_index, _TESTBED_STREAM])
+        shown_positions = testbed.permutation(shown.size) + 1
     shown_formats = rng.integers(0, len(c.format_effect), size=shown.size)
     shown_ctr = world.true_ctr(relevance[shown], shown_positions, shown_formats)
     shown_clicks = (rng.random(shown.size) < shown_ctr).astype(np.int64)
@@ -312,6 +477,36 @@ def request_split(request_id: int, split_buckets: Tuple[Tuple[str, int], ...]) -
     raise AssertionError("unreachable")
 
 
+def _randomized_draw(seed: int, request_id: int) -> float:
+    """u(seed, request id) ∈ [0, 1): the draw that puts an eval request in the randomised slice."""
+    digest = hashlib.sha256(f"{seed}:{request_id}:{_RANDOMIZED_STREAM}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def is_randomized(config: SyntheticConfig, request_id: int) -> bool:
+    """Whether request `request_id` is in the randomised slice (testbed knob
+    randomized_eval_fraction f): an eval request (`request_split` with DEFAULT_SPLIT_BUCKETS) whose
+    draw u(seed, request id) < f, shown at a uniformly random permutation of positions 1..10.
+    Deterministic in (seed, request id, f): any consumer of the log can tell which requests they are.
+    Never a train request of the default split."""
+    fraction = config.knobs.randomized_eval_fraction
+    if fraction <= 0.0:
+        return False
+    request_id = int(request_id)
+    return (request_split(request_id, DEFAULT_SPLIT_BUCKETS) == "eval"
+            and _randomized_draw(config.seed, request_id) < fraction)
+
+
+def randomized_requests(config: SyntheticConfig, request_ids: Sequence[int]) -> np.ndarray:
+    """`is_randomized` of each of `request_ids`, as a bool array (e.g. a mask over the request_id
+    column of eval rows)."""
+    ids = np.asarray(request_ids).ravel()
+    if config.knobs.randomized_eval_fraction <= 0.0:
+        return np.zeros(ids.shape, dtype=bool)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return np.array([is_randomized(config, r) for r in unique], dtype=bool)[inverse].reshape(np.shape(request_ids))
+
+
 def split_requests(world: World, start: int, stop: int,
                    split_buckets: Tuple[Tuple[str, int], ...]) -> Dict[str, List[Dict[str, Any]]]:
     """The generated requests [start, stop), grouped by split (`request_split`), in request order."""
@@ -339,7 +534,7 @@ def _write_requests(world: World, start: int, stop: int, split_buckets: Tuple[Tu
 def write_dataset(
     config: SyntheticConfig,
     out_dir: str,
-    split_buckets: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1)),
+    split_buckets: Tuple[Tuple[str, int], ...] = DEFAULT_SPLIT_BUCKETS,
     overwrite: bool = False,
 ) -> dict:
     """Writes the generated rows as an Examples directory (Split-<name>/ gz TFRecords), atomically.
@@ -349,7 +544,8 @@ def write_dataset(
     config.validate()
     with atomic_output_dir(out_dir, overwrite) as tmp:
         rows, requests = _write_requests(World(config), 0, config.num_requests, split_buckets, tmp)
-        report = {"source": "synthetic", "config": dataclasses.asdict(config), "rows": rows, "requests": requests}
+        report = {"source": "synthetic", "config": dataclasses.asdict(config),
+                  "knobs": dataclasses.asdict(config.knobs), "rows": rows, "requests": requests}
         write_report(tmp, report)
     return report
 
@@ -359,7 +555,7 @@ def write_spans(
     out_dir: str,
     spans: int,
     drift: float = 0.0,
-    split_buckets: Tuple[Tuple[str, int], ...] = (("train", 4), ("eval", 1)),
+    split_buckets: Tuple[Tuple[str, int], ...] = DEFAULT_SPLIT_BUCKETS,
     overwrite: bool = False,
 ) -> dict:
     """Writes `spans` spans of `config.num_requests` requests each, `out_dir/span-<k>/Split-<name>/`
@@ -383,6 +579,7 @@ def write_spans(
             per_span[k] = {"rows": rows, "requests": requests, "request_ids": [(k - 1) * n, k * n]}
             write_report(root, {"source": "synthetic", "span": k, "drift": drift, "config": dataclasses.asdict(config),
                                 **per_span[k]})
-        report = {"source": "synthetic", "drift": drift, "config": dataclasses.asdict(config), "spans": per_span}
+        report = {"source": "synthetic", "drift": drift, "config": dataclasses.asdict(config),
+                  "knobs": dataclasses.asdict(config.knobs), "spans": per_span}
         write_report(tmp, report)
     return report

@@ -57,7 +57,7 @@ def _non_negative_int(text: str) -> int:
 def _cmd_generate(args) -> int:
     from cascade_ranking.datasources import synthetic
 
-    config = synthetic.SyntheticConfig(num_requests=args.requests, seed=args.seed)
+    config = synthetic.SyntheticConfig(num_requests=args.requests, seed=args.seed, preset=args.preset)
     if args.drift and args.spans is None:
         raise ValueError("--drift changes the world between spans: give --spans K too")
     start = time.time()
@@ -415,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output directory (Split-train/, Split-eval/)")
     gen.add_argument("--requests", type=_positive_int, default=5_000, help="number of requests (50 rows each)")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+    gen.add_argument("--preset", choices=("default", "hard"), default="default",
+                     help="the generator's testbed knobs (datasources/synthetic.py): default, or hard (feature "
+                          "crosses, positions confounded with relevance and a randomised eval slice, rare clicks, "
+                          "long-tail ids)")
     gen.add_argument("--spans", type=_positive_int, default=None,
                      help="write K spans of --requests each, span-1/ … span-K/ (TFX's span convention), later ones "
                           "newer; without it, one Examples directory")

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from cascade_ranking.datasources import spans as spans_lib
 from cascade_ranking.datasources import synthetic
+from cascade_ranking.models.config import config_from_dict
 from cascade_ranking.pipelines import html_report, local_runner
 from cascade_ranking.pipelines import report as run_report
 from cascade_ranking.pipelines.config import PipelineConfig
@@ -32,6 +33,16 @@ SPANS_DIR, RUN_DIR = "spans", "run"
 DEFAULT_DRIFT = 0.3  # a stale model costs about 0.03 of the oracle's AUC two spans later (tests/test_synthetic.py)
 STREAM_JSON, STREAM_PNG = "stream.json", "stream.png"
 METRICS = run_report.SPAN_METRICS
+
+
+def _made_config(values):
+    """A report's generator config as `dataclasses.asdict` gives it today: a report written before
+    the generator gained a field (its testbed knobs) reads with that field at its default."""
+    try:
+        config = config_from_dict(synthetic.SyntheticConfig, values)
+    except (ValueError, TypeError):
+        return values
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def write_synthetic_spans(config: PipelineConfig, count: int, drift: float) -> str:
@@ -44,7 +55,8 @@ def write_synthetic_spans(config: PipelineConfig, count: int, drift: float) -> s
             made = json.load(f)
         wanted = json.loads(json.dumps({"spans": count, "drift": drift,
                                         "config": dataclasses.asdict(config.synthetic)}))
-        have = {"spans": len(made.get("spans", {})), "drift": made.get("drift"), "config": made.get("config")}
+        have = {"spans": len(made.get("spans", {})), "drift": made.get("drift"),
+                "config": _made_config(made.get("config"))}
         if have != wanted:
             raise ValueError(f"{directory} holds spans made with other settings ({len(made.get('spans', {}))} spans, "
                              f"drift {made.get('drift')}); use another --output-dir")
