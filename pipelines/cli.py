@@ -296,6 +296,44 @@ def _cmd_compile_kubeflow(args) -> int:
     return 0
 
 
+def _cost_targets(text: str):
+    from cascade_ranking.pipelines.search import parse_cost_targets
+
+    try:
+        return parse_cost_targets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _cmd_search(args) -> int:
+    """`cascade search`: the ranking stage's width search per cost target (`pipelines.search`)."""
+    from cascade_ranking.models.width_search import SearchConfig
+    from cascade_ranking.pipelines import run_log, search
+
+    config = pipeline_config(args)
+    config.validate()
+    config.check_inputs()
+    overrides = {"steps": args.steps, "warmup_steps": args.warmup_steps, "gamma": args.gamma, "seed": args.search_seed}
+    if args.steps is not None and args.warmup_steps is None:  # the default's share of warm-up
+        overrides["warmup_steps"] = args.steps * SearchConfig.warmup_steps // SearchConfig.steps
+    search_config = SearchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    run_log.check_writable(args.out)
+    targets = ", ".join(search.target_name(t) for t in args.cost_target)
+    with run_log.RunLog(args.out, startup=args.startup_output, verbose=args.verbose) as log:
+        print(f"Searching the ranker's widths (Factory Floor §3.2) for cost targets {targets} on {config.source} data "
+              f"into {os.path.abspath(args.out)}; library log: {log.path}", flush=True)
+        try:
+            results = search.run(config, args.cost_target, search_config, progress=lambda line: print(line, flush=True))
+            paths = search.write_results(config, results, args.out)
+        except Exception as error:
+            raise run_log.explain_failure(error, config, log.path) from error
+    print()
+    print(search.format_table(results))
+    print("Train one with: " + "; ".join(f"cascade run --config {paths[name]}" for name in paths if name.endswith(".yaml")))
+    print(f"Summary: {paths[search.SUMMARY_FILE]}")
+    return 0
+
+
 def _keep_rate(text: str) -> float:
     try:
         value = float(text)
@@ -499,6 +537,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Dataflow and Vertex AI training region (unless training_cluster.vertex_region is set)")
     kfp.add_argument("--temp-location", help="Dataflow temp location (default: <pipeline root>/beam-tmp)")
     kfp.set_defaults(func=_cmd_compile_kubeflow)
+
+    width = sub.add_parser("search", help="search the ranker's layer widths and embedding dimension for FLOPs "
+                                          "targets (weight-sharing AutoML, Factory Floor §3.2)")
+    width.add_argument("--cost-target", required=True, type=_cost_targets,
+                       help="comma-separated FLOPs targets as fractions of the default ranker's, e.g. 0.85,0.9,0.95")
+    width.add_argument("--out", required=True, help="output directory (ranker-T.yaml, search-T.json, summary.json, logs/)")
+    _add_pipeline_flags(width)
+    search_flags = width.add_argument_group("search (defaults: models.width_search.SearchConfig)")
+    search_flags.add_argument("--steps", type=_positive_int, help="super-network steps per target (default 1000)")
+    search_flags.add_argument("--warmup-steps", type=_non_negative_int,
+                              help="first steps on uniformly sampled widths, the controller idle (default 30%% of the steps)")
+    search_flags.add_argument("--gamma", type=float, help="weight γ < 0 of |cost/target - 1| in the reward (default -1)")
+    search_flags.add_argument("--search-seed", type=_non_negative_int, help="seed of the search (default 0)")
+    search_flags.add_argument("-v", "--verbose", action="store_true",
+                              help="show the libraries' log on the console too; it always goes to <out>/logs/")
+    width.set_defaults(func=_cmd_search)
     return parser
 
 
