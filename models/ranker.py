@@ -84,7 +84,7 @@ writing each one's EMA into its own variables.
 """
 import dataclasses
 import json
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -150,15 +150,11 @@ class FactoryFloorRanker(StageModel):
                                           lr_multiplier=c.embedding_lr_multiplier, name="embedding")
         self.factorized = c.qu_dim > 0
         self.dense_names = tuple(f.name for f in features.dense_features())
-        # Q reads the quality features, sparse first (as the package always has), U the UI ones.
-        quality = [f for f in features.sparse_features() if f.tower == "quality"] + \
-                  [f for f in features.dense_features() if f.tower == "quality"]
         self.ui_names = features.ui_names
         if self.factorized and not self.ui_names:
             raise ValueError("the Q·U factorisation (qu_dim > 0) needs UI features (role ui) in features.inputs; "
                              "set ranker qu_dim: 0 for a one-tower ranker")
-        self.quality_names = tuple(f.name for f in quality) if self.factorized else \
-            tuple(f.name for f in features.sparse_features()) + self.dense_names
+        self.quality_names = quality_input_names(c, features)
         self.cross = CrossStack(c.cross_layers, c.cross_projection_dim or None, c.cross_ramp_steps,
                                 name="cross") if c.cross_layers else None
         self.activation_fn = activations.get_activation(c.activation)
@@ -351,49 +347,9 @@ class FactoryFloorRanker(StageModel):
         return ForwardOutput(logit=logit, rank_logit=rank_logit, q=q, u=u)
 
     def flops(self) -> Dict[str, int]:
-        """FLOPs in tf.profiler's convention (a matmul 2·m·k·n, a bias add or an element-wise op one per
-        element, activations 0), from the concatenated inputs up; lookups and pooling not counted:
-            ctr_per_candidate      cross stack + DNN (+ q projection, q·u and τ for a Q·U model)
-            cascade_per_candidate  what the cascade score adds: a head's MLP on h, or a tower's
-                                   cross stack and MLP on the embeddings (0 for "reference_ui",
-                                   which is the CTR path at another UI treatment)
-            per_candidate          both: what `serving_default` runs per candidate
-            per_ui_treatment       the U tower (Q·U only; served from a cached table by `score_ui_grid`)
-        A cross stack is `models.cross.cross_stack_flops` (L · (4·D·k + 3·D) + D on width D at rank
-        k, L · (2·D² + 3·D) + D at full rank); a LowRankDense(units n, rank r) on width m is
-        2·m·r + 2·r·n + n."""
-        from cascade_ranking.models.cross import cross_stack_flops
-        from cascade_ranking.models.retrieval import dense_flops
-
-        c = self.config
-        sizes = {f.name: c.embedding_dim for f in self.features.sparse_features()}
-        sizes.update({f.name: f.size for f in self.features.dense_features()})
-        width = sum(sizes[name] for name in self.quality_names)
-        k = c.cross_projection_dim
-        cross_stack = cross_stack_flops(c.cross_layers, width, k)
-        cascade = 0
-        if c.cascade_score == "tower":
-            cascade = cross_stack + dense_flops((width,) + tuple(c.cascade_head_units) + (1,))
-        elif c.cascade_score == "head":
-            cascade = dense_flops((c.hidden_units[-1] if c.hidden_units else width,) + tuple(c.cascade_head_units) + (1,))
-        total = 0
-        if self.cross is not None:
-            total += cross_stack
-        for layer, units in zip(self.hidden, c.hidden_units):
-            if isinstance(layer, LowRankDense):
-                total += 2 * width * layer.rank + 2 * layer.rank * units + units
-            else:
-                total += dense_flops((width, units))
-            width = units
-        out = {"ctr_per_candidate": total, "cascade_per_candidate": cascade}
-        if self.factorized:
-            out["ctr_per_candidate"] += dense_flops((width, c.qu_dim)) + 2 * c.qu_dim + 2
-            ui_width = sum(sizes[name] for name in self.ui_names)
-            out["per_ui_treatment"] = dense_flops((ui_width,) + tuple(c.ui_hidden_units) + (c.qu_dim,))
-        else:
-            out["ctr_per_candidate"] += dense_flops((width, 1))
-        out["per_candidate"] = out["ctr_per_candidate"] + cascade
-        return out
+        """FLOPs per candidate and per UI treatment of this ranker: `ranker_flops` of its config and
+        features (the layers follow the config, so the count needs no built model)."""
+        return ranker_flops(self.config, self.features)
 
     @property
     def feature_names(self):
@@ -576,6 +532,64 @@ class FactoryFloorRanker(StageModel):
                 sample_weight=terms["_weights"])
         if self.cross is not None:  # the served α is the one reached by training
             self.cross.step.assign(tf.cast(iterations, tf.int64))
+
+
+def quality_input_names(config: RankerConfig, features: F.FeatureConfig) -> Tuple[str, ...]:
+    """The inputs of the quality tower, in its order: with Q·U the quality features (sparse first, as
+    the package always has; U reads the UI ones), without it every input, sparse first."""
+    if config.qu_dim > 0:
+        return tuple(f.name for f in features.sparse_features() if f.tower == "quality") + \
+            tuple(f.name for f in features.dense_features() if f.tower == "quality")
+    return tuple(f.name for f in features.sparse_features()) + tuple(f.name for f in features.dense_features())
+
+
+def input_sizes(config: RankerConfig, features: F.FeatureConfig) -> Dict[str, int]:
+    """Width of each input as the ranker concatenates it: an embedding's dimension, a dense feature's size."""
+    sizes = {f.name: config.embedding_dim for f in features.sparse_features()}
+    sizes.update({f.name: f.size for f in features.dense_features()})
+    return sizes
+
+
+def ranker_flops(config: RankerConfig, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, int]:
+    """FLOPs in tf.profiler's convention (a matmul 2·m·k·n, a bias add or an element-wise op one per
+    element, activations 0), from the concatenated inputs up; lookups and pooling not counted:
+        ctr_per_candidate      cross stack + DNN (+ q projection, q·u and τ for a Q·U model)
+        cascade_per_candidate  what the cascade score adds: a head's MLP on h, or a tower's
+                               cross stack and MLP on the embeddings (0 for "reference_ui",
+                               which is the CTR path at another UI treatment)
+        per_candidate          both: what `serving_default` runs per candidate
+        per_ui_treatment       the U tower (Q·U only; served from a cached table by `score_ui_grid`)
+    A cross stack is `models.cross.cross_stack_flops` (L · (4·D·k + 3·D) + D on width D at rank
+    k, L · (2·D² + 3·D) + D at full rank); a LowRankDense(units n, rank r) on width m is
+    2·m·r + 2·r·n + n."""
+    from cascade_ranking.models.cross import cross_stack_flops
+    from cascade_ranking.models.retrieval import dense_flops
+
+    c = config
+    sizes = input_sizes(c, features)
+    width = sum(sizes[name] for name in quality_input_names(c, features))
+    cross_stack = cross_stack_flops(c.cross_layers, width, c.cross_projection_dim)
+    cascade = 0
+    if c.cascade_score == "tower":
+        cascade = cross_stack + dense_flops((width,) + tuple(c.cascade_head_units) + (1,))
+    elif c.cascade_score == "head":
+        cascade = dense_flops((c.hidden_units[-1] if c.hidden_units else width,) + tuple(c.cascade_head_units) + (1,))
+    total = cross_stack  # 0 without cross layers
+    for units in c.hidden_units:
+        if c.bottleneck_rank and c.bottleneck_rank < units:  # the LowRankDense the ranker builds
+            total += 2 * width * c.bottleneck_rank + 2 * c.bottleneck_rank * units + units
+        else:
+            total += dense_flops((width, units))
+        width = units
+    out = {"ctr_per_candidate": total, "cascade_per_candidate": cascade}
+    if c.qu_dim > 0:
+        out["ctr_per_candidate"] += dense_flops((width, c.qu_dim)) + 2 * c.qu_dim + 2
+        ui_width = sum(sizes[name] for name in features.ui_names)
+        out["per_ui_treatment"] = dense_flops((ui_width,) + tuple(c.ui_hidden_units) + (c.qu_dim,))
+    else:
+        out["ctr_per_candidate"] += dense_flops((width, 1))
+    out["per_candidate"] = out["ctr_per_candidate"] + cascade
+    return out
 
 
 def _ema(config: RankerConfig) -> dict:

@@ -26,9 +26,8 @@ search?", CVPR 2020), whose "absolute value" reward it uses. One-shot search:
                         b_{t+1} = δ·b_t + (1 − δ)·R_t                   (moving-average baseline)
     result          â = argmax_d π_d per decision (the most likely architecture).
 
-The cost c(a) = FLOPs per candidate of the ranker at a (`ranker_flops`, the package's analytic
-count in tf.profiler's convention: `models.cross.cross_stack_flops`, `models.retrieval.dense_flops`,
-the same sum as `FactoryFloorRanker.flops()`) over the FLOPs of the config's own widths, so a
+The cost c(a) = FLOPs per candidate of the ranker at a (`models.ranker.ranker_flops`, the
+package's analytic count in tf.profiler's convention, which `FactoryFloorRanker.flops()` returns) over the FLOPs of the config's own widths, so a
 target T means "T × the default's FLOPs". `SearchConfig.cost` picks the count: "per_candidate"
 (what `serving_default` runs per candidate, the cascade tower included: the default) or
 "ctr_per_candidate" (the CTR path alone).
@@ -65,10 +64,11 @@ import tensorflow as tf
 
 from cascade_ranking.models import activations, losses
 from cascade_ranking.models.config import config_from_dict, to_dict
-from cascade_ranking.models.cross import alpha_schedule, cross_stack_flops
+from cascade_ranking.models.cross import alpha_schedule
 from cascade_ranking.models.embedding import FeatureEmbedding
+from cascade_ranking.models.ranker import input_sizes, ranker_flops
+from cascade_ranking.models.ranker import quality_input_names as quality_names
 from cascade_ranking.models.ranker_config import RankerConfig
-from cascade_ranking.models.retrieval import dense_flops
 from cascade_ranking.schema import features as F
 
 COSTS = ("per_candidate", "ctr_per_candidate")
@@ -227,53 +227,6 @@ class SearchSpace:
 
 
 # ---- cost ----------------------------------------------------------------------------------------
-def quality_names(config: RankerConfig, features: F.FeatureConfig) -> Tuple[str, ...]:
-    """The features the ranker's quality tower reads, in its order (`FactoryFloorRanker`): with Q·U
-    the quality features, sparse first; without, every input, sparse first."""
-    if config.qu_dim > 0:
-        return tuple(f.name for f in features.sparse_features() if f.tower == "quality") + \
-            tuple(f.name for f in features.dense_features() if f.tower == "quality")
-    return tuple(f.name for f in features.sparse_features()) + tuple(f.name for f in features.dense_features())
-
-
-def input_sizes(config: RankerConfig, features: F.FeatureConfig) -> Dict[str, int]:
-    sizes = {f.name: config.embedding_dim for f in features.sparse_features()}
-    sizes.update({f.name: f.size for f in features.dense_features()})
-    return sizes
-
-
-def ranker_flops(config: RankerConfig, features: F.FeatureConfig = F.DEFAULT) -> Dict[str, int]:
-    """`FactoryFloorRanker(config, features).flops()` without building the model: the same sum of
-    `cross_stack_flops` and `dense_flops` (tf.profiler's convention: a matmul 2·m·k·n, a bias add or
-    an element-wise op one per element, activations 0, lookups and pooling not counted). Keys
-    ctr_per_candidate, cascade_per_candidate, per_candidate and, with Q·U, per_ui_treatment."""
-    c = config
-    sizes = input_sizes(c, features)
-    width = sum(sizes[name] for name in quality_names(c, features))
-    cross_stack = cross_stack_flops(c.cross_layers, width, c.cross_projection_dim)
-    cascade = 0
-    if c.cascade_score == "tower":
-        cascade = cross_stack + dense_flops((width,) + tuple(c.cascade_head_units) + (1,))
-    elif c.cascade_score == "head":
-        cascade = dense_flops((c.hidden_units[-1] if c.hidden_units else width,) + tuple(c.cascade_head_units) + (1,))
-    total = cross_stack
-    for units in c.hidden_units:
-        if c.bottleneck_rank and c.bottleneck_rank < units:  # LowRankDense(units, rank r) on width m
-            total += 2 * width * c.bottleneck_rank + 2 * c.bottleneck_rank * units + units
-        else:
-            total += dense_flops((width, units))
-        width = units
-    out = {"ctr_per_candidate": total, "cascade_per_candidate": cascade}
-    if c.qu_dim > 0:
-        out["ctr_per_candidate"] += dense_flops((width, c.qu_dim)) + 2 * c.qu_dim + 2
-        ui_width = sum(sizes[name] for name in features.ui_names)
-        out["per_ui_treatment"] = dense_flops((ui_width,) + tuple(c.ui_hidden_units) + (c.qu_dim,))
-    else:
-        out["ctr_per_candidate"] += dense_flops((width, 1))
-    out["per_candidate"] = out["ctr_per_candidate"] + cascade
-    return out
-
-
 class CostModel:
     """c(a): FLOPs of an architecture (`ranker_flops[key]`) over the config's own, memoised."""
 
