@@ -8,8 +8,9 @@
     cascade init --examples-dir DIR --out DIR [--lookup vocabulary]   a starter schema and config from your data
     cascade serve-check DIR                               load and call every pushed SavedModel
     cascade compile-kubeflow --out pipeline.json          the same pipeline as a KFP v2 spec
+    cascade search --cost-target 0.85,0.9 --out DIR       the ranker's widths for FLOPs targets (a config each)
 
-`run`, `config` and `compile-kubeflow` build one PipelineConfig the same way: its defaults, then a
+`run`, `config`, `compile-kubeflow` and `search` build one PipelineConfig the same way: its defaults, then a
 YAML or JSON `--config` file, then each `--set a.b=value`, then the flags given (`pipeline_config`).
 
 Bad arguments exit with code 2 and one line that names the problem.
