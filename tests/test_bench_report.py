@@ -12,6 +12,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 
+import factory_floor_table  # noqa: E402
 import ranking_ablations  # noqa: E402
 import report  # noqa: E402
 
@@ -34,6 +35,33 @@ def test_each_ablation_changes_only_its_own_switches(dataset, qu_axis):
     if dataset == "synthetic":
         assert changed_fields(configs[("+Q·U", "off")], configs[("baseline", "off")]) == {"qu_dim"}
     assert {c.requests_per_batch for c in configs.values()} == {ranking_ablations.REQUESTS_PER_BATCH[dataset]}
+
+
+def test_factory_floor_variants_are_pipeline_configs_that_differ_in_their_own_switches():
+    """Every variant of bench/factory_floor_table.py is a valid `cascade run` config on the hard
+    preset; a Table 1 variant is the baseline (every technique off) with its one technique on, a
+    Table 2 one the default ranker with its sampler's keep rate, and every run is seeded."""
+    from cascade_ranking.pipelines.config import PipelineConfig, load_config
+
+    base = factory_floor_table.hard_base(1000, 2, 0)
+    configs = {name: load_config(None, base + overrides) for name, (_, overrides) in factory_floor_table.VARIANTS.items()}
+    baseline, default = configs["baseline"], configs["default"]
+    assert baseline.synthetic.knobs == dataclasses.replace(baseline.synthetic, preset="hard").knobs
+    assert baseline.synthetic.preset == "hard" and baseline.cascade.seed == 2 and baseline.teacher.lspr_seed == 2
+    r = baseline.ranker
+    assert (r.cross_layers, r.qu_dim, r.rank_loss, r.distill_weight, r.bias_constraints, r.lspr) == \
+        (0, 0, "none", 0, False, False)
+    assert default.ranker == PipelineConfig().ranker.replace(lspr_seed=2)
+    expected = {"+DCN": {"cross_layers"}, "+rank loss": {"rank_loss"}, "+distill": {"distill_weight"},
+                "+Q·U": {"qu_dim"}, "+bias": {"bias_constraints"}, "+SmeLU": {"activation"}, "+LSPR": {"lspr"},
+                "+Shampoo": {"optimizer"}}
+    for name, fields in expected.items():
+        assert changed_fields(configs[name].ranker, baseline.ranker) == fields, name
+        assert configs[name].sampler == baseline.sampler
+    for name, config in configs.items():
+        if factory_floor_table.VARIANTS[name][0] == "2":
+            assert config.ranker == default.ranker and config.sampler != default.sampler, name
+    assert configs["default +Shampoo"].ranker == default.ranker.replace(optimizer="shampoo")
 
 
 def test_pairwise_pd_covers_every_seed_pair():
