@@ -246,10 +246,7 @@ class FactoryFloorRanker(StageModel):
 
     def apply_gradients(self, grads_and_vars) -> None:
         """One step of each optimizer on its variables (`optimizer_variables`)."""
-        if self.embedding_optimizer is None:
-            self.optimizer.apply_gradients(grads_and_vars)
-        else:
-            apply_split(self.optimizer_variables([v for _, v in grads_and_vars]), grads_and_vars)
+        apply_split(self.optimizer_variables([v for _, v in grads_and_vars]), grads_and_vars)
 
     def fit(self, *args, **kwargs):
         """Keras `fit`; with an `embedding_optimizer` that keeps an EMA, training ends by writing it
@@ -646,7 +643,10 @@ def optimizer_split(primary, tables_optimizer, tables, variables) -> list:
 
 def apply_split(pairs, grads_and_vars) -> None:
     """One `apply_gradients` of each optimizer of `pairs` ((optimizer, variables), `optimizer_split`)
-    with its variables' gradients."""
+    with its variables' gradients (one optimizer: its `apply_gradients` on `grads_and_vars` as given)."""
+    if len(pairs) == 1:
+        pairs[0][0].apply_gradients(grads_and_vars)
+        return
     gradients = {id(v): g for g, v in grads_and_vars}
     for optimizer, variables in pairs:
         optimizer.apply_gradients([(gradients[id(v)], v) for v in variables])

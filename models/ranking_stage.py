@@ -125,10 +125,7 @@ class RankingStage(tf.keras.layers.Layer):
 
     def apply_gradients(self, grads_and_vars) -> None:
         """The ranker's optimizer step(s) on `ranker_variables`."""
-        if self.embedding_optimizer is None:
-            self.optimizer.apply_gradients(grads_and_vars)
-        else:
-            apply_split(self.optimizer_variables([v for _, v in grads_and_vars]), grads_and_vars)
+        apply_split(self.optimizer_variables([v for _, v in grads_and_vars]), grads_and_vars)
 
     def after_step(self, terms: Dict[str, tf.Tensor]) -> None:
         self.ranker.after_step(terms, self.optimizer.iterations)
