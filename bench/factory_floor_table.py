@@ -56,6 +56,7 @@ from report import factory_floor_tables  # noqa: E402  (the tables of BENCHMARKS
 BASELINE = ["ranker.cross_layers=0", "ranker.qu_dim=0", "ranker.rank_loss=none", "ranker.distill_weight=0",
             "ranker.bias_constraints=false", "ranker.lspr=false"]
 DEFAULT = []  # the package's ranker
+DEFAULT_EPOCHS = 3  # CascadeTrainerConfig.epochs
 # name -> (table, overrides over the hard preset). Table 1 variants are the baseline plus one switch.
 VARIANTS = {
     "baseline": ("1", BASELINE),
@@ -105,6 +106,8 @@ def run_one(output_dir: str, overrides: list) -> dict:
     figures.update(slice_bias(result["evaluation_uri"], config.synthetic))
     return {"seconds": seconds, "components": {name: s for name, s, _ in timings},
             "trainer_seconds": sum(s for name, s, _ in timings if name.startswith("Trainer.cascade")),
+            # A config equal to an earlier run's reuses its Trainer (TFX's cache): its figures are that run's.
+            "trainer_cached": any(cached for name, _, cached in timings if name.startswith("Trainer.cascade")),
             "figures": figures}
 
 
@@ -167,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--requests", type=int, default=5_000, help="synthetic requests (hard preset)")
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more config overrides for every run, after the hard preset's (e.g. synthetic.ctr_scale=1)")
     parser.add_argument("--only", help="comma-separated variant names")
     parser.add_argument("--searched", help="a `cascade search --out` directory: its architectures as variants")
     parser.add_argument("--equal-wall", action="store_true",
@@ -198,8 +203,8 @@ def main(argv=None):
     if args.resume and args.json and os.path.exists(args.json):
         with open(args.json) as f:
             results = {k: {int(s): r for s, r in v.items()} for k, v in json.load(f)["results"].items()}
-    print(f"synthetic hard preset, {args.requests} requests (data seed {args.data_seed}); training seeds "
-          f"{args.seeds}; runs in {work}", flush=True)
+    print(f"synthetic hard preset{' with ' + ', '.join(args.set) if args.set else ''}, {args.requests} requests "
+          f"(data seed {args.data_seed}); training seeds {args.seeds}; runs in {work}", flush=True)
 
     def save():
         if args.json:
@@ -213,8 +218,11 @@ def main(argv=None):
             return
         start = time.time()
         run = run_in_subprocess(os.path.join(work, f"seed{seed}"),
-                                hard_base(args.requests, seed, args.data_seed) + overrides,
+                                hard_base(args.requests, seed, args.data_seed) + args.set + overrides,
                                 os.path.join(work, f"seed{seed}.log"))
+        if run.get("trainer_cached"):
+            raise RuntimeError(f"{name}: the pipeline reused an earlier run's Trainer.cascade (the same config); "
+                               "its figures would be that run's")
         results.setdefault(name, {})[seed] = run
         save()
         f = run["figures"]
@@ -227,9 +235,14 @@ def main(argv=None):
             measure(name, variants[name][1], seed)
         if args.equal_wall and "default +Shampoo" in results and "default" in results:
             ratio = results["default +Shampoo"][seed]["trainer_seconds"] / results["default"][seed]["trainer_seconds"]
-            epochs = max(1, int(round(3 * ratio)))
-            variants["default, AdaGrad at Shampoo's wall"] = ("shampoo", [f"cascade.epochs={epochs}"])
-            measure("default, AdaGrad at Shampoo's wall", [f"cascade.epochs={epochs}"], seed)
+            epochs = max(1, int(round(DEFAULT_EPOCHS * ratio)))
+            if epochs == DEFAULT_EPOCHS:  # whole epochs: the equal-wall run is the default itself
+                print(f"seed {seed}: Shampoo's wall time is ×{ratio:.2f} AdaGrad's: at whole epochs AdaGrad's "
+                      f"equal-wall run is the default's {DEFAULT_EPOCHS}", flush=True)
+            else:
+                name = f"default, AdaGrad at Shampoo's wall ({epochs} epochs)"
+                variants[name] = ("shampoo", [f"cascade.epochs={epochs}"])
+                measure(name, [f"cascade.epochs={epochs}"], seed)
 
     print()
     print(factory_floor_tables({"results": results}))
