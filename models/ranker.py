@@ -386,8 +386,13 @@ class FactoryFloorRanker(StageModel):
 
     def cascade_logit(self, features: Dict[str, tf.Tensor], training=None, step=None) -> tf.Tensor:
         """[B]: the score the cascade orders by: the CTR logit at the reference UI treatment, or
-        (cascade_score="head") the cascade head on the quality body h. Never reads the logged UI."""
+        (cascade_score="head") the cascade head on the quality body h, or ("tower") the cascade tower
+        on the embeddings. Never reads the logged UI: a one-tower ranker (qu_dim 0), whose quality
+        inputs include the UI features, reads them at the reference treatment too (a candidate the
+        ranking stage orders has not been shown; logged, ui_position > 0 would name the shown ones)."""
         if self.cascade_head is not None:
+            if not self.factorized:
+                features = self.reference_ui(features)
             embedded = self.embed(features, self.quality_names, training=training)
             if self.config.cascade_score == "tower":
                 x0 = tf.concat([embedded[name] for name in self.quality_names], axis=-1)

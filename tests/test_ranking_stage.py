@@ -72,11 +72,13 @@ def test_training_terms_are_the_rankers_own_terms_on_the_shown_rows(lists):
     assert scores.shape == mask.shape
 
 
+@pytest.mark.parametrize("qu_dim", [SMALL.get("qu_dim", 16), 0], ids=["q_u", "one_tower"])
 @pytest.mark.parametrize("cascade_score", ["reference_ui", "head", "tower"])
-def test_the_cascade_score_never_reads_the_logged_ui(lists, cascade_score):
+def test_the_cascade_score_never_reads_the_logged_ui(lists, cascade_score, qu_dim):
     """In logs ui_position > 0 exactly when a candidate was shown (the GT): a cascade score that read
-    it would learn the label. Changing every UI feature leaves the scores as they are."""
-    stage = _stage(cascade_score)
+    it would learn the label. Changing every UI feature leaves the scores as they are, also for a
+    one-tower ranker (qu_dim 0), whose quality inputs include the UI features."""
+    stage = _stage(cascade_score, qu_dim=qu_dim)
     before = stage(lists).numpy()
     moved = dict(lists, ui_position=tf.zeros_like(lists["ui_position"]) + 3,
                  ui_format=tf.ones_like(lists["ui_format"]))
