@@ -7,12 +7,12 @@ way, and the two optimizers are compared at equal steps.
 The problem is multinomial logistic regression of K classes on d correlated Gaussian features
 x = A·z. A has singular values spread geometrically over `--condition`, so the Hessian of the
 kernel W [d, K] is ill-conditioned. Labels come from a true W* through a softmax. Both optimizers
-start from W = 0 on the same batches at the same learning rate: `models.shampoo.Shampoo` (its
-default warm-up, root interval and ε, with a block larger than d) and `tf.keras.optimizers.Adagrad`.
-Printed: the training loss after `--steps` steps, mean ± std over the seeds, each minus the Bayes
-loss of W*.
+start from W = 0 on the same batches at the same learning rate, for each of `--lrs`:
+`models.shampoo.Shampoo` (its default warm-up, root interval and ε, with a block larger than d) and
+`tf.keras.optimizers.Adagrad`. Printed per learning rate: the training loss after `--steps` steps
+minus the Bayes loss of W*, mean ± std over the seeds, and Shampoo's ÷ AdaGrad's.
 
-    .venv/bin/python bench/shampoo_conditioning.py [--seeds 3] [--condition 1000] [--steps 600]
+    .venv/bin/python bench/shampoo_conditioning.py [--seeds 3] [--condition 1000] [--steps 600] [--lrs 0.1 0.5 2]
 """
 import argparse
 import os
@@ -66,24 +66,23 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--condition", type=float, default=1000.0)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--classes", type=int, default=16)
     args = parser.parse_args(argv)
-    gaps = {"adagrad": [], "shampoo": []}
-    for seed in range(args.seeds):
-        x, y, bayes = problem(seed, args.dim, args.classes, 20_000, args.condition)
-        for name in gaps:
-            optimizer = tf.keras.optimizers.Adagrad(args.lr) if name == "adagrad" else \
-                Shampoo(args.lr, block_size=max(128, args.dim))
-            gaps[name].append(train(optimizer, x, y, args.steps, 256, seed) - bayes)
     print(f"multinomial logistic regression, d = {args.dim}, K = {args.classes}, condition {args.condition:g}, "
-          f"{args.steps} steps of 256 at lr {args.lr}, {args.seeds} seeds: training loss above the Bayes loss")
-    for name, values in gaps.items():
-        print(f"  {name:<8s} {mean_std(values)}")
-    ratios = [s / a for s, a in zip(gaps["shampoo"], gaps["adagrad"])]
-    print(f"  shampoo ÷ adagrad  {mean_std(ratios, 3)}")
-
+          f"{args.steps} steps of 256, {args.seeds} seeds: training loss above the Bayes loss")
+    problems = [problem(seed, args.dim, args.classes, 20_000, args.condition) for seed in range(args.seeds)]
+    for lr in args.lrs:
+        gaps = {"adagrad": [], "shampoo": []}
+        for seed, (x, y, bayes) in enumerate(problems):
+            for name in gaps:
+                optimizer = tf.keras.optimizers.Adagrad(lr) if name == "adagrad" else \
+                    Shampoo(lr, block_size=max(128, args.dim))
+                gaps[name].append(train(optimizer, x, y, args.steps, 256, seed) - bayes)
+        ratios = [s / a for s, a in zip(gaps["shampoo"], gaps["adagrad"])]
+        print(f"  lr {lr:<5g} adagrad {mean_std(gaps['adagrad'])}  shampoo {mean_std(gaps['shampoo'])}  "
+              f"shampoo ÷ adagrad {mean_std(ratios, 3)}", flush=True)
 
 if __name__ == "__main__":
     main()
