@@ -4,15 +4,10 @@ import pytest
 from cascade_ranking.datasources import example_io
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.pipelines import cli
+from tests.cli_runner import run_cli
 
 
-def _run(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:  # argparse exits on its own errors and --help
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_run = run_cli
 
 
 @pytest.mark.parametrize(

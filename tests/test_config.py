@@ -10,15 +10,10 @@ from cascade_ranking.models.config import ConfigError, config_from_dict, merge, 
 from cascade_ranking.models.ranker_config import RankerConfig
 from cascade_ranking.pipelines import cli
 from cascade_ranking.pipelines.config import PipelineConfig, dump_config, load_config, parse_override
+from tests.cli_runner import run_cli
 
 
-def _main(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_main = run_cli
 
 
 # ---- the codec ----------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from cascade_ranking.models import inputs
 from cascade_ranking.models import width_search as ws
 from cascade_ranking.models.ranker import FactoryFloorRanker
 from cascade_ranking.models.ranker_config import RankerConfig
-from cascade_ranking.pipelines import cli
 from cascade_ranking.pipelines.config import load_config
 from cascade_ranking.schema import features as F
+from tests.cli_runner import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +242,7 @@ def test_search_features_hash_vocabulary_features():
 
 
 # ---- command line -------------------------------------------------------------------------------------
-def _run(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_run = run_cli
 
 
 @pytest.mark.parametrize("targets, names", [
