@@ -11,8 +11,12 @@ defaults. Each dataclass's own `__post_init__`/`validate` checks its cross-field
 """
 import dataclasses
 import json
+import re
 import typing
 from typing import Any, Dict, Tuple, Type, TypeVar
+
+# A number in exponent form without a dot (1e-06, 5E+3): a float in JSON and YAML 1.2, a string to PyYAML.
+_YAML11_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 C = TypeVar("C")
 
@@ -73,6 +77,8 @@ def _coerce(value, annotation, where: str):
             raise ConfigError(f"{where}: expected an int, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _YAML11_EXPONENT_FLOAT.match(value):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-06, as JSON and Python write it, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -159,3 +159,17 @@ def test_sizes_and_quotas_that_do_not_fit_are_one_line_naming_the_fields(overrid
 def test_quotas_and_list_size_that_fit_together_validate():
     load_config(None, ["evaluator.quotas=[50, 25, 10]", "retrieval.eval_quota=50", "cascade.eval_quotas=[25, 10]",
                        "sampler.list_size=80", "cascade.quota=70"]).validate()
+
+
+def test_a_dumped_config_reads_back_equal_as_yaml_and_as_json(tmp_path):
+    """Every default round-trips through `cascade config`'s YAML and through JSON, including a float
+    in exponent form without a dot (ranker.shampoo_epsilon 1e-06), which PyYAML reads as a string."""
+    config = PipelineConfig()
+    assert config.ranker.shampoo_epsilon == 1e-6
+    as_yaml, as_json = tmp_path / "run.yaml", tmp_path / "run.json"
+    as_yaml.write_text(dump_config(config))
+    as_json.write_text(json.dumps(to_dict(config)))
+    assert load_config(str(as_yaml)) == config and load_config(str(as_json)) == config
+    assert load_config(None, ["ranker.shampoo_epsilon=5E-3"]).ranker.shampoo_epsilon == 0.005
+    with pytest.raises(ConfigError, match="ranker.shampoo_epsilon: expected a number, got 'small'"):
+        load_config(None, ["ranker.shampoo_epsilon=small"])
